@@ -1,0 +1,188 @@
+"""The GPSA math in plain PyTorch: the executable form of shared/design/gpsa.md.
+
+Two forms live here:
+
+* :func:`gpsa_reference` is timm's ``GPSA.get_attention`` + ``attn @ v``, op for op,
+  differentiable in every input through autograd. Every backend is tested
+  against it.
+* :func:`gpsa_forward_torch` / :func:`gpsa_backward_torch` are the forward /
+  backward pair of the project's op written with tensor ops, with the
+  backward derived by hand (design page, "Backward"). They keep exactly the
+  state the fused kernels keep, so they are the specification of that
+  interface and the op's implementation on devices no kernel serves.
+
+Op interface shared by every backend (``torch``, ``triton``, ``cpu``, ``cuda``)::
+
+    forward(q, k, v, pos_weight, gating_param, grid_w, scale)
+        q, k, v:       B x H x N x d, same dtype, any strides
+        pos_weight:    H x 3, gating_param: H (any float dtype)
+        returns out:   B x N x H x d contiguous, dtype of q
+                lse:   B x H x N float32 (float64 for float64 input),
+                       log-sum-exp of the content logits scale * q k^T
+                diff:  B x H x N x d float32 (float64 for float64 input),
+                       O_p - O_c, the positional minus the content output
+    backward(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w, scale)
+        grad_out:      B x N x H x d, any strides
+        returns dq, dk, dv (B x N x H x d contiguous, dtype of q),
+                d_pos_weight (H x 3), d_gating_param (H) in their own dtypes
+
+Keeping ``diff = O_p - O_c`` (rather than O_c or O_p alone) gives both row dot
+products the backward needs without a division by g or 1 - g:
+``delta_c = dO.O - g dO.diff`` and ``delta_p = dO.O + (1 - g) dO.diff``,
+accurate at both gate extremes; and ``dlambda = g (1 - g) sum dO.diff``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "relative_positions",
+    "positional_lse",
+    "positional_probs",
+    "gpsa_attention_probs",
+    "gpsa_reference",
+    "gpsa_forward_torch",
+    "gpsa_backward_torch",
+    "compute_dtype",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of every backend: float64 stays float64, all else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _axis_offsets(size: int, device, dtype) -> torch.Tensor:
+    """offsets[i, j] = j - i on one axis of the patch grid."""
+    idx = torch.arange(size, device=device, dtype=dtype)
+    return idx.view(1, -1) - idx.view(-1, 1)
+
+
+def relative_positions(grid_h: int, grid_w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """N x N x 3 tensor r[i, j] = (dx, dy, dx^2 + dy^2) for patches in row-major order.
+
+    Patch n sits at row n // grid_w and column n % grid_w; dx = x_j - x_i and
+    dy = y_j - y_i, the channel order of timm's ``rel_indices``. Built in
+    float32 or float64 (integers up to 2 * 2^24 are exact) and cast at the end,
+    so a bfloat16 table is the rounding of the exact one.
+    """
+    build = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.arange(grid_w, device=device, dtype=build).repeat(grid_h)
+    y = torch.arange(grid_h, device=device, dtype=build).repeat_interleave(grid_w)
+    dx = x.view(1, -1) - x.view(-1, 1)
+    dy = y.view(1, -1) - y.view(-1, 1)
+    return torch.stack((dx, dy, dx * dx + dy * dy), dim=-1).to(dtype)
+
+
+def positional_lse(pos_weight: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """H x N log-sum-exp over keys of the positional logits, without an N x N tensor.
+
+    The logits w0 dx + w1 dy + w2 (dx^2 + dy^2) split into a term in dx and a
+    term in dy, so the sum over keys of their exponential is a product of a sum
+    over key columns and a sum over key rows: O(H (W^2 + H^2)) work. The bias
+    is left out: it cancels in the softmax.
+    """
+    w = pos_weight.to(compute_dtype(pos_weight.dtype))
+    ox = _axis_offsets(grid_w, w.device, w.dtype)  # [x_i, x_j]
+    oy = _axis_offsets(grid_h, w.device, w.dtype)
+    lse_x = (w[:, 0, None, None] * ox + w[:, 2, None, None] * ox * ox).logsumexp(-1)  # H x W
+    lse_y = (w[:, 1, None, None] * oy + w[:, 2, None, None] * oy * oy).logsumexp(-1)  # H x Hp
+    return (lse_y[:, :, None] + lse_x[:, None, :]).reshape(w.shape[0], grid_h * grid_w)
+
+
+def positional_probs(pos_weight: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """H x N x N positional attention P = softmax_rows(w . r_ij), in the accumulation dtype."""
+    w = pos_weight.to(compute_dtype(pos_weight.dtype))
+    rel = relative_positions(grid_h, grid_w, device=w.device, dtype=w.dtype)
+    logits = torch.einsum("ijc,hc->hij", rel, w)
+    return (logits - positional_lse(pos_weight, grid_h, grid_w)[:, :, None]).exp()
+
+
+def gpsa_attention_probs(q, k, pos_weight, pos_bias, gating_param, grid_size, scale, rel_indices=None):
+    """B x H x N x N mixed attention, as timm's ``GPSA.get_attention`` computes it.
+
+    ``rel_indices`` (1 x N x N x 3, timm's cached table) is built when not given.
+    """
+    B = q.shape[0]
+    if rel_indices is None:
+        rel_indices = relative_positions(*grid_size, device=q.device, dtype=pos_weight.dtype)[None]
+    pos_score = rel_indices.expand(B, -1, -1, -1)
+    pos_score = torch.nn.functional.linear(pos_score, pos_weight, pos_bias).permute(0, 3, 1, 2)
+    patch_score = (q @ k.transpose(-2, -1)) * scale
+    patch_score = patch_score.softmax(dim=-1)
+    pos_score = pos_score.softmax(dim=-1)
+    gating = gating_param.view(1, -1, 1, 1)
+    attn = (1.0 - torch.sigmoid(gating)) * patch_score + torch.sigmoid(gating) * pos_score
+    attn = attn / attn.sum(dim=-1).unsqueeze(-1)
+    return attn
+
+
+def gpsa_reference(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale, attn_drop=None):
+    """B x H x N x d GPSA output, timm's math op for op; ``attn_drop`` is an optional dropout module."""
+    attn = gpsa_attention_probs(q, k, pos_weight, pos_bias, gating_param, grid_size, scale)
+    if attn_drop is not None:
+        attn = attn_drop(attn)
+    # A cast only where the parameters' dtype differs from v's (AMP without autocast):
+    # under autocast matmul casts the same way, and with one dtype it is a no-op.
+    return attn.to(v.dtype) @ v
+
+
+def _to_bhnd(t: torch.Tensor) -> torch.Tensor:
+    """B x N x H x d (op layout) -> B x H x N x d view."""
+    return t.transpose(1, 2)
+
+
+def gpsa_forward_torch(q, k, v, pos_weight, gating_param, grid_w: int, scale: float):
+    """The op's forward with tensor ops; see the module docstring for the interface."""
+    acc = compute_dtype(q.dtype)
+    N = q.shape[2]
+    grid_h = N // grid_w
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    logits = (qf @ kf.transpose(-2, -1)) * scale
+    lse = logits.logsumexp(-1)
+    out_c = (logits - lse[..., None]).exp() @ vf
+    out_p = positional_probs(pos_weight, grid_h, grid_w).to(acc) @ vf
+    g = torch.sigmoid(gating_param.to(acc)).view(1, -1, 1, 1)
+    out = (1 - g) * out_c + g * out_p
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse, out_p - out_c
+
+
+def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w: int, scale: float):
+    """The op's backward with tensor ops, following the design page's derivation."""
+    acc = compute_dtype(q.dtype)
+    N = q.shape[2]
+    grid_h = N // grid_w
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    dout = _to_bhnd(grad_out).to(acc)
+    g = torch.sigmoid(gating_param.to(acc)).view(1, -1, 1, 1)
+
+    delta = (dout * _to_bhnd(out).to(acc)).sum(-1, keepdim=True)
+    delta_diff = (dout * diff).sum(-1, keepdim=True)
+    delta_c = delta - g * delta_diff
+    delta_p = delta + (1 - g) * delta_diff
+
+    attn_c = ((qf @ kf.transpose(-2, -1)) * scale - lse[..., None]).exp()
+    attn_p = positional_probs(pos_weight, grid_h, grid_w).to(acc)
+    t = dout @ vf.transpose(-2, -1)  # shared by both branches
+
+    ds_c = (1 - g) * attn_c * (t - delta_c)
+    dq = scale * (ds_c @ kf)
+    dk = scale * (ds_c.transpose(-2, -1) @ qf)
+    dv = ((1 - g) * attn_c + g * attn_p).transpose(-2, -1) @ dout
+
+    ds_p = (g * attn_p * (t - delta_p)).sum(0)  # H x N x N, summed over the batch
+    rel = relative_positions(grid_h, grid_w, device=q.device, dtype=acc)
+    d_pos_weight = torch.einsum("hij,ijc->hc", ds_p, rel)
+    d_gating = (g * (1 - g)).view(-1) * delta_diff.sum(dim=(0, 2, 3))
+
+    def op_layout(t):
+        return t.transpose(1, 2).to(q.dtype).contiguous()
+
+    return (
+        op_layout(dq),
+        op_layout(dk),
+        op_layout(dv),
+        d_pos_weight.to(pos_weight.dtype),
+        d_gating.to(gating_param.dtype),
+    )
