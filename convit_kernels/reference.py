@@ -30,6 +30,8 @@ Keeping ``diff = O_p - O_c`` (rather than O_c or O_p alone) gives both row dot
 products the backward needs without a division by g or 1 - g:
 ``delta_c = dO.O - g dO.diff`` and ``delta_p = dO.O + (1 - g) dO.diff``,
 accurate at both gate extremes; and ``dlambda = g (1 - g) sum dO.diff``.
+Every backend takes ``1 - g`` as ``sigmoid(-lambda)``, not ``1 - sigmoid(lambda)``:
+at lambda = 20 the latter is 0 in float32 and the content branch's gradients vanish.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 
 __all__ = [
     "relative_positions",
-    "positional_lse",
+    "positional_axis_probs",
     "positional_probs",
     "gpsa_attention_probs",
     "gpsa_reference",
@@ -75,28 +77,33 @@ def relative_positions(grid_h: int, grid_w: int, device=None, dtype=torch.float3
     return torch.stack((dx, dy, dx * dx + dy * dy), dim=-1).to(dtype)
 
 
-def positional_lse(pos_weight: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """H x N log-sum-exp over keys of the positional logits, without an N x N tensor.
+def positional_axis_probs(pos_weight: torch.Tensor, grid_h: int, grid_w: int):
+    """The positional softmax as two per-axis tables: P[h, i, j] = px[h, x_i, x_j] * py[h, y_i, y_j].
 
     The logits w0 dx + w1 dy + w2 (dx^2 + dy^2) split into a term in dx and a
-    term in dy, so the sum over keys of their exponential is a product of a sum
-    over key columns and a sum over key rows: O(H (W^2 + H^2)) work. The bias
-    is left out: it cancels in the softmax.
+    term in dy, so their softmax over the keys of a row is the product of a
+    softmax over key columns (px, H x W x W) and one over key rows (py,
+    H x H_p x H_p): O(H (W^2 + H_p^2)) work, no N x N tensor. Each table is a
+    real softmax (max-subtracted, normalised over the same rounded logits), so
+    P keeps the accuracy of ``softmax`` even for peaked, large-weight heads;
+    ``exp(logit - lse)`` with an independently computed lse does not. The bias
+    is left out: it cancels in the softmax. Returned in the accumulation dtype.
     """
     w = pos_weight.to(compute_dtype(pos_weight.dtype))
-    ox = _axis_offsets(grid_w, w.device, w.dtype)  # [x_i, x_j]
+    ox = _axis_offsets(grid_w, w.device, w.dtype)  # [x_i, x_j] = x_j - x_i
     oy = _axis_offsets(grid_h, w.device, w.dtype)
-    lse_x = (w[:, 0, None, None] * ox + w[:, 2, None, None] * ox * ox).logsumexp(-1)  # H x W
-    lse_y = (w[:, 1, None, None] * oy + w[:, 2, None, None] * oy * oy).logsumexp(-1)  # H x Hp
-    return (lse_y[:, :, None] + lse_x[:, None, :]).reshape(w.shape[0], grid_h * grid_w)
+    px = (w[:, 0, None, None] * ox + w[:, 2, None, None] * ox * ox).softmax(-1)
+    py = (w[:, 1, None, None] * oy + w[:, 2, None, None] * oy * oy).softmax(-1)
+    return px, py
 
 
 def positional_probs(pos_weight: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
     """H x N x N positional attention P = softmax_rows(w . r_ij), in the accumulation dtype."""
-    w = pos_weight.to(compute_dtype(pos_weight.dtype))
-    rel = relative_positions(grid_h, grid_w, device=w.device, dtype=w.dtype)
-    logits = torch.einsum("ijc,hc->hij", rel, w)
-    return (logits - positional_lse(pos_weight, grid_h, grid_w)[:, :, None]).exp()
+    px, py = positional_axis_probs(pos_weight, grid_h, grid_w)
+    H = px.shape[0]
+    # P[h, (yi, xi), (yj, xj)] = py[h, yi, yj] * px[h, xi, xj]
+    P = py[:, :, None, :, None] * px[:, None, :, None, :]
+    return P.reshape(H, grid_h * grid_w, grid_h * grid_w)
 
 
 def gpsa_attention_probs(q, k, pos_weight, pos_bias, gating_param, grid_size, scale, rel_indices=None):
@@ -133,6 +140,12 @@ def _to_bhnd(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)
 
 
+def _gates(gating_param: torch.Tensor, acc: torch.dtype):
+    """(g, 1 - g) as 1 x H x 1 x 1, with 1 - g = sigmoid(-lambda): exact where g rounds to 1."""
+    lam = gating_param.to(acc).view(1, -1, 1, 1)
+    return torch.sigmoid(lam), torch.sigmoid(-lam)
+
+
 def gpsa_forward_torch(q, k, v, pos_weight, gating_param, grid_w: int, scale: float):
     """The op's forward with tensor ops; see the module docstring for the interface."""
     acc = compute_dtype(q.dtype)
@@ -143,8 +156,8 @@ def gpsa_forward_torch(q, k, v, pos_weight, gating_param, grid_w: int, scale: fl
     lse = logits.logsumexp(-1)
     out_c = (logits - lse[..., None]).exp() @ vf
     out_p = positional_probs(pos_weight, grid_h, grid_w).to(acc) @ vf
-    g = torch.sigmoid(gating_param.to(acc)).view(1, -1, 1, 1)
-    out = (1 - g) * out_c + g * out_p
+    g, one_minus_g = _gates(gating_param, acc)
+    out = one_minus_g * out_c + g * out_p
     return out.transpose(1, 2).to(q.dtype).contiguous(), lse, out_p - out_c
 
 
@@ -155,26 +168,26 @@ def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, out, lse, d
     grid_h = N // grid_w
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     dout = _to_bhnd(grad_out).to(acc)
-    g = torch.sigmoid(gating_param.to(acc)).view(1, -1, 1, 1)
+    g, one_minus_g = _gates(gating_param, acc)
 
     delta = (dout * _to_bhnd(out).to(acc)).sum(-1, keepdim=True)
     delta_diff = (dout * diff).sum(-1, keepdim=True)
     delta_c = delta - g * delta_diff
-    delta_p = delta + (1 - g) * delta_diff
+    delta_p = delta + one_minus_g * delta_diff
 
     attn_c = ((qf @ kf.transpose(-2, -1)) * scale - lse[..., None]).exp()
     attn_p = positional_probs(pos_weight, grid_h, grid_w).to(acc)
     t = dout @ vf.transpose(-2, -1)  # shared by both branches
 
-    ds_c = (1 - g) * attn_c * (t - delta_c)
+    ds_c = one_minus_g * attn_c * (t - delta_c)
     dq = scale * (ds_c @ kf)
     dk = scale * (ds_c.transpose(-2, -1) @ qf)
-    dv = ((1 - g) * attn_c + g * attn_p).transpose(-2, -1) @ dout
+    dv = (one_minus_g * attn_c + g * attn_p).transpose(-2, -1) @ dout
 
     ds_p = (g * attn_p * (t - delta_p)).sum(0)  # H x N x N, summed over the batch
     rel = relative_positions(grid_h, grid_w, device=q.device, dtype=acc)
     d_pos_weight = torch.einsum("hij,ijc->hc", ds_p, rel)
-    d_gating = (g * (1 - g)).view(-1) * delta_diff.sum(dim=(0, 2, 3))
+    d_gating = (g * one_minus_g).view(-1) * delta_diff.sum(dim=(0, 2, 3))
 
     def op_layout(t):
         return t.transpose(1, 2).to(q.dtype).contiguous()

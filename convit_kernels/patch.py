@@ -1,0 +1,56 @@
+"""``patch_convit``: swap the attention of a ConViT model for the fused modules, in place."""
+
+from __future__ import annotations
+
+from timm.models import convit as timm_convit
+from torch import nn
+
+from .module import FusedGPSA, SDPAMHSA
+
+__all__ = ["patch_convit"]
+
+_GPSA_PARTS = ("qk", "v", "proj", "pos_proj")
+
+
+def _is_gpsa(module: nn.Module) -> bool:
+    """timm's GPSA, or a module shaped like facebookresearch's (same submodules and gate)."""
+    if isinstance(module, FusedGPSA):
+        return False
+    if isinstance(module, timm_convit.GPSA):
+        return True
+    return (
+        all(isinstance(getattr(module, name, None), nn.Linear) for name in _GPSA_PARTS)
+        and module.pos_proj.in_features == 3
+        and isinstance(getattr(module, "gating_param", None), nn.Parameter)
+        and hasattr(module, "num_heads")
+        and hasattr(module, "scale")
+    )
+
+
+def _is_mhsa(module: nn.Module) -> bool:
+    """timm's MHSA, or facebookresearch's class of the same name and layout."""
+    if isinstance(module, timm_convit.MHSA):
+        return True
+    return (
+        type(module).__name__ == "MHSA"
+        and isinstance(getattr(module, "qkv", None), nn.Linear)
+        and isinstance(getattr(module, "proj", None), nn.Linear)
+        and hasattr(module, "num_heads")
+        and hasattr(module, "scale")
+    )
+
+
+def patch_convit(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Replace every GPSA with :class:`FusedGPSA` and every MHSA with :class:`SDPAMHSA`, in place.
+
+    The new modules share the old ones' Parameters, so the state_dict keys and
+    values are unchanged and an optimizer built before the patch still holds
+    the right tensors. Returns ``model``.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_gpsa(child):
+                setattr(parent, name, FusedGPSA.from_gpsa(child, backend=backend))
+            elif _is_mhsa(child):
+                setattr(parent, name, SDPAMHSA.from_mhsa(child))
+    return model

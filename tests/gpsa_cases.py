@@ -1,0 +1,90 @@
+"""Shared test inputs and tolerances for every backend's tests."""
+
+from __future__ import annotations
+
+import torch
+
+from convit_kernels import gpsa_attention
+
+PARAM_NAMES = ("q", "k", "v", "pos_weight", "pos_bias", "gating_param")
+
+
+def local_pos_weight(num_heads: int, locality_strength: float = 1.0, dtype=torch.float64) -> torch.Tensor:
+    """pos_weight as the paper's local init sets it: head h attends around its own offset."""
+    kernel = max(1, int(num_heads**0.5))
+    center = (kernel - 1) / 2 if kernel % 2 == 0 else kernel // 2
+    w = torch.zeros(num_heads, 3, dtype=dtype)
+    w[:, 2] = -1
+    for h in range(num_heads):
+        w[h, 0] = 2 * (h // kernel % kernel - center)
+        w[h, 1] = 2 * (h % kernel - center)
+    return w * locality_strength
+
+
+def make_inputs(B, H, N, d, *, dtype=torch.float32, gate=None, locality_strength=1.0, seed=0, strided=True):
+    """q, k, v as strided views of a projection output (B x N x 3 x H x d), and the positional parameters.
+
+    Every tensor is a leaf requiring grad (q, k, v through the projection buffer).
+    """
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(B, N, 3, H, d, generator=g, dtype=torch.float64)
+    if strided:
+        proj = proj.to(dtype).requires_grad_()
+        q, k, v = proj.permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = (t.contiguous().to(dtype).requires_grad_() for t in proj.permute(2, 0, 3, 1, 4).unbind(0))
+    pos_weight = local_pos_weight(H, locality_strength) + 0.1 * torch.randn(H, 3, generator=g, dtype=torch.float64)
+    pos_bias = torch.randn(H, generator=g, dtype=torch.float64)
+    gating = torch.randn(H, generator=g, dtype=torch.float64) if gate is None else torch.full((H,), float(gate), dtype=torch.float64)
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # as under AMP
+    params = [t.to(param_dtype).requires_grad_() for t in (pos_weight, pos_bias, gating)]
+    return [q, k, v, *params]
+
+
+def upcast(inputs):
+    """fp64 leaf copies of make_inputs' tensors, for the reference."""
+    return [t.detach().to(torch.float64).requires_grad_() for t in inputs]
+
+
+def outputs_and_grads(inputs, grad_seed=1, **kwargs):
+    """Forward through gpsa_attention and the gradients of a fixed random projection of the output."""
+    out = gpsa_attention(*inputs, **kwargs)
+    g = torch.Generator().manual_seed(grad_seed)
+    weight = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
+    return out.detach(), [torch.zeros_like(t) if gr is None else gr for t, gr in zip(inputs, grads)]
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_matches_reference(inputs, rtol_fp32=2e-5, rtol_overrides=None, **kwargs):
+    """The backend's output and gradients against the fp64 reference.
+
+    fp32/fp64 within ``rtol_fp32`` of each tensor's scale (``rtol_overrides``
+    maps a name in ("out",) + PARAM_NAMES to its own bound); half precisions by
+    flash-attention's rule: error at most 3x the reference computed in the same
+    precision, plus a small floor.
+    """
+    dtype = inputs[0].dtype
+    exact = outputs_and_grads(upcast(inputs), backend="reference", grid_size=kwargs.get("grid_size"))
+    got = outputs_and_grads(inputs, **kwargs)
+    if dtype in (torch.float16, torch.bfloat16):
+        same_precision = outputs_and_grads(
+            [t.detach().clone().requires_grad_() for t in inputs], backend="reference", grid_size=kwargs.get("grid_size")
+        )
+    for i, name in enumerate(("out",) + PARAM_NAMES):
+        want = exact[0] if i == 0 else exact[1][i - 1]
+        have = got[0] if i == 0 else got[1][i - 1]
+        assert torch.isfinite(have).all(), f"{name}: non-finite values"
+        scale = want.abs().max().item()
+        if name == "pos_bias":  # exactly zero in exact arithmetic; the reference shows rounding only
+            assert max_error(have, want) <= 1e-6 * max(1.0, exact[1][3].abs().max().item()), name
+            continue
+        if dtype in (torch.float16, torch.bfloat16):
+            ref_err = max_error(same_precision[0] if i == 0 else same_precision[1][i - 1], want)
+            assert max_error(have, want) <= 3 * ref_err + 1e-3 * scale + 1e-5, (name, max_error(have, want), ref_err)
+        else:
+            rtol = (rtol_overrides or {}).get(name, rtol_fp32)
+            assert max_error(have, want) <= rtol * scale + 1e-12, (name, max_error(have, want), scale)
