@@ -127,6 +127,9 @@ def available_backends() -> dict:
     return result
 
 
+# A pure function of its constant arguments for the life of the process: torch.compile evaluates
+# it once while tracing instead of tracing the lazy imports inside.
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
     """The concrete backend name for ``backend`` on tensors of this device type and dtype."""
     if backend not in BACKEND_NAMES and backend != "auto":

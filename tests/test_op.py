@@ -1,0 +1,114 @@
+"""The op's registration (opcheck, torch.compile), dispatch, and the errors for bad input."""
+
+import pytest
+import torch
+
+import convit_kernels
+from convit_kernels import FusedGPSA, available_backends, gpsa_attention
+from convit_kernels.op import BACKEND_NAMES, resolve_backend
+
+from gpsa_cases import make_inputs
+
+
+def test_available_backends_reports_every_backend_with_a_reason():
+    status = available_backends()
+    assert set(status) == set(BACKEND_NAMES)
+    assert status["torch"].available and status["reference"].available
+    for name, (available, reason) in status.items():
+        assert reason, name
+    if not torch.cuda.is_available():
+        assert not status["cuda"].available
+
+
+def test_auto_picks_an_available_backend_for_cpu():
+    name = resolve_backend("auto", "cpu", torch.float32)
+    assert name in BACKEND_NAMES and available_backends()[name].available
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    q, k, v, w, b, lam = [t.detach().requires_grad_() for t in make_inputs(2, 3, 16, 8, dtype=dtype)]
+    fwd_args = (q, k, v, w, b, lam, 4, 8**-0.5, "torch")
+    torch.library.opcheck(torch.ops.convit_kernels.gpsa_fwd.default, fwd_args)
+    with torch.no_grad():
+        out, lse, diff = torch.ops.convit_kernels.gpsa_fwd(*fwd_args)
+    grad_out = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)  # strided, as autograd may give
+    bwd_args = (grad_out, q.detach(), k.detach(), v.detach(), w.detach(), lam.detach(), out, lse, diff, 4, 8**-0.5, "torch")
+    torch.library.opcheck(torch.ops.convit_kernels.gpsa_bwd.default, bwd_args)
+
+
+def test_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    layer = FusedGPSA(32, num_heads=2, backend="torch")
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    dx_compiled = x.grad.clone()
+    x.grad = None
+    layer(x).sum().backward()
+    torch.testing.assert_close(out, layer(x))
+    torch.testing.assert_close(dx_compiled, x.grad)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor():
+    torch._dynamo.reset()
+    layer = FusedGPSA(32, num_heads=2, backend="auto")
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    dx_compiled = x.grad.clone()
+    x.grad = None
+    expected = layer(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx_compiled, x.grad, rtol=1e-5, atol=1e-6)
+
+
+def _good():
+    return [t.detach() for t in make_inputs(2, 4, 16, 8)]
+
+
+def _replace(index, value):
+    args = _good()
+    args[index] = value(args) if callable(value) else value
+    return args
+
+
+BAD_INPUTS = [
+    ("q not a tensor", _replace(0, [[1.0]]), {}, TypeError, "q must be a torch.Tensor"),
+    ("integer k", _replace(1, lambda a: a[1].long()), {}, TypeError, "k must be a floating tensor"),
+    ("q of rank 3", _replace(0, lambda a: a[0][0]), {}, ValueError, r"q must have shape \(B, H, N, d\)"),
+    ("k of another shape", _replace(1, lambda a: a[1][:, :, :9]), {}, ValueError, "k must have the shape of q"),
+    ("v of another dtype", _replace(2, lambda a: a[2].double()), {}, TypeError, "v must have the dtype of q"),
+    ("pos_weight H x 2", _replace(3, lambda a: a[3][:, :2]), {}, ValueError, r"pos_weight must have shape \(4, 3\)"),
+    ("pos_bias of 3 heads", _replace(4, lambda a: a[4][:3]), {}, ValueError, r"pos_bias must have shape \(4,\)"),
+    ("gating of 5 heads", _replace(5, torch.ones(5)), {}, ValueError, r"gating_param must have shape \(4,\)"),
+    ("mixed devices", _replace(3, lambda a: a[3].to("meta")), {}, ValueError, "pos_weight must be on the device of q"),
+    ("grid that is not N", _good(), {"grid_size": (3, 4)}, ValueError, r"grid_size \(3, 4\) has 12 patches, but N = 16"),
+    ("grid not a pair", _good(), {"grid_size": 16}, ValueError, "grid_size must be a pair of positive ints"),
+    ("N not square", [t[:, :, :15] if t.dim() == 4 else t for t in _good()], {}, ValueError, "N = 15 patches is not a perfect square"),
+    ("unknown backend", _good(), {"backend": "fast"}, ValueError, "backend must be 'auto' or one of"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,error,message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_a_clear_error(args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        gpsa_attention(*args, **kwargs)
+
+
+def test_unavailable_backend_says_why():
+    status = available_backends()
+    missing = [name for name in ("cuda", "triton", "cpu") if not status[name].available]
+    if not missing:
+        pytest.skip("every backend is available here")
+    with pytest.raises(RuntimeError, match=f"backend '{missing[0]}' cannot run here"):
+        gpsa_attention(*_good(), backend=missing[0])
+
+
+def test_public_api():
+    for name in convit_kernels.__all__:
+        assert hasattr(convit_kernels, name)
