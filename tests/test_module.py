@@ -84,6 +84,8 @@ def test_to_moves_relative_positions_and_n_change_rebuilds_them():
     fused(torch.randn(1, 25, 32, dtype=torch.float64))
     assert torch.equal(fused.rel_indices, relative_positions(5, 5, dtype=torch.float64)[None])
     assert "rel_indices" not in fused.state_dict()
+    fused.to("meta")
+    assert fused.rel_indices.device.type == "meta"
 
 
 def test_rectangular_grid_matches_reference_path():
