@@ -1,0 +1,125 @@
+"""How the extension is built: sources, flags, the CUDA toolkit and architectures.
+
+Shared by ``setup.py`` (ahead-of-time build) and ``convit_kernels/extension.py``
+(JIT build with ninja when the package was installed without building). Plain
+functions with no import of the package, so that setup.py can load this file by
+path before anything is built.
+
+Environment:
+    CONVIT_KERNELS_NO_CUDA=1   skip the CUDA part.
+    TORCH_CUDA_ARCH_LIST       architectures of the CUDA part, default DEFAULT_CUDA_ARCHS;
+                               those the toolkit's nvcc cannot target are dropped with a warning.
+    CUDA_HOME                  the toolkit root; found from the nvcc on PATH when unset.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import platform
+import re
+import shutil
+import subprocess
+import warnings
+
+CSRC = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCES = [os.path.join(CSRC, "cpu", "gpsa_cpu.cpp")]
+CUDA_SOURCES = [os.path.join(CSRC, "cuda", "gpsa_cuda.cu")]
+DEFAULT_CUDA_ARCHS = "7.0;7.5;8.0;8.6;9.0"
+
+
+def cxx_flags() -> list:
+    # -fopenmp: at::parallel_for is inlined from ATen's headers and runs serially without it.
+    # -fopenmp-simd is implied; the hot loops carry `omp simd` reductions.
+    flags = ["-O3", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]  # every x86-64 CPU since 2013; the BLAS calls dispatch on their own
+    return flags
+
+
+def link_flags() -> list:
+    return ["-fopenmp"]
+
+
+def nvcc_flags() -> list:
+    # --threads: one nvcc thread per architecture pair, so the 5 cubins build in parallel.
+    return ["-O3", "--threads", "2", "-lineinfo", "--expt-relaxed-constexpr"]
+
+
+def cuda_build_disabled() -> bool:
+    return os.environ.get("CONVIT_KERNELS_NO_CUDA", "0") not in ("", "0")
+
+
+def find_cuda_home():
+    """The CUDA toolkit root, or None. The nvcc on PATH may be a wrapper script, so ask nvcc itself where it runs."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dry_run = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ _HERE_=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
+    bin_dir = match.group(1).strip() if match else os.path.dirname(os.path.realpath(nvcc))
+    home = os.path.dirname(bin_dir)
+    return home if os.path.exists(os.path.join(home, "bin", "nvcc")) else None
+
+
+def nvidia_include_dirs() -> list:
+    """include/ folders of the installed nvidia pip packages that hold the CUDA library headers torch includes."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dirs = []
+    for root in spec.submodule_search_locations:
+        for inc in sorted(glob.glob(os.path.join(root, "include")) + glob.glob(os.path.join(root, "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cublas_v2.h")) or os.path.exists(os.path.join(inc, "cusparse.h")):
+                dirs.append(inc)
+    return dirs
+
+
+def cuda_arch_list(cuda_home: str) -> str:
+    """TORCH_CUDA_ARCH_LIST restricted to what this nvcc can compile for (CUDA 13 dropped sm_70)."""
+    requested = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    listing = subprocess.run(
+        [os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True, text=True, timeout=60
+    ).stdout
+    supported = {m.replace("compute_", "") for m in re.findall(r"compute_\d+", listing)}
+    kept, dropped = [], []
+    for arch in re.split(r"[;\s]+", requested.strip()):
+        if not arch:
+            continue
+        (kept if arch.split("+")[0].replace(".", "") in supported else dropped).append(arch)
+    if dropped:
+        warnings.warn(f"convit-kernels: nvcc in {cuda_home} cannot target {', '.join(dropped)}: building for {kept}")
+    return ";".join(kept)
+
+
+def configure_cuda():
+    """Set CUDA_HOME and TORCH_CUDA_ARCH_LIST for torch's build helpers; return the toolkit root or a reason string.
+
+    Call before importing torch.utils.cpp_extension (it reads CUDA_HOME at import).
+    Returns (cuda_home, None) when the CUDA part can be built, else (None, reason).
+    """
+    import torch
+
+    if cuda_build_disabled():
+        return None, "CONVIT_KERNELS_NO_CUDA is set"
+    if torch.version.cuda is None:
+        return None, "this torch build has no CUDA"
+    home = find_cuda_home()
+    if home is None:
+        return None, "no nvcc found (set CUDA_HOME or put nvcc on PATH)"
+    os.environ["CUDA_HOME"] = home
+    archs = cuda_arch_list(home)
+    if not archs:
+        return None, f"nvcc in {home} supports none of the requested architectures"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return home, None

@@ -1,0 +1,649 @@
+// Fused GPSA forward and backward on the CPU, and the definition of the
+// extension's op pair (convit_kernels_ext::gpsa_fwd / gpsa_bwd).
+//
+// Flash style: a block of query rows at a time with the whole key row in one
+// tile (N = 196 fits), so the content softmax is exact. Scratch is per thread and
+// O(block x N); only the H x N x N positional table of the backward is shared
+// by the batch. The products on tiles go to BLAS (sgemm_/dgemm_, which
+// libtorch_cpu exports on x86-64), with a portable loop version where the
+// symbol is missing or CONVIT_KERNELS_NO_BLAS=1.
+//
+// Forward, per (batch, head, query block):
+//   S = scale q k^T; A = softmax(S) (lse kept); O_c = A v
+//   O_p = P v computed separably, P_ij = px[x_i, x_j] py[y_i, y_j]:
+//         U[y_i] = sum_yj py[y_i, y_j] v[y_j, :], then O_p[i] = sum_xj px[x_i, x_j] U[y_i, x_j]
+//   out = (1 - g) O_c + g O_p (B x N x H x d), diff = O_p - O_c
+// so its cost is the fused form's 4 B H N^2 d FLOPs plus O(B H N (W + H_p) d).
+// Backward, per (batch, head), a loop over query blocks (10 B H N^2 d FLOPs):
+//   recompute A, T = dO v^T; per element (gpsa_common.h) dS, ds and M;
+//   dv += M^T dO, dq = scale dS k, dk += scale dS^T q; dw and dgating from
+//   per-(batch, head) partials summed over the batch in a fixed order.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../gpsa_common.h"
+#include "../gpsa_ops.h"
+
+// Fortran BLAS, declared weak: present in libtorch_cpu on x86-64 (MKL), absent elsewhere.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace convit_kernels {
+namespace {
+
+constexpr int64_t kMaxBlockRows = 64;
+
+// ------------------------------------------------------------------ tile products
+
+bool blas_enabled() {
+  const char* off = std::getenv("CONVIT_KERNELS_NO_BLAS");
+  return !(off != nullptr && off[0] == '1');
+}
+
+// C = alpha op(A) op(B) + beta C on row-major matrices; op(A) is m x k, op(B) is k x n.
+template <typename T>
+void portable_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                   const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* c_row = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) c_row[j] = beta == T(0) ? T(0) : beta * c_row[j];
+    if (!trans_b) {  // rows of B are contiguous: axpy form
+      for (int64_t p = 0; p < k; ++p) {
+        const T a_ip = alpha * (trans_a ? a[p * lda + i] : a[i * lda + p]);
+        const T* b_row = b + p * ldb;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) c_row[j] += a_ip * b_row[j];
+      }
+    } else {  // columns of op(B) are rows of B: dot form
+      for (int64_t j = 0; j < n; ++j) {
+        const T* b_row = b + j * ldb;
+        T dot = 0;
+        if (trans_a) {
+          for (int64_t p = 0; p < k; ++p) dot += a[p * lda + i] * b_row[p];
+        } else {
+#pragma omp simd reduction(+ : dot)
+          for (int64_t p = 0; p < k; ++p) dot += a[i * lda + p] * b_row[p];
+        }
+        c_row[j] += alpha * dot;
+      }
+    }
+  }
+}
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  constexpr bool is_float = std::is_same_v<T, float>;
+  const bool have_blas = is_float ? sgemm_ != nullptr : dgemm_ != nullptr;
+  if (!have_blas || !blas_enabled()) {
+    portable_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  // Column-major BLAS computes the row-major C as C^T = op(B)^T op(A)^T.
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mi = int(m), ni = int(n), ki = int(k), lda_i = int(lda), ldb_i = int(ldb), ldc_i = int(ldc);
+  if constexpr (is_float) {
+    sgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &ldb_i, a, &lda_i, &beta, c, &ldc_i);
+  } else {
+    dgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &ldb_i, a, &lda_i, &beta, c, &ldc_i);
+  }
+}
+
+// ------------------------------------------------------------------ vectorised elementwise loops
+
+// Eight floats in a GCC/Clang vector: arithmetic, comparisons and ?: act lane by
+// lane, so the scalar templates (gpsa_common.h, fast_exp) run on it unchanged.
+// The compiler maps it to one AVX register, two SSE/NEON registers or scalars.
+using floatx8 = float __attribute__((vector_size(32)));
+using intx8 = int32_t __attribute__((vector_size(32)));
+
+// The vector type a hot loop runs on: floatx8 for float; double (gradcheck only) stays scalar.
+template <typename acc_t>
+struct Simd {
+  using type = acc_t;
+  static constexpr int width = 1;
+};
+template <>
+struct Simd<float> {
+  using type = floatx8;
+  static constexpr int width = 8;
+};
+
+template <typename V, typename T>
+V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename T, typename V>
+void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+inline float lane_sum(floatx8 v) {
+  float sum = 0;
+  for (int l = 0; l < 8; ++l) sum += v[l];
+  return sum;
+}
+inline float lane_max(floatx8 v) {
+  float m = v[0];
+  for (int l = 1; l < 8; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+inline float lane_sum(float v) { return v; }
+inline double lane_sum(double v) { return v; }
+inline float lane_max(float v) { return v; }
+inline double lane_max(double v) { return v; }
+
+// Run body(lane, j) over j < n: on vectors of Simd<acc_t>::width lanes, then one
+// element at a time for the tail; `lane` is a value of the type to compute in.
+template <typename acc_t, typename Body>
+void simd_loop(int64_t n, Body&& body) {
+  using V = typename Simd<acc_t>::type;
+  constexpr int width = Simd<acc_t>::width;
+  int64_t j = 0;
+  for (; j + width <= n; j += width) body(V{}, j);
+  for (; j < n; ++j) body(acc_t{}, j);
+}
+
+// A sum over a simd_loop: one vector of partial sums plus the scalar tail.
+template <typename acc_t>
+struct SimdSum {
+  typename Simd<acc_t>::type vec{};
+  acc_t tail = 0;
+  template <typename L>
+  void add(const L& x) {
+    if constexpr (std::is_same_v<L, typename Simd<acc_t>::type>) {
+      vec += x;
+    } else {
+      tail += x;
+    }
+  }
+  acc_t total() const { return lane_sum(vec) + tail; }
+};
+
+// expf to a few ulp on float or floatx8 (Cephes' reduction and polynomial),
+// for arguments <= 0 as softmax gives it; std::exp for double.
+template <typename V>
+V fast_exp(V x) {
+  if constexpr (std::is_same_v<V, double>) {
+    return std::exp(x);
+  } else {
+    using I = std::conditional_t<std::is_same_v<V, float>, int32_t, intx8>;
+    x = x < -87.0f ? V{} - 87.0f : x;
+    x = x > 88.0f ? V{} + 88.0f : x;
+    const V round_magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const V n = (x * 1.44269504088896341f + round_magic) - round_magic;
+    V r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    V poly = V{} + 1.9875691500e-4f;
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    const V exp_r = poly * r * r + r + 1.0f;
+    I n_int;
+    if constexpr (std::is_same_v<V, float>) {
+      n_int = static_cast<int32_t>(n);
+    } else {
+      n_int = __builtin_convertvector(n, intx8);
+    }
+    const I bits = (n_int + 127) << 23;
+    V two_n;
+    std::memcpy(&two_n, &bits, sizeof(V));
+    return exp_r * two_n;
+  }
+}
+
+// Softmax of one row in place; returns its log-sum-exp.
+template <typename acc_t>
+acc_t softmax_row(acc_t* row, int64_t n) {
+  using V = typename Simd<acc_t>::type;
+  V vec_max = V{} - INFINITY;
+  acc_t row_max = -INFINITY;
+  simd_loop<acc_t>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    const L x = load<L>(row + j);
+    if constexpr (std::is_same_v<L, V>) {
+      vec_max = x > vec_max ? x : vec_max;
+    } else {
+      row_max = x > row_max ? x : row_max;
+    }
+  });
+  row_max = std::max(row_max, lane_max(vec_max));
+  SimdSum<acc_t> exp_sum;
+  simd_loop<acc_t>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    const L e = fast_exp(load<L>(row + j) - row_max);
+    store(row + j, e);
+    exp_sum.add(e);
+  });
+  const acc_t sum = exp_sum.total();
+  const acc_t inv_sum = acc_t(1) / sum;
+  simd_loop<acc_t>(n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    store(row + j, load<L>(row + j) * inv_sum);
+  });
+  return row_max + gpsa_log(sum);
+}
+
+template <typename acc_t, typename a_t, typename b_t>
+acc_t dot(const a_t* a, const b_t* b, int64_t n, int64_t b_stride) {
+  acc_t sum = 0;
+  for (int64_t c = 0; c < n; ++c) sum += acc_t(a[c]) * acc_t(b[c * b_stride]);
+  return sum;
+}
+
+// ------------------------------------------------------------------ tiles
+
+// A rows x cols matrix of acc_t, row-major with leading dimension ld.
+template <typename acc_t>
+struct Tile {
+  const acc_t* data;
+  int64_t ld;
+  const acc_t* row(int64_t i) const { return data + i * ld; }
+};
+
+// A (rows x cols) slice of a strided tensor as an acc_t tile: the slice itself
+// when BLAS can read it (same type, unit column stride), else a copy in scratch.
+template <typename scalar_t, typename acc_t>
+Tile<acc_t> load_tile(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t cols,
+                      acc_t* scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (col_stride == 1 && row_stride >= cols && row_stride <= INT_MAX) return {src, row_stride};
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < cols; ++c) scratch[i * cols + c] = acc_t(src[i * row_stride + c * col_stride]);
+  return {scratch, cols};
+}
+
+// (batch, head) slices of a strided 4-D tensor: rows are patches, columns channels.
+template <typename scalar_t>
+struct Strided4d {
+  scalar_t* base;
+  int64_t batch_stride, head_stride, row_stride, col_stride;
+  // B x H x N x d tensors: (0, 1, 2, 3); B x N x H x d tensors: (0, 2, 1, 3).
+  static Strided4d bhnd(const at::Tensor& t) {
+    return {static_cast<scalar_t*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+  }
+  static Strided4d bnhd(const at::Tensor& t) {
+    return {static_cast<scalar_t*>(t.data_ptr()), t.stride(0), t.stride(2), t.stride(1), t.stride(3)};
+  }
+  scalar_t* slice(int64_t b, int64_t h, int64_t row = 0) const {
+    return base + b * batch_stride + h * head_stride + row * row_stride;
+  }
+};
+
+// ------------------------------------------------------------------ positional tables
+
+// Per-axis positional softmaxes px (H x W x W) and py (H x H_p x H_p), and the
+// patch coordinates (x_n, y_n) of each patch in acc_t.
+template <typename acc_t>
+struct PositionalTables {
+  int64_t heads, grid_h, grid_w;
+  std::vector<acc_t> px, py, x_of, y_of;
+
+  PositionalTables(const at::Tensor& pos_weight, int64_t grid_h_, int64_t grid_w_)
+      : heads(pos_weight.size(0)), grid_h(grid_h_), grid_w(grid_w_) {
+    const auto w = pos_weight.to(at::kCPU, c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* wp = w.template data_ptr<acc_t>();
+    px.resize(heads * grid_w * grid_w);
+    py.resize(heads * grid_h * grid_h);
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t i = 0; i < grid_w; ++i)
+        axis_softmax_row<acc_t>(wp[3 * h + 0], wp[3 * h + 2], int(i), int(grid_w), &px[(h * grid_w + i) * grid_w]);
+      for (int64_t i = 0; i < grid_h; ++i)
+        axis_softmax_row<acc_t>(wp[3 * h + 1], wp[3 * h + 2], int(i), int(grid_h), &py[(h * grid_h + i) * grid_h]);
+    }
+    for (int64_t n = 0; n < grid_h * grid_w; ++n) {
+      x_of.push_back(acc_t(n % grid_w));
+      y_of.push_back(acc_t(n / grid_w));
+    }
+  }
+  const acc_t* px_row(int64_t h, int64_t x) const { return &px[(h * grid_w + x) * grid_w]; }
+  const acc_t* py_row(int64_t h, int64_t y) const { return &py[(h * grid_h + y) * grid_h]; }
+
+  // H x N x N positional attention, shared by the batch (the backward needs it per element).
+  std::vector<acc_t> full() const {
+    const int64_t n = grid_h * grid_w;
+    std::vector<acc_t> probs(heads * n * n);
+    at::parallel_for(0, heads * n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t hi = begin; hi < end; ++hi) {
+        const int64_t h = hi / n, i = hi % n;
+        const acc_t* pxr = px_row(h, i % grid_w);
+        const acc_t* pyr = py_row(h, i / grid_w);
+        acc_t* out = &probs[hi * n];
+        for (int64_t yj = 0; yj < grid_h; ++yj)
+          for (int64_t xj = 0; xj < grid_w; ++xj) out[yj * grid_w + xj] = pyr[yj] * pxr[xj];
+      }
+    });
+    return probs;
+  }
+};
+
+// Rows [row0, row0 + rows) of O_p = P v for one head, separably; v is N x d.
+template <typename acc_t>
+void positional_output_rows(const PositionalTables<acc_t>& tables, int64_t h, Tile<acc_t> v, int64_t head_dim,
+                            int64_t row0, int64_t rows, acc_t* out, acc_t* row_mix /* W x d */) {
+  const int64_t grid_w = tables.grid_w;
+  int64_t mixed_y = -1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = row0 + r, yi = i / grid_w, xi = i % grid_w;
+    if (yi != mixed_y) {  // row_mix[x_j] = sum over y_j of py[y_i, y_j] v[(y_j, x_j)]
+      std::fill(row_mix, row_mix + grid_w * head_dim, acc_t(0));
+      const acc_t* pyr = tables.py_row(h, yi);
+      for (int64_t yj = 0; yj < tables.grid_h; ++yj) {
+        const acc_t coef = pyr[yj];
+        for (int64_t xj = 0; xj < grid_w; ++xj) {
+          const acc_t* v_row = v.row(yj * grid_w + xj);
+          acc_t* mix_row = row_mix + xj * head_dim;
+#pragma omp simd
+          for (int64_t c = 0; c < head_dim; ++c) mix_row[c] += coef * v_row[c];
+        }
+      }
+      mixed_y = yi;
+    }
+    acc_t* out_row = out + r * head_dim;
+    std::fill(out_row, out_row + head_dim, acc_t(0));
+    const acc_t* pxr = tables.px_row(h, xi);
+    for (int64_t xj = 0; xj < grid_w; ++xj) {
+      const acc_t coef = pxr[xj];
+      const acc_t* mix_row = row_mix + xj * head_dim;
+#pragma omp simd
+      for (int64_t c = 0; c < head_dim; ++c) out_row[c] += coef * mix_row[c];
+    }
+  }
+}
+
+std::vector<double> gate_values(const at::Tensor& gating_param) {
+  const auto lam = gating_param.to(at::kCPU, at::kDouble).contiguous();
+  return std::vector<double>(lam.data_ptr<double>(), lam.data_ptr<double>() + lam.numel());
+}
+
+// Query blocks of at most kMaxBlockRows rows, balanced (N = 196: 4 blocks of 49).
+struct QueryBlocks {
+  int64_t count, rows;
+  explicit QueryBlocks(int64_t seq_len) {
+    count = (seq_len + kMaxBlockRows - 1) / kMaxBlockRows;
+    rows = (seq_len + count - 1) / count;
+  }
+};
+
+// ------------------------------------------------------------------ forward
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos_weight,
+                    const at::Tensor& gating_param, const GpsaSizes& s, double scale, at::Tensor& out,
+                    at::Tensor& lse, at::Tensor& diff) {
+  const int64_t N = s.seq_len, d = s.head_dim, H = s.heads;
+  const PositionalTables<acc_t> tables(pos_weight, s.grid_h, s.grid_w);
+  const std::vector<double> lambdas = gate_values(gating_param);
+  const QueryBlocks blocks(N);
+  const auto q_s = Strided4d<const scalar_t>::bhnd(q), k_s = Strided4d<const scalar_t>::bhnd(k),
+             v_s = Strided4d<const scalar_t>::bhnd(v);
+  scalar_t* out_p = out.data_ptr<scalar_t>();  // B x N x H x d, contiguous
+  acc_t* lse_p = lse.data_ptr<acc_t>();        // B x H x N
+  acc_t* diff_p = diff.data_ptr<acc_t>();      // B x H x N x d
+
+  at::parallel_for(0, s.batch * H * blocks.count, 1, [&](int64_t begin, int64_t end) {
+    const int64_t bm = blocks.rows;
+    std::vector<acc_t> scratch(bm * N + 3 * bm * d + 2 * N * d + s.grid_w * d);
+    acc_t* probs = scratch.data();  // bm x N
+    acc_t* q_buf = probs + bm * N;
+    acc_t* out_c = q_buf + bm * d;
+    acc_t* out_pos = out_c + bm * d;
+    acc_t* k_buf = out_pos + bm * d;
+    acc_t* v_buf = k_buf + N * d;
+    acc_t* row_mix = v_buf + N * d;
+    int64_t loaded_bh = -1;  // consecutive tasks share (b, h): load k and v once
+    Tile<acc_t> k_tile{nullptr, 0}, v_tile{nullptr, 0};
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks.count, b = bh / H, h = bh % H;
+      const int64_t row0 = (task % blocks.count) * bm, rows = std::min(bm, N - row0);
+      if (rows <= 0) continue;
+      if (bh != loaded_bh) {
+        k_tile = load_tile(k_s.slice(b, h), k_s.row_stride, k_s.col_stride, N, d, k_buf);
+        v_tile = load_tile(v_s.slice(b, h), v_s.row_stride, v_s.col_stride, N, d, v_buf);
+        loaded_bh = bh;
+      }
+      const Tile<acc_t> q_tile = load_tile(q_s.slice(b, h, row0), q_s.row_stride, q_s.col_stride, rows, d, q_buf);
+
+      gemm<acc_t>(false, true, rows, N, d, acc_t(scale), q_tile.data, q_tile.ld, k_tile.data, k_tile.ld, 0, probs, N);
+      for (int64_t r = 0; r < rows; ++r) lse_p[bh * N + row0 + r] = softmax_row(probs + r * N, N);
+      gemm<acc_t>(false, false, rows, d, N, 1, probs, N, v_tile.data, v_tile.ld, 0, out_c, d);
+      positional_output_rows(tables, h, v_tile, d, row0, rows, out_pos, row_mix);
+
+      const Gates<acc_t> gates = gates_from_lambda(acc_t(lambdas[h]));
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = row0 + r;
+        scalar_t* out_row = out_p + ((b * N + i) * H + h) * d;
+        acc_t* diff_row = diff_p + (bh * N + i) * d;
+        const acc_t* oc = out_c + r * d;
+        const acc_t* op = out_pos + r * d;
+        for (int64_t c = 0; c < d; ++c) {
+          out_row[c] = scalar_t(gates.content * oc[c] + gates.pos * op[c]);
+          diff_row[c] = op[c] - oc[c];
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward
+
+template <typename scalar_t, typename acc_t>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& out,
+                     const at::Tensor& lse, const at::Tensor& diff, const GpsaSizes& s, double scale,
+                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& d_pos_weight,
+                     at::Tensor& d_gating) {
+  const int64_t B = s.batch, N = s.seq_len, d = s.head_dim, H = s.heads;
+  const PositionalTables<acc_t> tables(pos_weight, s.grid_h, s.grid_w);
+  const std::vector<acc_t> pos_probs = tables.full();
+  const std::vector<double> lambdas = gate_values(gating_param);
+  const QueryBlocks blocks(N);
+  const auto q_s = Strided4d<const scalar_t>::bhnd(q), k_s = Strided4d<const scalar_t>::bhnd(k),
+             v_s = Strided4d<const scalar_t>::bhnd(v), do_s = Strided4d<const scalar_t>::bnhd(grad_out),
+             out_s = Strided4d<const scalar_t>::bnhd(out);
+  const acc_t* lse_p = lse.data_ptr<acc_t>();    // B x H x N, contiguous
+  const acc_t* diff_p = diff.data_ptr<acc_t>();  // B x H x N x d, contiguous
+  // Per-(batch, head) partial sums, reduced over the batch in a fixed order below.
+  std::vector<double> pos_weight_partial(B * H * 3), gating_partial(B * H);
+  // Gradients of q, k, v are written in place (B x N x H x d rows) when acc_t is
+  // the output type, else accumulated in scratch and converted at the end.
+  constexpr bool direct_output = std::is_same_v<scalar_t, acc_t>;
+  const int64_t out_ld = H * d;
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const int64_t bm = blocks.rows;
+    std::vector<acc_t> scratch(2 * bm * N + 3 * N * d + N * d + (direct_output ? 0 : 3 * N * d));
+    acc_t* mixed = scratch.data();  // bm x N: A, then M = (1 - g) A + g P
+    acc_t* dlogits = mixed + bm * N;  // bm x N: T = dO v^T, then dS
+    acc_t* q_buf = dlogits + bm * N;
+    acc_t* k_buf = q_buf + N * d;
+    acc_t* v_buf = k_buf + N * d;
+    acc_t* do_buf = v_buf + N * d;
+    acc_t* grad_buf = do_buf + N * d;  // 3 x N x d when converting
+
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const Tile<acc_t> q_t = load_tile(q_s.slice(b, h), q_s.row_stride, q_s.col_stride, N, d, q_buf);
+      const Tile<acc_t> k_t = load_tile(k_s.slice(b, h), k_s.row_stride, k_s.col_stride, N, d, k_buf);
+      const Tile<acc_t> v_t = load_tile(v_s.slice(b, h), v_s.row_stride, v_s.col_stride, N, d, v_buf);
+      const Tile<acc_t> do_t = load_tile(do_s.slice(b, h), do_s.row_stride, do_s.col_stride, N, d, do_buf);
+      acc_t *dq_dst, *dk_dst, *dv_dst;
+      int64_t grad_ld;
+      if constexpr (direct_output) {
+        const int64_t offset = b * N * out_ld + h * d;
+        dq_dst = dq.data_ptr<acc_t>() + offset;
+        dk_dst = dk.data_ptr<acc_t>() + offset;
+        dv_dst = dv.data_ptr<acc_t>() + offset;
+        grad_ld = out_ld;
+      } else {
+        dq_dst = grad_buf;
+        dk_dst = grad_buf + N * d;
+        dv_dst = grad_buf + 2 * N * d;
+        grad_ld = d;
+      }
+      const Gates<acc_t> gates = gates_from_lambda(acc_t(lambdas[h]));
+      double pos_weight_acc[3] = {0, 0, 0}, gating_acc = 0;
+
+      for (int64_t blk = 0; blk < blocks.count; ++blk) {
+        const int64_t row0 = blk * bm, rows = std::min(bm, N - row0);
+        if (rows <= 0) break;
+        const acc_t* q_blk = q_t.row(row0);
+        const acc_t* do_blk = do_t.row(row0);
+        gemm<acc_t>(false, true, rows, N, d, acc_t(scale), q_blk, q_t.ld, k_t.data, k_t.ld, 0, mixed, N);
+        gemm<acc_t>(false, true, rows, N, d, 1, do_blk, do_t.ld, v_t.data, v_t.ld, 0, dlogits, N);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = row0 + r;
+          const acc_t* do_row = do_t.row(i);
+          const acc_t delta = dot<acc_t>(do_row, out_s.slice(b, h, i), d, out_s.col_stride);
+          const acc_t delta_diff = dot<acc_t>(do_row, diff_p + (bh * N + i) * d, d, 1);
+          gating_acc += delta_diff;
+          const RowDeltas<acc_t> deltas = row_deltas(delta, delta_diff, gates);
+          const acc_t row_lse = lse_p[bh * N + i];
+          const acc_t xi = tables.x_of[i], yi = tables.y_of[i];
+          const acc_t* p_row = &pos_probs[(h * N + i) * N];
+          const acc_t* x_of = tables.x_of.data();
+          const acc_t* y_of = tables.y_of.data();
+          acc_t* m_row = mixed + r * N;
+          acc_t* ds_row = dlogits + r * N;
+          SimdSum<acc_t> grad_dx, grad_dy, grad_dist2;
+          simd_loop<acc_t>(N, [&](auto lane, int64_t j) {
+            using L = decltype(lane);
+            const Gates<L> lane_gates{L{} + gates.pos, L{} + gates.content};
+            const RowDeltas<L> lane_deltas{L{} + deltas.content, L{} + deltas.pos};
+            const L a = fast_exp(load<L>(m_row + j) - row_lse);
+            const ElementGrads<L> e =
+                element_grads(a, load<L>(p_row + j), load<L>(ds_row + j), lane_deltas, lane_gates);
+            const PosWeightGrad<L> w = pos_weight_grad_terms(e.pos, load<L>(x_of + j) - xi, load<L>(y_of + j) - yi);
+            store(m_row + j, e.mixed);
+            store(ds_row + j, e.content);
+            grad_dx.add(w.dx);
+            grad_dy.add(w.dy);
+            grad_dist2.add(w.dist2);
+          });
+          pos_weight_acc[0] += grad_dx.total();
+          pos_weight_acc[1] += grad_dy.total();
+          pos_weight_acc[2] += grad_dist2.total();
+        }
+        const acc_t beta = blk == 0 ? 0 : 1;  // dk, dv: the first block overwrites, the others accumulate
+        gemm<acc_t>(true, false, N, d, rows, 1, mixed, N, do_blk, do_t.ld, beta, dv_dst, grad_ld);
+        gemm<acc_t>(false, false, rows, d, N, acc_t(scale), dlogits, N, k_t.data, k_t.ld, 0,
+                    dq_dst + row0 * grad_ld, grad_ld);
+        gemm<acc_t>(true, false, N, d, rows, acc_t(scale), dlogits, N, q_blk, q_t.ld, beta, dk_dst, grad_ld);
+      }
+      if constexpr (!direct_output) {
+        const int64_t offset = b * N * out_ld + h * d;
+        for (auto [src, dst] : {std::pair{dq_dst, &dq}, {dk_dst, &dk}, {dv_dst, &dv}}) {
+          scalar_t* dst_p = dst->template data_ptr<scalar_t>() + offset;
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t c = 0; c < d; ++c) dst_p[n * out_ld + c] = scalar_t(src[n * d + c]);
+        }
+      }
+      for (int c = 0; c < 3; ++c) pos_weight_partial[bh * 3 + c] = pos_weight_acc[c];
+      gating_partial[bh] = gating_acc;
+    }
+  });
+
+  // Fixed-order reductions over the batch: the same bits whatever the thread count.
+  auto dw = at::zeros({H, 3}, at::kDouble);
+  auto dgate = at::zeros({H}, at::kDouble);
+  double* dw_p = dw.data_ptr<double>();
+  double* dgate_p = dgate.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int c = 0; c < 3; ++c) dw_p[h * 3 + c] += pos_weight_partial[(b * H + h) * 3 + c];
+      dgate_p[h] += gating_partial[b * H + h];
+    }
+  for (int64_t h = 0; h < H; ++h) {
+    const Gates<acc_t> gates = gates_from_lambda(acc_t(lambdas[h]));
+    dgate_p[h] *= double(gates.pos) * double(gates.content);
+  }
+  d_pos_weight.copy_(dw);
+  d_gating.copy_(dgate);
+}
+
+// ------------------------------------------------------------------ op entry points
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gpsa_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& pos_weight,
+                                                            const at::Tensor& gating_param, int64_t grid_w,
+                                                            double scale) {
+  const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w);
+  const auto acc = accumulation_type(q.scalar_type());
+  auto out = at::empty({s.batch, s.seq_len, s.heads, s.head_dim}, q.options());
+  auto lse = at::empty({s.batch, s.heads, s.seq_len}, q.options().dtype(acc));
+  auto diff = at::empty({s.batch, s.heads, s.seq_len, s.head_dim}, q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gpsa_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_kernel<scalar_t, acc_t>(q, k, v, pos_weight, gating_param, s, scale, out, lse, diff);
+  });
+  return {out, lse, diff};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& diff, int64_t grid_w, double scale) {
+  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w);
+  const std::vector<int64_t> grad_shape{s.batch, s.seq_len, s.heads, s.head_dim};
+  auto dq = at::empty(grad_shape, q.options());
+  auto dk = at::empty(grad_shape, q.options());
+  auto dv = at::empty(grad_shape, q.options());
+  auto d_pos_weight = at::empty_like(pos_weight);
+  auto d_gating = at::empty_like(gating_param);
+  const auto lse_c = lse.contiguous();
+  const auto diff_c = diff.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gpsa_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    backward_kernel<scalar_t, acc_t>(grad_out, q, k, v, pos_weight, gating_param, out, lse_c, diff_c, s, scale, dq,
+                                     dk, dv, d_pos_weight, d_gating);
+  });
+  return {dq, dk, dv, d_pos_weight, d_gating};
+}
+
+}  // namespace
+}  // namespace convit_kernels
+
+TORCH_LIBRARY(convit_kernels_ext, m) {
+  m.def(
+      "gpsa_fwd(Tensor q, Tensor k, Tensor v, Tensor pos_weight, Tensor gating_param, int grid_w, float scale)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gpsa_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor pos_weight, Tensor gating_param, Tensor out,"
+      " Tensor lse, Tensor diff, int grid_w, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(convit_kernels_ext, CPU, m) {
+  m.impl("gpsa_fwd", &convit_kernels::gpsa_fwd_cpu);
+  m.impl("gpsa_bwd", &convit_kernels::gpsa_bwd_cpu);
+}
+
+// An empty Python module, so that `import convit_kernels._C` loads the library
+// and runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,483 @@
+// GPSA forward and backward CUDA kernels: the fallback for GPUs the Triton
+// kernels do not serve (sm_70, sm_75) and for any CUDA device. fp32, fp16 and
+// bf16 inputs, fp32 accumulation, head_dim <= 128. The per-element math is
+// gpsa_common.h's, the same the CPU kernel runs.
+//
+// Layout of work: blocks of 128 threads; a tile of 16 rows with 8 threads per
+// row (row = thread / 8, lane = thread % 8). A lane owns the keys (or queries)
+// lane, lane + 8, ... of its row's tile and the channels lane, lane + 8, ... of
+// its row's accumulators, so the row reductions are 8-lane shuffles.
+//   forward:  one block per (query tile, head, batch); loops over key tiles
+//             with an online softmax for the content branch; the positional
+//             probabilities come from the per-axis tables (P_ij = px py), so
+//             O_p needs no normaliser of its own.
+//   backward: the row deltas are O(B H N d) tensor ops on the host side; one
+//             kernel per key tile accumulates dk, dv (and d pos_weight partials)
+//             over query tiles, another per query tile accumulates dq over key
+//             tiles. No atomics: partial sums are reduced in a fixed order.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <Python.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../gpsa_common.h"
+#include "../gpsa_ops.h"
+
+namespace convit_kernels {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kLanesPerRow = 8;
+constexpr int kTileRows = kThreads / kLanesPerRow;  // 16 rows per tile
+constexpr int kForwardKeys = 32;                    // keys per tile in the forward
+constexpr int kBackwardCols = 16;                   // the other side's tile in the backward
+constexpr int kMaxHeadDim = 128;
+constexpr int kChannelsPerLane = kMaxHeadDim / kLanesPerRow;
+
+// (batch, head, row, channel) element of a strided tensor, in float.
+template <typename scalar_t>
+struct StridedInput {
+  const scalar_t* data;
+  int64_t batch_stride, head_stride, row_stride, col_stride;
+  __device__ float at(int64_t b, int64_t h, int64_t n, int64_t c) const {
+    return static_cast<float>(data[b * batch_stride + h * head_stride + n * row_stride + c * col_stride]);
+  }
+};
+
+template <typename scalar_t>
+StridedInput<scalar_t> bhnd(const at::Tensor& t) {  // B x H x N x d
+  return {static_cast<const scalar_t*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+template <typename scalar_t>
+StridedInput<scalar_t> bnhd(const at::Tensor& t) {  // B x N x H x d
+  return {static_cast<const scalar_t*>(t.data_ptr()), t.stride(0), t.stride(2), t.stride(1), t.stride(3)};
+}
+
+struct PositionalTablesView {
+  const float* px;  // H x W x W
+  const float* py;  // H x H_p x H_p
+  int grid_h, grid_w;
+  __device__ float prob(int h, int i, int j) const {
+    return px[(h * grid_w + i % grid_w) * grid_w + j % grid_w] * py[(h * grid_h + i / grid_w) * grid_h + j / grid_w];
+  }
+};
+
+// Rows [row0, row0 + rows) of a (b, h) slice into shared memory (rows x d), zero past N.
+template <typename scalar_t>
+__device__ void load_rows(float* dst, const StridedInput<scalar_t>& src, int b, int h, int row0, int rows, int N,
+                          int d) {
+  for (int e = threadIdx.x; e < rows * d; e += blockDim.x) {
+    const int r = e / d, c = e % d;
+    dst[e] = row0 + r < N ? src.at(b, h, row0 + r, c) : 0.f;
+  }
+}
+
+__device__ float dot_shared(const float* a, const float* b, int d) {
+  float sum = 0.f;
+  for (int c = 0; c < d; ++c) sum += a[c] * b[c];
+  return sum;
+}
+
+__device__ float row_max8(float x) {
+  for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+__device__ float row_sum8(float x) {
+  for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// ------------------------------------------------------------------ positional tables
+
+__global__ void axis_tables_kernel(const float* __restrict__ pos_weight, int heads, int grid_h, int grid_w,
+                                   float* __restrict__ px, float* __restrict__ py) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t < heads * grid_w) {
+    const int h = t / grid_w, i = t % grid_w;
+    axis_softmax_row<float>(pos_weight[3 * h + 0], pos_weight[3 * h + 2], i, grid_w, px + t * grid_w);
+  } else if (t < heads * (grid_w + grid_h)) {
+    const int h = (t - heads * grid_w) / grid_h, i = (t - heads * grid_w) % grid_h;
+    axis_softmax_row<float>(pos_weight[3 * h + 1], pos_weight[3 * h + 2], i, grid_h, py + (h * grid_h + i) * grid_h);
+  }
+}
+
+struct PositionalTables {
+  at::Tensor px, py;
+  PositionalTablesView view() const {
+    return {px.data_ptr<float>(), py.data_ptr<float>(), int(py.size(1)), int(px.size(1))};
+  }
+};
+
+PositionalTables positional_tables(const at::Tensor& pos_weight, const GpsaSizes& s, cudaStream_t stream) {
+  const auto w = pos_weight.to(at::kFloat).contiguous();
+  PositionalTables tables{at::empty({s.heads, s.grid_w, s.grid_w}, w.options()),
+                          at::empty({s.heads, s.grid_h, s.grid_h}, w.options())};
+  const int rows = int(s.heads * (s.grid_w + s.grid_h));
+  axis_tables_kernel<<<(rows + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      w.data_ptr<float>(), int(s.heads), int(s.grid_h), int(s.grid_w), tables.px.data_ptr<float>(),
+      tables.py.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return tables;
+}
+
+// ------------------------------------------------------------------ forward
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) forward_kernel(
+    StridedInput<scalar_t> q, StridedInput<scalar_t> k, StridedInput<scalar_t> v, PositionalTablesView tables,
+    const float* __restrict__ lambdas, int N, int d, float scale, scalar_t* __restrict__ out,
+    float* __restrict__ lse, float* __restrict__ diff) {
+  extern __shared__ float smem[];
+  float* q_tile = smem;                           // kTileRows x d
+  float* k_tile = q_tile + kTileRows * d;         // kForwardKeys x d
+  float* v_tile = k_tile + kForwardKeys * d;      // kForwardKeys x d
+  float* a_tile = v_tile + kForwardKeys * d;      // kTileRows x kForwardKeys, exp(s - running max)
+  float* p_tile = a_tile + kTileRows * kForwardKeys;  // kTileRows x kForwardKeys, positional probs
+
+  const int row0 = blockIdx.x * kTileRows, h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
+  const int r = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
+  const int i = row0 + r, i_clamped = min(i, N - 1);
+  const Gates<float> gates = gates_from_lambda(lambdas[h]);
+
+  load_rows(q_tile, q, b, h, row0, kTileRows, N, d);
+  float running_max = -INFINITY, running_sum = 0.f;
+  float out_c[kChannelsPerLane], out_p[kChannelsPerLane];
+#pragma unroll
+  for (int u = 0; u < kChannelsPerLane; ++u) out_c[u] = out_p[u] = 0.f;
+
+  for (int key0 = 0; key0 < N; key0 += kForwardKeys) {
+    __syncthreads();  // the previous tile's readers are done
+    load_rows(k_tile, k, b, h, key0, kForwardKeys, N, d);
+    load_rows(v_tile, v, b, h, key0, kForwardKeys, N, d);
+    __syncthreads();
+    float logits[kForwardKeys / kLanesPerRow];
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kForwardKeys / kLanesPerRow; ++u) {
+      const int jt = lane + u * kLanesPerRow, j = key0 + jt;
+      logits[u] = j < N ? scale * dot_shared(q_tile + r * d, k_tile + jt * d, d) : -INFINITY;
+      tile_max = fmaxf(tile_max, logits[u]);
+      p_tile[r * kForwardKeys + jt] = j < N ? tables.prob(h, i_clamped, j) : 0.f;
+    }
+    const float new_max = fmaxf(running_max, row_max8(tile_max));
+    const float rescale = gpsa_exp(running_max - new_max);  // 0 on the first tile
+    float tile_sum = 0.f;
+#pragma unroll
+    for (int u = 0; u < kForwardKeys / kLanesPerRow; ++u) {
+      const float e = gpsa_exp(logits[u] - new_max);
+      a_tile[r * kForwardKeys + lane + u * kLanesPerRow] = e;
+      tile_sum += e;
+    }
+    running_sum = running_sum * rescale + row_sum8(tile_sum);
+    running_max = new_max;
+    __syncwarp();  // the row's 8 lanes share a warp: its a/p entries are visible to them
+#pragma unroll
+    for (int u = 0; u < kChannelsPerLane; ++u) {
+      const int c = lane + u * kLanesPerRow;
+      if (c >= d) continue;
+      float acc_c = 0.f, acc_p = 0.f;
+      for (int jt = 0; jt < kForwardKeys; ++jt) {
+        const float vj = v_tile[jt * d + c];
+        acc_c += a_tile[r * kForwardKeys + jt] * vj;
+        acc_p += p_tile[r * kForwardKeys + jt] * vj;
+      }
+      out_c[u] = out_c[u] * rescale + acc_c;
+      out_p[u] += acc_p;
+    }
+  }
+  if (i >= N) return;
+  const int64_t bh_row = (int64_t(b) * H + h) * N + i;
+  if (lane == 0) lse[bh_row] = running_max + gpsa_log(running_sum);
+  const float inv_sum = 1.f / running_sum;
+#pragma unroll
+  for (int u = 0; u < kChannelsPerLane; ++u) {
+    const int c = lane + u * kLanesPerRow;
+    if (c >= d) continue;
+    const float oc = out_c[u] * inv_sum, op = out_p[u];
+    out[((int64_t(b) * N + i) * H + h) * d + c] = static_cast<scalar_t>(gates.content * oc + gates.pos * op);
+    diff[bh_row * d + c] = op - oc;
+  }
+}
+
+// ------------------------------------------------------------------ backward
+
+// Shared inputs of both backward kernels.
+template <typename scalar_t>
+struct BackwardArgs {
+  StridedInput<scalar_t> q, k, v, grad_out;
+  PositionalTablesView tables;
+  const float* lambdas;
+  const float* lse;         // B x H x N
+  const float* delta;       // B x H x N, dO . O
+  const float* delta_diff;  // B x H x N, dO . (O_p - O_c)
+  int N, d;
+  float scale;
+};
+
+// Gradients at (query i, key j) of one (b, h), from q_i, k_j (scaled logits
+// recomputed), dO_i and v_j in shared memory.
+template <typename scalar_t>
+__device__ ElementGrads<float> element_at(const BackwardArgs<scalar_t>& args, const Gates<float>& gates, int bh,
+                                          int h, int i, int j, const float* q_row, const float* k_row,
+                                          const float* do_row, const float* v_row) {
+  const int64_t row = int64_t(bh) * args.N + i;
+  const float a = gpsa_exp(args.scale * dot_shared(q_row, k_row, args.d) - args.lse[row]);
+  const float t = dot_shared(do_row, v_row, args.d);
+  const RowDeltas<float> deltas = row_deltas(args.delta[row], args.delta_diff[row], gates);
+  return element_grads(a, args.tables.prob(h, i, j), t, deltas, gates);
+}
+
+// dk, dv of one key tile, and its d pos_weight partial (3 floats at pos_weight_partial[tile]).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(BackwardArgs<scalar_t> args,
+                                                                 scalar_t* __restrict__ dk, scalar_t* __restrict__ dv,
+                                                                 float* __restrict__ pos_weight_partial) {
+  extern __shared__ float smem[];
+  const int d = args.d, N = args.N;
+  float* k_tile = smem;                         // kTileRows x d
+  float* v_tile = k_tile + kTileRows * d;       // kTileRows x d
+  float* q_tile = v_tile + kTileRows * d;       // kBackwardCols x d
+  float* do_tile = q_tile + kBackwardCols * d;  // kBackwardCols x d
+  float* mixed = do_tile + kBackwardCols * d;   // kTileRows x kBackwardCols (key, query)
+  float* dlogits = mixed + kTileRows * kBackwardCols;
+  float* reduce = dlogits + kTileRows * kBackwardCols;  // kThreads x 3
+
+  const int key0 = blockIdx.x * kTileRows, h = blockIdx.y, b = blockIdx.z, H = gridDim.y, bh = b * H + h;
+  const int r = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
+  const int j = key0 + r, j_clamped = min(j, N - 1);
+  const Gates<float> gates = gates_from_lambda(args.lambdas[h]);
+  const float xj = float(j_clamped % args.tables.grid_w), yj = float(j_clamped / args.tables.grid_w);
+
+  load_rows(k_tile, args.k, b, h, key0, kTileRows, N, d);
+  load_rows(v_tile, args.v, b, h, key0, kTileRows, N, d);
+  float grad_k[kChannelsPerLane], grad_v[kChannelsPerLane], grad_w[3] = {0.f, 0.f, 0.f};
+#pragma unroll
+  for (int u = 0; u < kChannelsPerLane; ++u) grad_k[u] = grad_v[u] = 0.f;
+
+  for (int query0 = 0; query0 < N; query0 += kBackwardCols) {
+    __syncthreads();
+    load_rows(q_tile, args.q, b, h, query0, kBackwardCols, N, d);
+    load_rows(do_tile, args.grad_out, b, h, query0, kBackwardCols, N, d);
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < kBackwardCols / kLanesPerRow; ++u) {
+      const int it = lane + u * kLanesPerRow, i = query0 + it;
+      ElementGrads<float> e{0.f, 0.f, 0.f};
+      if (i < N && j < N) {
+        e = element_at(args, gates, bh, h, i, j, q_tile + it * d, k_tile + r * d, do_tile + it * d, v_tile + r * d);
+        const PosWeightGrad<float> w =
+            pos_weight_grad_terms(e.pos, xj - float(i % args.tables.grid_w), yj - float(i / args.tables.grid_w));
+        grad_w[0] += w.dx;
+        grad_w[1] += w.dy;
+        grad_w[2] += w.dist2;
+      }
+      mixed[r * kBackwardCols + it] = e.mixed;
+      dlogits[r * kBackwardCols + it] = e.content;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int u = 0; u < kChannelsPerLane; ++u) {
+      const int c = lane + u * kLanesPerRow;
+      if (c >= d) continue;
+      float acc_v = 0.f, acc_k = 0.f;
+      for (int it = 0; it < kBackwardCols; ++it) {
+        acc_v += mixed[r * kBackwardCols + it] * do_tile[it * d + c];
+        acc_k += dlogits[r * kBackwardCols + it] * q_tile[it * d + c];
+      }
+      grad_v[u] += acc_v;
+      grad_k[u] += args.scale * acc_k;
+    }
+  }
+  if (j < N) {
+#pragma unroll
+    for (int u = 0; u < kChannelsPerLane; ++u) {
+      const int c = lane + u * kLanesPerRow;
+      if (c >= d) continue;
+      const int64_t offset = ((int64_t(b) * N + j) * H + h) * d + c;
+      dk[offset] = static_cast<scalar_t>(grad_k[u]);
+      dv[offset] = static_cast<scalar_t>(grad_v[u]);
+    }
+  }
+  // Fixed-order block reduction of the d pos_weight partials.
+  for (int c = 0; c < 3; ++c) reduce[threadIdx.x * 3 + c] = grad_w[c];
+  __syncthreads();
+  if (threadIdx.x < 3) {
+    float sum = 0.f;
+    for (int t = 0; t < kThreads; ++t) sum += reduce[t * 3 + threadIdx.x];
+    pos_weight_partial[(int64_t(bh) * gridDim.x + blockIdx.x) * 3 + threadIdx.x] = sum;
+  }
+}
+
+// dq of one query tile.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scalar_t> args,
+                                                               scalar_t* __restrict__ dq) {
+  extern __shared__ float smem[];
+  const int d = args.d, N = args.N;
+  float* q_tile = smem;                        // kTileRows x d
+  float* do_tile = q_tile + kTileRows * d;     // kTileRows x d
+  float* k_tile = do_tile + kTileRows * d;     // kBackwardCols x d
+  float* v_tile = k_tile + kBackwardCols * d;  // kBackwardCols x d
+  float* dlogits = v_tile + kBackwardCols * d;  // kTileRows x kBackwardCols
+
+  const int query0 = blockIdx.x * kTileRows, h = blockIdx.y, b = blockIdx.z, H = gridDim.y, bh = b * H + h;
+  const int r = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
+  const int i = query0 + r;
+  const Gates<float> gates = gates_from_lambda(args.lambdas[h]);
+
+  load_rows(q_tile, args.q, b, h, query0, kTileRows, N, d);
+  load_rows(do_tile, args.grad_out, b, h, query0, kTileRows, N, d);
+  float grad_q[kChannelsPerLane];
+#pragma unroll
+  for (int u = 0; u < kChannelsPerLane; ++u) grad_q[u] = 0.f;
+
+  for (int key0 = 0; key0 < N; key0 += kBackwardCols) {
+    __syncthreads();
+    load_rows(k_tile, args.k, b, h, key0, kBackwardCols, N, d);
+    load_rows(v_tile, args.v, b, h, key0, kBackwardCols, N, d);
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < kBackwardCols / kLanesPerRow; ++u) {
+      const int jt = lane + u * kLanesPerRow, j = key0 + jt;
+      float ds = 0.f;
+      if (i < N && j < N)
+        ds = element_at(args, gates, bh, h, i, j, q_tile + r * d, k_tile + jt * d, do_tile + r * d, v_tile + jt * d)
+                 .content;
+      dlogits[r * kBackwardCols + jt] = ds;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int u = 0; u < kChannelsPerLane; ++u) {
+      const int c = lane + u * kLanesPerRow;
+      if (c >= d) continue;
+      float acc = 0.f;
+      for (int jt = 0; jt < kBackwardCols; ++jt) acc += dlogits[r * kBackwardCols + jt] * k_tile[jt * d + c];
+      grad_q[u] += args.scale * acc;
+    }
+  }
+  if (i >= N) return;
+#pragma unroll
+  for (int u = 0; u < kChannelsPerLane; ++u) {
+    const int c = lane + u * kLanesPerRow;
+    if (c >= d) continue;
+    dq[((int64_t(b) * N + i) * H + h) * d + c] = static_cast<scalar_t>(grad_q[u]);
+  }
+}
+
+// ------------------------------------------------------------------ op entry points
+
+void check_cuda_args(const at::Tensor& q, const GpsaSizes& s) {
+  TORCH_CHECK(q.is_cuda(), "gpsa (CUDA): q must be a CUDA tensor, got ", q.device());
+  TORCH_CHECK(q.scalar_type() != at::kDouble, "gpsa (CUDA): float64 is not supported; use float32, float16 or bfloat16");
+  TORCH_CHECK(s.batch <= 65535 && s.heads <= 65535, "gpsa (CUDA): at most 65535 batch elements and heads, got q of shape ",
+              q.sizes());
+  TORCH_CHECK(s.head_dim <= kMaxHeadDim, "gpsa (CUDA): q's head_dim must be at most ", kMaxHeadDim, ", got ",
+              s.head_dim);
+}
+
+// float32, float16 and bfloat16 (float64 is rejected by check_cuda_args).
+#define GPSA_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+dim3 tile_grid(const GpsaSizes& s) {
+  return dim3(unsigned((s.seq_len + kTileRows - 1) / kTileRows), unsigned(s.heads), unsigned(s.batch));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gpsa_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& pos_weight,
+                                                             const at::Tensor& gating_param, int64_t grid_w,
+                                                             double scale) {
+  const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w);
+  check_cuda_args(q, s);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto out = at::empty({s.batch, s.seq_len, s.heads, s.head_dim}, q.options());
+  auto lse = at::empty({s.batch, s.heads, s.seq_len}, q.options().dtype(at::kFloat));
+  auto diff = at::empty({s.batch, s.heads, s.seq_len, s.head_dim}, q.options().dtype(at::kFloat));
+  if (s.batch == 0) return {out, lse, diff};
+  const PositionalTables tables = positional_tables(pos_weight, s, stream);
+  const auto lambdas = gating_param.to(at::kFloat).contiguous();
+  const int d = int(s.head_dim);
+  const size_t smem = sizeof(float) * ((kTileRows + 2 * kForwardKeys) * d + 2 * kTileRows * kForwardKeys);
+  GPSA_DISPATCH_CUDA_TYPES(q.scalar_type(), "gpsa_fwd_cuda", [&] {
+    forward_kernel<scalar_t><<<tile_grid(s), kThreads, smem, stream>>>(
+        bhnd<scalar_t>(q), bhnd<scalar_t>(k), bhnd<scalar_t>(v), tables.view(), lambdas.data_ptr<float>(),
+        int(s.seq_len), d, float(scale), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), diff.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, lse, diff};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& diff, int64_t grid_w, double scale) {
+  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w);
+  check_cuda_args(q, s);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const std::vector<int64_t> grad_shape{s.batch, s.seq_len, s.heads, s.head_dim};
+  auto dq = at::empty(grad_shape, q.options());
+  auto dk = at::empty(grad_shape, q.options());
+  auto dv = at::empty(grad_shape, q.options());
+  if (s.batch == 0)
+    return {dq, dk, dv, at::zeros_like(pos_weight), at::zeros_like(gating_param)};
+
+  // Row dot products, O(B H N d): dO . O and dO . (O_p - O_c), B x H x N in float.
+  const auto grad_out_bhnd = grad_out.transpose(1, 2).to(at::kFloat);
+  const auto delta = (grad_out_bhnd * out.transpose(1, 2).to(at::kFloat)).sum(-1).contiguous();
+  const auto delta_diff = (grad_out_bhnd * diff).sum(-1).contiguous();
+  const auto lambdas = gating_param.to(at::kFloat).contiguous();
+  const auto gate = at::sigmoid(lambdas);
+  const auto d_gating = (gate * at::sigmoid(-lambdas) * delta_diff.sum({0, 2})).to(gating_param.scalar_type());
+  const auto lse_c = lse.contiguous();
+  const PositionalTables tables = positional_tables(pos_weight, s, stream);
+  const dim3 grid = tile_grid(s);
+  auto pos_weight_partial = at::empty({s.batch, s.heads, int64_t(grid.x), 3}, q.options().dtype(at::kFloat));
+  const int d = int(s.head_dim);
+  const size_t smem_dkdv =
+      sizeof(float) * (2 * (kTileRows + kBackwardCols) * d + 2 * kTileRows * kBackwardCols + 3 * kThreads);
+  const size_t smem_dq = sizeof(float) * (2 * (kTileRows + kBackwardCols) * d + kTileRows * kBackwardCols);
+  GPSA_DISPATCH_CUDA_TYPES(q.scalar_type(), "gpsa_bwd_cuda", [&] {
+    const BackwardArgs<scalar_t> args{bhnd<scalar_t>(q),
+                                      bhnd<scalar_t>(k),
+                                      bhnd<scalar_t>(v),
+                                      bnhd<scalar_t>(grad_out),
+                                      tables.view(),
+                                      lambdas.data_ptr<float>(),
+                                      lse_c.data_ptr<float>(),
+                                      delta.data_ptr<float>(),
+                                      delta_diff.data_ptr<float>(),
+                                      int(s.seq_len),
+                                      d,
+                                      float(scale)};
+    backward_dkdv_kernel<scalar_t><<<grid, kThreads, smem_dkdv, stream>>>(
+        args, dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), pos_weight_partial.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    backward_dq_kernel<scalar_t><<<grid, kThreads, smem_dq, stream>>>(args, dq.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const auto d_pos_weight = pos_weight_partial.sum({0, 2}).to(pos_weight.scalar_type());
+  return {dq, dk, dv, d_pos_weight, d_gating};
+}
+
+}  // namespace
+}  // namespace convit_kernels
+
+TORCH_LIBRARY_IMPL(convit_kernels_ext, CUDA, m) {
+  m.impl("gpsa_fwd", &convit_kernels::gpsa_fwd_cuda);
+  m.impl("gpsa_bwd", &convit_kernels::gpsa_bwd_cuda);
+}
+
+extern "C" PyObject* PyInit__C_cuda(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

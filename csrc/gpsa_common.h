@@ -1,0 +1,109 @@
+// GPSA per-element math shared by the CPU and CUDA kernels (see shared/design/gpsa.md).
+//
+// Everything here is __host__ __device__ so that the CPU tests exercise the same
+// code the CUDA kernels run: the gates, the per-axis positional softmax, the row
+// deltas of the backward and the per-element gradient of both branches.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define GPSA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define GPSA_HOST_DEVICE inline
+#endif
+
+namespace convit_kernels {
+
+// Exponential in the accumulation type; the CPU kernel has its own vectorised
+// expf for its hot loops.
+GPSA_HOST_DEVICE float gpsa_exp(float x) { return expf(x); }
+GPSA_HOST_DEVICE double gpsa_exp(double x) { return exp(x); }
+GPSA_HOST_DEVICE float gpsa_log(float x) { return logf(x); }
+GPSA_HOST_DEVICE double gpsa_log(double x) { return log(x); }
+
+// The gate g = sigmoid(lambda) and 1 - g, the latter as sigmoid(-lambda): at
+// lambda = 20, 1 - sigmoid(lambda) is 0 in float32 and the content gradients vanish.
+template <typename acc_t>
+struct Gates {
+  acc_t pos;      // g, weight of the positional branch
+  acc_t content;  // 1 - g
+};
+
+template <typename acc_t>
+GPSA_HOST_DEVICE Gates<acc_t> gates_from_lambda(acc_t lambda) {
+  Gates<acc_t> gates;
+  gates.pos = acc_t(1) / (acc_t(1) + gpsa_exp(-lambda));
+  gates.content = acc_t(1) / (acc_t(1) + gpsa_exp(lambda));
+  return gates;
+}
+
+// One row of a per-axis positional softmax. On one axis of the patch grid the
+// positional logit of offset o = j - i is w_lin * o + w_sq * o^2 (w_lin is w0 for
+// columns, w1 for rows; w_sq is w2), so P[h, i, j] = px[h, x_i, x_j] * py[h, y_i, y_j]
+// where px and py are softmaxes over one axis (reference.positional_axis_probs).
+// Writes probs[j] for j < size, the softmax over j of the logits of row i.
+template <typename acc_t>
+GPSA_HOST_DEVICE void axis_softmax_row(acc_t w_lin, acc_t w_sq, int i, int size, acc_t* probs) {
+  acc_t row_max = -INFINITY;
+  for (int j = 0; j < size; ++j) {
+    const acc_t offset = acc_t(j - i);
+    probs[j] = (w_lin + w_sq * offset) * offset;
+    row_max = probs[j] > row_max ? probs[j] : row_max;
+  }
+  acc_t sum = 0;
+  for (int j = 0; j < size; ++j) {
+    probs[j] = gpsa_exp(probs[j] - row_max);
+    sum += probs[j];
+  }
+  const acc_t inv_sum = acc_t(1) / sum;
+  for (int j = 0; j < size; ++j) probs[j] *= inv_sum;
+}
+
+// The backward's row dot products of both branches, from delta = dO.O and
+// delta_diff = dO.(O_p - O_c) with no division by g or 1 - g
+// (reference module docstring): delta_c = dO.O_c, delta_p = dO.O_p.
+template <typename acc_t>
+struct RowDeltas {
+  acc_t content;
+  acc_t pos;
+};
+
+template <typename acc_t>
+GPSA_HOST_DEVICE RowDeltas<acc_t> row_deltas(acc_t delta, acc_t delta_diff, Gates<acc_t> gates) {
+  return {delta - gates.pos * delta_diff, delta + gates.content * delta_diff};
+}
+
+// Gradients at one (query i, key j) element, given the content probability a,
+// the positional probability p and t = dO_i . v_j:
+//   mixed   = (1 - g) a + g p            the weight of v_j in O_i (for dv)
+//   content = (1 - g) a (t - delta_c)    dS_ij, the content logit gradient (for dq, dk)
+//   pos     = g p (t - delta_p)          ds_ij, the positional logit gradient (for dw)
+template <typename acc_t>
+struct ElementGrads {
+  acc_t mixed;
+  acc_t content;
+  acc_t pos;
+};
+
+template <typename acc_t>
+GPSA_HOST_DEVICE ElementGrads<acc_t> element_grads(acc_t a, acc_t p, acc_t t, RowDeltas<acc_t> deltas,
+                                                   Gates<acc_t> gates) {
+  const acc_t weighted_a = gates.content * a;
+  const acc_t weighted_p = gates.pos * p;
+  return {weighted_a + weighted_p, weighted_a * (t - deltas.content), weighted_p * (t - deltas.pos)};
+}
+
+// d pos_weight terms of one element: the positional logit is
+// w . (dx, dy, dx^2 + dy^2), so the element adds ds_ij times that vector.
+template <typename acc_t>
+struct PosWeightGrad {
+  acc_t dx, dy, dist2;
+};
+
+template <typename acc_t>
+GPSA_HOST_DEVICE PosWeightGrad<acc_t> pos_weight_grad_terms(acc_t ds, acc_t dx, acc_t dy) {
+  return {ds * dx, ds * dy, ds * (dx * dx + dy * dy)};
+}
+
+}  // namespace convit_kernels
