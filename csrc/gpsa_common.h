@@ -60,9 +60,11 @@ GPSA_HOST_DEVICE void axis_softmax_row(acc_t w_lin, acc_t w_sq, int i, int size,
   for (int j = 0; j < size; ++j) probs[j] *= inv_sum;
 }
 
-// The backward's row dot products of both branches, from delta = dO.O and
-// delta_diff = dO.(O_p - O_c) with no division by g or 1 - g
-// (reference module docstring): delta_c = dO.O_c, delta_p = dO.O_p.
+// The backward's row dot products of both branches: delta_c = dO_i . O_c,i and
+// delta_p = dO_i . O_p,i = delta_c + dO_i . (O_p,i - O_c,i). The kernels take
+// delta_c as sum_j A_ij T_ij from the recomputed A and T = dO v^T (no division by
+// g or 1 - g, and no rounding of a low-precision output: dO . out in bfloat16
+// biases d pos_weight, a sum over every (i, j) of the batch).
 template <typename acc_t>
 struct RowDeltas {
   acc_t content;
@@ -70,8 +72,8 @@ struct RowDeltas {
 };
 
 template <typename acc_t>
-GPSA_HOST_DEVICE RowDeltas<acc_t> row_deltas(acc_t delta, acc_t delta_diff, Gates<acc_t> gates) {
-  return {delta - gates.pos * delta_diff, delta + gates.content * delta_diff};
+GPSA_HOST_DEVICE RowDeltas<acc_t> row_deltas(acc_t delta_content, acc_t delta_diff) {
+  return {delta_content, delta_content + delta_diff};
 }
 
 // Gradients at one (query i, key j) element, given the content probability a,

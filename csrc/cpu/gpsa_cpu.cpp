@@ -15,7 +15,7 @@
 //   out = (1 - g) O_c + g O_p (B x N x H x d), diff = O_p - O_c
 // so its cost is the fused form's 4 B H N^2 d FLOPs plus O(B H N (W + H_p) d).
 // Backward, per (batch, head), a loop over query blocks (10 B H N^2 d FLOPs):
-//   recompute A, T = dO v^T; per element (gpsa_common.h) dS, ds and M;
+//   recompute A, T = dO v^T, delta_c = rowsum(A o T); per element (gpsa_common.h) dS, ds, M;
 //   dv += M^T dO, dq = scale dS k, dk += scale dS^T q; dw and dgating from
 //   per-(batch, head) partials summed over the batch in a fixed order.
 
@@ -453,8 +453,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& out,
-                     const at::Tensor& lse, const at::Tensor& diff, const GpsaSizes& s, double scale,
+                     const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& lse, const at::Tensor& diff, const GpsaSizes& s, double scale,
                      at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& d_pos_weight,
                      at::Tensor& d_gating) {
   const int64_t B = s.batch, N = s.seq_len, d = s.head_dim, H = s.heads;
@@ -463,8 +462,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const std::vector<double> lambdas = gate_values(gating_param);
   const QueryBlocks blocks(N);
   const auto q_s = Strided4d<const scalar_t>::bhnd(q), k_s = Strided4d<const scalar_t>::bhnd(k),
-             v_s = Strided4d<const scalar_t>::bhnd(v), do_s = Strided4d<const scalar_t>::bnhd(grad_out),
-             out_s = Strided4d<const scalar_t>::bnhd(out);
+             v_s = Strided4d<const scalar_t>::bhnd(v), do_s = Strided4d<const scalar_t>::bnhd(grad_out);
   const acc_t* lse_p = lse.data_ptr<acc_t>();    // B x H x N, contiguous
   const acc_t* diff_p = diff.data_ptr<acc_t>();  // B x H x N x d, contiguous
   // Per-(batch, head) partial sums, reduced over the batch in a fixed order below.
@@ -518,10 +516,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = row0 + r;
           const acc_t* do_row = do_t.row(i);
-          const acc_t delta = dot<acc_t>(do_row, out_s.slice(b, h, i), d, out_s.col_stride);
           const acc_t delta_diff = dot<acc_t>(do_row, diff_p + (bh * N + i) * d, d, 1);
           gating_acc += delta_diff;
-          const RowDeltas<acc_t> deltas = row_deltas(delta, delta_diff, gates);
           const acc_t row_lse = lse_p[bh * N + i];
           const acc_t xi = tables.x_of[i], yi = tables.y_of[i];
           const acc_t* p_row = &pos_probs[(h * N + i) * N];
@@ -529,14 +525,21 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           const acc_t* y_of = tables.y_of.data();
           acc_t* m_row = mixed + r * N;
           acc_t* ds_row = dlogits + r * N;
+          SimdSum<acc_t> content_dot;  // delta_c = sum_j A_ij T_ij
+          simd_loop<acc_t>(N, [&](auto lane, int64_t j) {
+            using L = decltype(lane);
+            const L a = fast_exp(load<L>(m_row + j) - row_lse);
+            store(m_row + j, a);
+            content_dot.add(a * load<L>(ds_row + j));
+          });
+          const RowDeltas<acc_t> deltas = row_deltas(content_dot.total(), delta_diff);
           SimdSum<acc_t> grad_dx, grad_dy, grad_dist2;
           simd_loop<acc_t>(N, [&](auto lane, int64_t j) {
             using L = decltype(lane);
             const Gates<L> lane_gates{L{} + gates.pos, L{} + gates.content};
             const RowDeltas<L> lane_deltas{L{} + deltas.content, L{} + deltas.pos};
-            const L a = fast_exp(load<L>(m_row + j) - row_lse);
             const ElementGrads<L> e =
-                element_grads(a, load<L>(p_row + j), load<L>(ds_row + j), lane_deltas, lane_gates);
+                element_grads(load<L>(m_row + j), load<L>(p_row + j), load<L>(ds_row + j), lane_deltas, lane_gates);
             const PosWeightGrad<L> w = pos_weight_grad_terms(e.pos, load<L>(x_of + j) - xi, load<L>(y_of + j) - yi);
             store(m_row + j, e.mixed);
             store(ds_row + j, e.content);
@@ -618,8 +621,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_
   const auto diff_c = diff.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gpsa_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward_kernel<scalar_t, acc_t>(grad_out, q, k, v, pos_weight, gating_param, out, lse_c, diff_c, s, scale, dq,
-                                     dk, dv, d_pos_weight, d_gating);
+    // `out` is not needed: delta_c comes from the recomputed attention (gpsa_common.h, row_deltas).
+    backward_kernel<scalar_t, acc_t>(grad_out, q, k, v, pos_weight, gating_param, lse_c, diff_c, s, scale, dq, dk,
+                                     dv, d_pos_weight, d_gating);
   });
   return {dq, dk, dv, d_pos_weight, d_gating};
 }

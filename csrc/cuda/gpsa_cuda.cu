@@ -11,10 +11,11 @@
 //             with an online softmax for the content branch; the positional
 //             probabilities come from the per-axis tables (P_ij = px py), so
 //             O_p needs no normaliser of its own.
-//   backward: the row deltas are O(B H N d) tensor ops on the host side; one
+//   backward: one kernel per query tile computes delta_c = rowsum(A o T) in a
+//             first pass over the key tiles, then dq in a second; then one
 //             kernel per key tile accumulates dk, dv (and d pos_weight partials)
-//             over query tiles, another per query tile accumulates dq over key
-//             tiles. No atomics: partial sums are reduced in a fixed order.
+//             over query tiles. dO . (O_p - O_c) is an O(B H N d) tensor op. No
+//             atomics: partial sums are reduced in a fixed order.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -214,23 +215,34 @@ struct BackwardArgs {
   PositionalTablesView tables;
   const float* lambdas;
   const float* lse;         // B x H x N
-  const float* delta;       // B x H x N, dO . O
+  float* delta_content;     // B x H x N, dO . O_c = rowsum(A o T): written by the dq kernel, read by dk/dv's
   const float* delta_diff;  // B x H x N, dO . (O_p - O_c)
   int N, d;
   float scale;
 };
 
-// Gradients at (query i, key j) of one (b, h), from q_i, k_j (scaled logits
-// recomputed), dO_i and v_j in shared memory.
+// The content probability A_ij (logit recomputed) and T_ij = dO_i . v_j of one
+// (b, h), from rows of q, k, dO and v in shared memory.
+struct ContentAndT {
+  float a, t;
+};
+
+template <typename scalar_t>
+__device__ ContentAndT content_and_t(const BackwardArgs<scalar_t>& args, int bh, int i, const float* q_row,
+                                     const float* k_row, const float* do_row, const float* v_row) {
+  const float a = gpsa_exp(args.scale * dot_shared(q_row, k_row, args.d) - args.lse[int64_t(bh) * args.N + i]);
+  return {a, dot_shared(do_row, v_row, args.d)};
+}
+
+// Gradients at (query i, key j), once delta_content is known.
 template <typename scalar_t>
 __device__ ElementGrads<float> element_at(const BackwardArgs<scalar_t>& args, const Gates<float>& gates, int bh,
                                           int h, int i, int j, const float* q_row, const float* k_row,
                                           const float* do_row, const float* v_row) {
   const int64_t row = int64_t(bh) * args.N + i;
-  const float a = gpsa_exp(args.scale * dot_shared(q_row, k_row, args.d) - args.lse[row]);
-  const float t = dot_shared(do_row, v_row, args.d);
-  const RowDeltas<float> deltas = row_deltas(args.delta[row], args.delta_diff[row], gates);
-  return element_grads(a, args.tables.prob(h, i, j), t, deltas, gates);
+  const ContentAndT at = content_and_t(args, bh, i, q_row, k_row, do_row, v_row);
+  const RowDeltas<float> deltas = row_deltas(args.delta_content[row], args.delta_diff[row]);
+  return element_grads(at.a, args.tables.prob(h, i, j), at.t, deltas, gates);
 }
 
 // dk, dv of one key tile, and its d pos_weight partial (3 floats at pos_weight_partial[tile]).
@@ -314,7 +326,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(BackwardArgs<sc
   }
 }
 
-// dq of one query tile.
+// dq of one query tile, and the tile's delta_content (run before the dk/dv kernel).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scalar_t> args,
                                                                scalar_t* __restrict__ dq) {
@@ -333,10 +345,29 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
 
   load_rows(q_tile, args.q, b, h, query0, kTileRows, N, d);
   load_rows(do_tile, args.grad_out, b, h, query0, kTileRows, N, d);
+  // First pass over the keys: delta_content = sum_j A_ij T_ij of this tile's rows.
+  float content_dot = 0.f;
+  for (int key0 = 0; key0 < N; key0 += kBackwardCols) {
+    __syncthreads();
+    load_rows(k_tile, args.k, b, h, key0, kBackwardCols, N, d);
+    load_rows(v_tile, args.v, b, h, key0, kBackwardCols, N, d);
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < kBackwardCols / kLanesPerRow; ++u) {
+      const int jt = lane + u * kLanesPerRow, j = key0 + jt;
+      if (i < N && j < N) {
+        const ContentAndT at = content_and_t(args, bh, i, q_tile + r * d, k_tile + jt * d, do_tile + r * d, v_tile + jt * d);
+        content_dot += at.a * at.t;
+      }
+    }
+  }
+  content_dot = row_sum8(content_dot);
+  if (lane == 0 && i < N) args.delta_content[int64_t(bh) * N + i] = content_dot;
+  __syncthreads();  // makes the block's writes visible to all of its threads
+
   float grad_q[kChannelsPerLane];
 #pragma unroll
   for (int u = 0; u < kChannelsPerLane; ++u) grad_q[u] = 0.f;
-
   for (int key0 = 0; key0 < N; key0 += kBackwardCols) {
     __syncthreads();
     load_rows(k_tile, args.k, b, h, key0, kBackwardCols, N, d);
@@ -431,10 +462,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_
   if (s.batch == 0)
     return {dq, dk, dv, at::zeros_like(pos_weight), at::zeros_like(gating_param)};
 
-  // Row dot products, O(B H N d): dO . O and dO . (O_p - O_c), B x H x N in float.
-  const auto grad_out_bhnd = grad_out.transpose(1, 2).to(at::kFloat);
-  const auto delta = (grad_out_bhnd * out.transpose(1, 2).to(at::kFloat)).sum(-1).contiguous();
-  const auto delta_diff = (grad_out_bhnd * diff).sum(-1).contiguous();
+  // dO . (O_p - O_c), B x H x N in float, O(B H N d); `out` is not needed (row_deltas in gpsa_common.h).
+  const auto delta_diff = (grad_out.transpose(1, 2).to(at::kFloat) * diff).sum(-1).contiguous();
+  auto delta_content = at::empty_like(delta_diff);
   const auto lambdas = gating_param.to(at::kFloat).contiguous();
   const auto gate = at::sigmoid(lambdas);
   const auto d_gating = (gate * at::sigmoid(-lambdas) * delta_diff.sum({0, 2})).to(gating_param.scalar_type());
@@ -454,15 +484,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_
                                       tables.view(),
                                       lambdas.data_ptr<float>(),
                                       lse_c.data_ptr<float>(),
-                                      delta.data_ptr<float>(),
+                                      delta_content.data_ptr<float>(),
                                       delta_diff.data_ptr<float>(),
                                       int(s.seq_len),
                                       d,
                                       float(scale)};
+    backward_dq_kernel<scalar_t><<<grid, kThreads, smem_dq, stream>>>(args, dq.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     backward_dkdv_kernel<scalar_t><<<grid, kThreads, smem_dkdv, stream>>>(
         args, dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), pos_weight_partial.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    backward_dq_kernel<scalar_t><<<grid, kThreads, smem_dq, stream>>>(args, dq.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const auto d_pos_weight = pos_weight_partial.sum({0, 2}).to(pos_weight.scalar_type());

@@ -1,0 +1,223 @@
+"""The C++/CUDA extension: the "cpu" backend against the fp64 reference, its op registration, its CUDA build."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import convit_kernels
+from convit_kernels import gpsa_attention
+from convit_kernels.extension import _build_config, load_cpu, load_cuda
+
+from gpsa_cases import PARAM_NAMES, assert_matches_reference, make_inputs, max_error, outputs_and_grads, upcast
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension_loaded():
+    problem = load_cpu()
+    assert problem is None, problem
+
+
+# (B, H, N, d, grid_size): ConViT-Ti/S/B heads at N = 196, and uneven sizes; every
+# N of (1, 7, 50, 197, 576), d of (16, 40, 48, 64, 80) and H of (1, 3, 16) appears.
+CASES = [
+    (2, 4, 196, 48, None),
+    (1, 9, 196, 48, None),
+    (1, 16, 196, 64, None),
+    (3, 3, 7, 40, (1, 7)),
+    (2, 16, 50, 16, (5, 10)),
+    (2, 1, 197, 80, (197, 1)),
+    (1, 3, 576, 48, None),
+    (2, 1, 50, 64, (10, 5)),
+    (1, 3, 196, 48, (7, 28)),
+]
+CASE_IDS = [f"B{b}-H{h}-N{n}-d{d}-grid{g[0]}x{g[1]}" if g else f"B{b}-H{h}-N{n}-d{d}" for b, h, n, d, g in CASES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,H,N,d,grid_size", CASES, ids=CASE_IDS)
+def test_matches_reference(B, H, N, d, grid_size, dtype):
+    inputs = make_inputs(B, H, N, d, dtype=dtype, seed=N + d)
+    assert_matches_reference(inputs, backend="cpu", grid_size=grid_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_single_patch_and_half_precision(dtype):
+    # N = 1: A = P = 1, so dq = dk = 0 exactly; fp32 leaves rounding there (covered by the N >= 7 cases).
+    assert_matches_reference(make_inputs(2, 3, 1, 16, dtype=dtype), backend="cpu")
+    if dtype == torch.float16:
+        assert_matches_reference(make_inputs(2, 3, 49, 40, dtype=dtype), backend="cpu")
+
+
+@pytest.mark.parametrize("gate", [-20.0, 20.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_gate_extremes(gate, dtype):
+    assert_matches_reference(make_inputs(2, 3, 49, 16, dtype=dtype, gate=gate), backend="cpu")
+
+
+def test_contiguous_and_channel_strided_inputs():
+    assert_matches_reference(make_inputs(2, 3, 196, 48, strided=False), backend="cpu")
+    # Unit stride along N and d-stride N: copied to tiles instead of read in place.
+    base = [t.detach().transpose(-1, -2).contiguous() for t in make_inputs(2, 3, 49, 16)[:3]]
+    leaves = [t.requires_grad_() for t in base]
+    params = make_inputs(2, 3, 49, 16)[3:]
+    assert_matches_reference([t.transpose(-1, -2) for t in leaves] + params, backend="cpu")
+
+
+def test_portable_loops_without_blas(monkeypatch):
+    monkeypatch.setenv("CONVIT_KERNELS_NO_BLAS", "1")
+    assert_matches_reference(make_inputs(2, 3, 50, 40), backend="cpu", grid_size=(5, 10))
+
+
+def test_gradcheck_fp64():
+    inputs = make_inputs(1, 2, 6, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda *x: gpsa_attention(*x, grid_size=(2, 3), backend="cpu"), inputs, eps=1e-6, atol=1e-7
+    )
+
+
+def _ext_args(dtype=torch.float32, B=2, H=3, N=12, d=8, grid_w=4):
+    q, k, v, w, _, lam = [t.detach() for t in make_inputs(B, H, N, d, dtype=dtype)]
+    return q, k, v, w, lam, grid_w, d**-0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck_ext_ops(dtype):
+    fwd_args = _ext_args(dtype)
+    torch.library.opcheck(torch.ops.convit_kernels_ext.gpsa_fwd.default, fwd_args)
+    out, lse, diff = torch.ops.convit_kernels_ext.gpsa_fwd(*fwd_args)
+    q, k, v, w, lam, grid_w, scale = fwd_args
+    grad_out = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)  # strided
+    bwd_args = (grad_out, q, k, v, w, lam, out, lse, diff, grid_w, scale)
+    torch.library.opcheck(torch.ops.convit_kernels_ext.gpsa_bwd.default, bwd_args)
+
+
+def test_compile_fullgraph_through_project_op():
+    torch._dynamo.reset()
+
+    def layer(q, k, v, w, b, lam):
+        return gpsa_attention(q, k, v, w, b, lam, backend="cpu").square().sum()
+
+    inputs = make_inputs(2, 4, 49, 16)
+    compiled = torch.compile(layer, fullgraph=True)
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    want = torch.autograd.grad(layer(*inputs), inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def _run_ext(inputs):
+    q, k, v, w, _, lam = inputs
+    out, lse, diff = torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, w, lam, 14, 48**-0.5)
+    grad_out = torch.ones_like(out).cumsum(1) / out.shape[1]
+    return (out,) + tuple(torch.ops.convit_kernels_ext.gpsa_bwd(grad_out, q, k, v, w, lam, out, lse, diff, 14, 48**-0.5))
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    inputs = [t.detach() for t in make_inputs(4, 4, 196, 48)]
+    threads = torch.get_num_threads()
+    first = _run_ext(inputs)
+    try:
+        torch.set_num_threads(1)
+        single_thread = _run_ext(inputs)
+    finally:
+        torch.set_num_threads(threads)
+    again = _run_ext(inputs)
+    for a, b, c in zip(first, single_thread, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def _bad(index, value):
+    args = list(_ext_args())
+    args[index] = value(args[index]) if callable(value) else value
+    return args
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (_bad(0, lambda q: q.to(torch.int32)), "q must be float16, bfloat16, float32 or float64"),
+        (_bad(0, lambda q: q[0]), "q must have 4 dimensions"),
+        (_bad(1, lambda k: k.double()), "k must have the dtype of q"),
+        (_bad(2, lambda v: v[:, :2]), "v must have shape"),
+        (_bad(3, lambda w: torch.cat([w, w[:1]])), "pos_weight"),
+        (_bad(4, lambda lam: lam[:2]), "gating_param"),
+        (_bad(5, 5), "grid_w must be a positive divisor"),
+    ],
+    ids=["int-q", "rank-3-q", "dtype-k", "shape-v", "heads-pos_weight", "heads-gating", "grid_w"],
+)
+def test_bad_input_raises_clear_error(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.convit_kernels_ext.gpsa_fwd(*args)
+
+
+def test_bad_backward_input_raises_clear_error():
+    q, k, v, w, lam, grid_w, scale = _ext_args()
+    out, lse, diff = torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, w, lam, grid_w, scale)
+    grad_out = torch.randn_like(out)
+    with pytest.raises(RuntimeError, match="lse must be Float"):
+        torch.ops.convit_kernels_ext.gpsa_bwd(grad_out, q, k, v, w, lam, out, lse.double(), diff, grid_w, scale)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        torch.ops.convit_kernels_ext.gpsa_bwd(grad_out[:, :3], q, k, v, w, lam, out, lse, diff, grid_w, scale)
+
+
+# ---------------------------------------------------------------- the CUDA part
+
+
+def _cuda_toolkit():
+    config = _build_config()
+    if config.cuda_build_disabled() or torch.version.cuda is None:
+        return None, None
+    home = config.find_cuda_home()
+    return config, home
+
+
+def test_cuda_part_built_for_every_architecture():
+    config, home = _cuda_toolkit()
+    if home is None:
+        pytest.skip("no CUDA toolkit here, or CONVIT_KERNELS_NO_CUDA is set")
+    assert load_cuda() is None or not torch.cuda.is_available(), load_cuda()
+    import convit_kernels._C_cuda as cuda_part  # built by `pip install -e .` wherever nvcc is found
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("convit_kernels_ext::gpsa_fwd", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("convit_kernels_ext::gpsa_bwd", "CUDA")
+    cuobjdump = shutil.which("cuobjdump", path=os.path.join(home, "bin"))
+    if cuobjdump is None:
+        import triton
+
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    listing = subprocess.run([cuobjdump, "--list-elf", cuda_part.__file__], capture_output=True, text=True).stdout
+    for arch in config.cuda_arch_list(home).split(";"):
+        assert f"sm_{arch.split('+')[0].replace('.', '')}" in listing, (arch, listing)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,H,N,d,grid_size", CASES, ids=CASE_IDS)
+def test_cuda_matches_reference(B, H, N, d, grid_size, dtype):
+    cpu_inputs = make_inputs(B, H, N, d, dtype=dtype, seed=N + d)
+    exact = outputs_and_grads(upcast(cpu_inputs), backend="reference", grid_size=grid_size)
+    same_precision = outputs_and_grads(cpu_inputs, backend="reference", grid_size=grid_size)
+    inputs = [t.detach().cuda().requires_grad_() for t in cpu_inputs]
+    out = gpsa_attention(*inputs, grid_size=grid_size, backend="cuda")
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # as outputs_and_grads
+    grads = torch.autograd.grad((out * weight.to(out.dtype).cuda()).sum(), inputs)
+    names = ("out",) + PARAM_NAMES
+    for name, have, want, ref in zip(names, (out,) + grads, (exact[0],) + tuple(exact[1]), (same_precision[0],) + tuple(same_precision[1])):
+        have, scale = have.cpu(), want.abs().max().item()
+        if name == "pos_bias":
+            assert max_error(have, want) == 0.0
+        elif dtype == torch.float32:
+            assert max_error(have, want) <= 2e-5 * scale + 1e-12, name
+        else:  # flash-attention's rule, as assert_matches_reference
+            assert max_error(have, want) <= 3 * max_error(ref, want) + 1e-3 * scale + 1e-5, name
+
+
+@pytest.mark.gpu
+def test_cuda_deterministic():
+    inputs = [t.detach().cuda() for t in make_inputs(4, 4, 196, 48)]
+    first, again = _run_ext(inputs), _run_ext(inputs)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
