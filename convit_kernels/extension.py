@@ -145,7 +145,9 @@ def _backward(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_
 
 
 register_backend(
-    Backend("cpu", _forward, _backward, devices=("cpu",), dtypes=FLOAT_DTYPES, auto_devices=("cpu",), unavailable=load_cpu)
+    Backend(
+        "cpu", _forward, _backward, devices=("cpu",), dtypes=FLOAT_DTYPES, auto_devices=("cpu",), unavailable=load_cpu
+    )
 )
 register_backend(
     Backend(

@@ -356,7 +356,8 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
     for (int u = 0; u < kBackwardCols / kLanesPerRow; ++u) {
       const int jt = lane + u * kLanesPerRow, j = key0 + jt;
       if (i < N && j < N) {
-        const ContentAndT at = content_and_t(args, bh, i, q_tile + r * d, k_tile + jt * d, do_tile + r * d, v_tile + jt * d);
+        const ContentAndT at =
+            content_and_t(args, bh, i, q_tile + r * d, k_tile + jt * d, do_tile + r * d, v_tile + jt * d);
         content_dot += at.a * at.t;
       }
     }
@@ -405,9 +406,10 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
 
 void check_cuda_args(const at::Tensor& q, const GpsaSizes& s) {
   TORCH_CHECK(q.is_cuda(), "gpsa (CUDA): q must be a CUDA tensor, got ", q.device());
-  TORCH_CHECK(q.scalar_type() != at::kDouble, "gpsa (CUDA): float64 is not supported; use float32, float16 or bfloat16");
-  TORCH_CHECK(s.batch <= 65535 && s.heads <= 65535, "gpsa (CUDA): at most 65535 batch elements and heads, got q of shape ",
-              q.sizes());
+  TORCH_CHECK(q.scalar_type() != at::kDouble,
+              "gpsa (CUDA): float64 is not supported; use float32, float16 or bfloat16");
+  TORCH_CHECK(s.batch <= 65535 && s.heads <= 65535,
+              "gpsa (CUDA): at most 65535 batch elements and heads, got q of shape ", q.sizes());
   TORCH_CHECK(s.head_dim <= kMaxHeadDim, "gpsa (CUDA): q's head_dim must be at most ", kMaxHeadDim, ", got ",
               s.head_dim);
 }
