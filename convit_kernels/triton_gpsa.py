@@ -1,0 +1,494 @@
+"""The "triton" backend: fused GPSA forward and backward kernels in Triton.
+
+Layout of the work
+------------------
+* ``_gpsa_fwd_kernel``: one program per (batch, head, block of BLOCK_M queries)
+  walks the keys in blocks of BLOCK_N. Per key block it computes the content
+  logits ``scale q k^T`` (one ``tl.dot``), the content softmax online (running
+  max and sum, flash-attention style), gathers the positional probabilities
+  P[i, j] = px[h, x_i, x_j] * py[h, y_i, y_j] from the two per-axis softmax
+  tables of ``reference.positional_axis_probs`` (H x (W^2 + H_p^2) floats per
+  call, shared by the whole batch and L1/L2-resident), and accumulates A v and
+  P v. At the end it mixes with the gate, ``O = (1 - g) A v + g P v``, and
+  stores O (B x N x H x d, input dtype), ``lse`` (B x H x N) and
+  ``diff = P v - A v`` (B x H x N x d, fp32): O(B H N d) state, no N x N tensor.
+  The positional probabilities come from the per-call tables rather than from
+  ``exp(w . r - lse_pos)`` generated in-kernel: the tables are real softmaxes,
+  so P keeps softmax accuracy for peaked heads (locality strength 10), where a
+  separately computed log-sum-exp loses ~30x in d pos_weight; and a gather
+  costs one multiply per element instead of an exp.
+  Why two products with v and the mix at the end, rather than mixing A and P
+  first and one product M v: the interface's saved ``diff = (P - A) v`` needs a
+  second product per tile in any case, and mixing first would need the content
+  softmax normalised before the product, i.e. a second Q K^T pass over the keys
+  wherever N > BLOCK_N. Two accumulators give O and diff from the same two
+  products with one pass over the keys.
+* ``_gpsa_bwd_preprocess_kernel``: the row dot products of the design page,
+  delta = dO.O and delta_diff = dO.diff, giving delta_c = delta - g delta_diff and
+  delta_p = delta + (1 - g) delta_diff (as ``reference.gpsa_backward_torch``),
+  and each program's partial sum of g (1 - g) delta_diff for d gating_param.
+* ``_gpsa_bwd_dkdv_kernel``: one program per (batch, head, block of keys) walks
+  the queries: recomputes A from lse and gathers P, computes T = dO v^T once per
+  tile for both branches (dS_c for dk, ds_p for d pos_weight), dv = M^T dO,
+  dk = scale dS_c^T q, and its partial sums of ds_p * (dx, dy, dx^2 + dy^2).
+* ``_gpsa_bwd_dq_kernel``: one program per (batch, head, block of queries)
+  walks the keys: dq = scale dS_c k (T recomputed here for the content branch).
+  Keeping dq apart from dk/dv is flash-attention 2's choice: no atomics on dq.
+* The per-head reductions (d pos_weight, d gating_param) are per-program partial
+  sums reduced by a second, fixed-order ``torch.sum``: deterministic. With
+  ``atomic_reductions=True`` (argument of :func:`gpsa_backward`) the programs
+  add into one H-sized buffer with ``tl.atomic_add`` instead (last-bit
+  run-to-run differences). d pos_bias is exactly zero (the op returns zeros).
+
+Every tensor is addressed through explicit strides: q, k, v are taken as the
+strided views the qk and v projections give (no copies), out/dq/dk/dv are
+written in B x N x H x d order. Head dims up to 128 are padded to a power of
+two (BLOCK_D) with masks, N to the block sizes with masks. Inputs fp32, fp16,
+bf16; accumulation, softmax, mixing and the reductions in fp32; dot operands in
+the input dtype (fp32 dots use IEEE fp32, not TF32, so fp32 matches the fp64
+reference to ~1e-6). Under the interpreter (TRITON_INTERPRET=1), whose bf16
+``tl.dot`` is wrong, the constexpr DOT_DTYPE upcasts bf16 operands to fp32;
+compiled GPU code keeps bf16 operands for the tensor cores.
+
+Expected cost (one layer, N = 196, d = 48; B H programs of work)
+----------------------------------------------------------------
+FLOPs (counting a multiply-add as 2): forward 6 B H N^2 d (Q K^T, A v, P v),
+like the SDPA decomposition ((1 - g) SDPA(q, k, v) + g P v: 6 B H N^2 d), and
+4 B H N^2 d when no ``diff`` is needed; backward 14 B H N^2 d (dk/dv kernel:
+Q K^T, dO v^T, M^T dO, dS^T q; dq kernel: Q K^T, dO v^T, dS k).
+Bytes moved per forward call, fp16, e = 2 bytes (ConViT-S: B = 32, H = 9):
+read q, k, v (3 B H N d e = 16.3 MB), write O (B H N d e = 5.4 MB), lse
+(B H N 4 = 0.23 MB) and diff (B H N d 4 = 10.8 MB): about 33 MB. The SDPA
+decomposition writes the H x N x N P (1.4 MB fp32), reads v twice and writes
+and re-reads two outputs before the mix: about 60 MB. timm eager
+materialises about six B x H x N x N fp32 tensors (logits, softmax, positional
+logits, softmax, mix, renormalised), each 44 MB, plus the B x N x N x 3 index
+expansion and its linear: roughly 400 MB. The backward reads q, k, v, dO, O,
+diff (plus lse and the deltas) and writes dq, dk, dv: about 60 MB against
+roughly 1 GB for timm's autograd.
+
+Block sizes and the compile report
+----------------------------------
+Fixed configuration (tests, interpreter, and the ``convit-kernels aot`` report):
+forward BLOCK_M = 64, BLOCK_N = 64, 4 warps, 2 stages; backward kernels
+BLOCK_M = BLOCK_N = 64 (dk/dv: 8 warps), BLOCK_D = next power of two >= d (64
+for ConViT's 48 and 64). N = 196 is four key blocks (the last one masked).
+Numbers from ``convit-kernels aot --arch 80 90`` (triton 3.8, no GPU):
+see RESOURCES_NOTE below, filled from the report.
+
+On real GPUs ``triton.autotune`` picks among block sizes 32..128, 4 or 8 warps
+and 2 or 3 stages keyed on (N, HEAD_DIM), pruning configurations whose key
+block is far wider than N or whose tiles are too large for the head dim.
+Set CONVIT_KERNELS_TRITON_AUTOTUNE=0 (before import) to use the fixed one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .op import Backend, register_backend
+from .reference import positional_axis_probs
+
+__all__ = ["gpsa_forward", "gpsa_backward", "INTERPRET", "KERNELS"]
+
+# Read once, as triton.jit reads it when decorating the kernels below.
+INTERPRET = bool(triton.knobs.runtime.interpret)
+AUTOTUNE = not INTERPRET and os.environ.get("CONVIT_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+MAX_HEAD_DIM = 128
+LOG2E = 1.4426950408889634
+# Smallest key/query block any configuration uses: sizes the partial-sum buffers.
+MIN_BLOCK = 32
+
+
+# ---------------------------------------------------------------- configurations
+
+FWD_FIXED = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+DKDV_FIXED = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+DQ_FIXED = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+PREPROCESS_BLOCK_M = 64
+
+
+def _config_space(block_m, block_n):
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in block_m
+        for bn in block_n
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles far wider than N and the largest tiles for head dims above 64 (register pressure)."""
+    n_cap = max(MIN_BLOCK, triton.next_power_of_2(named_args["N"]))
+    block_d = triton.next_power_of_2(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64)))
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= n_cap
+        and c.kwargs["BLOCK_N"] <= n_cap
+        and (block_d <= 64 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)
+    ]
+    return kept or configs[:1]
+
+
+def _autotune(fixed, space, reset_to_zero=None):
+    configs = space if AUTOTUNE else [fixed]
+    return triton.autotune(
+        configs=configs,
+        key=["N", "HEAD_DIM"],
+        prune_configs_by={"early_config_prune": _prune},
+        reset_to_zero=reset_to_zero,
+    )
+
+
+# ---------------------------------------------------------------- shared device code
+
+
+@triton.jit
+def _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h):
+    """P[i, j] = px[h, x_i, x_j] * py[h, y_i, y_j] for a BLOCK_M x BLOCK_N tile, 0 outside N x N."""
+    valid = (offs_m < N)[:, None] & (offs_n < N)[None, :]
+    x_i, y_i = offs_m % grid_w, offs_m // grid_w
+    x_j, y_j = offs_n % grid_w, offs_n // grid_w
+    px = tl.load(PX + (h * grid_w + x_i[:, None]) * grid_w + x_j[None, :], mask=valid, other=0.0)
+    py = tl.load(PY + (h * grid_h + y_i[:, None]) * grid_h + y_j[None, :], mask=valid, other=0.0)
+    return px * py
+
+
+@triton.jit
+def _load_tile(BASE, stride_n, stride_d, offs_n, offs_d, N, HEAD_DIM: tl.constexpr):
+    """A rows x BLOCK_D tile of one (batch, head) slice, zero outside N x HEAD_DIM."""
+    mask = (offs_n < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return tl.load(BASE + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(BASE, value, stride_n, stride_d, offs_n, offs_d, N, HEAD_DIM: tl.constexpr):
+    mask = (offs_n < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(BASE + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, value.to(BASE.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gates(GATE, h):
+    """(g, 1 - g) with 1 - g = sigmoid(-lambda): exact where g rounds to 1."""
+    lam = tl.load(GATE + h).to(tl.float32)
+    return tl.sigmoid(lam), tl.sigmoid(-lam)
+
+
+# ---------------------------------------------------------------- forward
+
+
+@_autotune(FWD_FIXED, _config_space((64, 128), (32, 64, 128)))
+@triton.jit
+def _gpsa_fwd_kernel(
+    Q, K, V, PX, PY, GATE, OUT, LSE, DIFF,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_fb, stride_fh, stride_fn, stride_fd,
+    H, N, grid_w, grid_h, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0)
+    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qn, stride_qd, offs_m, offs_d, N, HEAD_DIM)
+    q = q.to(DOT_DTYPE)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the logits, log2 units
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(logit - m_i)
+    acc_c = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # unnormalised A v
+    acc_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # P v
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+        v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        a = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(a, 1)
+        acc_c = acc_c * alpha[:, None] + tl.dot(a.to(DOT_DTYPE), v, input_precision="ieee")
+        m_i = m_new
+        pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
+        acc_p += tl.dot(pos.to(DOT_DTYPE), v, input_precision="ieee")
+
+    g, one_minus_g = _gates(GATE, h)
+    out_c = acc_c / l_i[:, None]
+    out = one_minus_g * out_c + g * acc_p
+    _store_tile(OUT + b * stride_ob + h * stride_oh, out, stride_on, stride_od, offs_m, offs_d, N, HEAD_DIM)
+    _store_tile(DIFF + b * stride_fb + h * stride_fh, acc_p - out_c, stride_fn, stride_fd, offs_m, offs_d, N, HEAD_DIM)
+    lse = (m_i + tl.log2(l_i)) / LOG2E  # natural-log units, as the interface says
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+
+
+# ---------------------------------------------------------------- backward
+
+
+@triton.jit
+def _gpsa_bwd_preprocess_kernel(
+    DOUT, OUT, DIFF, GATE, DELTA_C, DELTA_P, GATE_PARTIAL,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_fb, stride_fh, stride_fn, stride_fd,
+    H, N,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, USE_ATOMICS: tl.constexpr,
+):  # fmt: skip
+    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dout = _load_tile(DOUT + b * stride_gb + h * stride_gh, stride_gn, stride_gd, offs_m, offs_d, N, HEAD_DIM)
+    out = _load_tile(OUT + b * stride_ob + h * stride_oh, stride_on, stride_od, offs_m, offs_d, N, HEAD_DIM)
+    diff = _load_tile(DIFF + b * stride_fb + h * stride_fh, stride_fn, stride_fd, offs_m, offs_d, N, HEAD_DIM)
+    dout = dout.to(tl.float32)
+    delta = tl.sum(dout * out.to(tl.float32), 1)
+    delta_diff = tl.sum(dout * diff, 1)
+    g, one_minus_g = _gates(GATE, h)
+    rows = pid_bh.to(tl.int64) * N + offs_m
+    tl.store(DELTA_C + rows, delta - g * delta_diff, mask=offs_m < N)
+    tl.store(DELTA_P + rows, delta + one_minus_g * delta_diff, mask=offs_m < N)
+    d_gate = g * one_minus_g * tl.sum(delta_diff, 0)  # masked rows loaded as 0
+    if USE_ATOMICS:
+        tl.atomic_add(GATE_PARTIAL + h, d_gate)
+    else:
+        tl.store(GATE_PARTIAL + pid_bh * tl.num_programs(1) + pid_m, d_gate)
+
+
+@_autotune(DKDV_FIXED, _config_space((32, 64), (32, 64, 128)), reset_to_zero=["DW_PARTIAL"])
+@triton.jit
+def _gpsa_bwd_dkdv_kernel(
+    Q, K, V, DOUT, PX, PY, GATE, LSE, DELTA_C, DELTA_P, DK, DV, DW_PARTIAL,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_db, stride_dh, stride_dn, stride_dd,
+    H, N, grid_w, grid_h, scale, qk_scale, partials_per_head,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, USE_ATOMICS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + b * stride_kb + h * stride_kh, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+    v = _load_tile(V + b * stride_vb + h * stride_vh, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+    q_base = Q + b * stride_qb + h * stride_qh
+    dout_base = DOUT + b * stride_gb + h * stride_gh
+    rows_base = pid_bh.to(tl.int64) * N
+    g, one_minus_g = _gates(GATE, h)
+    x_j = (offs_n % grid_w).to(tl.float32)
+    y_j = (offs_n // grid_w).to(tl.float32)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dw_x = tl.zeros([BLOCK_N], tl.float32)  # d pos_weight partials, kept per key until the end
+    dw_y = tl.zeros([BLOCK_N], tl.float32)
+    dw_r = tl.zeros([BLOCK_N], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        valid = (offs_m < N)[:, None] & (offs_n < N)[None, :]
+        q = _load_tile(q_base, stride_qn, stride_qd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+        dout = _load_tile(dout_base, stride_gn, stride_gd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+        lse = tl.load(LSE + rows_base + offs_m, mask=offs_m < N, other=0.0) * LOG2E
+        delta_c = tl.load(DELTA_C + rows_base + offs_m, mask=offs_m < N, other=0.0)
+        delta_p = tl.load(DELTA_P + rows_base + offs_m, mask=offs_m < N, other=0.0)
+
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        a = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
+        t = tl.dot(dout, tl.trans(v), input_precision="ieee")  # T = dO v^T, for both branches
+        mix = one_minus_g * a + g * pos
+        dv += tl.dot(tl.trans(mix.to(DOT_DTYPE)), dout, input_precision="ieee")
+        ds_c = one_minus_g * a * (t - delta_c[:, None])
+        dk += tl.dot(tl.trans(ds_c.to(DOT_DTYPE)), q, input_precision="ieee")
+        ds_p = g * pos * (t - delta_p[:, None])
+        x_i = (offs_m % grid_w).to(tl.float32)
+        y_i = (offs_m // grid_w).to(tl.float32)
+        dx = x_j[None, :] - x_i[:, None]
+        dy = y_j[None, :] - y_i[:, None]
+        dw_x += tl.sum(ds_p * dx, 0)
+        dw_y += tl.sum(ds_p * dy, 0)
+        dw_r += tl.sum(ds_p * (dx * dx + dy * dy), 0)
+
+    dk_base = DK + b * stride_db + h * stride_dh
+    dv_base = DV + b * stride_db + h * stride_dh
+    _store_tile(dk_base, dk * scale, stride_dn, stride_dd, offs_n, offs_d, N, HEAD_DIM)
+    _store_tile(dv_base, dv, stride_dn, stride_dd, offs_n, offs_d, N, HEAD_DIM)
+    # (sum ds_p dx, sum ds_p dy, sum ds_p (dx^2 + dy^2)) as one 3-vector (padded to 4 lanes).
+    lane = tl.arange(0, 4)
+    sums = tl.where(lane == 0, tl.sum(dw_x, 0), tl.where(lane == 1, tl.sum(dw_y, 0), tl.sum(dw_r, 0)))
+    if USE_ATOMICS:
+        tl.atomic_add(DW_PARTIAL + h * 3 + lane, sums, mask=lane < 3)
+    else:
+        tl.store(DW_PARTIAL + (pid_bh * partials_per_head + pid_n) * 3 + lane, sums, mask=lane < 3)
+
+
+@_autotune(DQ_FIXED, _config_space((32, 64, 128), (32, 64)))
+@triton.jit
+def _gpsa_bwd_dq_kernel(
+    Q, K, V, DOUT, GATE, LSE, DELTA_C, DQ,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_db, stride_dh, stride_dn, stride_dd,
+    H, N, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0)
+    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qn, stride_qd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+    dout_base = DOUT + b * stride_gb + h * stride_gh
+    dout = _load_tile(dout_base, stride_gn, stride_gd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+    rows = pid_bh.to(tl.int64) * N + offs_m
+    lse = tl.load(LSE + rows, mask=offs_m < N, other=0.0) * LOG2E
+    delta_c = tl.load(DELTA_C + rows, mask=offs_m < N, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    _, one_minus_g = _gates(GATE, h)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+        v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        a = tl.where((offs_n < N)[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        t = tl.dot(dout, tl.trans(v), input_precision="ieee")
+        ds_c = one_minus_g * a * (t - delta_c[:, None])
+        dq += tl.dot(ds_c.to(DOT_DTYPE), k, input_precision="ieee")
+    _store_tile(DQ + b * stride_db + h * stride_dh, dq * scale, stride_dn, stride_dd, offs_m, offs_d, N, HEAD_DIM)
+
+
+KERNELS = {
+    "fwd": _gpsa_fwd_kernel,
+    "bwd_preprocess": _gpsa_bwd_preprocess_kernel,
+    "bwd_dkdv": _gpsa_bwd_dkdv_kernel,
+    "bwd_dq": _gpsa_bwd_dq_kernel,
+}
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def dot_dtype(dtype: torch.dtype):
+    """Element type of the tl.dot operands: the input's, except bf16 under the interpreter (fp32 there)."""
+    if dtype == torch.bfloat16 and INTERPRET:
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+def _head_dims(d: int):
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"the triton backend takes head dims up to {MAX_HEAD_DIM}, got {d}")
+    return d, max(16, triton.next_power_of_2(d))
+
+
+def _axis_tables(pos_weight, N: int, grid_w: int):
+    grid_h = N // grid_w
+    px, py = positional_axis_probs(pos_weight.float(), grid_h, grid_w)
+    return px.contiguous(), py.contiguous(), grid_h
+
+
+def gpsa_forward(q, k, v, pos_weight, gating_param, grid_w: int, scale: float):
+    """The op's forward (see reference.py for the interface); q, k, v read through their strides."""
+    B, H, N, d = q.shape
+    head_dim, block_d = _head_dims(d)
+    px, py, grid_h = _axis_tables(pos_weight, N, grid_w)
+    out = torch.empty((B, N, H, d), device=q.device, dtype=q.dtype)
+    out_bhnd = out.transpose(1, 2)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    diff = torch.empty((B, H, N, d), device=q.device, dtype=torch.float32)
+    grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))  # noqa: E731
+    _gpsa_fwd_kernel[grid](
+        q, k, v, px, py, gating_param, out_bhnd, lse, diff,
+        *q.stride(), *k.stride(), *v.stride(), *out_bhnd.stride(), *diff.stride(),
+        H, N, grid_w, grid_h, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype),
+    )  # fmt: skip
+    return out, lse, diff
+
+
+def gpsa_backward(
+    grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w: int, scale: float, atomic_reductions=False
+):
+    """The op's backward; per-head reductions deterministic unless ``atomic_reductions``."""
+    B, H, N, d = q.shape
+    head_dim, block_d = _head_dims(d)
+    px, py, grid_h = _axis_tables(pos_weight, N, grid_w)
+    if grad_out.dtype != q.dtype:
+        grad_out = grad_out.to(q.dtype)
+    dout = grad_out.transpose(1, 2)  # B x H x N x d view
+    out_bhnd = out.transpose(1, 2)
+    lse = lse.contiguous()  # a no-op for this backend's own forward
+    delta_c = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    delta_p = torch.empty_like(delta_c)
+    num_m = triton.cdiv(N, PREPROCESS_BLOCK_M)
+    partials_per_head = triton.cdiv(N, MIN_BLOCK)
+    reduce_shape = (1, H, 1) if atomic_reductions else (B, H, num_m)
+    gate_partial = torch.zeros(reduce_shape, device=q.device, dtype=torch.float32)
+    dw_partial = torch.zeros(
+        (1, H, 1, 3) if atomic_reductions else (B, H, partials_per_head, 3), device=q.device, dtype=torch.float32
+    )
+    _gpsa_bwd_preprocess_kernel[(B * H, num_m)](
+        dout, out_bhnd, diff, gating_param, delta_c, delta_p, gate_partial,
+        *dout.stride(), *out_bhnd.stride(), *diff.stride(),
+        H, N,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M, USE_ATOMICS=atomic_reductions,
+    )  # fmt: skip
+
+    dq, dk, dv = (torch.empty((B, N, H, d), device=q.device, dtype=q.dtype) for _ in range(3))
+    dq_bhnd, dk_bhnd, dv_bhnd = (t.transpose(1, 2) for t in (dq, dk, dv))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk_bhnd.stride())
+    _gpsa_bwd_dkdv_kernel[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
+        q, k, v, dout, px, py, gating_param, lse, delta_c, delta_p, dk_bhnd, dv_bhnd, dw_partial,
+        *strides,
+        H, N, grid_w, grid_h, scale, scale * LOG2E, partials_per_head,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype), USE_ATOMICS=atomic_reductions,
+    )  # fmt: skip
+    _gpsa_bwd_dq_kernel[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
+        q, k, v, dout, gating_param, lse, delta_c, dq_bhnd,
+        *strides,
+        H, N, scale, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype),
+    )  # fmt: skip
+    # Second, fixed-order reduction of the per-program partials (a no-op sum for atomics).
+    d_pos_weight = dw_partial.sum(dim=(0, 2))
+    d_gating = gate_partial.sum(dim=(0, 2))
+    return dq, dk, dv, d_pos_weight.to(pos_weight.dtype), d_gating.to(gating_param.dtype)
+
+
+def _unavailable() -> Optional[str]:
+    if INTERPRET or torch.cuda.is_available():
+        return None
+    return "no CUDA GPU here (set TRITON_INTERPRET=1 before import to run the kernels on CPU tensors in Triton's interpreter)"
+
+
+register_backend(
+    Backend(
+        "triton",
+        gpsa_forward,
+        gpsa_backward,
+        devices=("cuda", "cpu") if INTERPRET else ("cuda",),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        auto_devices=("cuda",),
+        unavailable=_unavailable,
+    )
+)
