@@ -9,7 +9,7 @@
 // symbol is missing or CONVIT_KERNELS_NO_BLAS=1.
 //
 // Forward, per (batch, head, query block):
-//   S = scale q k^T; A = softmax(S) (lse kept); O_c = A v
+//   S = scale q k^T; E = exp(S - rowmax) (lse kept); O_c = (E v) / rowsum(E)
 //   O_p = P v computed separably, P_ij = px[x_i, x_j] py[y_i, y_j]:
 //         U[y_i] = sum_yj py[y_i, y_j] v[y_j, :], then O_p[i] = sum_xj px[x_i, x_j] U[y_i, x_j]
 //   out = (1 - g) O_c + g O_p (B x N x H x d), diff = O_p - O_c
@@ -48,7 +48,9 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace convit_kernels {
 namespace {
 
-constexpr int64_t kMaxBlockRows = 64;
+// Query rows per block. At N = 196 one block takes a whole (batch, head): the
+// larger tile products ran fastest, and B x H tasks still keep the cores busy.
+constexpr int64_t kMaxBlockRows = 256;
 
 // ------------------------------------------------------------------ tile products
 
@@ -213,9 +215,15 @@ V fast_exp(V x) {
   }
 }
 
-// Softmax of one row in place; returns its log-sum-exp.
+// Softmax of one row in place, not normalised: row[j] = exp(row[j] - max). The
+// caller divides the row's product with v by the sum (d values, not N).
 template <typename acc_t>
-acc_t softmax_row(acc_t* row, int64_t n) {
+struct RowExp {
+  acc_t max, sum;
+};
+
+template <typename acc_t>
+RowExp<acc_t> exp_row(acc_t* row, int64_t n) {
   using V = typename Simd<acc_t>::type;
   V vec_max = V{} - INFINITY;
   acc_t row_max = -INFINITY;
@@ -236,13 +244,7 @@ acc_t softmax_row(acc_t* row, int64_t n) {
     store(row + j, e);
     exp_sum.add(e);
   });
-  const acc_t sum = exp_sum.total();
-  const acc_t inv_sum = acc_t(1) / sum;
-  simd_loop<acc_t>(n, [&](auto lane, int64_t j) {
-    using L = decltype(lane);
-    store(row + j, load<L>(row + j) * inv_sum);
-  });
-  return row_max + gpsa_log(sum);
+  return {row_max, exp_sum.total()};
 }
 
 template <typename acc_t, typename a_t, typename b_t>
@@ -387,7 +389,7 @@ std::vector<double> gate_values(const at::Tensor& gating_param) {
   return std::vector<double>(lam.data_ptr<double>(), lam.data_ptr<double>() + lam.numel());
 }
 
-// Query blocks of at most kMaxBlockRows rows, balanced (N = 196: 4 blocks of 49).
+// Query blocks of at most kMaxBlockRows rows, balanced (N = 576: 3 blocks of 192).
 struct QueryBlocks {
   int64_t count, rows;
   explicit QueryBlocks(int64_t seq_len) {
@@ -414,14 +416,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
   at::parallel_for(0, s.batch * H * blocks.count, 1, [&](int64_t begin, int64_t end) {
     const int64_t bm = blocks.rows;
-    std::vector<acc_t> scratch(bm * N + 3 * bm * d + 2 * N * d + s.grid_w * d);
-    acc_t* probs = scratch.data();  // bm x N
+    std::vector<acc_t> scratch(bm * N + 3 * bm * d + 2 * N * d + s.grid_w * d + bm);
+    acc_t* probs = scratch.data();  // bm x N, unnormalised content probabilities
     acc_t* q_buf = probs + bm * N;
     acc_t* out_c = q_buf + bm * d;
     acc_t* out_pos = out_c + bm * d;
     acc_t* k_buf = out_pos + bm * d;
     acc_t* v_buf = k_buf + N * d;
     acc_t* row_mix = v_buf + N * d;
+    acc_t* inv_sum = row_mix + s.grid_w * d;  // bm
     int64_t loaded_bh = -1;  // consecutive tasks share (b, h): load k and v once
     Tile<acc_t> k_tile{nullptr, 0}, v_tile{nullptr, 0};
 
@@ -437,7 +440,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const Tile<acc_t> q_tile = load_tile(q_s.slice(b, h, row0), q_s.row_stride, q_s.col_stride, rows, d, q_buf);
 
       gemm<acc_t>(false, true, rows, N, d, acc_t(scale), q_tile.data, q_tile.ld, k_tile.data, k_tile.ld, 0, probs, N);
-      for (int64_t r = 0; r < rows; ++r) lse_p[bh * N + row0 + r] = softmax_row(probs + r * N, N);
+      for (int64_t r = 0; r < rows; ++r) {
+        const RowExp<acc_t> row = exp_row(probs + r * N, N);
+        lse_p[bh * N + row0 + r] = row.max + gpsa_log(row.sum);
+        inv_sum[r] = acc_t(1) / row.sum;
+      }
       gemm<acc_t>(false, false, rows, d, N, 1, probs, N, v_tile.data, v_tile.ld, 0, out_c, d);
       positional_output_rows(tables, h, v_tile, d, row0, rows, out_pos, row_mix);
 
@@ -449,8 +456,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const acc_t* oc = out_c + r * d;
         const acc_t* op = out_pos + r * d;
         for (int64_t c = 0; c < d; ++c) {
-          out_row[c] = scalar_t(gates.content * oc[c] + gates.pos * op[c]);
-          diff_row[c] = op[c] - oc[c];
+          const acc_t content = oc[c] * inv_sum[r];
+          out_row[c] = scalar_t(gates.content * content + gates.pos * op[c]);
+          diff_row[c] = op[c] - content;
         }
       }
     }
