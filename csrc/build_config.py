@@ -8,7 +8,9 @@ path before anything is built.
 Environment:
     CONVIT_KERNELS_NO_CUDA=1   skip the CUDA part.
     TORCH_CUDA_ARCH_LIST       architectures of the CUDA part, default DEFAULT_CUDA_ARCHS;
-                               those the toolkit's nvcc cannot target are dropped with a warning.
+                               those the toolkit's nvcc cannot target are dropped with a warning
+                               (CUDA 13 dropped sm_70: with torch+cu130, whose own kernels start at
+                               sm_75, the CUDA part covers sm_75..sm_90; a CUDA 12 toolkit keeps sm_70).
     CUDA_HOME                  the toolkit root; found from the nvcc on PATH when unset.
 """
 
@@ -43,7 +45,7 @@ def link_flags() -> list:
 
 
 def nvcc_flags() -> list:
-    # --threads: one nvcc thread per architecture pair, so the 5 cubins build in parallel.
+    # --threads 2: nvcc compiles two architectures at a time (the machine's two cores).
     return ["-O3", "--threads", "2", "-lineinfo", "--expt-relaxed-constexpr"]
 
 

@@ -350,37 +350,32 @@ struct PositionalTables {
   }
 };
 
-// Rows [row0, row0 + rows) of O_p = P v for one head, separably; v is N x d.
+// Rows [row0, row0 + rows) of O_p = P v for one head, separably; v is a dense N x d tile.
 template <typename acc_t>
 void positional_output_rows(const PositionalTables<acc_t>& tables, int64_t h, Tile<acc_t> v, int64_t head_dim,
                             int64_t row0, int64_t rows, acc_t* out, acc_t* row_mix /* W x d */) {
-  const int64_t grid_w = tables.grid_w;
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(v.ld == head_dim);
+  const int64_t grid_w = tables.grid_w, grid_h = tables.grid_h;
   int64_t mixed_y = -1;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = row0 + r, yi = i / grid_w, xi = i % grid_w;
-    if (yi != mixed_y) {  // row_mix[x_j] = sum over y_j of py[y_i, y_j] v[(y_j, x_j)]
-      std::fill(row_mix, row_mix + grid_w * head_dim, acc_t(0));
+    if (yi != mixed_y) {  // row_mix[x_j, :] = sum over y_j of py[y_i, y_j] v[(y_j, x_j), :]
       const acc_t* pyr = tables.py_row(h, yi);
-      for (int64_t yj = 0; yj < tables.grid_h; ++yj) {
-        const acc_t coef = pyr[yj];
-        for (int64_t xj = 0; xj < grid_w; ++xj) {
-          const acc_t* v_row = v.row(yj * grid_w + xj);
-          acc_t* mix_row = row_mix + xj * head_dim;
-#pragma omp simd
-          for (int64_t c = 0; c < head_dim; ++c) mix_row[c] += coef * v_row[c];
-        }
-      }
+      simd_loop<acc_t>(grid_w * head_dim, [&](auto lane, int64_t m) {
+        using L = decltype(lane);
+        L acc{};
+        for (int64_t yj = 0; yj < grid_h; ++yj) acc += pyr[yj] * load<L>(v.data + yj * grid_w * head_dim + m);
+        store(row_mix + m, acc);
+      });
       mixed_y = yi;
     }
-    acc_t* out_row = out + r * head_dim;
-    std::fill(out_row, out_row + head_dim, acc_t(0));
-    const acc_t* pxr = tables.px_row(h, xi);
-    for (int64_t xj = 0; xj < grid_w; ++xj) {
-      const acc_t coef = pxr[xj];
-      const acc_t* mix_row = row_mix + xj * head_dim;
-#pragma omp simd
-      for (int64_t c = 0; c < head_dim; ++c) out_row[c] += coef * mix_row[c];
-    }
+    const acc_t* pxr = tables.px_row(h, xi);  // out[r, :] = sum over x_j of px[x_i, x_j] row_mix[x_j, :]
+    simd_loop<acc_t>(head_dim, [&](auto lane, int64_t c) {
+      using L = decltype(lane);
+      L acc{};
+      for (int64_t xj = 0; xj < grid_w; ++xj) acc += pxr[xj] * load<L>(row_mix + xj * head_dim + c);
+      store(out + r * head_dim + c, acc);
+    });
   }
 }
 
