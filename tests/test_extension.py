@@ -3,11 +3,11 @@
 import os
 import shutil
 import subprocess
+import warnings
 
 import pytest
 import torch
 
-import convit_kernels
 from convit_kernels import gpsa_attention
 from convit_kernels.extension import _build_config, load_cpu, load_cuda
 
@@ -190,7 +190,10 @@ def test_cuda_part_built_for_every_architecture():
 
         cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     listing = subprocess.run([cuobjdump, "--list-elf", cuda_part.__file__], capture_output=True, text=True).stdout
-    for arch in config.cuda_arch_list(home).split(";"):
+    with warnings.catch_warnings():  # the toolkit's dropped architectures (sm_70 with CUDA 13) were reported at build
+        warnings.simplefilter("ignore")
+        archs = config.cuda_arch_list(home)
+    for arch in archs.split(";"):
         assert f"sm_{arch.split('+')[0].replace('.', '')}" in listing, (arch, listing)
 
 
