@@ -1,0 +1,155 @@
+"""`convit-kernels bench`: time the fused GPSA against timm, the SDPA decomposition and torch.compile.
+
+    convit-kernels bench --quick                      # representative subset, < 2 min on a 2-core CPU
+    convit-kernels bench                              # every shape, dtype, level and pass
+    convit-kernels bench --quick --threads 1 2        # thread scaling
+    convit-kernels bench --models                     # whole-model images/s, stock vs patched
+
+Writes bench.json, bench.md (the printed table) and bench.png to --out
+(models: models.json, models.md, models.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from .implementations import BASELINES, fused_backends
+from .models import default_model_batch, model_steps, run_models
+from .report import check_writable, markdown_table, microbench_columns, model_columns, plot, write_json
+from .run import Microbench
+from .workloads import CONVIT_SHAPES, DTYPES, LEVELS, PASSES, SHAPES, Workload, default_batch
+
+QUICK = {"shapes": ["Ti-224"], "dtypes": ["fp32"], "warmup": 1, "repeats": 5}
+FULL = {"shapes": list(CONVIT_SHAPES), "dtypes": list(DTYPES), "warmup": 2, "repeats": 10}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convit-kernels bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--quick", action="store_true", help=f"shapes {' '.join(QUICK['shapes'])}, fp32, fewer repeats")
+    parser.add_argument("--models", action="store_true", help="whole-model throughput instead of the microbenchmarks")
+    parser.add_argument("--shapes", nargs="+", metavar="SHAPE", help=f"of {', '.join(SHAPES)}")
+    parser.add_argument("--backends", nargs="+", metavar="IMPL",
+                        help="implementations to time: fused backends (torch, cpu, triton, cuda, or fused-NAME) "
+                        f"and baselines ({', '.join(BASELINES)}); default every one available")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
+    parser.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS))
+    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+    parser.add_argument("--threads", nargs="+", type=int, metavar="N", help="CPU thread counts (default: torch's)")
+    parser.add_argument("--batch", type=int, help="batch size for every shape (default: chosen per device and shape)")
+    parser.add_argument("--warmup", type=int, help="untimed calls before timing")
+    parser.add_argument("--repeats", type=int, help="timed calls per implementation (the median is reported)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
+    parser.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
+    return parser
+
+
+def _select_implementations(parser, requested, device_type: str):
+    """Implementation names to time, checked against what this device has."""
+    fused = fused_backends(device_type)
+    if requested is None:
+        return [f"fused-{name}" for name, why in fused.items() if why is None] + list(BASELINES)
+    names = []
+    for name in requested:
+        backend = name.removeprefix("fused-")
+        if name in BASELINES:
+            names.append(name)
+        elif backend in fused:
+            if fused[backend] is not None:
+                parser.error(f"backend {backend!r} is not available here: {fused[backend]}")
+            names.append(f"fused-{backend}")
+        else:
+            parser.error(f"unknown implementation {name!r}; choose from "
+                         f"{', '.join(list(fused) + list(BASELINES))}")
+    return names
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # quiet the profiler behind peak memory (start/stop lines)
+    preset = QUICK if args.quick else FULL
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = args.shapes or preset["shapes"]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape {', '.join(map(repr, unknown))}; choose from {', '.join(SHAPES)}")
+    for flag in ("batch", "warmup", "repeats"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "warmup" else 1):
+            parser.error(f"--{flag} must be at least {0 if flag == 'warmup' else 1}")
+    if args.threads and min(args.threads) < 1:
+        parser.error("--threads must be at least 1")
+    names = _select_implementations(parser, args.backends, device.type)
+    try:
+        check_writable(args.out)
+    except OSError as exc:
+        parser.error(f"cannot write to the output folder {args.out!r}: {exc.strerror or exc}")
+
+    dtypes = args.dtypes or preset["dtypes"]
+    threads = args.threads or [torch.get_num_threads()]
+    warmup = preset["warmup"] if args.warmup is None else args.warmup
+    repeats = args.repeats or preset["repeats"]
+    meta = {
+        "command": "convit-kernels bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "warmup": warmup, "repeats": repeats,
+    }
+    if args.models:
+        return _run_models(args, device, dtypes, threads, warmup, repeats, meta)
+
+    bench = Microbench(names, args.passes, threads, warmup, repeats, measure_memory=not args.no_memory)
+    workloads = [
+        Workload(level, SHAPES[s], args.batch or default_batch(SHAPES[s], device.type, DTYPES[d]), DTYPES[d], device)
+        for level in args.levels for s in shapes for d in dtypes
+    ]
+    records = []
+    with tqdm(total=sum(bench.steps(w) for w in workloads), file=sys.stderr, desc="bench", unit="step") as bar:
+        for workload in workloads:
+            bar.set_postfix_str(workload.label)
+            records += bench.run(workload, bar.update)
+    meta.update({
+        "flops": "fused form: forward 4 B H N^2 d; fwd+bwd 14 B H N^2 d (backward 10 B H N^2 d: q k^T recomputed, "
+                 "dO v^T, dv, dq, dk); module level adds the projections, 8 B N C^2 forward, 24 B N C^2 fwd+bwd. "
+                 "Every implementation is credited with the same FLOPs.",
+        "matmul_gflop_per_s": bench.matmul_rates,
+        "spread": "interquartile range / median",
+        "peak_memory": "memory held beyond what existed before the call; CPU: torch.profiler allocation events, "
+                       "GPU: torch.cuda.max_memory_allocated",
+    })
+    return _report(args.out, "bench", meta, records, microbench_columns(list(BASELINES)),
+                   panel=lambda r: f"{r['level']} {r['pass']}",
+                   group=lambda r: f"{r['shape']} {r['dtype']}" + (f" t{r['threads']}" if len(threads) > 1 else ""),
+                   bar_key="implementation", value_key="median_ms", ylabel="median ms (log)", log=True)
+
+
+def _run_models(args, device, dtypes, threads, warmup, repeats, meta) -> int:
+    batch = args.batch or default_model_batch(device.type)
+    with tqdm(total=model_steps(dtypes, args.passes, threads), file=sys.stderr, desc="models", unit="step") as bar:
+        records = run_models(device, dtypes, args.passes, threads, batch, warmup, min(repeats, 5), bar.update)
+    return _report(args.out, "models", meta, records, model_columns(), panel=lambda r: r["mode"],
+                   group=lambda r: r["model"] + (f" t{r['threads']}" if len(threads) > 1 else ""),
+                   bar_key="variant", value_key="images_per_s", ylabel="images/s")
+
+
+def _report(out: str, stem: str, meta: dict, records, columns, **plot_args) -> int:
+    table = markdown_table(records, columns)
+    print(table)
+    with open(f"{out}/{stem}.md", "w") as f:
+        f.write(table + "\n")
+    write_json(f"{out}/{stem}.json", meta, records)
+    plot(f"{out}/{stem}.png", records, **plot_args)
+    print(f"\nwrote {out}/{stem}.json, {stem}.md, {stem}.png", file=sys.stderr)
+    refused = sorted({r.get("implementation", r.get("variant")) for r in records if r["status"] != "ok"})
+    if refused:
+        print(f"refused to time (wrong results): {', '.join(refused)}", file=sys.stderr)
+        return 1
+    return 0

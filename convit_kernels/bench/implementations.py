@@ -1,0 +1,167 @@
+"""Every implementation the bench times, in one registry, and the correctness gate each passes before it is timed.
+
+An :class:`Implementation` turns a :class:`~.workloads.Problem` into a
+zero-argument callable returning the output, at either level: ``core``
+(the attention given q, k, v: B x H x N x d) or ``module`` (the GPSA layer
+given x: B x N x C). All of them share the Problem's tensors and Parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..module import FusedGPSA
+from ..op import available_backends, gpsa_attention, resolve_backend
+from ..reference import gpsa_reference, positional_probs
+from .workloads import Problem
+
+Factory = Callable[[Problem], Callable[[], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    description: str
+    core: Factory
+    module: Factory
+
+    def build(self, problem: Problem) -> Callable[[], torch.Tensor]:
+        return getattr(self, problem.workload.level)(problem)
+
+
+def sdpa_attention(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale):
+    """(1 - g) SDPA(q, k, v) + g P v, P built once per call: exact, and the baseline a fused kernel has to beat."""
+    lam = gating_param.view(1, -1, 1, 1)
+    P = positional_probs(pos_weight, *grid_size).to(v.dtype)
+    content = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return torch.sigmoid(-lam).to(v.dtype) * content + torch.sigmoid(lam).to(v.dtype) * (P @ v)
+
+
+def gpsa_layer_forward(layer, x, attention):
+    """timm GPSA's forward with another attention core: projections, attention(q, k, v, w, b, lambda), proj."""
+    B, N, C = x.shape
+    H = layer.num_heads
+    q, k = layer.qk(x).reshape(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+    v = layer.v(x).reshape(B, N, H, C // H).transpose(1, 2)
+    out = attention(q, k, v, layer.pos_proj.weight, layer.pos_proj.bias, layer.gating_param)
+    return layer.proj_drop(layer.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+
+def _timm_core(p: Problem):
+    return partial(gpsa_reference, *p.args, p.grid, p.scale)
+
+
+def _timm_module(p: Problem):
+    return partial(p.layer, *p.args)
+
+
+def _sdpa_core(p: Problem):
+    return partial(sdpa_attention, *p.args, p.grid, p.scale)
+
+
+def _sdpa_module(p: Problem):
+    return partial(gpsa_layer_forward, p.layer, *p.args, partial(sdpa_attention, grid_size=p.grid, scale=p.scale))
+
+
+def _compiled_core(p: Problem):
+    torch._dynamo.reset()  # one workload's graphs at a time: no recompile limit, no stale guards
+    return partial(torch.compile(gpsa_reference, dynamic=False), *p.args, p.grid, p.scale)
+
+
+def _compiled_module(p: Problem):
+    torch._dynamo.reset()
+    return partial(torch.compile(p.layer, dynamic=False), *p.args)
+
+
+def fused(backend: str) -> Implementation:
+    def core(p: Problem):
+        return partial(gpsa_attention, *p.args, grid_size=p.grid, scale=p.scale, backend=backend)
+
+    def module(p: Problem):
+        return partial(FusedGPSA.from_gpsa(p.layer, grid_size=p.grid, backend=backend), *p.args)
+
+    return Implementation(f"fused-{backend}", f"convit_kernels backend {backend!r} (FusedGPSA at module level)", core, module)
+
+
+# The reference is timm's math: gpsa_reference (op for op timm's get_attention + attn @ v) at the core
+# level, timm's GPSA itself at the module level. Speed-ups are reported against every baseline.
+REFERENCE = "timm"
+BASELINES = {
+    impl.name: impl
+    for impl in (
+        Implementation("timm", "timm's GPSA math, eager (the reference)", _timm_core, _timm_module),
+        Implementation("sdpa", "(1-g) SDPA(q,k,v) + g P v, P built once per call", _sdpa_core, _sdpa_module),
+        Implementation("timm-compiled", "torch.compile of timm's GPSA", _compiled_core, _compiled_module),
+    )
+}
+
+
+def fused_backends(device_type: str) -> Dict[str, str]:
+    """Fused backend name -> None when it can be timed on this device type, else why not."""
+    result = {}
+    for name, status in available_backends().items():
+        if name == "reference":
+            continue
+        if not status.available:
+            result[name] = status.reason
+        elif name == "triton" and (device_type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+            result[name] = "runs under the Triton interpreter here, which is never timed"
+        else:
+            result[name] = None
+    return result
+
+
+def implementations(device_type: str, dtype: torch.dtype) -> Dict[str, Implementation]:
+    """name -> Implementation of everything that can be timed on this device type and dtype."""
+    impls = {}
+    for name, problem in fused_backends(device_type).items():
+        if problem is None:
+            try:
+                resolve_backend(name, device_type, dtype)
+            except RuntimeError:  # this backend does not take this dtype
+                continue
+            impls[f"fused-{name}"] = fused(name)
+    return {**impls, **BASELINES}
+
+
+# ---------------------------------------------------------------- correctness gate
+
+# Floor of the gate's bound, relative to each tensor's largest value: about an ulp for the half
+# types (every result, a bf16 parameter's gradient included, is rounded to the dtype), and room for
+# another summation order in float32.
+GATE_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def evaluate(fn: Callable[[], torch.Tensor], problem: Problem, backward: bool) -> List[torch.Tensor]:
+    """[output, grads of problem.leaves for problem.grad_out (when backward)] as float64 tensors."""
+    out = fn()
+    results = [out]
+    if backward:
+        grads = torch.autograd.grad(out, problem.leaves, problem.grad_out, allow_unused=True)
+        results += [torch.zeros_like(t) if g is None else g for t, g in zip(problem.leaves, grads)]
+    return [t.detach().double() for t in results]
+
+
+def gate(candidate: List[torch.Tensor], exact: List[torch.Tensor], same_precision: List[torch.Tensor],
+         names: List[str], dtype: torch.dtype) -> Optional[str]:
+    """None when ``candidate`` matches the float64 ``exact`` results, else what is wrong.
+
+    flash-attention's rule: each tensor's error may be at most 3x the error of
+    the reference computed in the same precision, plus a small floor.
+    """
+    for name, have, want, ref in zip(names, candidate, exact, same_precision):
+        if have.shape != want.shape:
+            return f"{name}: shape {tuple(have.shape)}, expected {tuple(want.shape)}"
+        if not torch.isfinite(have).all():
+            return f"{name}: non-finite values"
+        error = (have - want).abs().max().item()
+        bound = 3 * (ref - want).abs().max().item() + GATE_FLOOR[dtype] * want.abs().max().item()
+        if error > bound:
+            return f"{name}: max error {error:.3g} > bound {bound:.3g} (3x the same-precision reference's + floor)"
+    return None

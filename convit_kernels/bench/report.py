@@ -1,0 +1,111 @@
+"""The bench's one reporter: records -> markdown table, JSON and a PNG plot in the output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, List, Sequence, Tuple
+
+# (header, record -> cell text). Records are flat dicts; a missing figure prints as "-".
+Column = Tuple[str, Callable[[dict], str]]
+
+
+def _fmt(key: str, spec: str, scale: float = 1.0) -> Callable[[dict], str]:
+    def cell(record: dict) -> str:
+        value = record.get(key)
+        return "-" if value is None else format(value * scale, spec)
+
+    return cell
+
+
+def _speedup(baseline: str) -> Callable[[dict], str]:
+    def cell(record: dict) -> str:
+        value = record.get("speedup", {}).get(baseline)
+        return "-" if value is None else f"{value:.2f}x"
+
+    return cell
+
+
+def microbench_columns(baselines: Sequence[str]) -> List[Column]:
+    return [
+        ("level", lambda r: r["level"]),
+        ("shape", lambda r: r["shape"]),
+        ("B", lambda r: str(r["batch"])),
+        ("dtype", lambda r: r["dtype"]),
+        ("pass", lambda r: r["pass"]),
+        ("threads", lambda r: str(r["threads"])),
+        ("implementation", lambda r: r["implementation"]),
+        ("median ms", _fmt("median_ms", ".2f")),
+        ("spread", _fmt("spread", ".0%")),
+        ("GFLOP/s", _fmt("gflop_per_s", ".1f")),
+        ("of matmul", _fmt("matmul_fraction", ".0%")),
+        ("peak MiB", _fmt("peak_memory_mib", ".1f")),
+    ] + [(f"vs {b}", _speedup(b)) for b in baselines] + [("status", lambda r: r["status"])]
+
+
+def model_columns() -> List[Column]:
+    return [
+        ("model", lambda r: r["model"]),
+        ("variant", lambda r: r["variant"]),
+        ("mode", lambda r: r["mode"]),
+        ("B", lambda r: str(r["batch"])),
+        ("dtype", lambda r: r["dtype"]),
+        ("threads", lambda r: str(r["threads"])),
+        ("median ms", _fmt("median_ms", ".1f")),
+        ("spread", _fmt("spread", ".0%")),
+        ("images/s", _fmt("images_per_s", ".1f")),
+        ("vs stock", _speedup("stock")),
+        ("status", lambda r: r["status"]),
+    ]
+
+
+def markdown_table(records: Sequence[dict], columns: Sequence[Column]) -> str:
+    rows = [[header for header, _ in columns], ["---"] * len(columns)]
+    rows += [[cell(r) for _, cell in columns] for r in records]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def check_writable(folder: str) -> None:
+    """Create ``folder`` and prove a file can be written there; raises OSError with the reason."""
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, ".bench-write-test")
+    with open(probe, "w"):
+        pass
+    os.remove(probe)
+
+
+def write_json(path: str, meta: dict, records: Sequence[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": list(records)}, f, indent=2)
+
+
+def plot(path: str, records: Sequence[dict], panel: Callable[[dict], str], group: Callable[[dict], str],
+         bar_key: str, value_key: str, ylabel: str, log: bool = False) -> None:
+    """Grouped bar chart: one panel per ``panel(r)``, groups ``group(r)`` along x, one bar per ``r[bar_key]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in records if r.get(value_key) is not None]
+    panels = list(dict.fromkeys(panel(r) for r in records)) or ["(nothing measured)"]
+    bars = list(dict.fromkeys(r[bar_key] for r in records))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * len(records) / len(panels)), 3.2 * len(panels)),
+                             squeeze=False)
+    for ax, name in zip(axes[:, 0], panels):
+        mine = [r for r in records if panel(r) == name]
+        groups = list(dict.fromkeys(group(r) for r in mine))
+        width = 0.8 / max(1, len(bars))
+        for i, bar in enumerate(bars):
+            values = {group(r): r[value_key] for r in mine if r[bar_key] == bar}
+            xs = [j + i * width for j, g in enumerate(groups) if g in values]
+            ax.bar(xs, [values[g] for g in groups if g in values], width, label=bar)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=8)
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7, ncol=min(4, len(bars)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

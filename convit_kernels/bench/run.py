@@ -1,0 +1,102 @@
+"""The microbenchmark loop: for each workload, gate every implementation, then time the passing ones side by side."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+from .implementations import BASELINES, REFERENCE, Implementation, evaluate, gate, implementations
+from .timing import matmul_gflops, peak_memory_bytes, time_side_by_side
+from .workloads import Problem, Workload, make_problem
+
+
+def pass_callable(fn: Callable[[], torch.Tensor], problem: Problem, pass_: str) -> Callable[[], object]:
+    """``fn`` as one timed call: the forward without autograd, or the forward and its backward."""
+    if pass_ == "fwd":
+
+        def forward():
+            with torch.no_grad():
+                return fn()
+
+        return forward
+
+    def forward_backward():
+        return torch.autograd.grad(fn(), problem.leaves, problem.grad_out, allow_unused=True)
+
+    return forward_backward
+
+
+def set_threads(device: torch.device, threads: int) -> None:
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+
+
+class Microbench:
+    """Runs workloads and collects one flat record per (workload, pass, threads, implementation)."""
+
+    def __init__(self, names: Sequence[str], passes: Sequence[str], threads: Sequence[int], warmup: int, repeats: int,
+                 measure_memory: bool = True, extra: Dict[str, Implementation] = None):
+        self.names, self.passes, self.threads = list(names), list(passes), list(threads)
+        self.warmup, self.repeats, self.measure_memory = warmup, repeats, measure_memory
+        self.extra = extra or {}  # implementations beyond the registry's (the tests' deliberately wrong one)
+        self.matmul_rates: Dict[str, float] = {}
+
+    def implementations(self, workload: Workload) -> Dict[str, Implementation]:
+        every = {**implementations(workload.device.type, workload.dtype), **self.extra}
+        return {name: every[name] for name in self.names if name in every}
+
+    def steps(self, workload: Workload) -> int:
+        """Progress units of one workload: one per gate check, one per timing round."""
+        return len(self.implementations(workload)) + len(self.threads) * len(self.passes) * self.repeats
+
+    def matmul_rate(self, workload: Workload, threads: int) -> float:
+        key = f"{workload.dtype_name}, {threads} threads" if workload.device.type == "cpu" else workload.dtype_name
+        if key not in self.matmul_rates:
+            self.matmul_rates[key] = matmul_gflops(workload.dtype, workload.device)
+        return self.matmul_rates[key]
+
+    def run(self, workload: Workload, advance: Callable[[int], None] = lambda n: None) -> List[dict]:
+        problem = make_problem(workload)
+        backward = "fwd+bwd" in self.passes
+        reference = BASELINES[REFERENCE]
+        exact_problem = make_problem(workload, torch.float64)
+        exact = evaluate(reference.build(exact_problem), exact_problem, backward)
+        same_precision = evaluate(reference.build(problem), problem, backward)
+        names = ["out"] + problem.leaf_names[: len(exact) - 1]
+
+        passing, refused = {}, {}
+        for name, impl in self.implementations(workload).items():
+            fn = impl.build(problem)
+            problem_found = gate(evaluate(fn, problem, backward), exact, same_precision, names, workload.dtype)
+            if problem_found is None:
+                passing[name] = fn
+            else:
+                refused[name] = problem_found
+            advance(1)
+
+        records = []
+        for threads in self.threads:
+            set_threads(workload.device, threads)
+            for pass_ in self.passes:
+                runs = {name: pass_callable(fn, problem, pass_) for name, fn in passing.items()}
+                timings = time_side_by_side(runs, workload.device, self.warmup, self.repeats, lambda: advance(1))
+                matmul = self.matmul_rate(workload, threads)
+                flops = workload.flops(pass_)
+                base = {
+                    "level": workload.level, "shape": workload.shape.name, "batch": workload.batch,
+                    "heads": workload.shape.heads, "head_dim": workload.shape.head_dim,
+                    "tokens": workload.shape.tokens, "dtype": workload.dtype_name, "pass": pass_,
+                    "threads": threads, "device": str(workload.device), "gflop": flops / 1e9,
+                    "matmul_gflop_per_s": matmul,
+                }
+                for name, timing in timings.items():
+                    rate = flops / timing.median_ms / 1e6
+                    memory = peak_memory_bytes(runs[name], workload.device) / 2**20 if self.measure_memory else None
+                    speedup = {b: timings[b].median_ms / timing.median_ms for b in BASELINES if b in timings}
+                    records.append({**base, "implementation": name, "status": "ok", **timing.as_dict(),
+                                    "spread": timing.spread, "gflop_per_s": rate, "matmul_fraction": rate / matmul,
+                                    "peak_memory_mib": memory, "speedup": speedup})
+                for name, why in refused.items():
+                    records.append({**base, "implementation": name, "status": f"refused: {why}"})
+        return records

@@ -1,0 +1,121 @@
+"""`convit-kernels bench`: a tiny run end to end, the correctness gate, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib.image
+import pytest
+import torch
+
+from convit_kernels.bench import cli
+from convit_kernels.bench.implementations import Implementation, implementations, sdpa_attention
+from convit_kernels.bench.run import Microbench
+from convit_kernels.bench.workloads import SHAPES, Workload
+
+CPU = torch.device("cpu")
+# The tiny configuration: a 4 x 4 patch grid, 2 heads of 8 channels, 2 images; no torch.compile (slow to build).
+TINY = ["--shapes", "toy", "--dtypes", "fp32", "--batch", "2", "--warmup", "0", "--repeats", "2", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_run_writes_matching_table_json_and_png(tmp_path, capsys):
+    out = tmp_path / "results"
+    names = [n for n in implementations("cpu", torch.float32) if n != "timm-compiled"]
+    assert cli.main(TINY + ["--backends", *names, "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    results = json.loads((out / "bench.json").read_text())["results"]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    expected = {(lvl, p, n) for lvl in ("core", "module") for p in ("fwd", "fwd+bwd") for n in names}
+    assert {(r["level"], r["pass"], r["implementation"]) for r in results} == expected
+    assert len(rows) == len(results)
+    for row, record in zip(rows, results):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[:7] == [record["level"], "toy", "2", "fp32", record["pass"], "1", record["implementation"]]
+        assert cells[7] == f"{record['median_ms']:.2f}" and record["status"] == "ok"
+        assert record["peak_memory_mib"] >= 0 and record["gflop_per_s"] > 0
+    assert (out / "bench.md").read_text().strip() == table.strip()
+    image = matplotlib.image.imread(str(out / "bench.png"))
+    assert image.ndim == 3 and image.shape[0] > 100
+
+
+def _wrong_core(problem):
+    """The positional term left out: content attention only, what a kernel that drops the gate would compute."""
+    q, k, v = problem.args[:3]
+    return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=problem.scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_refuses_a_wrong_implementation(dtype):
+    wrong = Implementation("wrong", "drops the positional term", _wrong_core, None)
+    right = [n for n in implementations("cpu", dtype) if n != "timm-compiled"]
+    bench = Microbench(right + ["wrong"], ["fwd", "fwd+bwd"], [1], warmup=0, repeats=1, measure_memory=False,
+                       extra={"wrong": wrong})
+    records = bench.run(Workload("core", SHAPES["toy"], 2, dtype, CPU))
+    status = {(r["implementation"], r["pass"]): r["status"] for r in records}
+    assert status["wrong", "fwd"].startswith("refused: out: max error")
+    assert "median_ms" not in next(r for r in records if r["implementation"] == "wrong")
+    assert all(status[n, p] == "ok" for n in right for p in ("fwd", "fwd+bwd"))
+
+
+def test_gate_checks_the_backward_too():
+    """An implementation whose forward is right but whose gradient is not."""
+
+    def no_pos_grad(problem):
+        q, k, v, w, b, lam = problem.args
+        return lambda: sdpa_attention(q, k, v, w.detach(), b, lam, problem.grid, problem.scale)
+
+    wrong = Implementation("wrong", "no gradient for pos_weight", no_pos_grad, None)
+    bench = Microbench(["wrong"], ["fwd+bwd"], [1], 0, 1, measure_memory=False, extra={"wrong": wrong})
+    (record,) = bench.run(Workload("core", SHAPES["toy"], 2, torch.float32, CPU))
+    assert record["status"].startswith("refused: pos_weight")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shapes", "XL-224"], "unknown shape 'XL-224'"),
+        (["--backends", "triton"], "backend 'triton' is not available here"),
+        (["--backends", "nonsense"], "unknown implementation 'nonsense'"),
+        (["--dtypes", "fp8"], "invalid choice"),
+        (["--batch", "0"], "--batch must be at least 1"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args + ["--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
+def test_unwritable_output_folder_exits_2(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(TINY + ["--out", str(locked / "results")])
+    assert exc.value.code == 2
+    assert "cannot write to the output folder" in capsys.readouterr().err
+
+
+def test_output_path_that_is_a_file_exits_2(tmp_path, capsys):
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(TINY + ["--out", str(a_file / "results")])
+    assert exc.value.code == 2
+    assert "cannot write to the output folder" in capsys.readouterr().err
+
+
+def test_compiled_timm_passes_the_gate_and_is_timed():
+    bench = Microbench(["timm-compiled"], ["fwd+bwd"], [1], 0, 1, measure_memory=False)
+    (record,) = bench.run(Workload("core", SHAPES["toy"], 2, torch.float32, CPU))
+    assert record["status"] == "ok" and record["median_ms"] > 0
