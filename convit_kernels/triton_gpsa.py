@@ -100,49 +100,67 @@ __all__ = ["gpsa_forward", "gpsa_backward", "INTERPRET", "KERNELS"]
 INTERPRET = bool(triton.knobs.runtime.interpret)
 AUTOTUNE = not INTERPRET and os.environ.get("CONVIT_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 MAX_HEAD_DIM = 128
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # host side: logits are scaled by scale * log2(e) to use exp2
+LOG2E_IN_KERNEL = tl.constexpr(LOG2E)  # the same constant, as kernels may read it
 # Smallest key/query block any configuration uses: sizes the partial-sum buffers.
-MIN_BLOCK = 32
+MIN_BLOCK = 16
 
 
 # ---------------------------------------------------------------- configurations
 
-FWD_FIXED = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
-DKDV_FIXED = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2)
-DQ_FIXED = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+def _config(block_m, block_n, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# The fixed configuration of each autotuned kernel, by input element size (2: fp16/bf16, 4: fp32):
+# the largest tiles that compile without spills for sm_80 and sm_90 (see `convit-kernels aot`).
+# fp32 tiles are smaller: the 3xTF32 dots hold a high and a low part of every operand.
+FIXED_CONFIGS = {
+    "fwd": {2: _config(32, 64, 4, 2), 4: _config(32, 32, 4, 1)},
+    "bwd_dkdv": {2: _config(32, 32, 4, 2), 4: _config(16, 32, 4, 1)},
+    "bwd_dq": {2: _config(64, 64, 4, 2), 4: _config(32, 32, 4, 2)},
+}
+# Under the interpreter one program costs the same whatever its tile: one configuration with few,
+# large tiles for every kernel and dtype (N = 196 still spans four key and query blocks).
+INTERPRETER_CONFIG = _config(64, 64, 4, 1)
 PREPROCESS_BLOCK_M = 64
 
 
 def _config_space(block_m, block_n):
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in block_m
-        for bn in block_n
-        for w in (4, 8)
-        for s in (2, 3)
-    ]
+    return [_config(bm, bn, w, s) for bm in block_m for bn in block_n for w in (4, 8) for s in (1, 2, 3)]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles far wider than N and the largest tiles for head dims above 64 (register pressure)."""
-    n_cap = max(MIN_BLOCK, triton.next_power_of_2(named_args["N"]))
-    block_d = triton.next_power_of_2(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64)))
-    kept = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_M"] <= n_cap
-        and c.kwargs["BLOCK_N"] <= n_cap
-        and (block_d <= 64 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)
-    ]
-    return kept or configs[:1]
+def _autotune(kernel_name, space, reset_to_zero=None):
+    """triton.autotune over ``space`` keyed on (N, HEAD_DIM) (and the dtypes), or the fixed configuration.
 
+    Without autotuning the candidate list is the fixed configuration of each element size and the
+    pruning keeps the one for the input's: a single candidate, so nothing is benchmarked.
+    """
+    fixed = FIXED_CONFIGS[kernel_name]
+    if INTERPRET:
+        configs = [INTERPRETER_CONFIG]
+    else:
+        configs = space if AUTOTUNE else list(fixed.values())
 
-def _autotune(fixed, space, reset_to_zero=None):
-    configs = space if AUTOTUNE else [fixed]
+    def prune(configs, named_args, **kwargs):
+        elem = named_args["Q"].element_size()
+        if not AUTOTUNE:
+            return [fixed[elem]]
+        n_cap = max(MIN_BLOCK, triton.next_power_of_2(named_args["N"]))
+        max_tile = 64 * 64 if elem == 4 or kwargs["BLOCK_D"] > 64 else 128 * 128
+        kept = [
+            c
+            for c in configs
+            if c.kwargs["BLOCK_M"] <= n_cap
+            and c.kwargs["BLOCK_N"] <= n_cap
+            and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
+        ]
+        return kept or [fixed[elem]]
+
     return triton.autotune(
         configs=configs,
         key=["N", "HEAD_DIM"],
-        prune_configs_by={"early_config_prune": _prune},
+        prune_configs_by={"early_config_prune": prune},
         reset_to_zero=reset_to_zero,
     )
 
@@ -184,7 +202,7 @@ def _gates(GATE, h):
 # ---------------------------------------------------------------- forward
 
 
-@_autotune(FWD_FIXED, _config_space((64, 128), (32, 64, 128)))
+@_autotune("fwd", _config_space((32, 64, 128), (32, 64, 128)))
 @triton.jit
 def _gpsa_fwd_kernel(
     Q, K, V, PX, PY, GATE, OUT, LSE, DIFF,
@@ -214,23 +232,23 @@ def _gpsa_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
         v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
         s = tl.where((offs_n < N)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         a = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(a, 1)
-        acc_c = acc_c * alpha[:, None] + tl.dot(a.to(DOT_DTYPE), v, input_precision="ieee")
+        acc_c = acc_c * alpha[:, None] + tl.dot(a.to(DOT_DTYPE), v, input_precision="tf32x3")
         m_i = m_new
         pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
-        acc_p += tl.dot(pos.to(DOT_DTYPE), v, input_precision="ieee")
+        acc_p += tl.dot(pos.to(DOT_DTYPE), v, input_precision="tf32x3")
 
     g, one_minus_g = _gates(GATE, h)
     out_c = acc_c / l_i[:, None]
     out = one_minus_g * out_c + g * acc_p
     _store_tile(OUT + b * stride_ob + h * stride_oh, out, stride_on, stride_od, offs_m, offs_d, N, HEAD_DIM)
     _store_tile(DIFF + b * stride_fb + h * stride_fh, acc_p - out_c, stride_fn, stride_fd, offs_m, offs_d, N, HEAD_DIM)
-    lse = (m_i + tl.log2(l_i)) / LOG2E  # natural-log units, as the interface says
+    lse = (m_i + tl.log2(l_i)) / LOG2E_IN_KERNEL  # natural-log units, as the interface says
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
 
 
@@ -267,7 +285,7 @@ def _gpsa_bwd_preprocess_kernel(
         tl.store(GATE_PARTIAL + pid_bh * tl.num_programs(1) + pid_m, d_gate)
 
 
-@_autotune(DKDV_FIXED, _config_space((32, 64), (32, 64, 128)), reset_to_zero=["DW_PARTIAL"])
+@_autotune("bwd_dkdv", _config_space((16, 32, 64), (32, 64, 128)), reset_to_zero=["DW_PARTIAL"])
 @triton.jit
 def _gpsa_bwd_dkdv_kernel(
     Q, K, V, DOUT, PX, PY, GATE, LSE, DELTA_C, DELTA_P, DK, DV, DW_PARTIAL,
@@ -303,18 +321,18 @@ def _gpsa_bwd_dkdv_kernel(
         valid = (offs_m < N)[:, None] & (offs_n < N)[None, :]
         q = _load_tile(q_base, stride_qn, stride_qd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
         dout = _load_tile(dout_base, stride_gn, stride_gd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        lse = tl.load(LSE + rows_base + offs_m, mask=offs_m < N, other=0.0) * LOG2E
+        lse = tl.load(LSE + rows_base + offs_m, mask=offs_m < N, other=0.0) * LOG2E_IN_KERNEL
         delta_c = tl.load(DELTA_C + rows_base + offs_m, mask=offs_m < N, other=0.0)
         delta_p = tl.load(DELTA_P + rows_base + offs_m, mask=offs_m < N, other=0.0)
 
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
         a = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
-        t = tl.dot(dout, tl.trans(v), input_precision="ieee")  # T = dO v^T, for both branches
+        t = tl.dot(dout, tl.trans(v), input_precision="tf32x3")  # T = dO v^T, for both branches
         mix = one_minus_g * a + g * pos
-        dv += tl.dot(tl.trans(mix.to(DOT_DTYPE)), dout, input_precision="ieee")
+        dv += tl.dot(tl.trans(mix.to(DOT_DTYPE)), dout, input_precision="tf32x3")
         ds_c = one_minus_g * a * (t - delta_c[:, None])
-        dk += tl.dot(tl.trans(ds_c.to(DOT_DTYPE)), q, input_precision="ieee")
+        dk += tl.dot(tl.trans(ds_c.to(DOT_DTYPE)), q, input_precision="tf32x3")
         ds_p = g * pos * (t - delta_p[:, None])
         x_i = (offs_m % grid_w).to(tl.float32)
         y_i = (offs_m // grid_w).to(tl.float32)
@@ -337,7 +355,7 @@ def _gpsa_bwd_dkdv_kernel(
         tl.store(DW_PARTIAL + (pid_bh * partials_per_head + pid_n) * 3 + lane, sums, mask=lane < 3)
 
 
-@_autotune(DQ_FIXED, _config_space((32, 64, 128), (32, 64)))
+@_autotune("bwd_dq", _config_space((32, 64, 128), (32, 64)))
 @triton.jit
 def _gpsa_bwd_dq_kernel(
     Q, K, V, DOUT, GATE, LSE, DELTA_C, DQ,
@@ -358,7 +376,7 @@ def _gpsa_bwd_dq_kernel(
     dout_base = DOUT + b * stride_gb + h * stride_gh
     dout = _load_tile(dout_base, stride_gn, stride_gd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
     rows = pid_bh.to(tl.int64) * N + offs_m
-    lse = tl.load(LSE + rows, mask=offs_m < N, other=0.0) * LOG2E
+    lse = tl.load(LSE + rows, mask=offs_m < N, other=0.0) * LOG2E_IN_KERNEL
     delta_c = tl.load(DELTA_C + rows, mask=offs_m < N, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -369,11 +387,11 @@ def _gpsa_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
         v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
         a = tl.where((offs_n < N)[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        t = tl.dot(dout, tl.trans(v), input_precision="ieee")
+        t = tl.dot(dout, tl.trans(v), input_precision="tf32x3")
         ds_c = one_minus_g * a * (t - delta_c[:, None])
-        dq += tl.dot(ds_c.to(DOT_DTYPE), k, input_precision="ieee")
+        dq += tl.dot(ds_c.to(DOT_DTYPE), k, input_precision="tf32x3")
     _store_tile(DQ + b * stride_db + h * stride_dh, dq * scale, stride_dn, stride_dd, offs_m, offs_d, N, HEAD_DIM)
 
 

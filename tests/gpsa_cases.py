@@ -50,7 +50,7 @@ def outputs_and_grads(inputs, grad_seed=1, **kwargs):
     """Forward through gpsa_attention and the gradients of a fixed random projection of the output."""
     out = gpsa_attention(*inputs, **kwargs)
     g = torch.Generator().manual_seed(grad_seed)
-    weight = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    weight = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
     grads = torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
     return out.detach(), [torch.zeros_like(t) if gr is None else gr for t, gr in zip(inputs, grads)]
 

@@ -1,0 +1,185 @@
+"""The "triton" backend against the fp64 reference: in Triton's interpreter on CPU tensors, and on a GPU.
+
+How triton reads TRITON_INTERPRET: ``triton.jit`` looks at it
+(``triton.knobs.runtime.interpret``, read from the environment on each access)
+when it *decorates* a function. That covers this project's kernels and also
+triton.language's own @jit library functions (tl.sum, tl.max, tl.zeros,
+tl.sigmoid, ...), decorated when triton.language is first imported. In a
+full-suite run another module imports triton first, so the ``interpreter``
+fixture sets the variable, swaps those library functions for interpreted ones
+(monkeypatch, undone after each test) and reloads ``convit_kernels.triton_gpsa``
+(which re-registers the backend with CPU support); ``compiled`` does the
+reverse for the GPU tests. At the end the module reloads triton_gpsa in the
+mode the environment had, so later modules see what they would have seen.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from convit_kernels import available_backends, gpsa_attention, triton_gpsa
+from convit_kernels.op import resolve_backend
+
+from gpsa_cases import assert_matches_reference, make_inputs, outputs_and_grads
+
+LARGE_WEIGHT_RTOL = {"pos_weight": 1e-3}  # as tests/test_reference.py: conditioning of d pos_weight at locality 10
+
+
+def _reload_kernels(interpret: bool):
+    if triton_gpsa.INTERPRET != interpret:
+        importlib.reload(triton_gpsa)
+    assert triton_gpsa.INTERPRET == interpret
+    return triton_gpsa
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_mode():
+    yield
+    _reload_kernels(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for module in (tl, tl.standard):  # imported in compiled mode: interpret its @jit functions too
+        for name, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                monkeypatch.setattr(module, name, InterpretedFunction(value.fn))
+    return _reload_kernels(True)
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return _reload_kernels(False)
+
+
+# (B, H, N, d, grid_size, dtype). ConViT-Ti/S heads at N = 196, d = 48; uneven N (1, 7, 50, 197)
+# and d (16, 40, 64, 80) with rectangular grids; each dtype on some of them. N = 1 runs in half
+# precision: there A = P = 1 and dq = dk = 0 exactly, which fp32 meets only up to rounding.
+CASES = [
+    (2, 4, 196, 48, None, torch.float32),
+    (2, 4, 196, 48, None, torch.bfloat16),
+    (1, 9, 196, 48, None, torch.float16),
+    (3, 3, 7, 40, (1, 7), torch.float32),
+    (2, 2, 50, 16, (5, 10), torch.float32),
+    (2, 2, 50, 16, (5, 10), torch.float16),
+    (1, 2, 197, 80, (197, 1), torch.float32),
+    (1, 2, 197, 80, (197, 1), torch.bfloat16),
+    (2, 3, 1, 64, None, torch.float16),
+    (2, 2, 49, 64, None, torch.bfloat16),
+]
+CASE_IDS = [
+    f"B{b}-H{h}-N{n}-d{d}" + (f"-grid{g[0]}x{g[1]}" if g else "") + "-" + str(t).replace("torch.", "")
+    for b, h, n, d, g, t in CASES
+]
+
+
+@pytest.mark.parametrize("B,H,N,d,grid_size,dtype", CASES, ids=CASE_IDS)
+def test_matches_reference(interpreter, B, H, N, d, grid_size, dtype):
+    assert_matches_reference(make_inputs(B, H, N, d, dtype=dtype, seed=N + d), backend="triton", grid_size=grid_size)
+
+
+@pytest.mark.parametrize(
+    "gate,locality_strength,rtol_overrides",
+    [(-20.0, 1.0, None), (20.0, 1.0, None), (0.0, 10.0, LARGE_WEIGHT_RTOL)],
+    ids=["gate-20", "gate+20", "locality10"],
+)
+def test_gate_extremes_and_large_positional_weights(interpreter, gate, locality_strength, rtol_overrides):
+    inputs = make_inputs(2, 4, 49, 16, gate=gate, locality_strength=locality_strength)
+    assert_matches_reference(inputs, rtol_overrides=rtol_overrides, backend="triton")
+
+
+def test_strided_projection_views_equal_contiguous_copies(interpreter):
+    B, N, H, d = 2, 50, 3, 40
+    x = torch.randn(B, N, 2 * H * d)
+    v_proj = torch.randn(B, N, H * d)
+    q, k = x.reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4)  # as timm's GPSA takes them from qk(x)
+    v = v_proj.reshape(B, N, H, d).permute(0, 2, 1, 3)
+    assert not q.is_contiguous() and not v.is_contiguous()
+    params = make_inputs(1, H, N, d)[3:]
+    strided = [t.requires_grad_() for t in (q, k, v)]
+    copies = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    got_strided = outputs_and_grads(strided + params, backend="triton", grid_size=(5, 10))
+    got_copies = outputs_and_grads(copies + params, backend="triton", grid_size=(5, 10))
+    assert torch.equal(got_strided[0], got_copies[0])
+    for a, b in zip(got_strided[1], got_copies[1]):
+        assert torch.equal(a, b)
+
+
+def test_output_and_saved_state_layout(interpreter):
+    q, k, v, w, _, lam = [t.detach() for t in make_inputs(2, 3, 16, 8)]
+    out, lse, diff = triton_gpsa.gpsa_forward(q, k, v, w, lam, 4, 8**-0.5)
+    assert out.shape == (2, 16, 3, 8) and out.is_contiguous() and out.dtype == q.dtype
+    assert lse.shape == (2, 3, 16) and lse.dtype == torch.float32
+    assert diff.shape == (2, 3, 16, 8) and diff.dtype == torch.float32
+    torch.testing.assert_close(lse, (q @ k.transpose(-1, -2) * 8**-0.5).logsumexp(-1))
+
+
+def test_reductions_deterministic_and_atomics_agree(interpreter):
+    q, k, v, w, _, lam = [t.detach() for t in make_inputs(2, 3, 50, 16)]
+    out, lse, diff = triton_gpsa.gpsa_forward(q, k, v, w, lam, 10, 0.25)
+    grad_out = torch.randn_like(out)
+    args = (grad_out, q, k, v, w, lam, out, lse, diff, 10, 0.25)
+    first, again = triton_gpsa.gpsa_backward(*args), triton_gpsa.gpsa_backward(*args)
+    atomic = triton_gpsa.gpsa_backward(*args, atomic_reductions=True)
+    for a, b, c in zip(first, again, atomic):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6)
+
+
+def test_backend_registration(interpreter):
+    assert available_backends()["triton"].available
+    assert resolve_backend("triton", "cpu", torch.bfloat16) == "triton"
+    assert resolve_backend("auto", "cpu", torch.float32) != "triton"  # the interpreter is never the fast choice
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        gpsa_attention(*make_inputs(1, 1, 4, 136), backend="triton")
+
+
+def test_unavailable_without_gpu_or_interpreter_says_why(compiled):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        gpsa_attention(*make_inputs(1, 1, 4, 8), backend="triton")
+
+
+# ---------------------------------------------------------------- on a GPU, compiled
+
+
+def _cuda(inputs):
+    return [t.detach().cuda().requires_grad_() for t in inputs]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,N,d,grid_size,dtype", CASES, ids=CASE_IDS)
+def test_gpu_matches_reference(compiled, B, H, N, d, grid_size, dtype):
+    # fp32 dots run as 3xTF32 on the tensor cores: fp32-level, not IEEE-exact, products.
+    inputs = _cuda(make_inputs(B, H, N, d, dtype=dtype, seed=N + d))
+    assert_matches_reference(inputs, rtol_fp32=1e-4, backend="triton", grid_size=grid_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate,locality_strength", [(-20.0, 1.0), (20.0, 1.0), (0.0, 10.0)])
+def test_gpu_gate_extremes_and_large_positional_weights(compiled, gate, locality_strength):
+    inputs = _cuda(make_inputs(4, 9, 196, 48, gate=gate, locality_strength=locality_strength))
+    assert_matches_reference(inputs, rtol_fp32=1e-4, rtol_overrides=LARGE_WEIGHT_RTOL, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_compile_fullgraph(compiled, dtype):
+    torch._dynamo.reset()
+
+    def layer(q, k, v, w, b, lam):
+        return gpsa_attention(q, k, v, w, b, lam, backend="triton").float().square().sum()
+
+    inputs = _cuda(make_inputs(2, 4, 196, 48, dtype=dtype))
+    got = torch.autograd.grad(torch.compile(layer, fullgraph=True)(*inputs), inputs)
+    want = torch.autograd.grad(layer(*inputs), inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
