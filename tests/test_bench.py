@@ -119,3 +119,13 @@ def test_compiled_timm_passes_the_gate_and_is_timed():
     bench = Microbench(["timm-compiled"], ["fwd+bwd"], [1], 0, 1, measure_memory=False)
     (record,) = bench.run(Workload("core", SHAPES["toy"], 2, torch.float32, CPU))
     assert record["status"] == "ok" and record["median_ms"] > 0
+
+
+def test_thread_scaling_pairs_the_thread_counts_of_one_measurement():
+    from convit_kernels.bench.report import thread_scaling
+
+    base = {"level": "core", "shape": "toy", "batch": 2, "dtype": "fp32", "pass": "fwd", "implementation": "sdpa"}
+    records = [{**base, "threads": 1, "median_ms": 4.0}, {**base, "threads": 2, "median_ms": 2.5},
+               {**base, "implementation": "wrong", "threads": 1, "status": "refused: out"}]
+    (row,) = thread_scaling(records)
+    assert row["scaling"] == 1.6 and row["median_ms"] == {1: 4.0, 2: 2.5}

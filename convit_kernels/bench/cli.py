@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from .implementations import BASELINES, fused_backends
 from .models import default_model_batch, model_steps, run_models
-from .report import check_writable, markdown_table, microbench_columns, model_columns, plot, write_json
+from .report import (SCALING_COLUMNS, check_writable, markdown_table, microbench_columns, model_columns, plot,
+                     thread_scaling, write_json)
 from .run import Microbench
 from .workloads import CONVIT_SHAPES, DTYPES, LEVELS, PASSES, SHAPES, Workload, default_batch
 
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "warmup": warmup, "repeats": repeats,
     }
     if args.models:
-        return _run_models(args, device, dtypes, threads, warmup, repeats, meta)
+        return _run_models(args, device, threads, meta)
 
     bench = Microbench(names, args.passes, threads, warmup, repeats, measure_memory=not args.no_memory)
     workloads = [
@@ -125,23 +126,32 @@ def main(argv=None) -> int:
         "peak_memory": "memory held beyond what existed before the call; CPU: torch.profiler allocation events, "
                        "GPU: torch.cuda.max_memory_allocated",
     })
+    scaling = thread_scaling(records)
+    if scaling:
+        meta["thread_scaling"] = scaling
     return _report(args.out, "bench", meta, records, microbench_columns(list(BASELINES)),
+                   extra_tables=[("Thread scaling", markdown_table(scaling, SCALING_COLUMNS))] if scaling else [],
                    panel=lambda r: f"{r['level']} {r['pass']}",
                    group=lambda r: f"{r['shape']} {r['dtype']}" + (f" t{r['threads']}" if len(threads) > 1 else ""),
                    bar_key="implementation", value_key="median_ms", ylabel="median ms (log)", log=True)
 
 
-def _run_models(args, device, dtypes, threads, warmup, repeats, meta) -> int:
+def _run_models(args, device, threads, meta) -> int:
+    # Whole models on a CPU: float32 only (its bf16 matmuls take a slow path) and fewer calls, unless asked.
+    dtypes = args.dtypes or (list(DTYPES) if device.type == "cuda" else ["fp32"])
     batch = args.batch or default_model_batch(device.type)
+    warmup = 1 if args.warmup is None else args.warmup
+    repeats = args.repeats or 3
+    meta.update(warmup=warmup, repeats=repeats)
     with tqdm(total=model_steps(dtypes, args.passes, threads), file=sys.stderr, desc="models", unit="step") as bar:
-        records = run_models(device, dtypes, args.passes, threads, batch, warmup, min(repeats, 5), bar.update)
+        records = run_models(device, dtypes, args.passes, threads, batch, warmup, repeats, bar.update)
     return _report(args.out, "models", meta, records, model_columns(), panel=lambda r: r["mode"],
                    group=lambda r: r["model"] + (f" t{r['threads']}" if len(threads) > 1 else ""),
                    bar_key="variant", value_key="images_per_s", ylabel="images/s")
 
 
-def _report(out: str, stem: str, meta: dict, records, columns, **plot_args) -> int:
-    table = markdown_table(records, columns)
+def _report(out: str, stem: str, meta: dict, records, columns, extra_tables=(), **plot_args) -> int:
+    table = "\n\n".join([markdown_table(records, columns)] + [f"{title}\n\n{t}" for title, t in extra_tables])
     print(table)
     with open(f"{out}/{stem}.md", "w") as f:
         f.write(table + "\n")

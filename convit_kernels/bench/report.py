@@ -59,6 +59,31 @@ def model_columns() -> List[Column]:
     ]
 
 
+def thread_scaling(records: Sequence[dict]) -> List[dict]:
+    """One row per (workload, pass, implementation) timed at several thread counts: medians and speed-up."""
+    rows: dict = {}
+    for r in records:
+        if r.get("median_ms") is not None:
+            key = tuple(r[k] for k in ("level", "shape", "batch", "dtype", "pass", "implementation"))
+            rows.setdefault(key, {})[r["threads"]] = r["median_ms"]
+    result = []
+    for (level, shape, batch, dtype, pass_, impl), by_threads in rows.items():
+        if len(by_threads) > 1:
+            fewest, most = min(by_threads), max(by_threads)
+            result.append({"level": level, "shape": shape, "batch": batch, "dtype": dtype, "pass": pass_,
+                           "implementation": impl, "median_ms": by_threads,
+                           "scaling": by_threads[fewest] / by_threads[most], "threads": f"{fewest} -> {most}"})
+    return result
+
+
+SCALING_COLUMNS: List[Column] = [
+    ("level", lambda r: r["level"]), ("shape", lambda r: r["shape"]), ("B", lambda r: str(r["batch"])),
+    ("dtype", lambda r: r["dtype"]), ("pass", lambda r: r["pass"]), ("implementation", lambda r: r["implementation"]),
+    ("median ms by threads", lambda r: ", ".join(f"{t}: {ms:.2f}" for t, ms in sorted(r["median_ms"].items()))),
+    ("speed-up", lambda r: f"{r['scaling']:.2f}x ({r['threads']} threads)"),
+]
+
+
 def markdown_table(records: Sequence[dict], columns: Sequence[Column]) -> str:
     rows = [[header for header, _ in columns], ["---"] * len(columns)]
     rows += [[cell(r) for _, cell in columns] for r in records]
