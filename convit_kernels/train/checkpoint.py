@@ -1,0 +1,128 @@
+"""Checkpoints: atomic save, exact resume (optimiser, scheduler, scaler, RNG), and foreign ConViT weights.
+
+A checkpoint is a dict with ``model`` (the unwrapped state_dict, timm's keys),
+``optimizer``, ``lr_scheduler``, ``scaler``, ``epoch`` (the last completed
+epoch), ``rng`` and ``config``. ``load_weights`` also accepts a bare timm or
+facebookresearch ConViT state_dict, or one under a ``model`` / ``state_dict`` key.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import TrainError
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: `path` is always whole."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows, same file system by construction
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise TrainError(f"checkpoint {path!r} does not exist")
+    try:
+        # weights_only=False: our own checkpoints carry numpy/python RNG states. Load only files you trust.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise TrainError(f"cannot read checkpoint {path!r}: {type(error).__name__}: {error}") from None
+    if not isinstance(checkpoint, dict):
+        raise TrainError(f"checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state_dict")
+    return checkpoint
+
+
+def model_state(checkpoint: dict) -> dict:
+    """The state_dict inside a checkpoint of ours, timm's or facebookresearch's (DDP 'module.' prefixes removed)."""
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in checkpoint.items()}
+
+
+def load_weights(model: nn.Module, state: dict, path: str) -> None:
+    """Strict load with a readable summary of what does not match."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                 if items]
+        raise TrainError(f"checkpoint {path!r} does not match the model ({'; '.join(parts)})")
+    model.load_state_dict(state)
+
+
+def save(path: str, *, model, optimizer, scheduler, scaler, epoch: int, config, rng_states: list) -> None:
+    """`rng_states`: one rng_state() per rank, so every rank's augmentation stream resumes where it stopped."""
+    atomic_save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch,
+            "rng": rng_states,
+            "config": vars(config),
+        },
+        path,
+    )
+
+
+def resume(path: str, *, model, optimizer, scheduler, scaler, restore_training: bool, rank: int = 0) -> int:
+    """Load `path` into the model (and the training state when present and wanted). Returns the next epoch."""
+    checkpoint = read(path)
+    load_weights(model, model_state(checkpoint), path)
+    if not restore_training or "optimizer" not in checkpoint:
+        return 0  # weights only: a timm/facebookresearch checkpoint, or --eval
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as error:
+        raise TrainError(f"checkpoint {path!r}: optimizer state does not match ({error})") from None
+    scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    states = checkpoint["rng"]
+    set_rng_state(states[rank % len(states)])  # another world size resumes, but not bit for bit
+    return checkpoint["epoch"] + 1

@@ -1,0 +1,200 @@
+"""Datasets, transforms and samplers: an ImageFolder tree (train/ and val/) or the embedded digits.
+
+The ImageFolder path follows the DeiT/ConViT code: timm's ``create_transform``
+(RandAugment, random erasing) for training, resize + centre crop for
+evaluation. Without a data folder, scikit-learn's 8x8 digits (shipped inside
+scikit-learn, so no download) stand in, upscaled to the input size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from .errors import TrainError
+
+# Digits: 1797 images; a fixed, stratified fifth is the validation split.
+DIGITS_VAL_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_chans: int
+    name: str
+
+
+# ---------------------------------------------------------------------------------------------- digits
+
+
+class TensorImages(Dataset):
+    """Images held as one C x H x W float tensor each, with a per-sample transform (tensor in, tensor out)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform=None):
+        self.images, self.targets, self.transform = images, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+def digits(input_size: int, augment: bool) -> DataBundle:
+    """scikit-learn's 8x8 digits, upscaled once to input_size (bilinear), normalised; light affine augmentation.
+
+    The ImageNet recipe (RandAugment, random erasing, Mixup/CutMix, flips) is too
+    strong for 8x8 digits: a flipped or erased digit is another digit or none, and
+    the model does not learn in a few minutes with it. A small random affine
+    (rotation, shift, scale) is what helps on this data.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    raw = load_digits()
+    images = torch.from_numpy(raw.images).float().div_(16.0)[:, None]  # N x 1 x 8 x 8 in [0, 1]
+    images = F.interpolate(images, size=(input_size, input_size), mode="bilinear", align_corners=False)
+    images = (images - images.mean()) / images.std()
+    targets = torch.from_numpy(raw.target).long()
+    train_idx, val_idx = train_test_split(
+        range(len(targets)), test_size=DIGITS_VAL_FRACTION, stratify=raw.target, random_state=DIGITS_SPLIT_SEED
+    )
+    train_tf = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)) if augment else None
+    train = TensorImages(images[train_idx], targets[train_idx], train_tf)
+    val = TensorImages(images[val_idx], targets[val_idx])
+    return DataBundle(train, val, num_classes=10, in_chans=1, name="digits (sklearn, 8x8 upscaled)")
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+
+def _check_split(root: str, split: str) -> list:
+    """Class names of root/split, after checking that each class folder holds at least one image."""
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise TrainError(f"data folder {root!r} has no {split}/ folder (expected {root}/{split}/<class>/<image>)")
+    classes = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    if not classes:
+        raise TrainError(f"{path!r} has no class folders (expected {path}/<class>/<image>)")
+    for name in classes:
+        files = (f for _, _, names in os.walk(os.path.join(path, name)) for f in names)
+        if not any(datasets.folder.has_file_allowed_extension(f, datasets.folder.IMG_EXTENSIONS) for f in files):
+            raise TrainError(
+                f"class folder {os.path.join(path, name)!r} has no images "
+                f"(extensions {', '.join(datasets.folder.IMG_EXTENSIONS)})"
+            )
+    return classes
+
+
+def _load_image(path: str):
+    try:
+        return datasets.folder.pil_loader(path)
+    except Exception as error:  # PIL raises several types for a bad file; all mean the same to the user
+        raise TrainError(f"cannot read image {path!r}: {error}") from None
+
+
+def image_folder(root: str, input_size: int, recipe) -> DataBundle:
+    """The DeiT/ConViT layout: root/train/<class>/* and root/val/<class>/* with the same class folders."""
+    from timm.data import create_transform
+
+    if not os.path.isdir(root):
+        raise TrainError(f"data folder {root!r} does not exist")
+    train_classes = _check_split(root, "train")
+    val_classes = _check_split(root, "val")
+    if val_classes != train_classes:
+        missing = sorted(set(train_classes) ^ set(val_classes))
+        raise TrainError(f"train/ and val/ in {root!r} have different class folders: {', '.join(missing[:5])}")
+    train_tf = create_transform(
+        input_size,
+        is_training=True,
+        no_aug=not recipe.augment,
+        color_jitter=recipe.color_jitter,
+        auto_augment=recipe.auto_augment or None,
+        interpolation="bicubic",
+        re_prob=recipe.reprob,
+        re_mode="pixel",
+        re_count=1,
+    )
+    val_tf = create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
+    train = datasets.ImageFolder(os.path.join(root, "train"), transform=train_tf, loader=_load_image)
+    val = datasets.ImageFolder(os.path.join(root, "val"), transform=val_tf, loader=_load_image)
+    return DataBundle(train, val, num_classes=len(train_classes), in_chans=3, name=f"ImageFolder {root}")
+
+
+# ---------------------------------------------------------------------------------------------- common
+
+
+def targets_of(dataset: Dataset) -> torch.Tensor:
+    return torch.as_tensor(dataset.targets)
+
+
+def subsample_per_class(dataset: Dataset, ratio: float, seed: int = 0) -> Dataset:
+    """Keep a deterministic fraction of every class (at least one image each): the paper's sample-efficiency runs."""
+    if not 0.0 < ratio <= 1.0:
+        raise TrainError(f"--sampling-ratio must be in (0, 1], got {ratio}")
+    if ratio == 1.0:
+        return dataset
+    targets = targets_of(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for label in targets.unique(sorted=True).tolist():
+        members = (targets == label).nonzero().flatten()
+        count = max(1, round(ratio * len(members)))
+        keep.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return Subset(dataset, torch.cat(keep).sort().values.tolist())
+
+
+def build_data(config) -> DataBundle:
+    if config.data_path is None:
+        bundle = digits(config.input_size, augment=config.augment)
+    else:
+        bundle = image_folder(config.data_path, config.input_size, config)
+    bundle.train = subsample_per_class(bundle.train, config.sampling_ratio)
+    return bundle
+
+
+def build_loaders(bundle: DataBundle, config, rank: int, world_size: int, pin_memory: bool):
+    """Train loader (distributed or repeated-augmentation sampler, seeded by epoch) and this rank's val shard."""
+    if config.repeated_aug:
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        sampler = RepeatAugSampler(bundle.train, num_replicas=world_size, rank=rank, shuffle=True)
+    else:
+        # Also with one process: the order then depends only on (seed, epoch), which makes resume exact.
+        sampler = DistributedSampler(bundle.train, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed)
+    common = dict(num_workers=config.workers, pin_memory=pin_memory, persistent_workers=False)
+    train = DataLoader(bundle.train, batch_size=config.batch_size, sampler=sampler, drop_last=True, **common)
+    if len(train) == 0:
+        raise TrainError(
+            f"the training set has {len(sampler)} images per process, fewer than --batch-size {config.batch_size}"
+        )
+    # Every rank evaluates a disjoint shard, no padding: the summed counts are the exact accuracy.
+    val_shard = Subset(bundle.val, range(rank, len(bundle.val), world_size))
+    val = DataLoader(val_shard, batch_size=config.batch_size * 2, shuffle=False, **common)
+    return train, val
+
+
+def fixed_batch(dataset: Dataset, count: int) -> Optional[torch.Tensor]:
+    """The first `count` validation images, stacked: the input on which GPSA statistics are measured."""
+    count = min(count, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(count)]) if count else None
+
+
+def steps_per_epoch(loader: DataLoader, limit: Optional[int]) -> int:
+    return len(loader) if not limit else min(limit, len(loader))
+
+
+__all__ = ["DataBundle", "build_data", "build_loaders", "fixed_batch", "steps_per_epoch", "subsample_per_class"]

@@ -1,0 +1,218 @@
+"""The training loop: device and process-group setup, one epoch of training, evaluation, and `fit`.
+
+One process or many: under torchrun (WORLD_SIZE > 1) every process trains a
+DistributedDataParallel replica on its DistributedSampler shard, NCCL on GPUs,
+gloo on CPU; `--batch-size` is per process, so the total batch and the scaled
+lr grow with the world size. Only rank 0 prints, logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint, data, model as recipe
+from .report import JsonLog, gpsa_statistics, plot_gpsa
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(config) -> Runtime:
+    """Pick the device, join the process group under torchrun, and size the CPU thread pool."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and config.device != "cpu"
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        # The processes of one machine share its cores; oversubscribing them slows every process down.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Runtime(device, rank, world_size, local_rank)
+
+
+def print_main(runtime: Runtime, *args) -> None:
+    if runtime.is_main:
+        print(*args, flush=True)
+
+
+def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, criterion, mixup, runtime, config,
+                    epoch: int) -> dict:
+    model.train()
+    amp_dtype = AMP_DTYPES[config.amp]
+    channels_last = runtime.device.type == "cuda"
+    losses = []  # detached device tensors: no host sync per step
+    images = 0
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (runtime.is_main and config.progress),
+               dynamic_ncols=True, leave=True)
+    for step, (x, y) in zip(range(steps), loader):
+        x = x.to(runtime.device, non_blocking=True)
+        y = y.to(runtime.device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if mixup is not None:
+            x, y = mixup(x, y)
+        with torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step_update(num_updates=epoch * steps + step + 1)
+        losses.append(loss.detach())
+        images += x.shape[0] * runtime.world_size
+        bar.update()
+        if bar.n % 10 == 0 or step + 1 == steps:
+            rate = images / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{rate:.0f}")
+    bar.close()
+    step_losses = torch.stack(losses).float()
+    if runtime.world_size > 1:  # the global batch's loss: mean of the equal-sized per-process means
+        dist.all_reduce(step_losses)
+        step_losses /= runtime.world_size
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    step_losses = step_losses.tolist()
+    return {
+        "train_loss": sum(step_losses) / len(step_losses),
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_s": images / seconds,
+        "epoch_time_s": seconds,
+        "step_losses": step_losses,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, loader, runtime, config, num_classes: int) -> dict:
+    """Exact top-1 / top-5 accuracy and loss over the whole validation set (shards summed over processes)."""
+    model.eval()
+    amp_dtype = AMP_DTYPES[config.amp]
+    top_k = min(5, num_classes)
+    totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss sum, top-1, top-k, count
+    for x, y in loader:
+        x, y = x.to(runtime.device), y.to(runtime.device)
+        with torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x).float()
+        hits = logits.topk(top_k, dim=-1).indices == y[:, None]
+        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum"), hits[:, 0].sum(), hits.any(-1).sum(),
+                               torch.tensor(len(y), device=runtime.device)]).double()
+    if runtime.world_size > 1:
+        dist.all_reduce(totals)
+    loss, top1, topk, count = totals.tolist()
+    return {"val_loss": loss / count, "val_acc1": 100 * top1 / count, f"val_acc{top_k}": 100 * topk / count}
+
+
+def fit(config) -> dict:
+    """Train (or with config.eval only evaluate) as the config says. Returns the per-epoch records and the model.
+
+    Raises TrainError for bad input; the CLI turns it into a message and exit code 2.
+    """
+    runtime = setup_runtime(config)
+    torch.manual_seed(config.seed + runtime.rank)  # DeiT's seeding: ranks differ in augmentation, DDP syncs weights
+    np.random.seed(config.seed + runtime.rank)
+    random.seed(config.seed + runtime.rank)
+
+    bundle = data.build_data(config)
+    net = recipe.create_model(config.model, num_classes=bundle.num_classes, img_size=config.input_size,
+                              in_chans=bundle.in_chans, drop_path=config.drop_path, fused=config.fused,
+                              backend=config.backend).to(runtime.device)
+    if runtime.device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)  # the patch-embedding convolution prefers NHWC on GPUs
+    train_loader, val_loader = data.build_loaders(bundle, config, runtime.rank, runtime.world_size,
+                                                  pin_memory=runtime.device.type == "cuda")
+    steps = data.steps_per_epoch(train_loader, config.steps_per_epoch)
+    lr = recipe.base_lr(config, runtime.world_size)
+    optimizer = recipe.create_optimizer(net, lr, config)
+    scheduler = recipe.create_scheduler(optimizer, config, steps)
+    scaler = torch.amp.GradScaler(runtime.device.type) if config.amp == "fp16" else None
+    start_epoch = 0
+    if config.resume:
+        start_epoch = checkpoint.resume(config.resume, model=net, optimizer=optimizer, scheduler=scheduler,
+                                        scaler=scaler, restore_training=not config.eval, rank=runtime.rank)
+
+    model = net
+    if runtime.world_size > 1:
+        device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+    if config.compile:
+        model = torch.compile(model)
+
+    print_main(runtime, f"data: {bundle.name}, {len(bundle.train)} train / {len(bundle.val)} val images, "
+                        f"{bundle.num_classes} classes")
+    print_main(runtime, f"model: {config.model} ({'fused GPSA' if config.fused else 'stock timm'}), "
+                        f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, on {runtime.device}"
+                        f" x {runtime.world_size}, amp {config.amp}")
+    if config.eval:
+        metrics = evaluate(model, val_loader, runtime, config, bundle.num_classes)
+        print_main(runtime, "eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return {"records": [], "eval": metrics, "model": net}
+
+    print_main(runtime, f"recipe: lr {lr:.3g} (total batch {config.batch_size * runtime.world_size}), "
+                        f"{config.epochs} epochs x {steps} steps, warm-up {config.warmup_epochs}, "
+                        f"wd {config.weight_decay}, smoothing {config.smoothing}, mixup {config.mixup}, "
+                        f"cutmix {config.cutmix}, drop path {config.drop_path}, augment {config.augment}")
+    mixup = recipe.create_mixup(config, bundle.num_classes)
+    criterion = recipe.create_criterion(config, mixup)
+    stat_images = data.fixed_batch(bundle.val, config.stat_images)
+    if stat_images is not None:
+        stat_images = stat_images.to(runtime.device)
+    log = JsonLog(os.path.join(config.output_dir, "log.jsonl")) if runtime.is_main else None
+    last_path = os.path.join(config.output_dir, "checkpoint.pth")
+
+    records = []
+    stop_epoch = config.epochs if not config.stop_after else min(config.epochs, start_epoch + config.stop_after)
+    for epoch in range(start_epoch, stop_epoch):
+        train_loader.sampler.set_epoch(epoch)
+        record = {"epoch": epoch + 1}
+        record.update(train_one_epoch(model, train_loader, steps, optimizer, scheduler, scaler, criterion, mixup,
+                                      runtime, config, epoch))
+        record.update(evaluate(model, val_loader, runtime, config, bundle.num_classes))
+        rng_states = [checkpoint.rng_state()]
+        if runtime.world_size > 1:
+            rng_states = [None] * runtime.world_size
+            dist.all_gather_object(rng_states, checkpoint.rng_state())
+        if runtime.is_main:
+            if stat_images is not None:
+                record["gpsa"] = gpsa_statistics(net, stat_images)
+            checkpoint.save(last_path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            epoch=epoch, config=config, rng_states=rng_states)
+            log.write({k: v for k, v in record.items() if k != "step_losses"})
+            print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
+                  f"val acc {record['val_acc1']:.2f}%, {record['images_per_s']:.0f} images/s", flush=True)
+        records.append(record)
+
+    if runtime.is_main and plot_gpsa(log.records(), os.path.join(config.output_dir, "gpsa.png")):
+        print(f"log: {log.path}, plot: {os.path.join(config.output_dir, 'gpsa.png')}, checkpoint: {last_path}")
+    return {"records": records, "model": net}

@@ -1,0 +1,95 @@
+"""Models and the DeiT/ConViT recipe: which ConViT, with which optimiser, schedule, loss and Mixup.
+
+Every piece comes from timm: ``ConVit`` and its registered variants, AdamW
+from ``create_optimizer_v2`` with ``param_groups_weight_decay`` (no decay on
+1-d parameters, i.e. biases, norms and ``gating_param``, nor on
+``model.no_weight_decay()`` = pos_embed, cls_token), ``create_scheduler_v2``
+(cosine with warm-up, stepped every update), ``Mixup`` and its losses.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.convit import ConVit
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from .errors import TrainError
+
+# Names timm does not register, built from timm's ConVit class. As in timm and
+# facebookresearch, embed_dim is per head (ConVit multiplies it by num_heads).
+EXTRA_MODELS = {
+    # the "+" variants: 64-dim heads instead of 48
+    "convit_tiny_plus": dict(embed_dim=64, num_heads=4, local_up_to_layer=10, locality_strength=1.0),
+    "convit_small_plus": dict(embed_dim=64, num_heads=9, local_up_to_layer=10, locality_strength=1.0),
+    "convit_base_plus": dict(embed_dim=64, num_heads=16, local_up_to_layer=10, locality_strength=1.0),
+    # the embedded-digits default: 32 px / patch 4 = an 8 x 8 grid, 4 GPSA + 2 MHSA blocks, 4 x 16-dim heads
+    "convit_digits": dict(patch_size=4, embed_dim=16, num_heads=4, depth=6, local_up_to_layer=4, mlp_ratio=2.0),
+    # tests: 16 px / patch 4 = a 4 x 4 grid, one GPSA and one MHSA block
+    "convit_test": dict(patch_size=4, embed_dim=8, num_heads=4, depth=2, local_up_to_layer=1, mlp_ratio=2.0),
+}
+TIMM_MODELS = ("convit_tiny", "convit_small", "convit_base")
+MODEL_NAMES = TIMM_MODELS + tuple(EXTRA_MODELS)
+
+
+def create_model(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_path: float,
+                 fused: bool, backend: str = "auto") -> nn.Module:
+    """A ConViT by name; with ``fused`` its GPSA layers are FusedGPSA and its MHSA layers SDPA (same keys)."""
+    kwargs = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, drop_path_rate=drop_path)
+    if name in TIMM_MODELS:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    elif name in EXTRA_MODELS:
+        model = ConVit(**EXTRA_MODELS[name], **kwargs)
+    else:
+        raise TrainError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+    if fused:
+        from convit_kernels import patch_convit  # imported here: the lead's modules may change independently
+
+        patch_convit(model, backend=backend)
+    return model
+
+
+def base_lr(config, world_size: int) -> float:
+    """The linear scaling rule of DeiT: lr = lr_base x total batch / 512 (total = per-process batch x processes)."""
+    return config.lr if config.lr is not None else config.lr_base * config.batch_size * world_size / 512
+
+
+def create_optimizer(model: nn.Module, lr: float, config) -> torch.optim.Optimizer:
+    no_decay = getattr(model, "no_weight_decay", lambda: set())()
+    groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=no_decay)
+    return create_optimizer_v2(groups, opt=config.opt, lr=lr, weight_decay=config.weight_decay)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, config, updates_per_epoch: int):
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched="cosine",
+        num_epochs=config.epochs,
+        warmup_epochs=config.warmup_epochs,
+        warmup_lr=config.warmup_lr,
+        min_lr=config.min_lr,
+        step_on_epochs=False,  # per update: a smooth warm-up even for short runs
+        updates_per_epoch=updates_per_epoch,
+    )
+    return scheduler
+
+
+def create_mixup(config, num_classes: int):
+    """timm's Mixup/CutMix with label smoothing folded in, or None when both alphas are 0."""
+    if config.mixup <= 0 and config.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+                 label_smoothing=config.smoothing, num_classes=num_classes)
+
+
+def create_criterion(config, mixup) -> nn.Module:
+    if mixup is not None:
+        return SoftTargetCrossEntropy()  # Mixup already produced the smoothed soft targets
+    if config.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=config.smoothing)
+    return nn.CrossEntropyLoss()

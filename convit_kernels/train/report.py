@@ -1,0 +1,99 @@
+"""What a run reports: GPSA statistics per layer, the JSON-lines log, and the end-of-run plot.
+
+For every GPSA layer the log holds, per head, the gate sigmoid(lambda) (weight
+of the positional attention) and the nonlocality of the paper: the mean over
+queries of the attention-weighted distance to the keys, in patches, measured
+by the layer's ``get_attention_map`` on a fixed batch of validation images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+
+def gpsa_layers(model: nn.Module) -> "OrderedDict[str, nn.Module]":
+    """Every GPSA-like layer (timm's GPSA or FusedGPSA: it has a gate), by module name."""
+    return OrderedDict((name, m) for name, m in model.named_modules() if isinstance(getattr(m, "gating_param", None), torch.Tensor))
+
+
+@torch.no_grad()
+def gpsa_statistics(model: nn.Module, images: torch.Tensor) -> dict:
+    """{layer: {"gating": [H], "nonlocality": [H]}} measured on `images` with the model in eval mode."""
+    layers = gpsa_layers(model)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+             for name, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+        stats = {
+            name: {
+                "gating": torch.sigmoid(m.gating_param.float()).tolist(),
+                "nonlocality": m.get_attention_map(inputs[name]).float().tolist(),
+            }
+            for name, m in layers.items()
+        }
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return stats
+
+
+class JsonLog:
+    """One JSON object per line, appended and flushed per epoch (written by rank 0 only)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self) -> list:
+        """The last record of each epoch (a resumed run may have re-logged some)."""
+        if not os.path.exists(self.path):
+            return []
+        by_epoch = {}
+        with open(self.path) as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    by_epoch[record["epoch"]] = record
+        return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def plot_gpsa(records: list, path: str) -> bool:
+    """PNG of nonlocality and gate (mean over heads) per GPSA layer against the epoch. False if nothing to plot."""
+    records = [r for r in records if r.get("gpsa")]
+    if not records:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    layers = list(records[0]["gpsa"])
+    fig, (ax_nonlocal, ax_gate) = plt.subplots(1, 2, figsize=(11, 4))
+    for index, layer in enumerate(layers):
+        color = plt.cm.viridis(index / max(1, len(layers) - 1))
+        for ax, key in ((ax_nonlocal, "nonlocality"), (ax_gate, "gating")):
+            values = [sum(r["gpsa"][layer][key]) / len(r["gpsa"][layer][key]) for r in records]
+            ax.plot(epochs, values, marker="o", color=color, label=layer)
+    ax_nonlocal.set(xlabel="epoch", ylabel="nonlocality (patches, mean over heads)", title="GPSA nonlocality")
+    ax_gate.set(xlabel="epoch", ylabel="sigmoid(lambda), mean over heads", title="GPSA gate (weight of position)")
+    ax_gate.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

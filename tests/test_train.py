@@ -1,0 +1,165 @@
+"""The training stack on a tiny ConViT (convit_test: 16 px, 4 x 4 grid, 2 blocks) and the embedded digits."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from convit_kernels.train import checkpoint, fit, main, parse_config
+from convit_kernels.train.model import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "convit_test", "--input-size", "16", "--threads", "1", "--no-progress", "--stat-images", "8"]
+
+
+def run(tmp_path, *args, out="run"):
+    return fit(parse_config([*TINY, "--output-dir", str(tmp_path / out), *args]))
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_fused_matches_stock_first_steps(tmp_path):
+    args = ("--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16")
+    fused = run(tmp_path, *args, out="fused")["records"][0]["step_losses"]
+    stock = run(tmp_path, *args, "--no-fused", out="stock")["records"][0]["step_losses"]
+    assert len(fused) == len(stock) == 2
+    assert fused[0] == pytest.approx(stock[0], rel=1e-5)
+    assert fused[1] == pytest.approx(stock[1], rel=1e-3)
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    # Augmentation and drop path on: the RNG state must be restored too.
+    args = ("--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "16", "--drop-path", "0.1")
+    straight = run(tmp_path, *args, out="straight")["records"]
+    first = run(tmp_path, *args, "--stop-after", "1", out="resumed")["records"]
+    resumed_path = str(tmp_path / "resumed" / "checkpoint.pth")
+    second = run(tmp_path, *args, "--resume", resumed_path, out="resumed")["records"]
+    assert [r["epoch"] for r in first + second] == [1, 2]
+    assert first[0]["step_losses"] == straight[0]["step_losses"]
+    assert second[0]["step_losses"] == straight[1]["step_losses"]
+    a, b = weights(tmp_path / "straight" / "checkpoint.pth"), weights(resumed_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2 and (tmp_path / "resumed" / "gpsa.png").stat().st_size > 0
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    args = ["--epochs", "1", "--steps-per-epoch", "1", "--no-aug", "--smoothing", "0", "--drop-path", "0",
+            "--lr", "1e-2", "--warmup-epochs", "0"]
+    run(tmp_path, *args, "--batch-size", "8", out="single")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "convit_kernels.train", *TINY, *args, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "x 2" in done.stdout  # rank 0 reports the world size, and only rank 0 prints
+    assert done.stdout.count("epoch 1:") == 1
+    single, ddp = weights(tmp_path / "single" / "checkpoint.pth"), weights(tmp_path / "ddp" / "checkpoint.pth")
+    torch.manual_seed(0)  # the seed fit uses: the same initial weights
+    init = create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False).state_dict()
+    # Adam's first step is about lr x sign(grad): where a gradient is near Adam's eps, the different summation
+    # order of the all-reduce moves the update by a small fraction of lr (1e-2).
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(single["head.weight"], init["head.weight"])  # the step did move the weights
+
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    checkpoint.atomic_save({"step": 1}, path)
+
+    def crash_mid_write(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # e.g. the job is killed while writing
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left behind
+
+
+def test_foreign_state_dict_loads_into_fused_model(tmp_path):
+    stock = create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False)
+    path = tmp_path / "facebook.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in stock.state_dict().items()}}, path)
+    result = run(tmp_path, "--eval", "--resume", str(path))
+    assert 0 <= result["eval"]["val_acc1"] <= 100
+    loaded = result["model"].state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in stock.state_dict().items())
+
+
+def image_tree(root, broken=None, empty_class=False):
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            if empty_class and split == "train" and label == "b":
+                continue
+            for i in range(2):
+                Image.new("RGB", (16, 16), (40 * i, 100, 200)).save(folder / f"{i}.png")
+    if broken:
+        (root / "train" / "a" / "0.png").write_bytes(b"not an image")
+    return root
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing data", "does not exist"),
+        ("empty data", "has no train/ folder"),
+        ("empty class", "has no images"),
+        ("unreadable image", "cannot read image"),
+        ("unreadable image, workers", "cannot read image"),
+        ("missing resume", "does not exist"),
+        ("resume of another model", "does not match the model"),
+        ("resume not a checkpoint", "cannot read checkpoint"),
+    ],
+)
+def test_bad_input_message_and_exit_code(tmp_path, capsys, case, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    last = out / "checkpoint.pth"
+    last.write_bytes(b"previous checkpoint")
+    args = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--output-dir", str(out)]
+    if case == "missing data":
+        args += ["--data-path", str(tmp_path / "nowhere")]
+    elif case == "empty data":
+        (tmp_path / "data").mkdir()
+        args += ["--data-path", str(tmp_path / "data")]
+    elif case == "empty class":
+        args += ["--data-path", str(image_tree(tmp_path / "data", empty_class=True))]
+    elif case.startswith("unreadable image"):
+        args += ["--data-path", str(image_tree(tmp_path / "data", broken=True)), "--batch-size", "4",
+                 "--workers", "1" if "workers" in case else "0"]
+    elif case == "missing resume":
+        args += ["--resume", str(tmp_path / "missing.pth")]
+    elif case == "resume of another model":
+        other = create_model("convit_test", num_classes=3, img_size=16, in_chans=1, drop_path=0, fused=False)
+        torch.save(other.state_dict(), tmp_path / "other.pth")
+        args += ["--resume", str(tmp_path / "other.pth")]
+    elif case == "resume not a checkpoint":
+        args += ["--resume", str(last)]
+    assert main([*TINY, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+    assert last.read_bytes() == b"previous checkpoint"
+
+
+def test_train_digits_example_runs(tmp_path):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "python", "train_digits.py"), *TINY, "--epochs", "1",
+         "--steps-per-epoch", "2", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "predicted" in done.stdout and (tmp_path / "checkpoint.pth").exists()
