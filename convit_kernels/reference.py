@@ -26,10 +26,15 @@ Op interface shared by every backend (``torch``, ``triton``, ``cpu``, ``cuda``):
         returns dq, dk, dv (B x N x H x d contiguous, dtype of q),
                 d_pos_weight (H x 3), d_gating_param (H) in their own dtypes
 
-Keeping ``diff = O_p - O_c`` (rather than O_c or O_p alone) gives both row dot
-products the backward needs without a division by g or 1 - g:
-``delta_c = dO.O - g dO.diff`` and ``delta_p = dO.O + (1 - g) dO.diff``,
-accurate at both gate extremes; and ``dlambda = g (1 - g) sum dO.diff``.
+The backward needs the row dot products ``delta_c = dO.O_c`` and ``delta_p = dO.O_p``.
+A kernel whose key row spans several tiles takes them from the saved state before
+its main loop, flash-attention style: ``diff = O_p - O_c`` (rather than O_c or O_p
+alone) gives ``delta_c = dO.O - g dO.diff`` and ``delta_p = dO.O + (1 - g) dO.diff``
+with no division by g or 1 - g. Where a whole key row is in one tile, the sums
+``delta_c = sum_j A_ij T_ij`` and ``delta_p = sum_j P_ij T_ij`` over the recomputed
+tile are better: rounded consistently with the T they are subtracted from, as in
+softmax's own backward, they keep d pos_weight accurate for peaked positional
+heads and bf16 outputs. Either way ``dlambda = g (1 - g) sum dO.diff``.
 Every backend takes ``1 - g`` as ``sigmoid(-lambda)``, not ``1 - sigmoid(lambda)``:
 at lambda = 20 the latter is 0 in float32 and the content branch's gradients vanish.
 """
@@ -170,14 +175,14 @@ def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, out, lse, d
     dout = _to_bhnd(grad_out).to(acc)
     g, one_minus_g = _gates(gating_param, acc)
 
-    delta = (dout * _to_bhnd(out).to(acc)).sum(-1, keepdim=True)
-    delta_diff = (dout * diff).sum(-1, keepdim=True)
-    delta_c = delta - g * delta_diff
-    delta_p = delta + one_minus_g * delta_diff
-
     attn_c = ((qf @ kf.transpose(-2, -1)) * scale - lse[..., None]).exp()
     attn_p = positional_probs(pos_weight, grid_h, grid_w).to(acc)
     t = dout @ vf.transpose(-2, -1)  # shared by both branches
+    # Whole rows are at hand here, so the row dot products are sums over the recomputed tiles,
+    # rounded consistently with the t they are subtracted from (see the module docstring).
+    delta_c = (attn_c * t).sum(-1, keepdim=True)
+    delta_p = (attn_p * t).sum(-1, keepdim=True)
+    delta_diff = (dout * diff).sum(-1, keepdim=True)
 
     ds_c = one_minus_g * attn_c * (t - delta_c)
     dq = scale * (ds_c @ kf)
