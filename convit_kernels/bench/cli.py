@@ -133,7 +133,8 @@ def main(argv=None) -> int:
                    extra_tables=[("Thread scaling", markdown_table(scaling, SCALING_COLUMNS))] if scaling else [],
                    panel=lambda r: f"{r['level']} {r['pass']}",
                    group=lambda r: f"{r['shape']} {r['dtype']}" + (f" t{r['threads']}" if len(threads) > 1 else ""),
-                   bar_key="implementation", value_key="median_ms", ylabel="median ms (log)", log=True)
+                   bar_key="implementation", value=lambda r: r.get("speedup", {}).get("timm"),
+                   ylabel="speed-up over timm eager", line_at=1.0)
 
 
 def _run_models(args, device, threads, meta) -> int:
@@ -147,7 +148,7 @@ def _run_models(args, device, threads, meta) -> int:
         records = run_models(device, dtypes, args.passes, threads, batch, warmup, repeats, bar.update)
     return _report(args.out, "models", meta, records, model_columns(), panel=lambda r: r["mode"],
                    group=lambda r: r["model"] + (f" t{r['threads']}" if len(threads) > 1 else ""),
-                   bar_key="variant", value_key="images_per_s", ylabel="images/s")
+                   bar_key="variant", value=lambda r: r.get("images_per_s"), ylabel="images/s")
 
 
 def _report(out: str, stem: str, meta: dict, records, columns, extra_tables=(), **plot_args) -> int:

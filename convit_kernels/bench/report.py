@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 # (header, record -> cell text). Records are flat dicts; a missing figure prints as "-".
 Column = Tuple[str, Callable[[dict], str]]
@@ -105,32 +105,34 @@ def write_json(path: str, meta: dict, records: Sequence[dict]) -> None:
 
 
 def plot(path: str, records: Sequence[dict], panel: Callable[[dict], str], group: Callable[[dict], str],
-         bar_key: str, value_key: str, ylabel: str, log: bool = False) -> None:
-    """Grouped bar chart: one panel per ``panel(r)``, groups ``group(r)`` along x, one bar per ``r[bar_key]``."""
+         bar_key: str, value: Callable[[dict], Optional[float]], ylabel: str, line_at: Optional[float] = None) -> None:
+    """Grouped bar chart: one panel per ``panel(r)``, groups ``group(r)`` along x, one bar per ``r[bar_key]``,
+    height ``value(r)``; ``line_at`` draws a horizontal reference line (1.0 for speed-ups)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in records if r.get(value_key) is not None]
+    records = [r for r in records if value(r) is not None]
     panels = list(dict.fromkeys(panel(r) for r in records)) or ["(nothing measured)"]
     bars = list(dict.fromkeys(r[bar_key] for r in records))
+    width = 0.8 / max(1, len(bars))
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * len(records) / len(panels)), 3.2 * len(panels)),
                              squeeze=False)
     for ax, name in zip(axes[:, 0], panels):
         mine = [r for r in records if panel(r) == name]
         groups = list(dict.fromkeys(group(r) for r in mine))
-        width = 0.8 / max(1, len(bars))
         for i, bar in enumerate(bars):
-            values = {group(r): r[value_key] for r in mine if r[bar_key] == bar}
+            values = {group(r): value(r) for r in mine if r[bar_key] == bar}
             xs = [j + i * width for j, g in enumerate(groups) if g in values]
             ax.bar(xs, [values[g] for g in groups if g in values], width, label=bar)
+        if line_at is not None:
+            ax.axhline(line_at, color="gray", linewidth=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=8)
+        ax.set_ylim(0, 1.25 * max(value(r) for r in mine))
         ax.set_title(name, fontsize=10)
         ax.set_ylabel(ylabel)
-        if log:
-            ax.set_yscale("log")
-        ax.legend(fontsize=7, ncol=min(4, len(bars)))
+        ax.legend(fontsize=7, ncol=min(5, len(bars)), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
