@@ -97,6 +97,16 @@ def test_foreign_state_dict_loads_into_fused_model(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in stock.state_dict().items())
 
 
+def test_sampling_ratio_keeps_a_fixed_fraction_of_every_class():
+    from convit_kernels.train.data import digits, subsample_per_class, targets_of
+
+    train = digits(16, augment=False).train
+    kept = subsample_per_class(train, 0.1)
+    assert kept.indices == subsample_per_class(train, 0.1).indices  # deterministic
+    counts, kept_counts = targets_of(train).bincount(), targets_of(train)[kept.indices].bincount()
+    assert kept_counts.tolist() == [round(0.1 * c) for c in counts.tolist()]
+
+
 def image_tree(root, broken=None, empty_class=False):
     for split in ("train", "val"):
         for label in ("a", "b"):

