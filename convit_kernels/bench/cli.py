@@ -19,7 +19,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from .implementations import BASELINES, fused_backends
+from .implementations import BASELINES, fused_backends, implementations
 from .models import default_model_batch, model_steps, run_models
 from .report import (SCALING_COLUMNS, check_writable, markdown_table, microbench_columns, model_columns, plot,
                      thread_scaling, write_json)
@@ -121,6 +121,8 @@ def main(argv=None) -> int:
         "flops": "fused form: forward 4 B H N^2 d; fwd+bwd 14 B H N^2 d (backward 10 B H N^2 d: q k^T recomputed, "
                  "dO v^T, dv, dq, dk); module level adds the projections, 8 B N C^2 forward, 24 B N C^2 fwd+bwd. "
                  "Every implementation is credited with the same FLOPs.",
+        "implementations": {n: impl.description for n, impl in implementations(device.type, torch.float32).items()
+                            if n in names},
         "matmul_gflop_per_s": bench.matmul_rates,
         "spread": "interquartile range / median",
         "peak_memory": "memory held beyond what existed before the call; CPU: torch.profiler allocation events, "
