@@ -45,41 +45,65 @@ strided views the qk and v projections give (no copies), out/dq/dk/dv are
 written in B x N x H x d order. Head dims up to 128 are padded to a power of
 two (BLOCK_D) with masks, N to the block sizes with masks. Inputs fp32, fp16,
 bf16; accumulation, softmax, mixing and the reductions in fp32; dot operands in
-the input dtype (fp32 dots use IEEE fp32, not TF32, so fp32 matches the fp64
-reference to ~1e-6). Under the interpreter (TRITON_INTERPRET=1), whose bf16
-``tl.dot`` is wrong, the constexpr DOT_DTYPE upcasts bf16 operands to fp32;
-compiled GPU code keeps bf16 operands for the tensor cores.
+the input dtype, fp32 ones as 3xTF32 (``input_precision="tf32x3"``: tensor
+cores at fp32-level accuracy; IEEE fp32 dots fall back to FMAs and spilled
+kilobytes per thread on sm_80). Under the interpreter (TRITON_INTERPRET=1),
+whose bf16 ``tl.dot`` is wrong, the constexpr DOT_DTYPE upcasts bf16 operands
+to fp32; compiled GPU code keeps bf16 operands for the tensor cores.
 
-Expected cost (one layer, N = 196, d = 48; B H programs of work)
-----------------------------------------------------------------
-FLOPs (counting a multiply-add as 2): forward 6 B H N^2 d (Q K^T, A v, P v),
-like the SDPA decomposition ((1 - g) SDPA(q, k, v) + g P v: 6 B H N^2 d), and
-4 B H N^2 d when no ``diff`` is needed; backward 14 B H N^2 d (dk/dv kernel:
-Q K^T, dO v^T, M^T dO, dS^T q; dq kernel: Q K^T, dO v^T, dS k).
-Bytes moved per forward call, fp16, e = 2 bytes (ConViT-S: B = 32, H = 9):
-read q, k, v (3 B H N d e = 16.3 MB), write O (B H N d e = 5.4 MB), lse
-(B H N 4 = 0.23 MB) and diff (B H N d 4 = 10.8 MB): about 33 MB. The SDPA
-decomposition writes the H x N x N P (1.4 MB fp32), reads v twice and writes
-and re-reads two outputs before the mix: about 60 MB. timm eager
-materialises about six B x H x N x N fp32 tensors (logits, softmax, positional
-logits, softmax, mix, renormalised), each 44 MB, plus the B x N x N x 3 index
-expansion and its linear: roughly 400 MB. The backward reads q, k, v, dO, O,
-diff (plus lse and the deltas) and writes dq, dk, dv: about 60 MB against
-roughly 1 GB for timm's autograd.
+Expected cost (one layer; figures for ConViT-S: B = 32, H = 9, N = 196, d = 48, fp16)
+--------------------------------------------------------------------------------------
+FLOPs (multiply-add = 2): forward 6 B H N^2 d = 3.2 GFLOP (Q K^T, A v, P v),
+the same as the SDPA decomposition's 6 B H N^2 d ((1 - g) SDPA(q, k, v) + g P v);
+the design page's 4 B H N^2 d holds only without the saved ``diff``. Backward
+14 B H N^2 d = 7.4 GFLOP (dk/dv kernel: Q K^T, dO v^T, M^T dO, dS^T q; dq
+kernel: Q K^T, dO v^T, dS k). Plus two gathered loads per score from the
+positional tables (H (W^2 + H_p^2) fp32 = 14 KB, L1/L2-resident).
+Bytes moved per forward (one B H N d fp16 tensor is 5.4 MB): read q, k, v
+(16.3 MB), write O (5.4 MB), lse (0.2 MB) and fp32 diff (10.8 MB): ~33 MB;
+K and V are re-read once per query block, from L2. The SDPA decomposition
+reads q, k, v, writes O_c, builds P (1.4 MB fp32), reads v and P and writes
+O_p, then reads O_c and O_p to write O: ~50 MB in five kernels. timm eager
+makes about a dozen passes over B x H x N x N tensors (11 M elements, 44 MB
+in fp32 each: logits, two softmaxes, positional logits from the expanded
+B x N x N x 3 index table, the gated mix, its row sums and renormalisation):
+over 0.5 GB. Backward: the fused kernels read q, k, v, dO, O (27 MB), diff
+(10.8 MB), lse and the row deltas, and write dq, dk, dv (16.3 MB): ~55 MB,
+against several B x H x N x N tensors saved and re-read by timm's autograd.
 
 Block sizes and the compile report
 ----------------------------------
-Fixed configuration (tests, interpreter, and the ``convit-kernels aot`` report):
-forward BLOCK_M = 64, BLOCK_N = 64, 4 warps, 2 stages; backward kernels
-BLOCK_M = BLOCK_N = 64 (dk/dv: 8 warps), BLOCK_D = next power of two >= d (64
-for ConViT's 48 and 64). N = 196 is four key blocks (the last one masked).
-Numbers from ``convit-kernels aot --arch 80 90`` (triton 3.8, no GPU):
-see RESOURCES_NOTE below, filled from the report.
+Fixed configurations (BLOCK_M x BLOCK_N, warps, stages), BLOCK_D = next power
+of two >= d (64 for ConViT's 48 and 64):
 
-On real GPUs ``triton.autotune`` picks among block sizes 32..128, 4 or 8 warps
-and 2 or 3 stages keyed on (N, HEAD_DIM), pruning configurations whose key
-block is far wider than N or whose tiles are too large for the head dim.
-Set CONVIT_KERNELS_TRITON_AUTOTUNE=0 (before import) to use the fixed one.
+=============  ===================  ===================
+kernel         fp16 / bf16          fp32 (3xTF32)
+=============  ===================  ===================
+fwd            32 x 64, 4 w, 2 st   32 x 32, 4 w, 1 st
+bwd_dkdv       32 x 32, 4 w, 2 st   16 x 32, 4 w, 1 st
+bwd_dq         64 x 64, 4 w, 2 st   32 x 32, 4 w, 2 st
+bwd_preprocess BLOCK_M 64, 4 w      same
+=============  ===================  ===================
+
+``convit-kernels aot --arch 80 90`` (triton 3.8, no GPU, d = 48) printed, in
+registers per thread / spilled bytes / shared memory bytes / tensor-core SASS:
+sm_80 bf16: fwd 210 / 0 / 40960 / HMMA, bwd_dkdv 187 / 0 / 26880 / HMMA,
+bwd_dq 192 / 0 / 32768 / HMMA, preprocess 64 / 0 / 256; sm_90 bf16: fwd 202 /
+0 / 41984 / HMMA, bwd_dkdv 189 / 0 / 27904 / HMMA, bwd_dq 127 / 0 / 50176 /
+HGMMA; fp32 kernels 251-255 registers, 0 spill, 32-50 KB. Why these fit: a
+program holds two BLOCK_M x BLOCK_D fp32 accumulators (A v and P v; dk and dv)
+and three to four BLOCK_M x BLOCK_N fp32 score tiles (S or A, P, T, dS) plus
+the 64-bit pointer tiles of the positional gather; with 128 threads a 64 x 64
+fp32 tile is 32 registers per thread, so the 64 x 64 forward spilled 136 bytes
+on sm_80 and the 32 x 64 one does not (3xTF32 doubles the operand registers,
+hence the smaller fp32 tiles). Shared memory stays at 27-50 KB against 164 KB
+(sm_80) and 228 KB (sm_90) per SM, so registers bound occupancy: two programs
+(8 warps) per SM for the forward and dk/dv, four for the sm_90 dq (127
+registers). sm_90 uses warpgroup HGMMA only for 64-row tiles (dq); the
+32-row tiles run as HMMA there. On real GPUs ``triton.autotune`` picks among
+four tile shapes per kernel (16 x 32 to 128 x 64), 4 or 8 warps and 1 or 2
+stages, keyed on (N, HEAD_DIM) and the dtypes, pruning tiles wider than N needs
+and tiles above 64 x 64 for fp32 or d > 64 (above 128 x 64 otherwise). Set CONVIT_KERNELS_TRITON_AUTOTUNE=0 (before import) for the fixed ones.
 """
 
 from __future__ import annotations
@@ -113,21 +137,22 @@ def _config(block_m, block_n, num_warps, num_stages):
 
 
 # The fixed configuration of each autotuned kernel, by input element size (2: fp16/bf16, 4: fp32):
-# the largest tiles that compile without spills for sm_80 and sm_90 (see `convit-kernels aot`).
-# fp32 tiles are smaller: the 3xTF32 dots hold a high and a low part of every operand.
+# tiles that compile without spills for sm_80 and sm_90 (`convit-kernels aot`; a 64 x 64 forward
+# spills on sm_80). fp32 tiles are smaller: the 3xTF32 dots hold a high and a low part of each operand.
 FIXED_CONFIGS = {
     "fwd": {2: _config(32, 64, 4, 2), 4: _config(32, 32, 4, 1)},
     "bwd_dkdv": {2: _config(32, 32, 4, 2), 4: _config(16, 32, 4, 1)},
     "bwd_dq": {2: _config(64, 64, 4, 2), 4: _config(32, 32, 4, 2)},
 }
-# Under the interpreter one program costs the same whatever its tile: one configuration with few,
-# large tiles for every kernel and dtype (N = 196 still spans four key and query blocks).
+# The interpreter's cost is per program and loop step, nearly independent of the tile: one
+# configuration with few, large tiles for every kernel and dtype (N = 196 still spans four blocks).
 INTERPRETER_CONFIG = _config(64, 64, 4, 1)
 PREPROCESS_BLOCK_M = 64
 
 
-def _config_space(block_m, block_n):
-    return [_config(bm, bn, w, s) for bm in block_m for bn in block_n for w in (4, 8) for s in (1, 2, 3)]
+def _config_space(*tiles):
+    """Autotuning candidates: each (BLOCK_M, BLOCK_N) with 4 or 8 warps and 1 or 2 stages."""
+    return [_config(bm, bn, w, s) for bm, bn in tiles for w in (4, 8) for s in (1, 2)]
 
 
 def _autotune(kernel_name, space, reset_to_zero=None):
@@ -147,7 +172,7 @@ def _autotune(kernel_name, space, reset_to_zero=None):
         if not AUTOTUNE:
             return [fixed[elem]]
         n_cap = max(MIN_BLOCK, triton.next_power_of_2(named_args["N"]))
-        max_tile = 64 * 64 if elem == 4 or kwargs["BLOCK_D"] > 64 else 128 * 128
+        max_tile = 64 * 64 if elem == 4 or kwargs["BLOCK_D"] > 64 else 128 * 64
         kept = [
             c
             for c in configs
@@ -202,7 +227,7 @@ def _gates(GATE, h):
 # ---------------------------------------------------------------- forward
 
 
-@_autotune("fwd", _config_space((32, 64, 128), (32, 64, 128)))
+@_autotune("fwd", _config_space((32, 32), (32, 64), (64, 64), (64, 128)))
 @triton.jit
 def _gpsa_fwd_kernel(
     Q, K, V, PX, PY, GATE, OUT, LSE, DIFF,
@@ -285,7 +310,7 @@ def _gpsa_bwd_preprocess_kernel(
         tl.store(GATE_PARTIAL + pid_bh * tl.num_programs(1) + pid_m, d_gate)
 
 
-@_autotune("bwd_dkdv", _config_space((16, 32, 64), (32, 64, 128)), reset_to_zero=["DW_PARTIAL"])
+@_autotune("bwd_dkdv", _config_space((16, 32), (32, 32), (32, 64), (64, 64)), reset_to_zero=["DW_PARTIAL"])
 @triton.jit
 def _gpsa_bwd_dkdv_kernel(
     Q, K, V, DOUT, PX, PY, GATE, LSE, DELTA_C, DELTA_P, DK, DV, DW_PARTIAL,
@@ -355,7 +380,7 @@ def _gpsa_bwd_dkdv_kernel(
         tl.store(DW_PARTIAL + (pid_bh * partials_per_head + pid_n) * 3 + lane, sums, mask=lane < 3)
 
 
-@_autotune("bwd_dq", _config_space((32, 64, 128), (32, 64)))
+@_autotune("bwd_dq", _config_space((32, 32), (64, 32), (64, 64), (128, 64)))
 @triton.jit
 def _gpsa_bwd_dq_kernel(
     Q, K, V, DOUT, GATE, LSE, DELTA_C, DQ,
