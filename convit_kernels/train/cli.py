@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampling-ratio", type=float, default=1.0,
                    help="keep this deterministic fraction of every training class")
     g.add_argument("--input-size", type=int, help="image side in pixels (224 ImageNet, 16 digits)")
-    g.add_argument("--batch-size", type=int, help="per process; the total batch is this x world size (64 ImageNet, 32 digits)")
+    g.add_argument("--batch-size", type=int,
+                   help="per process; the total batch is this x world size (64 ImageNet, 32 digits)")
     g.add_argument("--workers", type=int, help="DataLoader workers per process (8 ImageNet, 0 digits)")
     g.add_argument("--no-aug", dest="augment", action="store_false", help="no random augmentation at all")
     g.add_argument("--auto-augment", help="timm RandAugment spec ('' for none)")

@@ -69,8 +69,8 @@ def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, criterio
     losses = []  # detached device tensors: no host sync per step
     images = 0
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (runtime.is_main and config.progress),
-               dynamic_ncols=True, leave=True)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True,
+               disable=not (runtime.is_main and config.progress))
     for step, (x, y) in zip(range(steps), loader):
         x = x.to(runtime.device, non_blocking=True)
         y = y.to(runtime.device, non_blocking=True)

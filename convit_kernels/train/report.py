@@ -18,7 +18,9 @@ from torch import nn
 
 def gpsa_layers(model: nn.Module) -> "OrderedDict[str, nn.Module]":
     """Every GPSA-like layer (timm's GPSA or FusedGPSA: it has a gate), by module name."""
-    return OrderedDict((name, m) for name, m in model.named_modules() if isinstance(getattr(m, "gating_param", None), torch.Tensor))
+    return OrderedDict(
+        (name, m) for name, m in model.named_modules() if isinstance(getattr(m, "gating_param", None), torch.Tensor)
+    )
 
 
 @torch.no_grad()
