@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .op import FLOAT_DTYPES, Backend, register_backend
+from .op import FLOAT_DTYPES, Backend, empty_backward_outputs, empty_forward_outputs, register_backend
 
 __all__ = ["load_cpu", "load_cuda"]
 
@@ -115,21 +115,13 @@ def _cuda_unavailable() -> Optional[str]:
 
 
 def _register_fakes() -> None:
-    def acc(dtype):
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
     @torch.library.register_fake("convit_kernels_ext::gpsa_fwd")
     def _fwd_fake(q, k, v, pos_weight, gating_param, grid_w, scale):
-        B, H, N, d = q.shape
-        return q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=acc(q.dtype)), q.new_empty(
-            (B, H, N, d), dtype=acc(q.dtype)
-        )
+        return empty_forward_outputs(q)
 
     @torch.library.register_fake("convit_kernels_ext::gpsa_bwd")
     def _bwd_fake(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w, scale):
-        B, H, N, d = q.shape
-        grads = tuple(q.new_empty((B, N, H, d)) for _ in range(3))
-        return grads + (torch.empty_like(pos_weight), torch.empty_like(gating_param))
+        return empty_backward_outputs(q, pos_weight, gating_param)
 
 
 def _forward(q, k, v, pos_weight, gating_param, grid_w, scale):

@@ -218,8 +218,8 @@ def gpsa_fwd(
     return _BACKENDS[backend].forward(q, k, v, pos_weight, gating_param, grid_w, scale)
 
 
-@gpsa_fwd.register_fake
-def _gpsa_fwd_fake(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, backend):
+def empty_forward_outputs(q: torch.Tensor):
+    """Uninitialised (out, lse, diff) of the forward interface; the fake (meta) function of every forward."""
     B, H, N, d = q.shape
     acc = compute_dtype(q.dtype)
     return (
@@ -227,6 +227,20 @@ def _gpsa_fwd_fake(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, b
         q.new_empty((B, H, N), dtype=acc),
         q.new_empty((B, H, N, d), dtype=acc),
     )
+
+
+def empty_backward_outputs(q: torch.Tensor, pos_weight: torch.Tensor, gating_param: torch.Tensor):
+    """Uninitialised (dq, dk, dv, d pos_weight, d gating_param) of the backward interface."""
+    B, H, N, d = q.shape
+    return tuple(q.new_empty((B, N, H, d)) for _ in range(3)) + (
+        torch.empty_like(pos_weight),
+        torch.empty_like(gating_param),
+    )
+
+
+@gpsa_fwd.register_fake
+def _gpsa_fwd_fake(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, backend):
+    return empty_forward_outputs(q)
 
 
 @torch.library.custom_op("convit_kernels::gpsa_bwd", mutates_args=())
@@ -250,14 +264,7 @@ def gpsa_bwd(
 
 @gpsa_bwd.register_fake
 def _gpsa_bwd_fake(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w, scale, backend):
-    B, H, N, d = q.shape
-    return (
-        q.new_empty((B, N, H, d)),
-        q.new_empty((B, N, H, d)),
-        q.new_empty((B, N, H, d)),
-        torch.empty_like(pos_weight),
-        torch.empty_like(gating_param),
-    )
+    return empty_backward_outputs(q, pos_weight, gating_param)
 
 
 def _fwd_setup_context(ctx, inputs, output):
