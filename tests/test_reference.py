@@ -123,7 +123,7 @@ def test_non_finite_inputs_propagate_like_timm():
     v = v.clone()
     v[1, 0, 5, 0] = float("inf")
     expected = timm_gpsa_core(q, k, v, *params).detach()
-    for backend in ("reference", "torch"):
+    for backend in ("reference", "torch", "auto"):
         got = gpsa_attention(q, k, v, *params, backend=backend)
         assert torch.equal(torch.isnan(got), torch.isnan(expected)), backend
         assert torch.equal(torch.isinf(got), torch.isinf(expected)), backend
