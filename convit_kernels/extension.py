@@ -129,8 +129,6 @@ def _forward(q, k, v, pos_weight, gating_param, grid_w, scale):
 
 
 def _backward(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w, scale):
-    if grad_out.dtype != q.dtype:
-        grad_out = grad_out.to(q.dtype)
     return torch.ops.convit_kernels_ext.gpsa_bwd(
         grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w, scale
     )

@@ -165,8 +165,8 @@ def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None) ->
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {_describe(t)}")
-    if q.dim() != 4:
-        raise ValueError(f"q must have shape (B, H, N, d), got {_describe(q)}")
+    if q.dim() != 4 or q.shape[2] == 0 or q.shape[3] == 0:
+        raise ValueError(f"q must have shape (B, H, N, d) with N >= 1 patches and d >= 1, got {_describe(q)}")
     B, H, N, d = q.shape
     for name in ("k", "v"):
         if named[name].shape != q.shape:
@@ -276,8 +276,9 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, grad_out, _grad_lse, _grad_diff):
     q, k, v, pos_weight, pos_bias, gating_param, out, lse, diff = ctx.saved_tensors
+    # Backends take dO in the dtype of q (autograd may hand another one, e.g. under AMP).
     dq, dk, dv, dw, dgate = gpsa_bwd(
-        grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, ctx.grid_w, ctx.scale, ctx.backend
+        grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, out, lse, diff, ctx.grid_w, ctx.scale, ctx.backend
     )
     # P does not depend on the bias (a per-row constant inside a softmax): its gradient is exactly zero.
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dw, torch.zeros_like(pos_bias), dgate, None, None, None

@@ -455,6 +455,7 @@ def gpsa_forward(q, k, v, pos_weight, gating_param, grid_w: int, scale: float):
     B, H, N, d = q.shape
     head_dim, block_d = _head_dims(d)
     px, py, grid_h = _axis_tables(pos_weight, N, grid_w)
+    gating_param = gating_param.contiguous()  # the kernels read it at GATE + h
     out = torch.empty((B, N, H, d), device=q.device, dtype=q.dtype)
     out_bhnd = out.transpose(1, 2)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
@@ -476,8 +477,7 @@ def gpsa_backward(
     B, H, N, d = q.shape
     head_dim, block_d = _head_dims(d)
     px, py, grid_h = _axis_tables(pos_weight, N, grid_w)
-    if grad_out.dtype != q.dtype:
-        grad_out = grad_out.to(q.dtype)
+    gating_param = gating_param.contiguous()  # the kernels read it at GATE + h
     dout = grad_out.transpose(1, 2)  # B x H x N x d view
     out_bhnd = out.transpose(1, 2)
     lse = lse.contiguous()  # a no-op for this backend's own forward

@@ -81,6 +81,7 @@ BAD_INPUTS = [
     ("q not a tensor", _replace(0, [[1.0]]), {}, TypeError, "q must be a torch.Tensor"),
     ("integer k", _replace(1, lambda a: a[1].long()), {}, TypeError, "k must be a floating tensor"),
     ("q of rank 3", _replace(0, lambda a: a[0][0]), {}, ValueError, r"q must have shape \(B, H, N, d\)"),
+    ("q with no patches", _replace(0, lambda a: a[0][:, :, :0]), {}, ValueError, "with N >= 1 patches and d >= 1"),
     ("k of another shape", _replace(1, lambda a: a[1][:, :, :9]), {}, ValueError, "k must have the shape of q"),
     ("v of another dtype", _replace(2, lambda a: a[2].double()), {}, TypeError, "v must have the dtype of q"),
     ("pos_weight H x 2", _replace(3, lambda a: a[3][:, :2]), {}, ValueError, r"pos_weight must have shape \(4, 3\)"),
