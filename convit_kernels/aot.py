@@ -2,8 +2,9 @@
 
 Each kernel of ``triton_gpsa.KERNELS`` is compiled with ``triton.compile`` for an
 explicit ``GPUTarget("cuda", arch, 32)``, in each input dtype and for ConViT's
-head dims (48 and 64), with the fixed configuration the module docstring
-describes and the argument specialisation the runtime would apply to inputs
+head dims (48 and 64), with each fixed configuration of ``triton_gpsa.FIXED_CONFIGS``
+in the key path it serves (``keys=tile``: the whole key row in one BLOCK_N tile,
+N = 196; ``keys=loop``: several key blocks) and the argument specialisation the runtime would apply to inputs
 taken from the qk / v projections (16-byte aligned pointers, strides divisible
 by 16, unit stride along d). ``cuobjdump`` (shipped in
 ``triton/backends/nvidia/bin``) reads the cubin's registers per thread, local
@@ -15,6 +16,7 @@ a kernel fails to compile or spills.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -34,7 +36,7 @@ SM_LIMITS = {80: (65536, 164 * 1024, 64), 90: (65536, 228 * 1024, 64)}
 FLOAT_ARGS = {"qk_scale", "scale"}
 INT_ARGS = {"H", "N", "grid_w", "grid_h", "partials_per_head"}
 # Pointers to the saved state and the tables: always fp32, whatever the input dtype.
-FP32_POINTERS = {"PX", "PY", "GATE", "LSE", "DIFF", "DELTA_C", "DELTA_P", "GATE_PARTIAL", "DW_PARTIAL"}
+FP32_POINTERS = {"PX", "PY", "GATE", "LSE", "DELTA_C", "DELTA_P", "GATE_PARTIAL", "DW_PARTIAL"}
 
 
 @dataclass
@@ -44,6 +46,7 @@ class KernelReport:
     dtype: str
     head_dim: int
     num_warps: int
+    key_path: str = "loop"
     registers: int = 0
     spill_bytes: int = 0
     shared_bytes: int = 0
@@ -57,7 +60,10 @@ class KernelReport:
         return min(by_regs, by_smem, warps // self.num_warps)
 
     def line(self) -> str:
-        head = f"{self.kernel:<15} sm_{self.arch} {self.dtype:<4} d={self.head_dim:<3} warps={self.num_warps}"
+        head = (
+            f"{self.kernel:<8} keys={self.key_path:<4} sm_{self.arch} {self.dtype:<4} d={self.head_dim:<3} "
+            f"warps={self.num_warps}"
+        )
         if self.error:
             return f"{head}  COMPILE FAILED: {self.error}"
         occupancy = self.blocks_per_sm() * self.num_warps
@@ -73,16 +79,18 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def _launch_spec(kernel_name, jit_fn, dtype, head_dim, config):
+def _launch_spec(jit_fn, dtype, head_dim, config, one_key_block):
     """(signature, constexprs, attrs) of one launch, specialised as the runtime does for projection views."""
     from . import triton_gpsa as tg
 
     elem = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    head_dim, block_d = tg._head_dims(head_dim)
     constexprs = {
         "HEAD_DIM": head_dim,
-        "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
+        "BLOCK_D": block_d,
         "DOT_DTYPE": tg.dot_dtype(dtype),
         "USE_ATOMICS": False,
+        "ONE_KEY_BLOCK": one_key_block,
         **config,
     }
     signature, attrs = {}, {}
@@ -102,16 +110,6 @@ def _launch_spec(kernel_name, jit_fn, dtype, head_dim, config):
             attrs[(index,)] = [["tt.divisibility", 16]]
     constexprs = {k: v for k, v in constexprs.items() if k in signature}
     return signature, constexprs, attrs
-
-
-def _fixed_config(kernel_name, dtype):
-    """(constexprs, num_warps, num_stages) of the kernel's fixed configuration for this input dtype."""
-    from . import triton_gpsa as tg
-
-    if kernel_name == "bwd_preprocess":
-        return {"BLOCK_M": tg.PREPROCESS_BLOCK_M}, 4, 1
-    config = tg.FIXED_CONFIGS[kernel_name][dtype.itemsize]
-    return dict(config.kwargs), config.num_warps, config.num_stages
 
 
 def _inspect(compiled, report: KernelReport) -> None:
@@ -147,23 +145,28 @@ def compile_report(archs=(80, 90), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS):
         target = GPUTarget("cuda", arch, 32)
         for kernel_name, kernel in tg.KERNELS.items():
             jit_fn = kernel
-            while not isinstance(jit_fn, JITFunction):  # unwrap triton.autotune
+            while not isinstance(jit_fn, JITFunction):  # unwrap triton.autotune and triton.heuristics
                 jit_fn = jit_fn.fn
-            for dtype_name in dtypes:
-                config, num_warps, num_stages = _fixed_config(kernel_name, DTYPES[dtype_name])
-                for head_dim in head_dims:
-                    report = KernelReport(kernel_name, arch, dtype_name, head_dim, num_warps)
-                    signature, constexprs, attrs = _launch_spec(kernel_name, jit_fn, DTYPES[dtype_name], head_dim, config)
-                    try:
-                        compiled = triton.compile(
-                            ASTSource(jit_fn, signature, constexprs, attrs),
-                            target=target,
-                            options={"num_warps": num_warps, "num_stages": num_stages},
-                        )
-                        _inspect(compiled, report)
-                    except Exception as exc:  # reported, and the exit status says so
-                        report.error = (str(exc).strip().splitlines() or [repr(exc)])[-1][:300]
-                    yield report
+            for dtype_name, (key_path, configs), head_dim in itertools.product(
+                dtypes, tg.FIXED_CONFIGS[kernel_name].items(), head_dims
+            ):
+                config = configs.get(DTYPES[dtype_name].itemsize)
+                if config is None:  # no configuration of this key path for this dtype
+                    continue
+                report = KernelReport(kernel_name, arch, dtype_name, head_dim, config.num_warps, key_path)
+                signature, constexprs, attrs = _launch_spec(
+                    jit_fn, DTYPES[dtype_name], head_dim, dict(config.kwargs), key_path == "tile"
+                )
+                try:
+                    compiled = triton.compile(
+                        ASTSource(jit_fn, signature, constexprs, attrs),
+                        target=target,
+                        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+                    )
+                    _inspect(compiled, report)
+                except Exception as exc:  # reported, and the exit status says so
+                    report.error = (str(exc).strip().splitlines() or [repr(exc)])[-1][:300]
+                yield report
 
 
 def main(argv=None) -> int:

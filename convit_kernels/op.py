@@ -213,20 +213,15 @@ def gpsa_fwd(
     grid_w: int,
     scale: float,
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused GPSA forward; returns (out B x N x H x d, lse B x H x N, diff B x H x N x d)."""
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused GPSA forward; returns (out B x N x H x d, lse B x H x N)."""
     return _BACKENDS[backend].forward(q, k, v, pos_weight, gating_param, grid_w, scale)
 
 
 def empty_forward_outputs(q: torch.Tensor):
-    """Uninitialised (out, lse, diff) of the forward interface; the fake (meta) function of every forward."""
+    """Uninitialised (out, lse) of the forward interface; the fake (meta) function of every forward."""
     B, H, N, d = q.shape
-    acc = compute_dtype(q.dtype)
-    return (
-        q.new_empty((B, N, H, d)),
-        q.new_empty((B, H, N), dtype=acc),
-        q.new_empty((B, H, N, d), dtype=acc),
-    )
+    return q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=compute_dtype(q.dtype))
 
 
 def empty_backward_outputs(q: torch.Tensor, pos_weight: torch.Tensor, gating_param: torch.Tensor):
@@ -251,34 +246,32 @@ def gpsa_bwd(
     v: torch.Tensor,
     pos_weight: torch.Tensor,
     gating_param: torch.Tensor,
-    out: torch.Tensor,
     lse: torch.Tensor,
-    diff: torch.Tensor,
     grid_w: int,
     scale: float,
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused GPSA backward; returns (dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
-    return _BACKENDS[backend].backward(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w, scale)
+    return _BACKENDS[backend].backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
 
 
 @gpsa_bwd.register_fake
-def _gpsa_bwd_fake(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w, scale, backend):
+def _gpsa_bwd_fake(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale, backend):
     return empty_backward_outputs(q, pos_weight, gating_param)
 
 
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, backend = inputs
-    out, lse, diff = output
-    ctx.save_for_backward(q, k, v, pos_weight, pos_bias, gating_param, out, lse, diff)
+    _, lse = output
+    ctx.save_for_backward(q, k, v, pos_weight, pos_bias, gating_param, lse)
     ctx.grid_w, ctx.scale, ctx.backend = grid_w, scale, backend
 
 
-def _fwd_backward(ctx, grad_out, _grad_lse, _grad_diff):
-    q, k, v, pos_weight, pos_bias, gating_param, out, lse, diff = ctx.saved_tensors
+def _fwd_backward(ctx, grad_out, _grad_lse):
+    q, k, v, pos_weight, pos_bias, gating_param, lse = ctx.saved_tensors
     # Backends take dO in the dtype of q (autograd may hand another one, e.g. under AMP).
     dq, dk, dv, dw, dgate = gpsa_bwd(
-        grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, out, lse, diff, ctx.grid_w, ctx.scale, ctx.backend
+        grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, lse, ctx.grid_w, ctx.scale, ctx.backend
     )
     # P does not depend on the bias (a per-row constant inside a softmax): its gradient is exactly zero.
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dw, torch.zeros_like(pos_bias), dgate, None, None, None
@@ -320,5 +313,5 @@ def gpsa_attention(
     name = resolve_backend(backend, q.device.type, q.dtype)
     if name == "reference":
         return gpsa_reference(q, k, v, pos_weight, pos_bias, gating_param, (grid_h, grid_w), scale)
-    out, _, _ = gpsa_fwd(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, name)
+    out, _ = gpsa_fwd(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, name)
     return out.transpose(1, 2)

@@ -19,22 +19,21 @@ Op interface shared by every backend (``torch``, ``triton``, ``cpu``, ``cuda``):
         returns out:   B x N x H x d contiguous, dtype of q
                 lse:   B x H x N float32 (float64 for float64 input),
                        log-sum-exp of the content logits scale * q k^T
-                diff:  B x H x N x d float32 (float64 for float64 input),
-                       O_p - O_c, the positional minus the content output
-    backward(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w, scale)
+    backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
         grad_out:      B x N x H x d, any strides
         returns dq, dk, dv (B x N x H x d contiguous, dtype of q),
                 d_pos_weight (H x 3), d_gating_param (H) in their own dtypes
 
-The backward needs the row dot products ``delta_c = dO.O_c`` and ``delta_p = dO.O_p``.
-A kernel whose key row spans several tiles takes them from the saved state before
-its main loop, flash-attention style: ``diff = O_p - O_c`` (rather than O_c or O_p
-alone) gives ``delta_c = dO.O - g dO.diff`` and ``delta_p = dO.O + (1 - g) dO.diff``
-with no division by g or 1 - g. Where a whole key row is in one tile, the sums
-``delta_c = sum_j A_ij T_ij`` and ``delta_p = sum_j P_ij T_ij`` over the recomputed
-tile are better: rounded consistently with the T they are subtracted from, as in
-softmax's own backward, they keep d pos_weight accurate for peaked positional
-heads and bf16 outputs. Either way ``dlambda = g (1 - g) sum dO.diff``.
+The forward keeps only lse (O(B H N)): it mixes the normalised content
+softmax with P before a single product with v, so it never forms O_c or O_p.
+The backward needs the row dot products ``delta_c = dO.O_c`` and
+``delta_p = dO.O_p``; it takes them as ``delta_c = sum_j A_ij T_ij`` and
+``delta_p = sum_j P_ij T_ij`` over the recomputed attention and ``T = dO v^T``.
+Rounded consistently with the T they are subtracted from, as in softmax's own
+backward, they keep d pos_weight accurate for peaked positional heads and
+bf16 outputs, and they need no division by g or 1 - g (O_c cannot be
+recovered stably from O where g is near 1).
+Then ``dlambda = g (1 - g) sum_i (delta_p - delta_c)``.
 Every backend takes ``1 - g`` as ``sigmoid(-lambda)``, not ``1 - sigmoid(lambda)``:
 at lambda = 20 the latter is 0 in float32 and the content branch's gradients vanish.
 """
@@ -159,14 +158,13 @@ def gpsa_forward_torch(q, k, v, pos_weight, gating_param, grid_w: int, scale: fl
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     logits = (qf @ kf.transpose(-2, -1)) * scale
     lse = logits.logsumexp(-1)
-    out_c = (logits - lse[..., None]).exp() @ vf
-    out_p = positional_probs(pos_weight, grid_h, grid_w).to(acc) @ vf
     g, one_minus_g = _gates(gating_param, acc)
-    out = one_minus_g * out_c + g * out_p
-    return out.transpose(1, 2).to(q.dtype).contiguous(), lse, out_p - out_c
+    mixed = one_minus_g * (logits - lse[..., None]).exp() + g * positional_probs(pos_weight, grid_h, grid_w).to(acc)
+    out = mixed @ vf
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
-def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w: int, scale: float):
+def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w: int, scale: float):
     """The op's backward with tensor ops, following the design page's derivation."""
     acc = compute_dtype(q.dtype)
     N = q.shape[2]
@@ -178,11 +176,8 @@ def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, out, lse, d
     attn_c = ((qf @ kf.transpose(-2, -1)) * scale - lse[..., None]).exp()
     attn_p = positional_probs(pos_weight, grid_h, grid_w).to(acc)
     t = dout @ vf.transpose(-2, -1)  # shared by both branches
-    # Whole rows are at hand here, so the row dot products are sums over the recomputed tiles,
-    # rounded consistently with the t they are subtracted from (see the module docstring).
     delta_c = (attn_c * t).sum(-1, keepdim=True)
     delta_p = (attn_p * t).sum(-1, keepdim=True)
-    delta_diff = (dout * diff).sum(-1, keepdim=True)
 
     ds_c = one_minus_g * attn_c * (t - delta_c)
     dq = scale * (ds_c @ kf)
@@ -192,7 +187,7 @@ def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, out, lse, d
     ds_p = (g * attn_p * (t - delta_p)).sum(0)  # H x N x N, summed over the batch
     rel = relative_positions(grid_h, grid_w, device=q.device, dtype=acc)
     d_pos_weight = torch.einsum("hij,ijc->hc", ds_p, rel)
-    d_gating = (g * one_minus_g).view(-1) * delta_diff.sum(dim=(0, 2, 3))
+    d_gating = (g * one_minus_g).view(-1) * (delta_p - delta_c).sum(dim=(0, 2, 3))
 
     def op_layout(t):
         return t.transpose(1, 2).to(q.dtype).contiguous()

@@ -2,37 +2,36 @@
 
 Layout of the work
 ------------------
-* ``_gpsa_fwd_kernel``: one program per (batch, head, block of BLOCK_M queries)
-  walks the keys in blocks of BLOCK_N. Per key block it computes the content
-  logits ``scale q k^T`` (one ``tl.dot``), the content softmax online (running
-  max and sum, flash-attention style), gathers the positional probabilities
-  P[i, j] = px[h, x_i, x_j] * py[h, y_i, y_j] from the two per-axis softmax
-  tables of ``reference.positional_axis_probs`` (H x (W^2 + H_p^2) floats per
-  call, shared by the whole batch and L1/L2-resident), and accumulates A v and
-  P v. At the end it mixes with the gate, ``O = (1 - g) A v + g P v``, and
-  stores O (B x N x H x d, input dtype), ``lse`` (B x H x N) and
-  ``diff = P v - A v`` (B x H x N x d, fp32): O(B H N d) state, no N x N tensor.
+* ``_gpsa_fwd_kernel``: one program per (batch, head, block of BLOCK_M queries).
+  It computes the content logits ``scale q k^T`` (``tl.dot``), the content
+  softmax, gathers the positional probabilities P[i, j] = px[h, x_i, x_j] *
+  py[h, y_i, y_j] from the two per-axis softmax tables of
+  ``reference.positional_axis_probs`` (H x (W^2 + H_p^2) floats per call, shared
+  by the whole batch and L1/L2-resident), mixes M = (1 - g) A + g P and does a
+  single product M v per key tile. It stores O (B x N x H x d, input dtype) and
+  ``lse`` (B x H x N, fp32): O(B H N) state, no N x N tensor.
+  Mixing before the product needs A normalised. Where the key row fits one
+  tile (N <= BLOCK_N: ConViT's N = 196 with BLOCK_N = 256, the constexpr
+  ONE_KEY_BLOCK) the softmax is exact in registers and Q K^T is done once.
+  Longer rows take two passes over the keys: row max and sum first (Q K^T
+  only), then the mix and M v.
   The positional probabilities come from the per-call tables rather than from
   ``exp(w . r - lse_pos)`` generated in-kernel: the tables are real softmaxes,
   so P keeps softmax accuracy for peaked heads (locality strength 10), where a
   separately computed log-sum-exp loses ~30x in d pos_weight; and a gather
   costs one multiply per element instead of an exp.
-  Why two products with v and the mix at the end, rather than mixing A and P
-  first and one product M v: the interface's saved ``diff = (P - A) v`` needs a
-  second product per tile in any case, and mixing first would need the content
-  softmax normalised before the product, i.e. a second Q K^T pass over the keys
-  wherever N > BLOCK_N. Two accumulators give O and diff from the same two
-  products with one pass over the keys.
-* ``_gpsa_bwd_preprocess_kernel``: the row dot products of the design page,
-  delta = dO.O and delta_diff = dO.diff, giving delta_c = delta - g delta_diff and
-  delta_p = delta + (1 - g) delta_diff (as ``reference.gpsa_backward_torch``),
-  and each program's partial sum of g (1 - g) delta_diff for d gating_param.
-* ``_gpsa_bwd_dkdv_kernel``: one program per (batch, head, block of keys) walks
-  the queries: recomputes A from lse and gathers P, computes T = dO v^T once per
-  tile for both branches (dS_c for dk, ds_p for d pos_weight), dv = M^T dO,
-  dk = scale dS_c^T q, and its partial sums of ds_p * (dx, dy, dx^2 + dy^2).
 * ``_gpsa_bwd_dq_kernel``: one program per (batch, head, block of queries)
-  walks the keys: dq = scale dS_c k (T recomputed here for the content branch).
+  walks the keys, recomputes A from lse and gathers P, computes T = dO v^T once
+  per tile for both branches and takes the row deltas of the design page as
+  delta_c = sum_j A_ij T_ij and delta_p = sum_j P_ij T_ij (reference.py says
+  why). With the key row in one tile dS = (1 - g) A o (T - delta_c) and dq =
+  scale dS k directly; over several tiles, from two accumulators in the same
+  pass (see the kernel). It stores dq, both deltas (B x H x N) and its partial
+  sum of g (1 - g) (delta_p - delta_c) for d gating_param.
+* ``_gpsa_bwd_dkdv_kernel``: one program per (batch, head, block of keys) walks
+  the queries after the dq kernel: recomputes A and P, T = dO v^T once per tile
+  for both branches (dS for dk, ds for d pos_weight), dv = M^T dO,
+  dk = scale dS^T q, and its partial sums of ds * (dx, dy, dx^2 + dy^2).
   Keeping dq apart from dk/dv is flash-attention 2's choice: no atomics on dq.
 * The per-head reductions (d pos_weight, d gating_param) are per-program partial
   sums reduced by a second, fixed-order ``torch.sum``: deterministic. With
@@ -53,23 +52,29 @@ to fp32; compiled GPU code keeps bf16 operands for the tensor cores.
 
 Expected cost (one layer; figures for ConViT-S: B = 32, H = 9, N = 196, d = 48, fp16)
 --------------------------------------------------------------------------------------
-FLOPs (multiply-add = 2): forward 6 B H N^2 d = 3.2 GFLOP (Q K^T, A v, P v),
-the same as the SDPA decomposition's 6 B H N^2 d ((1 - g) SDPA(q, k, v) + g P v);
-the design page's 4 B H N^2 d holds only without the saved ``diff``. Backward
-14 B H N^2 d = 7.4 GFLOP (dk/dv kernel: Q K^T, dO v^T, M^T dO, dS^T q; dq
-kernel: Q K^T, dO v^T, dS k). Plus two gathered loads per score from the
-positional tables (H (W^2 + H_p^2) fp32 = 14 KB, L1/L2-resident).
+FLOPs (multiply-add = 2; B H N^2 d = 0.53 G): forward 4 B H N^2 d = 2.1 GFLOP
+(Q K^T and M v), against 6 B H N^2 d = 3.2 GFLOP for the SDPA decomposition
+((1 - g) SDPA(q, k, v) + g P v); timm's eager math also does 4 B H N^2 d in
+products, but through the memory traffic below. The tile is
+256 keys wide for N = 196, so the tensor cores do 256/196 = 1.3x the useful
+work. Rows longer than BLOCK_N repeat Q K^T: 6 B H N^2 d. Backward 14 B H N^2 d
+= 7.4 GFLOP (dq kernel: Q K^T, dO v^T, dS k; dk/dv kernel: Q K^T, dO v^T,
+M^T dO, dS^T q), 16 with several key tiles (the second accumulator of dq).
+Plus two gathered loads per score from the positional tables (H (W^2 + H_p^2)
+fp32 = 14 KB).
 Bytes moved per forward (one B H N d fp16 tensor is 5.4 MB): read q, k, v
-(16.3 MB), write O (5.4 MB), lse (0.2 MB) and fp32 diff (10.8 MB): ~33 MB;
-K and V are re-read once per query block, from L2. The SDPA decomposition
-reads q, k, v, writes O_c, builds P (1.4 MB fp32), reads v and P and writes
-O_p, then reads O_c and O_p to write O: ~50 MB in five kernels. timm eager
-makes about a dozen passes over B x H x N x N tensors (11 M elements, 44 MB
-in fp32 each: logits, two softmaxes, positional logits from the expanded
-B x N x N x 3 index table, the gated mix, its row sums and renormalisation):
-over 0.5 GB. Backward: the fused kernels read q, k, v, dO, O (27 MB), diff
-(10.8 MB), lse and the row deltas, and write dq, dk, dv (16.3 MB): ~55 MB,
-against several B x H x N x N tensors saved and re-read by timm's autograd.
+(16.3 MB), write O (5.4 MB) and lse (0.2 MB): ~22 MB, the lower bound of the
+design page; K and V are re-read once per query block, from L2. The SDPA
+decomposition reads q, k, v, writes O_c, builds P (1.4 MB fp32), reads v and P
+and writes O_p, then reads O_c and O_p to write O: ~50 MB in five kernels.
+timm eager makes about a dozen passes over B x H x N x N tensors (11 M
+elements, 44 MB in fp32 each: logits, two softmaxes, positional logits from the
+expanded B x N x N x 3 index table, the gated mix, its row sums and
+renormalisation): over 0.5 GB. Backward: the fused kernels read q, k, v, dO
+(21.7 MB) and lse, write dq, dk, dv (16.3 MB) and the two row deltas (0.5 MB,
+read back by dk/dv): ~39 MB, against several B x H x N x N tensors saved and
+re-read by timm's autograd. Training memory: the op saves q, k, v and lse,
+nothing of size N x N or an extra B x H x N x d.
 
 Block sizes and the compile report
 ----------------------------------
@@ -136,18 +141,32 @@ def _config(block_m, block_n, num_warps, num_stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-# The fixed configuration of each autotuned kernel, by input element size (2: fp16/bf16, 4: fp32):
-# tiles that compile without spills for sm_80 and sm_90 (`convit-kernels aot`; a 64 x 64 forward
-# spills on sm_80). fp32 tiles are smaller: the 3xTF32 dots hold a high and a low part of each operand.
+# The fixed configurations, by key path and input element size (2: fp16/bf16, 4: fp32): tiles that
+# compile without spills for sm_80 and sm_90 (`convit-kernels aot`). "tile" configurations hold a
+# whole key row (N <= BLOCK_N, N = 196 for ConViT) and serve head dims up to 64; "loop" ones the
+# rest. fp32 tiles are smaller (the 3xTF32 dots hold a high and a low part of each operand), and
+# fp32 dq has no one-tile configuration: 16 x 256 spills.
 FIXED_CONFIGS = {
-    "fwd": {2: _config(32, 64, 4, 2), 4: _config(32, 32, 4, 1)},
-    "bwd_dkdv": {2: _config(32, 32, 4, 2), 4: _config(16, 32, 4, 1)},
-    "bwd_dq": {2: _config(64, 64, 4, 2), 4: _config(32, 32, 4, 2)},
+    "fwd": {
+        "tile": {2: _config(32, 256, 8, 2), 4: _config(16, 256, 8, 1)},
+        "loop": {2: _config(32, 64, 4, 2), 4: _config(32, 32, 4, 1)},
+    },
+    "bwd_dq": {"tile": {2: _config(32, 256, 8, 2)}, "loop": {2: _config(32, 64, 4, 2), 4: _config(16, 32, 4, 1)}},
+    "bwd_dkdv": {"loop": {2: _config(32, 32, 4, 2), 4: _config(16, 32, 4, 1)}},
 }
-# The interpreter's cost is per program and loop step, nearly independent of the tile: one
-# configuration with few, large tiles for every kernel and dtype (N = 196 still spans four blocks).
-INTERPRETER_CONFIG = _config(64, 64, 4, 1)
-PREPROCESS_BLOCK_M = 64
+# The interpreter's cost is per program and loop step, nearly independent of the tile: few, large
+# tiles for every dtype. Key rows up to 256 (N = 196) take the forward's and dq's one-key-block
+# path, longer ones (tested at N = 257 and 576) the two-pass one; dk/dv walks N = 196 in 4 blocks.
+INTERPRETER_CONFIGS = {"fwd": _config(64, 256, 4, 1), "bwd_dq": _config(64, 256, 4, 1), "bwd_dkdv": _config(64, 64, 4, 1)}
+
+
+def fixed_config(kernel_name: str, element_size: int, N: int, block_d: int) -> triton.Config:
+    """The fixed configuration of a kernel for inputs of this element size, N and BLOCK_D."""
+    paths = FIXED_CONFIGS[kernel_name]
+    tile = paths.get("tile", {}).get(element_size)
+    if tile is not None and N <= tile.kwargs["BLOCK_N"] and block_d <= 64:
+        return tile
+    return paths["loop"][element_size]
 
 
 def _config_space(*tiles):
@@ -155,23 +174,31 @@ def _config_space(*tiles):
     return [_config(bm, bn, w, s) for bm, bn in tiles for w in (4, 8) for s in (1, 2)]
 
 
+def _config_key(config):
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
 def _autotune(kernel_name, space, reset_to_zero=None):
     """triton.autotune over ``space`` keyed on (N, HEAD_DIM) (and the dtypes), or the fixed configuration.
 
-    Without autotuning the candidate list is the fixed configuration of each element size and the
-    pruning keeps the one for the input's: a single candidate, so nothing is benchmarked.
+    Without autotuning the candidates are the fixed configurations and the pruning keeps the one for
+    the input: a single candidate, so nothing is benchmarked.
     """
-    fixed = FIXED_CONFIGS[kernel_name]
+    fixed_configs = [c for path in FIXED_CONFIGS[kernel_name].values() for c in path.values()]
     if INTERPRET:
-        configs = [INTERPRETER_CONFIG]
+        configs = [INTERPRETER_CONFIGS[kernel_name]]
+    elif AUTOTUNE:  # the space, plus the fixed configurations it lacks
+        seen = {_config_key(c) for c in space}
+        configs = space + [c for c in fixed_configs if _config_key(c) not in seen]
     else:
-        configs = space if AUTOTUNE else list(fixed.values())
+        configs = fixed_configs
 
     def prune(configs, named_args, **kwargs):
-        elem = named_args["Q"].element_size()
+        elem, N = named_args["Q"].element_size(), named_args["N"]
+        fixed = fixed_config(kernel_name, elem, N, kwargs["BLOCK_D"])
         if not AUTOTUNE:
-            return [fixed[elem]]
-        n_cap = max(MIN_BLOCK, triton.next_power_of_2(named_args["N"]))
+            return [fixed]
+        n_cap = max(MIN_BLOCK, triton.next_power_of_2(N))
         max_tile = 64 * 64 if elem == 4 or kwargs["BLOCK_D"] > 64 else 128 * 64
         kept = [
             c
@@ -180,7 +207,7 @@ def _autotune(kernel_name, space, reset_to_zero=None):
             and c.kwargs["BLOCK_N"] <= n_cap
             and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
         ]
-        return kept or [fixed[elem]]
+        return kept or [fixed]
 
     return triton.autotune(
         configs=configs,
@@ -227,18 +254,24 @@ def _gates(GATE, h):
 # ---------------------------------------------------------------- forward
 
 
-@_autotune("fwd", _config_space((32, 32), (32, 64), (64, 64), (64, 128)))
+@triton.jit
+def _mixed_probs(s, lse, pos, g, one_minus_g):
+    """M = (1 - g) A + g P for a tile, A = 2^(s - lse) from log2-unit logits and row log-sum-exps."""
+    return one_minus_g * tl.exp2(s - lse[:, None]) + g * pos
+
+
+@_autotune("fwd", _config_space((32, 64), (64, 64), (16, 256), (32, 256)))
+@triton.heuristics({"ONE_KEY_BLOCK": lambda args: args["N"] <= args["BLOCK_N"]})
 @triton.jit
 def _gpsa_fwd_kernel(
-    Q, K, V, PX, PY, GATE, OUT, LSE, DIFF,
+    Q, K, V, PX, PY, GATE, OUT, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    stride_fb, stride_fh, stride_fn, stride_fd,
     H, N, grid_w, grid_h, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     b, h = (pid_bh // H).to(tl.int64), pid_bh % H
@@ -248,66 +281,128 @@ def _gpsa_fwd_kernel(
     q = q.to(DOT_DTYPE)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    g, one_minus_g = _gates(GATE, h)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the logits, log2 units
-    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(logit - m_i)
-    acc_c = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # unnormalised A v
-    acc_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # P v
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    if ONE_KEY_BLOCK:
+        # The whole key row in one tile: exact softmax, then the mix and one product with v.
+        offs_n = tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
         s = tl.where((offs_n < N)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        a = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(a, 1)
-        acc_c = acc_c * alpha[:, None] + tl.dot(a.to(DOT_DTYPE), v, input_precision="tf32x3")
-        m_i = m_new
+        m_i = tl.max(s, 1)
+        l_i = tl.sum(tl.exp2(s - m_i[:, None]), 1)
+        lse = m_i + tl.log2(l_i)  # log2 units
         pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
-        acc_p += tl.dot(pos.to(DOT_DTYPE), v, input_precision="tf32x3")
+        mix = _mixed_probs(s, lse, pos, g, one_minus_g)
+        v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+        acc = tl.dot(mix.to(DOT_DTYPE), v, input_precision="tf32x3")
+    else:
+        # Mixing before the product needs A normalised, so a first pass over the keys takes the
+        # row statistics (Q K^T only) and a second one mixes and multiplies by v.
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(logit - m_i)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+            s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
+            s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m_i = m_new
+        lse = m_i + tl.log2(l_i)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+            s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
+            s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+            pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
+            mix = _mixed_probs(s, lse, pos, g, one_minus_g)
+            v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+            acc += tl.dot(mix.to(DOT_DTYPE), v, input_precision="tf32x3")
 
-    g, one_minus_g = _gates(GATE, h)
-    out_c = acc_c / l_i[:, None]
-    out = one_minus_g * out_c + g * acc_p
-    _store_tile(OUT + b * stride_ob + h * stride_oh, out, stride_on, stride_od, offs_m, offs_d, N, HEAD_DIM)
-    _store_tile(DIFF + b * stride_fb + h * stride_fh, acc_p - out_c, stride_fn, stride_fd, offs_m, offs_d, N, HEAD_DIM)
-    lse = (m_i + tl.log2(l_i)) / LOG2E_IN_KERNEL  # natural-log units, as the interface says
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+    _store_tile(OUT + b * stride_ob + h * stride_oh, acc, stride_on, stride_od, offs_m, offs_d, N, HEAD_DIM)
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse / LOG2E_IN_KERNEL, mask=offs_m < N)  # natural log
 
 
 # ---------------------------------------------------------------- backward
 
 
+@_autotune("bwd_dq", _config_space((32, 64), (64, 64), (16, 256), (32, 256)), reset_to_zero=["GATE_PARTIAL"])
+@triton.heuristics({"ONE_KEY_BLOCK": lambda args: args["N"] <= args["BLOCK_N"]})
 @triton.jit
-def _gpsa_bwd_preprocess_kernel(
-    DOUT, OUT, DIFF, GATE, DELTA_C, DELTA_P, GATE_PARTIAL,
+def _gpsa_bwd_dq_kernel(
+    Q, K, V, DOUT, PX, PY, GATE, LSE, DELTA_C, DELTA_P, DQ, GATE_PARTIAL,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gn, stride_gd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_fb, stride_fh, stride_fn, stride_fd,
-    H, N,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, USE_ATOMICS: tl.constexpr,
+    stride_db, stride_dh, stride_dn, stride_dd,
+    H, N, grid_w, grid_h, scale, qk_scale, partials_per_head,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, USE_ATOMICS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """dq and the row deltas of a block of queries; runs before the dk/dv kernel, which reads the deltas.
+
+    delta_c = sum_j A_ij T_ij and delta_p = sum_j P_ij T_ij need the whole key row. With it in one
+    tile, dS = (1 - g) A o (T - delta_c) is formed directly; over several tiles, dq is assembled from
+    two accumulators in the same pass: sum_j (1 - g) A_ij (T_ij - delta_c) k_j =
+    (1 - g) (sum_j A_ij T_ij k_j - delta_c sum_j A_ij k_j), whose rounding is that of forming
+    T - delta_c elementwise (both are bounded by eps |delta_c| sum_j A_ij |k_j|).
+    """
     pid_bh, pid_m = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    dout = _load_tile(DOUT + b * stride_gb + h * stride_gh, stride_gn, stride_gd, offs_m, offs_d, N, HEAD_DIM)
-    out = _load_tile(OUT + b * stride_ob + h * stride_oh, stride_on, stride_od, offs_m, offs_d, N, HEAD_DIM)
-    diff = _load_tile(DIFF + b * stride_fb + h * stride_fh, stride_fn, stride_fd, offs_m, offs_d, N, HEAD_DIM)
-    dout = dout.to(tl.float32)
-    delta = tl.sum(dout * out.to(tl.float32), 1)
-    delta_diff = tl.sum(dout * diff, 1)
-    g, one_minus_g = _gates(GATE, h)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qn, stride_qd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+    dout_base = DOUT + b * stride_gb + h * stride_gh
+    dout = _load_tile(dout_base, stride_gn, stride_gd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
     rows = pid_bh.to(tl.int64) * N + offs_m
-    tl.store(DELTA_C + rows, delta - g * delta_diff, mask=offs_m < N)
-    tl.store(DELTA_P + rows, delta + one_minus_g * delta_diff, mask=offs_m < N)
-    d_gate = g * one_minus_g * tl.sum(delta_diff, 0)  # masked rows loaded as 0
+    lse = tl.load(LSE + rows, mask=offs_m < N, other=0.0) * LOG2E_IN_KERNEL
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    g, one_minus_g = _gates(GATE, h)
+
+    if ONE_KEY_BLOCK:
+        offs_n = tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+        v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
+        a = tl.where((offs_n < N)[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        t = tl.dot(dout, tl.trans(v), input_precision="tf32x3")  # T = dO v^T, for both branches
+        pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
+        delta_c = tl.sum(a * t, 1)
+        delta_p = tl.sum(pos * t, 1)
+        ds_c = one_minus_g * a * (t - delta_c[:, None])
+        dq = tl.dot(ds_c.to(DOT_DTYPE), k, input_precision="tf32x3")
+    else:
+        delta_c = tl.zeros([BLOCK_M], tl.float32)
+        delta_p = tl.zeros([BLOCK_M], tl.float32)
+        acc_at = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_j A_ij T_ij k_j
+        acc_a = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_j A_ij k_j
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+            v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+            s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
+            a = tl.where((offs_n < N)[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            t = tl.dot(dout, tl.trans(v), input_precision="tf32x3")
+            pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
+            at = a * t
+            delta_c += tl.sum(at, 1)
+            delta_p += tl.sum(pos * t, 1)
+            acc_at += tl.dot(at.to(DOT_DTYPE), k, input_precision="tf32x3")
+            acc_a += tl.dot(a.to(DOT_DTYPE), k, input_precision="tf32x3")
+        dq = one_minus_g * (acc_at - delta_c[:, None] * acc_a)
+
+    _store_tile(DQ + b * stride_db + h * stride_dh, dq * scale, stride_dn, stride_dd, offs_m, offs_d, N, HEAD_DIM)
+    tl.store(DELTA_C + rows, delta_c, mask=offs_m < N)
+    tl.store(DELTA_P + rows, delta_p, mask=offs_m < N)
+    d_gate = g * one_minus_g * tl.sum(delta_p - delta_c, 0)  # rows past N have dO = 0: deltas 0
     if USE_ATOMICS:
         tl.atomic_add(GATE_PARTIAL + h, d_gate)
     else:
-        tl.store(GATE_PARTIAL + pid_bh * tl.num_programs(1) + pid_m, d_gate)
+        tl.store(GATE_PARTIAL + pid_bh * partials_per_head + pid_m, d_gate)
 
 
 @_autotune("bwd_dkdv", _config_space((16, 32), (32, 32), (32, 64), (64, 64)), reset_to_zero=["DW_PARTIAL"])
@@ -380,51 +475,10 @@ def _gpsa_bwd_dkdv_kernel(
         tl.store(DW_PARTIAL + (pid_bh * partials_per_head + pid_n) * 3 + lane, sums, mask=lane < 3)
 
 
-@_autotune("bwd_dq", _config_space((32, 32), (64, 32), (64, 64), (128, 64)))
-@triton.jit
-def _gpsa_bwd_dq_kernel(
-    Q, K, V, DOUT, GATE, LSE, DELTA_C, DQ,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_gb, stride_gh, stride_gn, stride_gd,
-    stride_db, stride_dh, stride_dn, stride_dd,
-    H, N, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    pid_bh = tl.program_id(0)
-    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qn, stride_qd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-    dout_base = DOUT + b * stride_gb + h * stride_gh
-    dout = _load_tile(dout_base, stride_gn, stride_gd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-    rows = pid_bh.to(tl.int64) * N + offs_m
-    lse = tl.load(LSE + rows, mask=offs_m < N, other=0.0) * LOG2E_IN_KERNEL
-    delta_c = tl.load(DELTA_C + rows, mask=offs_m < N, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    _, one_minus_g = _gates(GATE, h)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
-        a = tl.where((offs_n < N)[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        t = tl.dot(dout, tl.trans(v), input_precision="tf32x3")
-        ds_c = one_minus_g * a * (t - delta_c[:, None])
-        dq += tl.dot(ds_c.to(DOT_DTYPE), k, input_precision="tf32x3")
-    _store_tile(DQ + b * stride_db + h * stride_dh, dq * scale, stride_dn, stride_dd, offs_m, offs_d, N, HEAD_DIM)
-
-
 KERNELS = {
     "fwd": _gpsa_fwd_kernel,
-    "bwd_preprocess": _gpsa_bwd_preprocess_kernel,
-    "bwd_dkdv": _gpsa_bwd_dkdv_kernel,
     "bwd_dq": _gpsa_bwd_dq_kernel,
+    "bwd_dkdv": _gpsa_bwd_dkdv_kernel,
 }
 
 
@@ -459,58 +513,45 @@ def gpsa_forward(q, k, v, pos_weight, gating_param, grid_w: int, scale: float):
     out = torch.empty((B, N, H, d), device=q.device, dtype=q.dtype)
     out_bhnd = out.transpose(1, 2)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    diff = torch.empty((B, H, N, d), device=q.device, dtype=torch.float32)
-    grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))  # noqa: E731
-    _gpsa_fwd_kernel[grid](
-        q, k, v, px, py, gating_param, out_bhnd, lse, diff,
-        *q.stride(), *k.stride(), *v.stride(), *out_bhnd.stride(), *diff.stride(),
+    _gpsa_fwd_kernel[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
+        q, k, v, px, py, gating_param, out_bhnd, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out_bhnd.stride(),
         H, N, grid_w, grid_h, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype),
     )  # fmt: skip
-    return out, lse, diff
+    return out, lse
 
 
-def gpsa_backward(
-    grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w: int, scale: float, atomic_reductions=False
-):
+def gpsa_backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w: int, scale: float, atomic_reductions=False):
     """The op's backward; per-head reductions deterministic unless ``atomic_reductions``."""
     B, H, N, d = q.shape
     head_dim, block_d = _head_dims(d)
     px, py, grid_h = _axis_tables(pos_weight, N, grid_w)
     gating_param = gating_param.contiguous()  # the kernels read it at GATE + h
     dout = grad_out.transpose(1, 2)  # B x H x N x d view
-    out_bhnd = out.transpose(1, 2)
     lse = lse.contiguous()  # a no-op for this backend's own forward
     delta_c = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     delta_p = torch.empty_like(delta_c)
-    num_m = triton.cdiv(N, PREPROCESS_BLOCK_M)
+    # One partial sum per (batch, head, program): room for the smallest block any configuration uses.
     partials_per_head = triton.cdiv(N, MIN_BLOCK)
-    reduce_shape = (1, H, 1) if atomic_reductions else (B, H, num_m)
-    gate_partial = torch.zeros(reduce_shape, device=q.device, dtype=torch.float32)
-    dw_partial = torch.zeros(
-        (1, H, 1, 3) if atomic_reductions else (B, H, partials_per_head, 3), device=q.device, dtype=torch.float32
-    )
-    _gpsa_bwd_preprocess_kernel[(B * H, num_m)](
-        dout, out_bhnd, diff, gating_param, delta_c, delta_p, gate_partial,
-        *dout.stride(), *out_bhnd.stride(), *diff.stride(),
-        H, N,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M, USE_ATOMICS=atomic_reductions,
-    )  # fmt: skip
+    gate_partial = torch.zeros((1, H, 1) if atomic_reductions else (B, H, partials_per_head), device=q.device)
+    dw_partial = torch.zeros((1, H, 1, 3) if atomic_reductions else (B, H, partials_per_head, 3), device=q.device)
 
     dq, dk, dv = (torch.empty((B, N, H, d), device=q.device, dtype=q.dtype) for _ in range(3))
     dq_bhnd, dk_bhnd, dv_bhnd = (t.transpose(1, 2) for t in (dq, dk, dv))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk_bhnd.stride())
+    meta_args = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype), USE_ATOMICS=atomic_reductions)
+    _gpsa_bwd_dq_kernel[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
+        q, k, v, dout, px, py, gating_param, lse, delta_c, delta_p, dq_bhnd, gate_partial,
+        *strides,
+        H, N, grid_w, grid_h, scale, scale * LOG2E, partials_per_head,
+        **meta_args,
+    )  # fmt: skip
     _gpsa_bwd_dkdv_kernel[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
         q, k, v, dout, px, py, gating_param, lse, delta_c, delta_p, dk_bhnd, dv_bhnd, dw_partial,
         *strides,
         H, N, grid_w, grid_h, scale, scale * LOG2E, partials_per_head,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype), USE_ATOMICS=atomic_reductions,
-    )  # fmt: skip
-    _gpsa_bwd_dq_kernel[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
-        q, k, v, dout, gating_param, lse, delta_c, dq_bhnd,
-        *strides,
-        H, N, scale, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype),
+        **meta_args,
     )  # fmt: skip
     # Second, fixed-order reduction of the per-program partials (a no-op sum for atomics).
     d_pos_weight = dw_partial.sum(dim=(0, 2))

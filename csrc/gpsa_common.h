@@ -1,8 +1,8 @@
 // GPSA per-element math shared by the CPU and CUDA kernels (see shared/design/gpsa.md).
 //
 // Everything here is __host__ __device__ so that the CPU tests exercise the same
-// code the CUDA kernels run: the gates, the per-axis positional softmax, the row
-// deltas of the backward and the per-element gradient of both branches.
+// code the CUDA kernels run: the gates, the per-axis positional softmax and the
+// per-element gradient of both branches.
 #pragma once
 
 #include <cmath>
@@ -24,6 +24,20 @@ GPSA_HOST_DEVICE double gpsa_log(double x) { return log(x); }
 
 // The gate g = sigmoid(lambda) and 1 - g, the latter as sigmoid(-lambda): at
 // lambda = 20, 1 - sigmoid(lambda) is 0 in float32 and the content gradients vanish.
+// (batch, head) slices of a strided 4-D tensor: rows are patches, columns channels
+// (views of B x H x N x d and B x N x H x d tensors: gpsa_ops.h, bhnd_view / bnhd_view).
+template <typename scalar_t>
+struct Strided4d {
+  scalar_t* base;
+  long long batch_stride, head_stride, row_stride, col_stride;
+  GPSA_HOST_DEVICE scalar_t* slice(long long b, long long h, long long row = 0) const {
+    return base + b * batch_stride + h * head_stride + row * row_stride;
+  }
+  GPSA_HOST_DEVICE scalar_t& at(long long b, long long h, long long row, long long col) const {
+    return slice(b, h, row)[col * col_stride];
+  }
+};
+
 template <typename acc_t>
 struct Gates {
   acc_t pos;      // g, weight of the positional branch
@@ -60,21 +74,15 @@ GPSA_HOST_DEVICE void axis_softmax_row(acc_t w_lin, acc_t w_sq, int i, int size,
   for (int j = 0; j < size; ++j) probs[j] *= inv_sum;
 }
 
-// The backward's row dot products of both branches: delta_c = dO_i . O_c,i and
-// delta_p = dO_i . O_p,i = delta_c + dO_i . (O_p,i - O_c,i). The kernels take
-// delta_c as sum_j A_ij T_ij from the recomputed A and T = dO v^T (no division by
-// g or 1 - g, and no rounding of a low-precision output: dO . out in bfloat16
-// biases d pos_weight, a sum over every (i, j) of the batch).
+// The backward's row dot products of both branches, delta_c = dO_i . O_c,i and
+// delta_p = dO_i . O_p,i. The kernels take them as sum_j A_ij T_ij and sum_j P_ij T_ij
+// over the recomputed A, P and T = dO v^T: no saved O_c or O_p, no division by
+// g or 1 - g, and rounded like the T they are subtracted from (see reference.py).
 template <typename acc_t>
 struct RowDeltas {
   acc_t content;
   acc_t pos;
 };
-
-template <typename acc_t>
-GPSA_HOST_DEVICE RowDeltas<acc_t> row_deltas(acc_t delta_content, acc_t delta_diff) {
-  return {delta_content, delta_content + delta_diff};
-}
 
 // Gradients at one (query i, key j) element, given the content probability a,
 // the positional probability p and t = dO_i . v_j:

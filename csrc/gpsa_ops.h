@@ -7,7 +7,10 @@
 
 #include <ATen/ATen.h>
 
-#include <limits>
+#include "gpsa_common.h"
+
+#include <tuple>
+#include <vector>
 
 namespace convit_kernels {
 
@@ -56,30 +59,43 @@ inline GpsaSizes check_forward_args(const at::Tensor& q, const at::Tensor& k, co
               q.sizes());
   TORCH_CHECK(grid_w > 0 && seq_len % grid_w == 0, "gpsa: grid_w must be a positive divisor of N = ", seq_len,
               ", got ", grid_w);
-  TORCH_CHECK(q.numel() < std::numeric_limits<int32_t>::max(), "gpsa: q has too many elements (", q.numel(),
-              "); split the batch");
   return {q.size(0), heads, seq_len, q.size(3), seq_len / grid_w, grid_w};
 }
 
 inline GpsaSizes check_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v, const at::Tensor& pos_weight,
-                                     const at::Tensor& gating_param, const at::Tensor& out, const at::Tensor& lse,
-                                     const at::Tensor& diff, int64_t grid_w) {
+                                     const at::Tensor& gating_param, const at::Tensor& lse, int64_t grid_w) {
   const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w);
   const auto acc = accumulation_type(q.scalar_type());
   check_shape(grad_out, {s.batch, s.seq_len, s.heads, s.head_dim}, "grad_out (B x N x H x d)");
-  check_shape(out, {s.batch, s.seq_len, s.heads, s.head_dim}, "out (B x N x H x d)");
   check_shape(lse, {s.batch, s.heads, s.seq_len}, "lse (B x H x N)");
-  check_shape(diff, {s.batch, s.heads, s.seq_len, s.head_dim}, "diff (B x H x N x d)");
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), "gpsa: grad_out must have the dtype of q (",
               q.scalar_type(), "), got ", grad_out.scalar_type());
-  TORCH_CHECK(out.scalar_type() == q.scalar_type(), "gpsa: out must have the dtype of q (", q.scalar_type(),
-              "), got ", out.scalar_type());
   TORCH_CHECK(lse.scalar_type() == acc, "gpsa: lse must be ", acc, ", got ", lse.scalar_type());
-  TORCH_CHECK(diff.scalar_type() == acc, "gpsa: diff must be ", acc, ", got ", diff.scalar_type());
-  for (auto [t, name] : {std::pair{&grad_out, "grad_out"}, {&out, "out"}, {&lse, "lse"}, {&diff, "diff"}})
-    check_same_device(*t, q, name);
+  for (auto [t, name] : {std::pair{&grad_out, "grad_out"}, {&lse, "lse"}}) check_same_device(*t, q, name);
   return s;
+}
+
+// Strided4d views: B x H x N x d tensors (q, k, v) and B x N x H x d ones (grad_out).
+template <typename scalar_t>
+Strided4d<scalar_t> bhnd_view(const at::Tensor& t) {
+  return {static_cast<scalar_t*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+template <typename scalar_t>
+Strided4d<scalar_t> bnhd_view(const at::Tensor& t) {
+  return {static_cast<scalar_t*>(t.data_ptr()), t.stride(0), t.stride(2), t.stride(1), t.stride(3)};
+}
+
+// The forward's outputs: out (B x N x H x d, dtype of q) and lse (B x H x N, accumulation type).
+inline std::tuple<at::Tensor, at::Tensor> empty_forward_outputs(const at::Tensor& q, const GpsaSizes& s) {
+  return {at::empty({s.batch, s.seq_len, s.heads, s.head_dim}, q.options()),
+          at::empty({s.batch, s.heads, s.seq_len}, q.options().dtype(accumulation_type(q.scalar_type())))};
+}
+
+// dq, dk, dv: B x N x H x d in the dtype of q.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_input_grads(const at::Tensor& q, const GpsaSizes& s) {
+  const std::vector<int64_t> shape{s.batch, s.seq_len, s.heads, s.head_dim};
+  return {at::empty(shape, q.options()), at::empty(shape, q.options()), at::empty(shape, q.options())};
 }
 
 }  // namespace convit_kernels

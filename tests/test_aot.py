@@ -11,7 +11,7 @@ import re
 from convit_kernels import aot, triton_gpsa
 
 LINE = re.compile(
-    r"(?P<kernel>\w+)\s+sm_(?P<arch>\d+) (?P<dtype>\w+)\s+d=(?P<d>\d+)\s+warps=\d+\s+regs=(?P<regs>\d+)\s+"
+    r"(?P<kernel>\w+)\s+keys=(?P<keys>\w+)\s+sm_(?P<arch>\d+) (?P<dtype>\w+)\s+d=(?P<d>\d+)\s+warps=\d+\s+regs=(?P<regs>\d+)\s+"
     r"spill=(?P<spill>\d+)\s+smem=(?P<smem>\d+)\s+mma=(?P<mma>\w+)"
 )
 
@@ -22,13 +22,21 @@ def test_report_for_sm80_and_sm90_shows_no_spill(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = [LINE.match(line) for line in lines]
     assert status == 0 and all(rows), "\n".join(lines)
-    seen = {(r["kernel"], int(r["arch"]), r["dtype"]) for r in rows}
-    assert seen == {(k, a, t) for k in triton_gpsa.KERNELS for a in (80, 90) for t in ("bf16", "fp32")}
+    seen = {(r["kernel"], r["keys"], int(r["arch"]), r["dtype"]) for r in rows}
+    expected = {
+        (kernel, path, arch, dtype)
+        for kernel, paths in triton_gpsa.FIXED_CONFIGS.items()
+        for path, configs in paths.items()
+        for arch in (80, 90)
+        for dtype, size in (("bf16", 2), ("fp32", 4))
+        if size in configs
+    }
+    assert seen == expected and ("fwd", "tile", 80, "bf16") in seen
     for r in rows:
         assert int(r["spill"]) == 0 and 0 < int(r["regs"]) <= 255
         assert int(r["smem"]) <= aot.SM_LIMITS[int(r["arch"])][1]
-        # every kernel with a tl.dot runs it on the tensor cores (fp32 as 3xTF32)
-        assert (r["mma"] != "none") == (r["kernel"] != "bwd_preprocess"), r.group(0)
+        # every kernel runs its tl.dot on the tensor cores (fp32 as 3xTF32)
+        assert r["mma"] != "none", r.group(0)
 
 
 def test_compile_failure_is_reported_with_nonzero_exit(tmp_path, monkeypatch, capsys):

@@ -76,6 +76,8 @@ def compiled(monkeypatch):
 # (B, H, N, d, grid_size, dtype). ConViT-Ti/S heads at N = 196, d = 48; uneven N (1, 7, 50, 197)
 # and d (16, 40, 64, 80) with rectangular grids; each dtype on some of them. N = 1 runs in half
 # precision: there A = P = 1 and dq = dk = 0 exactly, which fp32 meets only up to rounding.
+# N = 257 (a prime) and 576 span several key blocks of the interpreter's 256-wide tiles: the
+# forward's two-pass path and dq's two-accumulator path; the rest fit one key block.
 CASES = [
     (2, 4, 196, 48, None, torch.float32),
     (2, 4, 196, 48, None, torch.bfloat16),
@@ -87,6 +89,8 @@ CASES = [
     (1, 2, 197, 80, (197, 1), torch.bfloat16),
     (2, 3, 1, 64, None, torch.float16),
     (2, 2, 49, 64, None, torch.bfloat16),
+    (1, 2, 257, 16, (1, 257), torch.float32),
+    (1, 1, 576, 32, None, torch.bfloat16),
 ]
 CASE_IDS = [
     f"B{b}-H{h}-N{n}-d{d}" + (f"-grid{g[0]}x{g[1]}" if g else "") + "-" + str(t).replace("torch.", "")
@@ -104,8 +108,9 @@ def test_matches_reference(interpreter, B, H, N, d, grid_size, dtype):
     [(-20.0, 1.0, None), (20.0, 1.0, None), (0.0, 10.0, LARGE_WEIGHT_RTOL)],
     ids=["gate-20", "gate+20", "locality10"],
 )
-def test_gate_extremes_and_large_positional_weights(interpreter, gate, locality_strength, rtol_overrides):
-    inputs = make_inputs(2, 4, 49, 16, gate=gate, locality_strength=locality_strength)
+@pytest.mark.parametrize("N", [49, 289], ids=["one-key-block", "key-blocks"])
+def test_gate_extremes_and_large_positional_weights(interpreter, gate, locality_strength, rtol_overrides, N):
+    inputs = make_inputs(2, 4, N, 16, gate=gate, locality_strength=locality_strength)
     assert_matches_reference(inputs, rtol_overrides=rtol_overrides, backend="triton")
 
 
@@ -129,18 +134,17 @@ def test_strided_projection_views_equal_contiguous_copies(interpreter):
 
 def test_output_and_saved_state_layout(interpreter):
     q, k, v, w, _, lam = [t.detach() for t in make_inputs(2, 3, 16, 8)]
-    out, lse, diff = triton_gpsa.gpsa_forward(q, k, v, w, lam, 4, 8**-0.5)
+    out, lse = triton_gpsa.gpsa_forward(q, k, v, w, lam, 4, 8**-0.5)
     assert out.shape == (2, 16, 3, 8) and out.is_contiguous() and out.dtype == q.dtype
     assert lse.shape == (2, 3, 16) and lse.dtype == torch.float32
-    assert diff.shape == (2, 3, 16, 8) and diff.dtype == torch.float32
     torch.testing.assert_close(lse, (q @ k.transpose(-1, -2) * 8**-0.5).logsumexp(-1))
 
 
 def test_reductions_deterministic_and_atomics_agree(interpreter):
     q, k, v, w, _, lam = [t.detach() for t in make_inputs(2, 3, 50, 16)]
-    out, lse, diff = triton_gpsa.gpsa_forward(q, k, v, w, lam, 10, 0.25)
+    out, lse = triton_gpsa.gpsa_forward(q, k, v, w, lam, 10, 0.25)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
-    args = (grad_out, q, k, v, w, lam, out, lse, diff, 10, 0.25)
+    args = (grad_out, q, k, v, w, lam, lse, 10, 0.25)
     first, again = triton_gpsa.gpsa_backward(*args), triton_gpsa.gpsa_backward(*args)
     atomic = triton_gpsa.gpsa_backward(*args, atomic_reductions=True)
     for a, b, c in zip(first, again, atomic):
@@ -163,16 +167,15 @@ def test_autotune_space_is_pruned_by_n_and_head_dim(compiled, N, block_d, dtype)
         pytest.skip("CONVIT_KERNELS_TRITON_AUTOTUNE=0")
     q = torch.empty(0, dtype=dtype)
     for name, tuner in triton_gpsa.KERNELS.items():
-        if name == "bwd_preprocess":  # memory-bound, one fixed block
-            continue
+        fixed = triton_gpsa.fixed_config(name, q.element_size(), N, block_d)
         kept = tuner.early_config_prune(tuner.configs, {"Q": q, "N": N}, BLOCK_D=block_d)
         assert kept and all(c in tuner.configs for c in kept)
         for c in kept:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            assert max(bm, bn) <= max(16, 2 ** (N - 1).bit_length()) or kept == [triton_gpsa.FIXED_CONFIGS[name][q.element_size()]]
+            assert max(bm, bn) <= max(16, 2 ** (N - 1).bit_length()) or kept == [fixed]
             assert bm * bn <= (64 * 64 if dtype == torch.float32 or block_d > 64 else 128 * 64)
         if N == 196 and block_d == 64:
-            assert triton_gpsa.FIXED_CONFIGS[name][q.element_size()] in kept
+            assert fixed in kept
 
 
 def test_unavailable_without_gpu_or_interpreter_says_why(compiled):

@@ -3,21 +3,19 @@
 //
 // Flash style: a block of query rows at a time with the whole key row in one
 // tile (N = 196 fits), so the content softmax is exact. Scratch is per thread and
-// O(block x N); only the H x N x N positional table of the backward is shared
-// by the batch. The products on tiles go to BLAS (sgemm_/dgemm_, which
-// libtorch_cpu exports on x86-64), with a portable loop version where the
-// symbol is missing or CONVIT_KERNELS_NO_BLAS=1.
+// O(block x N); the positional probabilities are generated a row at a time from
+// the per-axis tables (P_ij = px[x_i, x_j] py[y_i, y_j], H (W^2 + H_p^2) numbers).
+// The products on tiles go to BLAS (sgemm_/dgemm_, which libtorch_cpu exports
+// on x86-64), with a portable loop version where the symbol is missing or
+// CONVIT_KERNELS_NO_BLAS=1.
 //
-// Forward, per (batch, head, query block):
-//   S = scale q k^T; E = exp(S - rowmax) (lse kept); O_c = (E v) / rowsum(E)
-//   O_p = P v computed separably, P_ij = px[x_i, x_j] py[y_i, y_j]:
-//         U[y_i] = sum_yj py[y_i, y_j] v[y_j, :], then O_p[i] = sum_xj px[x_i, x_j] U[y_i, x_j]
-//   out = (1 - g) O_c + g O_p (B x N x H x d), diff = O_p - O_c
-// so its cost is the fused form's 4 B H N^2 d FLOPs plus O(B H N (W + H_p) d).
+// Forward, per (batch, head, query block), the fused form's 4 B H N^2 d FLOPs:
+//   S = scale q k^T; E = exp(S - rowmax) (lse kept);
+//   M = ((1 - g) / rowsum(E)) E + g P, mixed in place of E; out = M v (B x N x H x d).
 // Backward, per (batch, head), a loop over query blocks (10 B H N^2 d FLOPs):
-//   recompute A, T = dO v^T, delta_c = rowsum(A o T); per element (gpsa_common.h) dS, ds, M;
-//   dv += M^T dO, dq = scale dS k, dk += scale dS^T q; dw and dgating from
-//   per-(batch, head) partials summed over the batch in a fixed order.
+//   recompute A, T = dO v^T, delta_c = rowsum(A o T), delta_p = rowsum(P o T); per
+//   element (gpsa_common.h) dS, ds, M; dv += M^T dO, dq = scale dS k, dk += scale dS^T q;
+//   dw and dgating from per-(batch, head) partials summed over the batch in a fixed order.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -54,6 +52,7 @@ constexpr int64_t kMaxBlockRows = 256;
 
 // ------------------------------------------------------------------ tile products
 
+// Read once per op call (the tests switch it between calls).
 bool blas_enabled() {
   const char* off = std::getenv("CONVIT_KERNELS_NO_BLAS");
   return !(off != nullptr && off[0] == '1');
@@ -90,11 +89,11 @@ void portable_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
 }
 
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T beta, T* c, int64_t ldc) {
+void gemm(bool use_blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   constexpr bool is_float = std::is_same_v<T, float>;
   const bool have_blas = is_float ? sgemm_ != nullptr : dgemm_ != nullptr;
-  if (!have_blas || !blas_enabled()) {
+  if (!have_blas || !use_blas) {
     portable_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
@@ -149,9 +148,8 @@ inline float lane_max(floatx8 v) {
   for (int l = 1; l < 8; ++l) m = v[l] > m ? v[l] : m;
   return m;
 }
-inline float lane_sum(float v) { return v; }
+// The double path (gradcheck only) runs on scalars: its "vectors" are doubles.
 inline double lane_sum(double v) { return v; }
-inline float lane_max(float v) { return v; }
 inline double lane_max(double v) { return v; }
 
 // Run body(lane, j) over j < n: on vectors of Simd<acc_t>::width lanes, then one
@@ -247,13 +245,6 @@ RowExp<acc_t> exp_row(acc_t* row, int64_t n) {
   return {row_max, exp_sum.total()};
 }
 
-template <typename acc_t, typename a_t, typename b_t>
-acc_t dot(const a_t* a, const b_t* b, int64_t n, int64_t b_stride) {
-  acc_t sum = 0;
-  for (int64_t c = 0; c < n; ++c) sum += acc_t(a[c]) * acc_t(b[c * b_stride]);
-  return sum;
-}
-
 // ------------------------------------------------------------------ tiles
 
 // A rows x cols matrix of acc_t, row-major with leading dimension ld.
@@ -286,23 +277,6 @@ Tile<acc_t> load_tile(const scalar_t* src, int64_t row_stride, int64_t col_strid
   return {scratch, cols};
 }
 
-// (batch, head) slices of a strided 4-D tensor: rows are patches, columns channels.
-template <typename scalar_t>
-struct Strided4d {
-  scalar_t* base;
-  int64_t batch_stride, head_stride, row_stride, col_stride;
-  // B x H x N x d tensors: (0, 1, 2, 3); B x N x H x d tensors: (0, 2, 1, 3).
-  static Strided4d bhnd(const at::Tensor& t) {
-    return {static_cast<scalar_t*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-  }
-  static Strided4d bnhd(const at::Tensor& t) {
-    return {static_cast<scalar_t*>(t.data_ptr()), t.stride(0), t.stride(2), t.stride(1), t.stride(3)};
-  }
-  scalar_t* slice(int64_t b, int64_t h, int64_t row = 0) const {
-    return base + b * batch_stride + h * head_stride + row * row_stride;
-  }
-};
-
 // ------------------------------------------------------------------ positional tables
 
 // Per-axis positional softmaxes px (H x W x W) and py (H x H_p x H_p), and the
@@ -331,51 +305,19 @@ struct PositionalTables {
   }
   const acc_t* px_row(int64_t h, int64_t x) const { return &px[(h * grid_w + x) * grid_w]; }
   const acc_t* py_row(int64_t h, int64_t y) const { return &py[(h * grid_h + y) * grid_h]; }
-
-  // H x N x N positional attention, shared by the batch (the backward needs it per element).
-  std::vector<acc_t> full() const {
-    const int64_t n = grid_h * grid_w;
-    std::vector<acc_t> probs(heads * n * n);
-    at::parallel_for(0, heads * n, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t hi = begin; hi < end; ++hi) {
-        const int64_t h = hi / n, i = hi % n;
-        const acc_t* pxr = px_row(h, i % grid_w);
-        const acc_t* pyr = py_row(h, i / grid_w);
-        acc_t* out = &probs[hi * n];
-        for (int64_t yj = 0; yj < grid_h; ++yj)
-          for (int64_t xj = 0; xj < grid_w; ++xj) out[yj * grid_w + xj] = pyr[yj] * pxr[xj];
-      }
-    });
-    return probs;
-  }
 };
 
-// Rows [row0, row0 + rows) of O_p = P v for one head, separably; v is a dense N x d tile.
+// Row i of head h's positional attention, P[i, (y_j, x_j)] = py[y_i, y_j] px[x_i, x_j], into row[0, N).
 template <typename acc_t>
-void positional_output_rows(const PositionalTables<acc_t>& tables, int64_t h, Tile<acc_t> v, int64_t head_dim,
-                            int64_t row0, int64_t rows, acc_t* out, acc_t* row_mix /* W x d */) {
-  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(v.ld == head_dim);
-  const int64_t grid_w = tables.grid_w, grid_h = tables.grid_h;
-  int64_t mixed_y = -1;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = row0 + r, yi = i / grid_w, xi = i % grid_w;
-    if (yi != mixed_y) {  // row_mix[x_j, :] = sum over y_j of py[y_i, y_j] v[(y_j, x_j), :]
-      const acc_t* pyr = tables.py_row(h, yi);
-      simd_loop<acc_t>(grid_w * head_dim, [&](auto lane, int64_t m) {
-        using L = decltype(lane);
-        L acc{};
-        for (int64_t yj = 0; yj < grid_h; ++yj) acc += pyr[yj] * load<L>(v.data + yj * grid_w * head_dim + m);
-        store(row_mix + m, acc);
-      });
-      mixed_y = yi;
-    }
-    const acc_t* pxr = tables.px_row(h, xi);  // out[r, :] = sum over x_j of px[x_i, x_j] row_mix[x_j, :]
-    simd_loop<acc_t>(head_dim, [&](auto lane, int64_t c) {
-      using L = decltype(lane);
-      L acc{};
-      for (int64_t xj = 0; xj < grid_w; ++xj) acc += pxr[xj] * load<L>(row_mix + xj * head_dim + c);
-      store(out + r * head_dim + c, acc);
-    });
+void positional_row(const PositionalTables<acc_t>& tables, int64_t h, int64_t i, acc_t* row) {
+  const int64_t grid_w = tables.grid_w;
+  const acc_t* pxr = tables.px_row(h, i % grid_w);
+  const acc_t* pyr = tables.py_row(h, i / grid_w);
+  for (int64_t yj = 0; yj < tables.grid_h; ++yj) {
+    const acc_t py_value = pyr[yj];
+    acc_t* dst = row + yj * grid_w;
+#pragma omp simd
+    for (int64_t xj = 0; xj < grid_w; ++xj) dst[xj] = py_value * pxr[xj];
   }
 }
 
@@ -398,28 +340,29 @@ struct QueryBlocks {
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos_weight,
                     const at::Tensor& gating_param, const GpsaSizes& s, double scale, at::Tensor& out,
-                    at::Tensor& lse, at::Tensor& diff) {
+                    at::Tensor& lse) {
   const int64_t N = s.seq_len, d = s.head_dim, H = s.heads;
   const PositionalTables<acc_t> tables(pos_weight, s.grid_h, s.grid_w);
   const std::vector<double> lambdas = gate_values(gating_param);
   const QueryBlocks blocks(N);
-  const auto q_s = Strided4d<const scalar_t>::bhnd(q), k_s = Strided4d<const scalar_t>::bhnd(k),
-             v_s = Strided4d<const scalar_t>::bhnd(v);
+  const bool use_blas = blas_enabled();
+  const auto q_s = bhnd_view<const scalar_t>(q), k_s = bhnd_view<const scalar_t>(k),
+             v_s = bhnd_view<const scalar_t>(v);
   scalar_t* out_p = out.data_ptr<scalar_t>();  // B x N x H x d, contiguous
   acc_t* lse_p = lse.data_ptr<acc_t>();        // B x H x N
-  acc_t* diff_p = diff.data_ptr<acc_t>();      // B x H x N x d
+  // M v is written straight into out's rows when acc_t is the output type, else converted from scratch.
+  constexpr bool direct_output = std::is_same_v<scalar_t, acc_t>;
+  const int64_t out_ld = H * d;
 
   at::parallel_for(0, s.batch * H * blocks.count, 1, [&](int64_t begin, int64_t end) {
     const int64_t bm = blocks.rows;
-    std::vector<acc_t> scratch(bm * N + 3 * bm * d + 2 * N * d + s.grid_w * d + bm);
-    acc_t* probs = scratch.data();  // bm x N, unnormalised content probabilities
-    acc_t* q_buf = probs + bm * N;
-    acc_t* out_c = q_buf + bm * d;
-    acc_t* out_pos = out_c + bm * d;
-    acc_t* k_buf = out_pos + bm * d;
+    std::vector<acc_t> scratch(bm * N + N + bm * d + 2 * N * d + (direct_output ? 0 : bm * d));
+    acc_t* mixed = scratch.data();  // bm x N: exp(S - rowmax), then M
+    acc_t* pos_row = mixed + bm * N;  // N
+    acc_t* q_buf = pos_row + N;
+    acc_t* k_buf = q_buf + bm * d;
     acc_t* v_buf = k_buf + N * d;
-    acc_t* row_mix = v_buf + N * d;
-    acc_t* inv_sum = row_mix + s.grid_w * d;  // bm
+    acc_t* out_buf = v_buf + N * d;  // bm x d when converting
     int64_t loaded_bh = -1;  // consecutive tasks share (b, h): load k and v once
     Tile<acc_t> k_tile{nullptr, 0}, v_tile{nullptr, 0};
 
@@ -433,28 +376,28 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         loaded_bh = bh;
       }
       const Tile<acc_t> q_tile = load_tile(q_s.slice(b, h, row0), q_s.row_stride, q_s.col_stride, rows, d, q_buf);
-
-      gemm<acc_t>(false, true, rows, N, d, acc_t(scale), q_tile.data, q_tile.ld, k_tile.data, k_tile.ld, 0, probs, N);
-      for (int64_t r = 0; r < rows; ++r) {
-        const RowExp<acc_t> row = exp_row(probs + r * N, N);
-        lse_p[bh * N + row0 + r] = row.max + gpsa_log(row.sum);
-        inv_sum[r] = acc_t(1) / row.sum;
-      }
-      gemm<acc_t>(false, false, rows, d, N, 1, probs, N, v_tile.data, v_tile.ld, 0, out_c, d);
-      positional_output_rows(tables, h, v_tile, d, row0, rows, out_pos, row_mix);
-
       const Gates<acc_t> gates = gates_from_lambda(acc_t(lambdas[h]));
+
+      gemm<acc_t>(use_blas, false, true, rows, N, d, acc_t(scale), q_tile.data, q_tile.ld, k_tile.data, k_tile.ld, 0,
+                  mixed, N);
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = row0 + r;
-        scalar_t* out_row = out_p + ((b * N + i) * H + h) * d;
-        acc_t* diff_row = diff_p + (bh * N + i) * d;
-        const acc_t* oc = out_c + r * d;
-        const acc_t* op = out_pos + r * d;
-        for (int64_t c = 0; c < d; ++c) {
-          const acc_t content = oc[c] * inv_sum[r];
-          out_row[c] = scalar_t(gates.content * content + gates.pos * op[c]);
-          diff_row[c] = op[c] - content;
-        }
+        acc_t* m_row = mixed + r * N;
+        const RowExp<acc_t> row = exp_row(m_row, N);
+        lse_p[bh * N + row0 + r] = row.max + gpsa_log(row.sum);
+        positional_row(tables, h, row0 + r, pos_row);
+        const acc_t content_scale = gates.content / row.sum;
+        simd_loop<acc_t>(N, [&](auto lane, int64_t j) {
+          using L = decltype(lane);
+          store(m_row + j, content_scale * load<L>(m_row + j) + gates.pos * load<L>(pos_row + j));
+        });
+      }
+      scalar_t* out_rows = out_p + (b * N + row0) * out_ld + h * d;
+      if constexpr (direct_output) {
+        gemm<acc_t>(use_blas, false, false, rows, d, N, 1, mixed, N, v_tile.data, v_tile.ld, 0, out_rows, out_ld);
+      } else {
+        gemm<acc_t>(use_blas, false, false, rows, d, N, 1, mixed, N, v_tile.data, v_tile.ld, 0, out_buf, d);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < d; ++c) out_rows[r * out_ld + c] = scalar_t(out_buf[r * d + c]);
       }
     }
   });
@@ -465,17 +408,16 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& lse,
-                     const at::Tensor& diff, const GpsaSizes& s, double scale, at::Tensor& dq, at::Tensor& dk,
-                     at::Tensor& dv, at::Tensor& d_pos_weight, at::Tensor& d_gating) {
+                     const GpsaSizes& s, double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                     at::Tensor& d_pos_weight, at::Tensor& d_gating) {
   const int64_t B = s.batch, N = s.seq_len, d = s.head_dim, H = s.heads;
   const PositionalTables<acc_t> tables(pos_weight, s.grid_h, s.grid_w);
-  const std::vector<acc_t> pos_probs = tables.full();
   const std::vector<double> lambdas = gate_values(gating_param);
   const QueryBlocks blocks(N);
-  const auto q_s = Strided4d<const scalar_t>::bhnd(q), k_s = Strided4d<const scalar_t>::bhnd(k),
-             v_s = Strided4d<const scalar_t>::bhnd(v), do_s = Strided4d<const scalar_t>::bnhd(grad_out);
-  const acc_t* lse_p = lse.data_ptr<acc_t>();    // B x H x N, contiguous
-  const acc_t* diff_p = diff.data_ptr<acc_t>();  // B x H x N x d, contiguous
+  const bool use_blas = blas_enabled();
+  const auto q_s = bhnd_view<const scalar_t>(q), k_s = bhnd_view<const scalar_t>(k),
+             v_s = bhnd_view<const scalar_t>(v), do_s = bnhd_view<const scalar_t>(grad_out);
+  const acc_t* lse_p = lse.data_ptr<acc_t>();  // B x H x N, contiguous
   // Per-(batch, head) partial sums, reduced over the batch in a fixed order below.
   std::vector<double> pos_weight_partial(B * H * 3), gating_partial(B * H);
   // Gradients of q, k, v are written in place (B x N x H x d rows) when acc_t is
@@ -485,10 +427,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const int64_t bm = blocks.rows;
-    std::vector<acc_t> scratch(2 * bm * N + 3 * N * d + N * d + (direct_output ? 0 : 3 * N * d));
+    std::vector<acc_t> scratch(2 * bm * N + N + 4 * N * d + (direct_output ? 0 : 3 * N * d));
     acc_t* mixed = scratch.data();  // bm x N: A, then M = (1 - g) A + g P
     acc_t* dlogits = mixed + bm * N;  // bm x N: T = dO v^T, then dS
-    acc_t* q_buf = dlogits + bm * N;
+    acc_t* pos_row = dlogits + bm * N;  // N: P[i, :]
+    acc_t* q_buf = pos_row + N;
     acc_t* k_buf = q_buf + N * d;
     acc_t* v_buf = k_buf + N * d;
     acc_t* do_buf = v_buf + N * d;
@@ -522,35 +465,35 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         if (rows <= 0) break;
         const acc_t* q_blk = q_t.row(row0);
         const acc_t* do_blk = do_t.row(row0);
-        gemm<acc_t>(false, true, rows, N, d, acc_t(scale), q_blk, q_t.ld, k_t.data, k_t.ld, 0, mixed, N);
-        gemm<acc_t>(false, true, rows, N, d, 1, do_blk, do_t.ld, v_t.data, v_t.ld, 0, dlogits, N);
+        gemm<acc_t>(use_blas, false, true, rows, N, d, acc_t(scale), q_blk, q_t.ld, k_t.data, k_t.ld, 0, mixed, N);
+        gemm<acc_t>(use_blas, false, true, rows, N, d, 1, do_blk, do_t.ld, v_t.data, v_t.ld, 0, dlogits, N);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = row0 + r;
-          const acc_t* do_row = do_t.row(i);
-          const acc_t delta_diff = dot<acc_t>(do_row, diff_p + (bh * N + i) * d, d, 1);
-          gating_acc += delta_diff;
           const acc_t row_lse = lse_p[bh * N + i];
           const acc_t xi = tables.x_of[i], yi = tables.y_of[i];
-          const acc_t* p_row = &pos_probs[(h * N + i) * N];
           const acc_t* x_of = tables.x_of.data();
           const acc_t* y_of = tables.y_of.data();
           acc_t* m_row = mixed + r * N;
           acc_t* ds_row = dlogits + r * N;
-          SimdSum<acc_t> content_dot;  // delta_c = sum_j A_ij T_ij
+          positional_row(tables, h, i, pos_row);
+          SimdSum<acc_t> content_dot, pos_dot;  // delta_c = sum_j A_ij T_ij, delta_p = sum_j P_ij T_ij
           simd_loop<acc_t>(N, [&](auto lane, int64_t j) {
             using L = decltype(lane);
             const L a = fast_exp(load<L>(m_row + j) - row_lse);
+            const L t = load<L>(ds_row + j);
             store(m_row + j, a);
-            content_dot.add(a * load<L>(ds_row + j));
+            content_dot.add(a * t);
+            pos_dot.add(load<L>(pos_row + j) * t);
           });
-          const RowDeltas<acc_t> deltas = row_deltas(content_dot.total(), delta_diff);
+          const RowDeltas<acc_t> deltas{content_dot.total(), pos_dot.total()};
+          gating_acc += double(deltas.pos) - double(deltas.content);
           SimdSum<acc_t> grad_dx, grad_dy, grad_dist2;
           simd_loop<acc_t>(N, [&](auto lane, int64_t j) {
             using L = decltype(lane);
             const Gates<L> lane_gates{L{} + gates.pos, L{} + gates.content};
             const RowDeltas<L> lane_deltas{L{} + deltas.content, L{} + deltas.pos};
             const ElementGrads<L> e =
-                element_grads(load<L>(m_row + j), load<L>(p_row + j), load<L>(ds_row + j), lane_deltas, lane_gates);
+                element_grads(load<L>(m_row + j), load<L>(pos_row + j), load<L>(ds_row + j), lane_deltas, lane_gates);
             const PosWeightGrad<L> w = pos_weight_grad_terms(e.pos, load<L>(x_of + j) - xi, load<L>(y_of + j) - yi);
             store(m_row + j, e.mixed);
             store(ds_row + j, e.content);
@@ -563,10 +506,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           pos_weight_acc[2] += grad_dist2.total();
         }
         const acc_t beta = blk == 0 ? 0 : 1;  // dk, dv: the first block overwrites, the others accumulate
-        gemm<acc_t>(true, false, N, d, rows, 1, mixed, N, do_blk, do_t.ld, beta, dv_dst, grad_ld);
-        gemm<acc_t>(false, false, rows, d, N, acc_t(scale), dlogits, N, k_t.data, k_t.ld, 0,
+        gemm<acc_t>(use_blas, true, false, N, d, rows, 1, mixed, N, do_blk, do_t.ld, beta, dv_dst, grad_ld);
+        gemm<acc_t>(use_blas, false, false, rows, d, N, acc_t(scale), dlogits, N, k_t.data, k_t.ld, 0,
                     dq_dst + row0 * grad_ld, grad_ld);
-        gemm<acc_t>(true, false, N, d, rows, acc_t(scale), dlogits, N, q_blk, q_t.ld, beta, dk_dst, grad_ld);
+        gemm<acc_t>(use_blas, true, false, N, d, rows, acc_t(scale), dlogits, N, q_blk, q_t.ld, beta, dk_dst,
+                    grad_ld);
       }
       if constexpr (!direct_output) {
         const int64_t offset = b * N * out_ld + h * d;
@@ -601,40 +545,31 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
 
 // ------------------------------------------------------------------ op entry points
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gpsa_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                            const at::Tensor& v, const at::Tensor& pos_weight,
-                                                            const at::Tensor& gating_param, int64_t grid_w,
-                                                            double scale) {
+std::tuple<at::Tensor, at::Tensor> gpsa_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& pos_weight, const at::Tensor& gating_param,
+                                                int64_t grid_w, double scale) {
   const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w);
-  const auto acc = accumulation_type(q.scalar_type());
-  auto out = at::empty({s.batch, s.seq_len, s.heads, s.head_dim}, q.options());
-  auto lse = at::empty({s.batch, s.heads, s.seq_len}, q.options().dtype(acc));
-  auto diff = at::empty({s.batch, s.heads, s.seq_len, s.head_dim}, q.options().dtype(acc));
+  auto [out, lse] = empty_forward_outputs(q, s);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gpsa_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_kernel<scalar_t, acc_t>(q, k, v, pos_weight, gating_param, s, scale, out, lse, diff);
+    forward_kernel<scalar_t, acc_t>(q, k, v, pos_weight, gating_param, s, scale, out, lse);
   });
-  return {out, lse, diff};
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& out, const at::Tensor& lse,
-    const at::Tensor& diff, int64_t grid_w, double scale) {
-  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w);
-  const std::vector<int64_t> grad_shape{s.batch, s.seq_len, s.heads, s.head_dim};
-  auto dq = at::empty(grad_shape, q.options());
-  auto dk = at::empty(grad_shape, q.options());
-  auto dv = at::empty(grad_shape, q.options());
+    const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& lse, int64_t grid_w,
+    double scale) {
+  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w);
+  auto [dq, dk, dv] = empty_input_grads(q, s);
   auto d_pos_weight = at::empty_like(pos_weight);
   auto d_gating = at::empty_like(gating_param);
   const auto lse_c = lse.contiguous();
-  const auto diff_c = diff.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gpsa_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    // `out` is not needed: delta_c comes from the recomputed attention (gpsa_common.h, row_deltas).
-    backward_kernel<scalar_t, acc_t>(grad_out, q, k, v, pos_weight, gating_param, lse_c, diff_c, s, scale, dq, dk,
-                                     dv, d_pos_weight, d_gating);
+    backward_kernel<scalar_t, acc_t>(grad_out, q, k, v, pos_weight, gating_param, lse_c, s, scale, dq, dk, dv,
+                                     d_pos_weight, d_gating);
   });
   return {dq, dk, dv, d_pos_weight, d_gating};
 }
@@ -645,10 +580,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_
 TORCH_LIBRARY(convit_kernels_ext, m) {
   m.def(
       "gpsa_fwd(Tensor q, Tensor k, Tensor v, Tensor pos_weight, Tensor gating_param, int grid_w, float scale)"
-      " -> (Tensor, Tensor, Tensor)");
+      " -> (Tensor, Tensor)");
   m.def(
-      "gpsa_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor pos_weight, Tensor gating_param, Tensor out,"
-      " Tensor lse, Tensor diff, int grid_w, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "gpsa_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor pos_weight, Tensor gating_param, Tensor lse,"
+      " int grid_w, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(convit_kernels_ext, CPU, m) {

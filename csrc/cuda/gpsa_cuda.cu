@@ -7,15 +7,17 @@
 // row (row = thread / 8, lane = thread % 8). A lane owns the keys (or queries)
 // lane, lane + 8, ... of its row's tile and the channels lane, lane + 8, ... of
 // its row's accumulators, so the row reductions are 8-lane shuffles.
-//   forward:  one block per (query tile, head, batch); loops over key tiles
-//             with an online softmax for the content branch; the positional
-//             probabilities come from the per-axis tables (P_ij = px py), so
-//             O_p needs no normaliser of its own.
-//   backward: one kernel per query tile computes delta_c = rowsum(A o T) in a
-//             first pass over the key tiles, then dq in a second; then one
-//             kernel per key tile accumulates dk, dv (and d pos_weight partials)
-//             over query tiles. dO . (O_p - O_c) is an O(B H N d) tensor op. No
-//             atomics: partial sums are reduced in a fixed order.
+//   forward:  one block per (query tile, head, batch); one pass over key tiles
+//             with an online softmax for the content branch and a second
+//             accumulator for P v (the positional probabilities come from the
+//             per-axis tables, P_ij = px py, and need no normaliser), mixed at
+//             the end: out = (1 - g) O_c + g O_p, and lse. The CPU kernel mixes
+//             before one product instead: it has the whole key row at hand.
+//   backward: one kernel per query tile computes delta_c = rowsum(A o T) and
+//             delta_p = rowsum(P o T) in a first pass over the key tiles, then
+//             dq in a second; then one kernel per key tile accumulates dk, dv
+//             (and d pos_weight partials) over query tiles. No atomics: partial
+//             sums are reduced in a fixed order.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -39,26 +41,6 @@ constexpr int kBackwardCols = 16;                   // the other side's tile in 
 constexpr int kMaxHeadDim = 128;
 constexpr int kChannelsPerLane = kMaxHeadDim / kLanesPerRow;
 
-// (batch, head, row, channel) element of a strided tensor, in float.
-template <typename scalar_t>
-struct StridedInput {
-  const scalar_t* data;
-  int64_t batch_stride, head_stride, row_stride, col_stride;
-  __device__ float at(int64_t b, int64_t h, int64_t n, int64_t c) const {
-    return static_cast<float>(data[b * batch_stride + h * head_stride + n * row_stride + c * col_stride]);
-  }
-};
-
-template <typename scalar_t>
-StridedInput<scalar_t> bhnd(const at::Tensor& t) {  // B x H x N x d
-  return {static_cast<const scalar_t*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-template <typename scalar_t>
-StridedInput<scalar_t> bnhd(const at::Tensor& t) {  // B x N x H x d
-  return {static_cast<const scalar_t*>(t.data_ptr()), t.stride(0), t.stride(2), t.stride(1), t.stride(3)};
-}
-
 struct PositionalTablesView {
   const float* px;  // H x W x W
   const float* py;  // H x H_p x H_p
@@ -70,11 +52,11 @@ struct PositionalTablesView {
 
 // Rows [row0, row0 + rows) of a (b, h) slice into shared memory (rows x d), zero past N.
 template <typename scalar_t>
-__device__ void load_rows(float* dst, const StridedInput<scalar_t>& src, int b, int h, int row0, int rows, int N,
+__device__ void load_rows(float* dst, const Strided4d<const scalar_t>& src, int b, int h, int row0, int rows, int N,
                           int d) {
   for (int e = threadIdx.x; e < rows * d; e += blockDim.x) {
     const int r = e / d, c = e % d;
-    dst[e] = row0 + r < N ? src.at(b, h, row0 + r, c) : 0.f;
+    dst[e] = row0 + r < N ? static_cast<float>(src.at(b, h, row0 + r, c)) : 0.f;
   }
 }
 
@@ -131,9 +113,9 @@ PositionalTables positional_tables(const at::Tensor& pos_weight, const GpsaSizes
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) forward_kernel(
-    StridedInput<scalar_t> q, StridedInput<scalar_t> k, StridedInput<scalar_t> v, PositionalTablesView tables,
-    const float* __restrict__ lambdas, int N, int d, float scale, scalar_t* __restrict__ out,
-    float* __restrict__ lse, float* __restrict__ diff) {
+    Strided4d<const scalar_t> q, Strided4d<const scalar_t> k, Strided4d<const scalar_t> v,
+    PositionalTablesView tables, const float* __restrict__ lambdas, int N, int d, float scale,
+    scalar_t* __restrict__ out, float* __restrict__ lse) {
   extern __shared__ float smem[];
   float* q_tile = smem;                           // kTileRows x d
   float* k_tile = q_tile + kTileRows * d;         // kForwardKeys x d
@@ -202,7 +184,6 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     if (c >= d) continue;
     const float oc = out_c[u] * inv_sum, op = out_p[u];
     out[((int64_t(b) * N + i) * H + h) * d + c] = static_cast<scalar_t>(gates.content * oc + gates.pos * op);
-    diff[bh_row * d + c] = op - oc;
   }
 }
 
@@ -211,39 +192,32 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
 // Shared inputs of both backward kernels.
 template <typename scalar_t>
 struct BackwardArgs {
-  StridedInput<scalar_t> q, k, v, grad_out;
+  Strided4d<const scalar_t> q, k, v, grad_out;
   PositionalTablesView tables;
   const float* lambdas;
-  const float* lse;         // B x H x N
-  float* delta_content;     // B x H x N, dO . O_c = rowsum(A o T): written by the dq kernel, read by dk/dv's
-  const float* delta_diff;  // B x H x N, dO . (O_p - O_c)
+  const float* lse;     // B x H x N
+  float* delta_content;  // B x H x N, dO . O_c = rowsum(A o T): written by the dq kernel, read by dk/dv's
+  float* delta_pos;      // B x H x N, dO . O_p = rowsum(P o T): likewise
   int N, d;
   float scale;
 };
 
-// The content probability A_ij (logit recomputed) and T_ij = dO_i . v_j of one
-// (b, h), from rows of q, k, dO and v in shared memory.
+// The content probability A_ij (logit recomputed from the row's lse) and T_ij = dO_i . v_j of
+// one (b, h), from rows of q, k, dO and v in shared memory.
 struct ContentAndT {
   float a, t;
 };
 
-template <typename scalar_t>
-__device__ ContentAndT content_and_t(const BackwardArgs<scalar_t>& args, int bh, int i, const float* q_row,
-                                     const float* k_row, const float* do_row, const float* v_row) {
-  const float a = gpsa_exp(args.scale * dot_shared(q_row, k_row, args.d) - args.lse[int64_t(bh) * args.N + i]);
-  return {a, dot_shared(do_row, v_row, args.d)};
+__device__ ContentAndT content_and_t(float scale, float row_lse, const float* q_row, const float* k_row,
+                                     const float* do_row, const float* v_row, int d) {
+  return {gpsa_exp(scale * dot_shared(q_row, k_row, d) - row_lse), dot_shared(do_row, v_row, d)};
 }
 
-// Gradients at (query i, key j), once delta_content is known.
-template <typename scalar_t>
-__device__ ElementGrads<float> element_at(const BackwardArgs<scalar_t>& args, const Gates<float>& gates, int bh,
-                                          int h, int i, int j, const float* q_row, const float* k_row,
-                                          const float* do_row, const float* v_row) {
-  const int64_t row = int64_t(bh) * args.N + i;
-  const ContentAndT at = content_and_t(args, bh, i, q_row, k_row, do_row, v_row);
-  const RowDeltas<float> deltas = row_deltas(args.delta_content[row], args.delta_diff[row]);
-  return element_grads(at.a, args.tables.prob(h, i, j), at.t, deltas, gates);
-}
+// The per-row constants of the backward: the content lse and both row deltas.
+struct RowStats {
+  float lse;
+  RowDeltas<float> deltas;
+};
 
 // dk, dv of one key tile, and its d pos_weight partial (3 floats at pos_weight_partial[tile]).
 template <typename scalar_t>
@@ -259,6 +233,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(BackwardArgs<sc
   float* mixed = do_tile + kBackwardCols * d;   // kTileRows x kBackwardCols (key, query)
   float* dlogits = mixed + kTileRows * kBackwardCols;
   float* reduce = dlogits + kTileRows * kBackwardCols;  // kThreads x 3
+  RowStats* row_stats = reinterpret_cast<RowStats*>(reduce + 3 * kThreads);  // kBackwardCols
 
   const int key0 = blockIdx.x * kTileRows, h = blockIdx.y, b = blockIdx.z, H = gridDim.y, bh = b * H + h;
   const int r = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
@@ -276,13 +251,20 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(BackwardArgs<sc
     __syncthreads();
     load_rows(q_tile, args.q, b, h, query0, kBackwardCols, N, d);
     load_rows(do_tile, args.grad_out, b, h, query0, kBackwardCols, N, d);
+    if (threadIdx.x < kBackwardCols && query0 + threadIdx.x < N) {  // the query rows' constants, read once
+      const int64_t row = int64_t(bh) * N + query0 + threadIdx.x;
+      row_stats[threadIdx.x] = {args.lse[row], {args.delta_content[row], args.delta_pos[row]}};
+    }
     __syncthreads();
 #pragma unroll
     for (int u = 0; u < kBackwardCols / kLanesPerRow; ++u) {
       const int it = lane + u * kLanesPerRow, i = query0 + it;
       ElementGrads<float> e{0.f, 0.f, 0.f};
       if (i < N && j < N) {
-        e = element_at(args, gates, bh, h, i, j, q_tile + it * d, k_tile + r * d, do_tile + it * d, v_tile + r * d);
+        const RowStats stats = row_stats[it];
+        const ContentAndT at =
+            content_and_t(args.scale, stats.lse, q_tile + it * d, k_tile + r * d, do_tile + it * d, v_tile + r * d, d);
+        e = element_grads(at.a, args.tables.prob(h, i, j), at.t, stats.deltas, gates);
         const PosWeightGrad<float> w =
             pos_weight_grad_terms(e.pos, xj - float(i % args.tables.grid_w), yj - float(i / args.tables.grid_w));
         grad_w[0] += w.dx;
@@ -326,7 +308,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(BackwardArgs<sc
   }
 }
 
-// dq of one query tile, and the tile's delta_content (run before the dk/dv kernel).
+// dq of one query tile, and the tile's row deltas (run before the dk/dv kernel).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scalar_t> args,
                                                                scalar_t* __restrict__ dq) {
@@ -341,12 +323,14 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
   const int query0 = blockIdx.x * kTileRows, h = blockIdx.y, b = blockIdx.z, H = gridDim.y, bh = b * H + h;
   const int r = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
   const int i = query0 + r;
+  const int64_t row = int64_t(bh) * N + i;
   const Gates<float> gates = gates_from_lambda(args.lambdas[h]);
+  const float row_lse = i < N ? args.lse[row] : 0.f;
 
   load_rows(q_tile, args.q, b, h, query0, kTileRows, N, d);
   load_rows(do_tile, args.grad_out, b, h, query0, kTileRows, N, d);
-  // First pass over the keys: delta_content = sum_j A_ij T_ij of this tile's rows.
-  float content_dot = 0.f;
+  // First pass over the keys: delta_c = sum_j A_ij T_ij and delta_p = sum_j P_ij T_ij of this tile's rows.
+  float content_dot = 0.f, pos_dot = 0.f;
   for (int key0 = 0; key0 < N; key0 += kBackwardCols) {
     __syncthreads();
     load_rows(k_tile, args.k, b, h, key0, kBackwardCols, N, d);
@@ -357,14 +341,17 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
       const int jt = lane + u * kLanesPerRow, j = key0 + jt;
       if (i < N && j < N) {
         const ContentAndT at =
-            content_and_t(args, bh, i, q_tile + r * d, k_tile + jt * d, do_tile + r * d, v_tile + jt * d);
+            content_and_t(args.scale, row_lse, q_tile + r * d, k_tile + jt * d, do_tile + r * d, v_tile + jt * d, d);
         content_dot += at.a * at.t;
+        pos_dot += args.tables.prob(h, i, j) * at.t;
       }
     }
   }
-  content_dot = row_sum8(content_dot);
-  if (lane == 0 && i < N) args.delta_content[int64_t(bh) * N + i] = content_dot;
-  __syncthreads();  // makes the block's writes visible to all of its threads
+  const RowDeltas<float> deltas{row_sum8(content_dot), row_sum8(pos_dot)};
+  if (lane == 0 && i < N) {
+    args.delta_content[row] = deltas.content;
+    args.delta_pos[row] = deltas.pos;
+  }
 
   float grad_q[kChannelsPerLane];
 #pragma unroll
@@ -378,9 +365,11 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
     for (int u = 0; u < kBackwardCols / kLanesPerRow; ++u) {
       const int jt = lane + u * kLanesPerRow, j = key0 + jt;
       float ds = 0.f;
-      if (i < N && j < N)
-        ds = element_at(args, gates, bh, h, i, j, q_tile + r * d, k_tile + jt * d, do_tile + r * d, v_tile + jt * d)
-                 .content;
+      if (i < N && j < N) {
+        const ContentAndT at =
+            content_and_t(args.scale, row_lse, q_tile + r * d, k_tile + jt * d, do_tile + r * d, v_tile + jt * d, d);
+        ds = element_grads(at.a, 0.f, at.t, deltas, gates).content;  // the content branch only: P is not needed
+      }
       dlogits[r * kBackwardCols + jt] = ds;
     }
     __syncwarp();
@@ -424,70 +413,61 @@ dim3 tile_grid(const GpsaSizes& s) {
   return dim3(unsigned((s.seq_len + kTileRows - 1) / kTileRows), unsigned(s.heads), unsigned(s.batch));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gpsa_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                             const at::Tensor& v, const at::Tensor& pos_weight,
-                                                             const at::Tensor& gating_param, int64_t grid_w,
-                                                             double scale) {
+std::tuple<at::Tensor, at::Tensor> gpsa_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& pos_weight, const at::Tensor& gating_param,
+                                                 int64_t grid_w, double scale) {
   const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w);
   check_cuda_args(q, s);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  auto out = at::empty({s.batch, s.seq_len, s.heads, s.head_dim}, q.options());
-  auto lse = at::empty({s.batch, s.heads, s.seq_len}, q.options().dtype(at::kFloat));
-  auto diff = at::empty({s.batch, s.heads, s.seq_len, s.head_dim}, q.options().dtype(at::kFloat));
-  if (s.batch == 0) return {out, lse, diff};
+  auto [out, lse] = empty_forward_outputs(q, s);
+  if (s.batch == 0) return {out, lse};
   const PositionalTables tables = positional_tables(pos_weight, s, stream);
   const auto lambdas = gating_param.to(at::kFloat).contiguous();
   const int d = int(s.head_dim);
   const size_t smem = sizeof(float) * ((kTileRows + 2 * kForwardKeys) * d + 2 * kTileRows * kForwardKeys);
   GPSA_DISPATCH_CUDA_TYPES(q.scalar_type(), "gpsa_fwd_cuda", [&] {
     forward_kernel<scalar_t><<<tile_grid(s), kThreads, smem, stream>>>(
-        bhnd<scalar_t>(q), bhnd<scalar_t>(k), bhnd<scalar_t>(v), tables.view(), lambdas.data_ptr<float>(),
-        int(s.seq_len), d, float(scale), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), diff.data_ptr<float>());
+        bhnd_view<const scalar_t>(q), bhnd_view<const scalar_t>(k), bhnd_view<const scalar_t>(v), tables.view(),
+        lambdas.data_ptr<float>(), int(s.seq_len), d, float(scale), out.data_ptr<scalar_t>(), lse.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, lse, diff};
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& out, const at::Tensor& lse,
-    const at::Tensor& diff, int64_t grid_w, double scale) {
-  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, out, lse, diff, grid_w);
+    const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& lse, int64_t grid_w,
+    double scale) {
+  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w);
   check_cuda_args(q, s);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const std::vector<int64_t> grad_shape{s.batch, s.seq_len, s.heads, s.head_dim};
-  auto dq = at::empty(grad_shape, q.options());
-  auto dk = at::empty(grad_shape, q.options());
-  auto dv = at::empty(grad_shape, q.options());
-  if (s.batch == 0)
-    return {dq, dk, dv, at::zeros_like(pos_weight), at::zeros_like(gating_param)};
+  auto [dq, dk, dv] = empty_input_grads(q, s);
+  if (s.batch == 0) return {dq, dk, dv, at::zeros_like(pos_weight), at::zeros_like(gating_param)};
 
-  // dO . (O_p - O_c), B x H x N in float, O(B H N d); `out` is not needed (row_deltas in gpsa_common.h).
-  const auto delta_diff = (grad_out.transpose(1, 2).to(at::kFloat) * diff).sum(-1).contiguous();
-  auto delta_content = at::empty_like(delta_diff);
-  const auto lambdas = gating_param.to(at::kFloat).contiguous();
-  const auto gate = at::sigmoid(lambdas);
-  const auto d_gating = (gate * at::sigmoid(-lambdas) * delta_diff.sum({0, 2})).to(gating_param.scalar_type());
   const auto lse_c = lse.contiguous();
+  auto delta_content = at::empty_like(lse_c);
+  auto delta_pos = at::empty_like(lse_c);
+  const auto lambdas = gating_param.to(at::kFloat).contiguous();
   const PositionalTables tables = positional_tables(pos_weight, s, stream);
   const dim3 grid = tile_grid(s);
   auto pos_weight_partial = at::empty({s.batch, s.heads, int64_t(grid.x), 3}, q.options().dtype(at::kFloat));
   const int d = int(s.head_dim);
-  const size_t smem_dkdv =
-      sizeof(float) * (2 * (kTileRows + kBackwardCols) * d + 2 * kTileRows * kBackwardCols + 3 * kThreads);
+  const size_t smem_dkdv = sizeof(float) * (2 * (kTileRows + kBackwardCols) * d + 2 * kTileRows * kBackwardCols +
+                                            3 * kThreads) +
+                           sizeof(RowStats) * kBackwardCols;
   const size_t smem_dq = sizeof(float) * (2 * (kTileRows + kBackwardCols) * d + kTileRows * kBackwardCols);
   GPSA_DISPATCH_CUDA_TYPES(q.scalar_type(), "gpsa_bwd_cuda", [&] {
-    const BackwardArgs<scalar_t> args{bhnd<scalar_t>(q),
-                                      bhnd<scalar_t>(k),
-                                      bhnd<scalar_t>(v),
-                                      bnhd<scalar_t>(grad_out),
+    const BackwardArgs<scalar_t> args{bhnd_view<const scalar_t>(q),
+                                      bhnd_view<const scalar_t>(k),
+                                      bhnd_view<const scalar_t>(v),
+                                      bnhd_view<const scalar_t>(grad_out),
                                       tables.view(),
                                       lambdas.data_ptr<float>(),
                                       lse_c.data_ptr<float>(),
                                       delta_content.data_ptr<float>(),
-                                      delta_diff.data_ptr<float>(),
+                                      delta_pos.data_ptr<float>(),
                                       int(s.seq_len),
                                       d,
                                       float(scale)};
@@ -497,7 +477,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_
         args, dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), pos_weight_partial.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  // Fixed-order reductions of the per-tile and per-row partials: deterministic.
   const auto d_pos_weight = pos_weight_partial.sum({0, 2}).to(pos_weight.scalar_type());
+  const auto gate_weight = at::sigmoid(lambdas) * at::sigmoid(-lambdas);
+  const auto d_gating = (gate_weight * (delta_pos - delta_content).sum({0, 2})).to(gating_param.scalar_type());
   return {dq, dk, dv, d_pos_weight, d_gating};
 }
 
