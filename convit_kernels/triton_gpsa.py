@@ -78,37 +78,46 @@ nothing of size N x N or an extra B x H x N x d.
 
 Block sizes and the compile report
 ----------------------------------
-Fixed configurations (BLOCK_M x BLOCK_N, warps, stages), BLOCK_D = next power
-of two >= d (64 for ConViT's 48 and 64):
+Fixed configurations (BLOCK_M x BLOCK_N, warps, stages; ``FIXED_CONFIGS``),
+BLOCK_D = next power of two >= d (64 for ConViT's 48 and 64). "tile" serves
+N <= BLOCK_N with BLOCK_D <= 64 (ConViT), "loop" everything else:
 
-=============  ===================  ===================
-kernel         fp16 / bf16          fp32 (3xTF32)
-=============  ===================  ===================
-fwd            32 x 64, 4 w, 2 st   32 x 32, 4 w, 1 st
-bwd_dkdv       32 x 32, 4 w, 2 st   16 x 32, 4 w, 1 st
-bwd_dq         64 x 64, 4 w, 2 st   32 x 32, 4 w, 2 st
-bwd_preprocess BLOCK_M 64, 4 w      same
-=============  ===================  ===================
+=================  ====================  ====================
+kernel, key path   fp16 / bf16           fp32 (3xTF32)
+=================  ====================  ====================
+fwd, tile          32 x 256, 8 w, 2 st   16 x 256, 8 w, 1 st
+fwd, loop          32 x 64, 4 w, 2 st    32 x 32, 4 w, 1 st
+bwd_dq, tile       32 x 256, 8 w, 2 st   (none: 16 x 256 spills)
+bwd_dq, loop       32 x 64, 4 w, 2 st    16 x 32, 4 w, 1 st
+bwd_dkdv           32 x 32, 4 w, 2 st    16 x 32, 4 w, 1 st
+=================  ====================  ====================
 
 ``convit-kernels aot --arch 80 90`` (triton 3.8, no GPU, d = 48) printed, in
 registers per thread / spilled bytes / shared memory bytes / tensor-core SASS:
-sm_80 bf16: fwd 210 / 0 / 40960 / HMMA, bwd_dkdv 187 / 0 / 26880 / HMMA,
-bwd_dq 192 / 0 / 32768 / HMMA, preprocess 64 / 0 / 256; sm_90 bf16: fwd 202 /
-0 / 41984 / HMMA, bwd_dkdv 189 / 0 / 27904 / HMMA, bwd_dq 127 / 0 / 50176 /
-HGMMA; fp32 kernels 251-255 registers, 0 spill, 32-50 KB. Why these fit: a
-program holds two BLOCK_M x BLOCK_D fp32 accumulators (A v and P v; dk and dv)
-and three to four BLOCK_M x BLOCK_N fp32 score tiles (S or A, P, T, dS) plus
-the 64-bit pointer tiles of the positional gather; with 128 threads a 64 x 64
-fp32 tile is 32 registers per thread, so the 64 x 64 forward spilled 136 bytes
-on sm_80 and the 32 x 64 one does not (3xTF32 doubles the operand registers,
-hence the smaller fp32 tiles). Shared memory stays at 27-50 KB against 164 KB
-(sm_80) and 228 KB (sm_90) per SM, so registers bound occupancy: two programs
-(8 warps) per SM for the forward and dk/dv, four for the sm_90 dq (127
-registers). sm_90 uses warpgroup HGMMA only for 64-row tiles (dq); the
-32-row tiles run as HMMA there. On real GPUs ``triton.autotune`` picks among
-four tile shapes per kernel (16 x 32 to 128 x 64), 4 or 8 warps and 1 or 2
-stages, keyed on (N, HEAD_DIM) and the dtypes, pruning tiles wider than N needs
-and tiles above 64 x 64 for fp32 or d > 64 (above 128 x 64 otherwise). Set CONVIT_KERNELS_TRITON_AUTOTUNE=0 (before import) for the fixed ones.
+sm_80 bf16: fwd tile 184 / 0 / 49152 / HMMA, fwd loop 168 / 0 / 40960 / HMMA,
+dq tile 224 / 0 / 65536 / HMMA, dq loop 255 / 0 / 32768 / HMMA, dkdv 187 / 0 /
+26880 / HMMA; sm_90 bf16: fwd tile 164, fwd loop 137, dq tile 255, dq loop 254,
+dkdv 189 registers, 0 spill, 28-67 KB; fp32 kernels 190-255 registers, 0 spill,
+24-67 KB, all HMMA. Why these fit: a one-tile program holds BLOCK_M x 256 fp32
+score tiles (S or A, P, T, dS: 16 registers per thread each at 32 x 256 over
+256 threads, hence 8 warps) and the 64-bit pointer tiles of the positional
+gather; 3xTF32 doubles the operand registers, hence 16-row fp32 tiles, and an
+fp32 dq holds one score tile too many for 16 x 256 (528 bytes spilled). The
+loop configurations carry one BLOCK_M x BLOCK_D fp32 accumulator (two for dq:
+A T k and A k; dk and dv for dk/dv) and smaller score tiles. Shared memory
+stays at 24-67 KB against 164 KB (sm_80) and 228 KB (sm_90) per SM, so
+registers bound occupancy: one 8-warp program per SM for the one-tile kernels,
+two or three 4-warp programs for the loop ones and dk/dv. ConViT-S launches
+B H ceil(N / BLOCK_M) = 2016 forward programs, about 19 waves on an A100's 108
+SMs, so one resident program per SM still fills the machine; the tile kernels
+trade occupancy for doing Q K^T once with an exact softmax. None of the
+fixed tiles has 64 rows, so sm_90 runs HMMA rather than warpgroup HGMMA. On
+real GPUs ``triton.autotune`` picks among four tile shapes per kernel (16 x 32
+to 32 x 256, and every fixed configuration), 4 or 8 warps and 1 or 2 stages,
+keyed on (N, HEAD_DIM) and the dtypes, pruning tiles wider than N needs and
+tiles above 64 x 64 (4096 elements) for fp32 or d > 64 (above 128 x 64
+otherwise). Set CONVIT_KERNELS_TRITON_AUTOTUNE=0 (before import) for the fixed
+ones.
 """
 
 from __future__ import annotations
@@ -245,6 +254,13 @@ def _store_tile(BASE, value, stride_n, stride_d, offs_n, offs_d, N, HEAD_DIM: tl
 
 
 @triton.jit
+def _content_logits(q, k, qk_scale, offs_n, N):
+    """scale q k^T of a tile in log2 units (qk_scale = scale log2(e)), -inf at keys past N."""
+    s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
+    return tl.where((offs_n < N)[None, :], s, float("-inf"))
+
+
+@triton.jit
 def _gates(GATE, h):
     """(g, 1 - g) with 1 - g = sigmoid(-lambda): exact where g rounds to 1."""
     lam = tl.load(GATE + h).to(tl.float32)
@@ -287,8 +303,7 @@ def _gpsa_fwd_kernel(
         # The whole key row in one tile: exact softmax, then the mix and one product with v.
         offs_n = tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
-        s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+        s = _content_logits(q, k, qk_scale, offs_n, N)
         m_i = tl.max(s, 1)
         l_i = tl.sum(tl.exp2(s - m_i[:, None]), 1)
         lse = m_i + tl.log2(l_i)  # log2 units
@@ -304,8 +319,7 @@ def _gpsa_fwd_kernel(
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-            s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
-            s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+            s = _content_logits(q, k, qk_scale, offs_n, N)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
             m_i = m_new
@@ -314,8 +328,7 @@ def _gpsa_fwd_kernel(
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-            s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
-            s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+            s = _content_logits(q, k, qk_scale, offs_n, N)
             pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
             mix = _mixed_probs(s, lse, pos, g, one_minus_g)
             v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
@@ -367,8 +380,7 @@ def _gpsa_bwd_dq_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
         v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
-        a = tl.where((offs_n < N)[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        a = tl.exp2(_content_logits(q, k, qk_scale, offs_n, N) - lse[:, None])
         t = tl.dot(dout, tl.trans(v), input_precision="tf32x3")  # T = dO v^T, for both branches
         pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
         delta_c = tl.sum(a * t, 1)
@@ -384,8 +396,7 @@ def _gpsa_bwd_dq_kernel(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
             v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-            s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
-            a = tl.where((offs_n < N)[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            a = tl.exp2(_content_logits(q, k, qk_scale, offs_n, N) - lse[:, None])
             t = tl.dot(dout, tl.trans(v), input_precision="tf32x3")
             pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
             at = a * t

@@ -1,7 +1,7 @@
 """`convit-kernels aot`: every Triton kernel compiles for sm_80 and sm_90 without a GPU, with no spills.
 
 Compiles into a temporary Triton cache (nothing lands in the repository or the
-user's cache). bf16 and fp32 at d = 48 keep it to 16 compilations (~30 s on
+user's cache). bf16 and fp32 at d = 48 keep it to 18 compilations (~60 s on
 two cores); fp16 builds the same code as bf16 and d = 64 the same tiles as 48
 (BLOCK_D = 64): the full table is `convit-kernels aot --arch 80 90`.
 """
