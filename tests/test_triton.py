@@ -140,6 +140,20 @@ def test_output_and_saved_state_layout(interpreter):
     torch.testing.assert_close(lse, (q @ k.transpose(-1, -2) * 8**-0.5).logsumexp(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fixed_gpu_configurations_match_reference(interpreter, monkeypatch, dtype):
+    # The tiles a GPU runs at ConViT's N = 196 without autotuning (fp32: the 16 x 256 one-tile
+    # forward, dq over 16 x 32 key blocks; fp16: one-tile forward and dq), interpreted: the
+    # autotuner gets every fixed configuration and its pruning picks the GPU's.
+    for name, tuner in interpreter.KERNELS.items():
+        monkeypatch.setattr(tuner, "configs", [c for path in interpreter.FIXED_CONFIGS[name].values() for c in path.values()])
+        monkeypatch.setattr(tuner, "cache", {})
+    assert_matches_reference(make_inputs(1, 2, 196, 48, dtype=dtype, seed=3), backend="triton")
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    for name, tuner in interpreter.KERNELS.items():
+        assert tuner.best_config is interpreter.fixed_config(name, element_size, 196, 64), name
+
+
 def test_reductions_deterministic_and_atomics_agree(interpreter):
     q, k, v, w, _, lam = [t.detach() for t in make_inputs(2, 3, 50, 16)]
     out, lse = triton_gpsa.gpsa_forward(q, k, v, w, lam, 10, 0.25)
