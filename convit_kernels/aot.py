@@ -3,8 +3,8 @@
 Each kernel of ``triton_gpsa.KERNELS`` is compiled with ``triton.compile`` for an
 explicit ``GPUTarget("cuda", arch, 32)``, in each input dtype and for ConViT's
 head dims (48 and 64), with each fixed configuration of ``triton_gpsa.FIXED_CONFIGS``
-in the key path it serves (``keys=tile``: the whole key row in one BLOCK_N tile,
-N = 196; ``keys=loop``: several key blocks) and the argument specialisation the runtime would apply to inputs
+in each key path it runs (``keys=tile``: the whole key row in one BLOCK_N tile,
+N = 196 for a "tile" configuration; ``keys=loop``: several key blocks) and the argument specialisation the runtime would apply to inputs
 taken from the qk / v projections (16-byte aligned pointers, strides divisible
 by 16, unit stride along d). ``cuobjdump`` (shipped in
 ``triton/backends/nvidia/bin``) reads the cubin's registers per thread, local
@@ -46,7 +46,8 @@ class KernelReport:
     dtype: str
     head_dim: int
     num_warps: int
-    key_path: str = "loop"
+    config: str = "loop"  # which fixed configuration: "tile" or "loop"
+    key_path: str = "loop"  # which code it runs: ONE_KEY_BLOCK ("tile") or not
     registers: int = 0
     spill_bytes: int = 0
     shared_bytes: int = 0
@@ -61,7 +62,8 @@ class KernelReport:
 
     def line(self) -> str:
         head = (
-            f"{self.kernel:<8} keys={self.key_path:<4} sm_{self.arch} {self.dtype:<4} d={self.head_dim:<3} "
+            f"{self.kernel:<8} config={self.config:<4} keys={self.key_path:<4} sm_{self.arch} {self.dtype:<4} "
+            f"d={self.head_dim:<3} "
             f"warps={self.num_warps}"
         )
         if self.error:
@@ -112,6 +114,14 @@ def _launch_spec(jit_fn, dtype, head_dim, config, one_key_block):
     return signature, constexprs, attrs
 
 
+def _key_paths(jit_fn, config_name):
+    """The key paths a fixed configuration runs: a "tile" one only N <= BLOCK_N; a "loop" one both
+    (N <= BLOCK_N takes the one-tile code with the loop's tiles), where the kernel has the two."""
+    if "ONE_KEY_BLOCK" not in jit_fn.arg_names:
+        return ("loop",)
+    return ("tile",) if config_name == "tile" else ("loop", "tile")
+
+
 def _inspect(compiled, report: KernelReport) -> None:
     """Fill the report from the cubin (registers, spills, static shared memory, SASS) and Triton's metadata."""
     cubin = compiled.asm["cubin"]
@@ -147,26 +157,27 @@ def compile_report(archs=(80, 90), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS):
             jit_fn = kernel
             while not isinstance(jit_fn, JITFunction):  # unwrap triton.autotune and triton.heuristics
                 jit_fn = jit_fn.fn
-            for dtype_name, (key_path, configs), head_dim in itertools.product(
+            for dtype_name, (config_name, configs), head_dim in itertools.product(
                 dtypes, tg.FIXED_CONFIGS[kernel_name].items(), head_dims
             ):
                 config = configs.get(DTYPES[dtype_name].itemsize)
-                if config is None:  # no configuration of this key path for this dtype
+                if config is None:  # no configuration of this kind for this dtype
                     continue
-                report = KernelReport(kernel_name, arch, dtype_name, head_dim, config.num_warps, key_path)
-                signature, constexprs, attrs = _launch_spec(
-                    jit_fn, DTYPES[dtype_name], head_dim, dict(config.kwargs), key_path == "tile"
-                )
-                try:
-                    compiled = triton.compile(
-                        ASTSource(jit_fn, signature, constexprs, attrs),
-                        target=target,
-                        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+                for key_path in _key_paths(jit_fn, config_name):
+                    report = KernelReport(kernel_name, arch, dtype_name, head_dim, config.num_warps, config_name, key_path)
+                    signature, constexprs, attrs = _launch_spec(
+                        jit_fn, DTYPES[dtype_name], head_dim, dict(config.kwargs), key_path == "tile"
                     )
-                    _inspect(compiled, report)
-                except Exception as exc:  # reported, and the exit status says so
-                    report.error = (str(exc).strip().splitlines() or [repr(exc)])[-1][:300]
-                yield report
+                    try:
+                        compiled = triton.compile(
+                            ASTSource(jit_fn, signature, constexprs, attrs),
+                            target=target,
+                            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+                        )
+                        _inspect(compiled, report)
+                    except Exception as exc:  # reported, and the exit status says so
+                        report.error = (str(exc).strip().splitlines() or [repr(exc)])[-1][:300]
+                    yield report
 
 
 def main(argv=None) -> int:

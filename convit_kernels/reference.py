@@ -24,8 +24,9 @@ Op interface shared by every backend (``torch``, ``triton``, ``cpu``, ``cuda``):
         returns dq, dk, dv (B x N x H x d contiguous, dtype of q),
                 d_pos_weight (H x 3), d_gating_param (H) in their own dtypes
 
-The forward keeps only lse (O(B H N)): it mixes the normalised content
-softmax with P before a single product with v, so it never forms O_c or O_p.
+The forward keeps only lse (O(B H N)) for the backward. The fused CPU and
+Triton forwards mix the normalised content softmax with P before a single
+product with v (the CUDA one accumulates O_c and O_p and mixes them at the end).
 The backward needs the row dot products ``delta_c = dO.O_c`` and
 ``delta_p = dO.O_p``; it takes them as ``delta_c = sum_j A_ij T_ij`` and
 ``delta_p = sum_j P_ij T_ij`` over the recomputed attention and ``T = dO v^T``.

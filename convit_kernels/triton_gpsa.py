@@ -24,10 +24,10 @@ Layout of the work
   walks the keys, recomputes A from lse and gathers P, computes T = dO v^T once
   per tile for both branches and takes the row deltas of the design page as
   delta_c = sum_j A_ij T_ij and delta_p = sum_j P_ij T_ij (reference.py says
-  why). With the key row in one tile dS = (1 - g) A o (T - delta_c) and dq =
-  scale dS k directly; over several tiles, from two accumulators in the same
-  pass (see the kernel). It stores dq, both deltas (B x H x N) and its partial
-  sum of g (1 - g) (delta_p - delta_c) for d gating_param.
+  why). With the key row in one tile it forms dS = (1 - g) A o (T - delta_c)
+  and dq = scale dS k in registers; over several tiles a first pass takes the
+  deltas and a second forms dS and dq. It stores dq, both deltas (B x H x N)
+  and its partial sum of g (1 - g) (delta_p - delta_c) for d gating_param.
 * ``_gpsa_bwd_dkdv_kernel``: one program per (batch, head, block of keys) walks
   the queries after the dq kernel: recomputes A and P, T = dO v^T once per tile
   for both branches (dS for dk, ds for d pos_weight), dv = M^T dO,
@@ -38,6 +38,17 @@ Layout of the work
   ``atomic_reductions=True`` (argument of :func:`gpsa_backward`) the programs
   add into one H-sized buffer with ``tl.atomic_add`` instead (last-bit
   run-to-run differences). d pos_bias is exactly zero (the op returns zeros).
+
+Registration: the launchers are the "triton" backend of the project's op
+(``convit_kernels::gpsa_fwd`` / ``gpsa_bwd``, torch.library custom ops with
+fake functions and autograd), so ``torch.compile(fullgraph=True)`` traces the
+layer with the kernels as one opaque node and no graph break, on a GPU as under
+the interpreter. They are plain launchers rather than ``triton_op`` +
+``wrap_triton``: torch 2.14's wrapper rebuilds autotuned kernels without their
+``reset_to_zero`` (torch/_higher_order_ops/triton_kernel_wrap.py), and the
+per-program partial sums of dq and dk/dv rely on it: a benchmarked finer tile
+would leave partials that the chosen one does not overwrite. Under
+TRITON_INTERPRET=1 wrap_triton cannot be traced either.
 
 Every tensor is addressed through explicit strides: q, k, v are taken as the
 strided views the qk and v projections give (no copies), out/dq/dk/dv are
@@ -59,7 +70,7 @@ products, but through the memory traffic below. The tile is
 256 keys wide for N = 196, so the tensor cores do 256/196 = 1.3x the useful
 work. Rows longer than BLOCK_N repeat Q K^T: 6 B H N^2 d. Backward 14 B H N^2 d
 = 7.4 GFLOP (dq kernel: Q K^T, dO v^T, dS k; dk/dv kernel: Q K^T, dO v^T,
-M^T dO, dS^T q), 16 with several key tiles (the second accumulator of dq).
+M^T dO, dS^T q), 18 with several key tiles (dq's first pass).
 Plus two gathered loads per score from the positional tables (H (W^2 + H_p^2)
 fp32 = 14 KB).
 Bytes moved per forward (one B H N d fp16 tensor is 5.4 MB): read q, k, v
@@ -80,44 +91,45 @@ Block sizes and the compile report
 ----------------------------------
 Fixed configurations (BLOCK_M x BLOCK_N, warps, stages; ``FIXED_CONFIGS``),
 BLOCK_D = next power of two >= d (64 for ConViT's 48 and 64). "tile" serves
-N <= BLOCK_N with BLOCK_D <= 64 (ConViT), "loop" everything else:
+N <= BLOCK_N with BLOCK_D <= 64 (ConViT), "loop" everything else (and runs the
+one-tile code itself where N <= its BLOCK_N):
 
 =================  ====================  ====================
-kernel, key path   fp16 / bf16           fp32 (3xTF32)
+kernel, config     fp16 / bf16           fp32 (3xTF32)
 =================  ====================  ====================
 fwd, tile          32 x 256, 8 w, 2 st   16 x 256, 8 w, 1 st
-fwd, loop          32 x 64, 4 w, 2 st    32 x 32, 4 w, 1 st
+fwd, loop          32 x 64, 4 w, 2 st    32 x 32, 8 w, 1 st
 bwd_dq, tile       32 x 256, 8 w, 2 st   (none: 16 x 256 spills)
-bwd_dq, loop       32 x 64, 4 w, 2 st    16 x 32, 4 w, 1 st
+bwd_dq, loop       32 x 64, 8 w, 2 st    32 x 32, 8 w, 1 st
 bwd_dkdv           32 x 32, 4 w, 2 st    16 x 32, 4 w, 1 st
 =================  ====================  ====================
 
 ``convit-kernels aot --arch 80 90`` (triton 3.8, no GPU, d = 48) printed, in
-registers per thread / spilled bytes / shared memory bytes / tensor-core SASS:
-sm_80 bf16: fwd tile 184 / 0 / 49152 / HMMA, fwd loop 168 / 0 / 40960 / HMMA,
-dq tile 224 / 0 / 65536 / HMMA, dq loop 255 / 0 / 32768 / HMMA, dkdv 187 / 0 /
-26880 / HMMA; sm_90 bf16: fwd tile 164, fwd loop 137, dq tile 255, dq loop 254,
-dkdv 189 registers, 0 spill, 28-67 KB; fp32 kernels 190-255 registers, 0 spill,
-24-67 KB, all HMMA. Why these fit: a one-tile program holds BLOCK_M x 256 fp32
-score tiles (S or A, P, T, dS: 16 registers per thread each at 32 x 256 over
-256 threads, hence 8 warps) and the 64-bit pointer tiles of the positional
-gather; 3xTF32 doubles the operand registers, hence 16-row fp32 tiles, and an
-fp32 dq holds one score tile too many for 16 x 256 (528 bytes spilled). The
-loop configurations carry one BLOCK_M x BLOCK_D fp32 accumulator (two for dq:
-A T k and A k; dk and dv for dk/dv) and smaller score tiles. Shared memory
-stays at 24-67 KB against 164 KB (sm_80) and 228 KB (sm_90) per SM, so
-registers bound occupancy: one 8-warp program per SM for the one-tile kernels,
-two or three 4-warp programs for the loop ones and dk/dv. ConViT-S launches
-B H ceil(N / BLOCK_M) = 2016 forward programs, about 19 waves on an A100's 108
-SMs, so one resident program per SM still fills the machine; the tile kernels
-trade occupancy for doing Q K^T once with an exact softmax. None of the
-fixed tiles has 64 rows, so sm_90 runs HMMA rather than warpgroup HGMMA. On
-real GPUs ``triton.autotune`` picks among four tile shapes per kernel (16 x 32
-to 32 x 256, and every fixed configuration), 4 or 8 warps and 1 or 2 stages,
-keyed on (N, HEAD_DIM) and the dtypes, pruning tiles wider than N needs and
-tiles above 64 x 64 (4096 elements) for fp32 or d > 64 (above 128 x 64
-otherwise). Set CONVIT_KERNELS_TRITON_AUTOTUNE=0 (before import) for the fixed
-ones.
+registers per thread / spilled bytes / shared memory bytes / tensor-core SASS,
+for the configurations ConViT's N = 196 runs:
+sm_80 bf16: fwd tile 182 / 0 / 49152 / HMMA, dq tile 236 / 0 / 65536 / HMMA,
+dkdv 187 / 0 / 26880 / HMMA; sm_90 bf16: fwd tile 163, dq tile 255, dkdv 189
+registers, 0 spill; fp32 (fwd tile, dq loop, dkdv): 255 / 254 / 255 registers on
+sm_80, 0 spill, 40-64 KB. Every other configuration and key path: 64-255
+registers, 0 spill, all HMMA. Why these fit: a one-tile program holds
+BLOCK_M x 256 fp32 score tiles (S or A, P, T, dS: 16 registers per thread each
+at 32 x 256 over 256 threads, hence 8 warps) and the 64-bit pointer tiles of the
+positional gather; 3xTF32 doubles the operand registers, hence 16-row fp32
+tiles, and an fp32 dq holds one score tile too many for 16 x 256 (528 bytes
+spilled). The loop configurations carry one BLOCK_M x BLOCK_D fp32 accumulator
+(two for dk/dv) and smaller score tiles. Shared memory stays at 8-67 KB against
+164 KB (sm_80) and 228 KB (sm_90) per SM, so registers bound occupancy: one
+8-warp program per SM for the one-tile kernels, two or three 4-warp programs for
+dk/dv and the loop forward. ConViT-S launches B H ceil(N / BLOCK_M) = 2016
+forward programs, about 19 waves on an A100's 108 SMs, so one resident program
+per SM still fills the machine; the tile kernels trade occupancy for doing
+Q K^T once with an exact softmax. None of the fixed tiles has 64 rows, so sm_90
+runs HMMA rather than warpgroup HGMMA. On real GPUs ``triton.autotune`` picks
+among four tile shapes per kernel (16 x 32 to 32 x 256) and every fixed
+configuration, with 4 or 8 warps and 1 or 2 stages, keyed on (N, HEAD_DIM) and
+the dtypes, pruning tiles wider than N needs and tiles above 64 x 64 (4096
+elements) for fp32 or d > 64 (above 128 x 64 otherwise). Set
+CONVIT_KERNELS_TRITON_AUTOTUNE=0 (before import) for the fixed ones.
 """
 
 from __future__ import annotations
@@ -158,9 +170,9 @@ def _config(block_m, block_n, num_warps, num_stages):
 FIXED_CONFIGS = {
     "fwd": {
         "tile": {2: _config(32, 256, 8, 2), 4: _config(16, 256, 8, 1)},
-        "loop": {2: _config(32, 64, 4, 2), 4: _config(32, 32, 4, 1)},
+        "loop": {2: _config(32, 64, 4, 2), 4: _config(32, 32, 8, 1)},
     },
-    "bwd_dq": {"tile": {2: _config(32, 256, 8, 2)}, "loop": {2: _config(32, 64, 4, 2), 4: _config(16, 32, 4, 1)}},
+    "bwd_dq": {"tile": {2: _config(32, 256, 8, 2)}, "loop": {2: _config(32, 64, 8, 2), 4: _config(32, 32, 8, 1)}},
     "bwd_dkdv": {"loop": {2: _config(32, 32, 4, 2), 4: _config(16, 32, 4, 1)}},
 }
 # The interpreter's cost is per program and loop step, nearly independent of the tile: few, large
@@ -270,12 +282,6 @@ def _gates(GATE, h):
 # ---------------------------------------------------------------- forward
 
 
-@triton.jit
-def _mixed_probs(s, lse, pos, g, one_minus_g):
-    """M = (1 - g) A + g P for a tile, A = 2^(s - lse) from log2-unit logits and row log-sum-exps."""
-    return one_minus_g * tl.exp2(s - lse[:, None]) + g * pos
-
-
 @_autotune("fwd", _config_space((32, 64), (64, 64), (16, 256), (32, 256)))
 @triton.heuristics({"ONE_KEY_BLOCK": lambda args: args["N"] <= args["BLOCK_N"]})
 @triton.jit
@@ -305,10 +311,11 @@ def _gpsa_fwd_kernel(
         k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
         s = _content_logits(q, k, qk_scale, offs_n, N)
         m_i = tl.max(s, 1)
-        l_i = tl.sum(tl.exp2(s - m_i[:, None]), 1)
+        e = tl.exp2(s - m_i[:, None])
+        l_i = tl.sum(e, 1)
         lse = m_i + tl.log2(l_i)  # log2 units
         pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
-        mix = _mixed_probs(s, lse, pos, g, one_minus_g)
+        mix = (one_minus_g / l_i)[:, None] * e + g * pos
         v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
         acc = tl.dot(mix.to(DOT_DTYPE), v, input_precision="tf32x3")
     else:
@@ -330,7 +337,7 @@ def _gpsa_fwd_kernel(
             k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
             s = _content_logits(q, k, qk_scale, offs_n, N)
             pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
-            mix = _mixed_probs(s, lse, pos, g, one_minus_g)
+            mix = one_minus_g * tl.exp2(s - lse[:, None]) + g * pos
             v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
             acc += tl.dot(mix.to(DOT_DTYPE), v, input_precision="tf32x3")
 
@@ -339,6 +346,16 @@ def _gpsa_fwd_kernel(
 
 
 # ---------------------------------------------------------------- backward
+
+
+@triton.jit
+def _key_tile_terms(q, dout, lse, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, N,
+                    qk_scale, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """For the query block (q, dO, lse) and one key tile: k, A = 2^(logit - lse) (0 past N) and T = dO v^T."""
+    k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+    v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
+    a = tl.exp2(_content_logits(q, k, qk_scale, offs_n, N) - lse[:, None])
+    return k, a, tl.dot(dout, tl.trans(v), input_precision="tf32x3")
 
 
 @_autotune("bwd_dq", _config_space((32, 64), (64, 64), (16, 256), (32, 256)), reset_to_zero=["GATE_PARTIAL"])
@@ -357,11 +374,9 @@ def _gpsa_bwd_dq_kernel(
 ):  # fmt: skip
     """dq and the row deltas of a block of queries; runs before the dk/dv kernel, which reads the deltas.
 
-    delta_c = sum_j A_ij T_ij and delta_p = sum_j P_ij T_ij need the whole key row. With it in one
-    tile, dS = (1 - g) A o (T - delta_c) is formed directly; over several tiles, dq is assembled from
-    two accumulators in the same pass: sum_j (1 - g) A_ij (T_ij - delta_c) k_j =
-    (1 - g) (sum_j A_ij T_ij k_j - delta_c sum_j A_ij k_j), whose rounding is that of forming
-    T - delta_c elementwise (both are bounded by eps |delta_c| sum_j A_ij |k_j|).
+    delta_c = sum_j A_ij T_ij and delta_p = sum_j P_ij T_ij need the whole key row before
+    dS = (1 - g) A o (T - delta_c) can be formed: in registers where the row is one tile, else in a
+    first pass over the key blocks (Q K^T and dO v^T only) before the pass that forms dS and dq.
     """
     pid_bh, pid_m = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), pid_bh % H
@@ -378,10 +393,8 @@ def _gpsa_bwd_dq_kernel(
 
     if ONE_KEY_BLOCK:
         offs_n = tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        a = tl.exp2(_content_logits(q, k, qk_scale, offs_n, N) - lse[:, None])
-        t = tl.dot(dout, tl.trans(v), input_precision="tf32x3")  # T = dO v^T, for both branches
+        k, a, t = _key_tile_terms(q, dout, lse, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  offs_n, offs_d, N, qk_scale, HEAD_DIM, DOT_DTYPE)  # fmt: skip
         pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
         delta_c = tl.sum(a * t, 1)
         delta_p = tl.sum(pos * t, 1)
@@ -390,21 +403,20 @@ def _gpsa_bwd_dq_kernel(
     else:
         delta_c = tl.zeros([BLOCK_M], tl.float32)
         delta_p = tl.zeros([BLOCK_M], tl.float32)
-        acc_at = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_j A_ij T_ij k_j
-        acc_a = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_j A_ij k_j
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-            v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-            a = tl.exp2(_content_logits(q, k, qk_scale, offs_n, N) - lse[:, None])
-            t = tl.dot(dout, tl.trans(v), input_precision="tf32x3")
+            _, a, t = _key_tile_terms(q, dout, lse, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                      offs_n, offs_d, N, qk_scale, HEAD_DIM, DOT_DTYPE)  # fmt: skip
             pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
-            at = a * t
-            delta_c += tl.sum(at, 1)
+            delta_c += tl.sum(a * t, 1)
             delta_p += tl.sum(pos * t, 1)
-            acc_at += tl.dot(at.to(DOT_DTYPE), k, input_precision="tf32x3")
-            acc_a += tl.dot(a.to(DOT_DTYPE), k, input_precision="tf32x3")
-        dq = one_minus_g * (acc_at - delta_c[:, None] * acc_a)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k, a, t = _key_tile_terms(q, dout, lse, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                      offs_n, offs_d, N, qk_scale, HEAD_DIM, DOT_DTYPE)  # fmt: skip
+            ds_c = one_minus_g * a * (t - delta_c[:, None])
+            dq += tl.dot(ds_c.to(DOT_DTYPE), k, input_precision="tf32x3")
 
     _store_tile(DQ + b * stride_db + h * stride_dh, dq * scale, stride_dn, stride_dd, offs_m, offs_d, N, HEAD_DIM)
     tl.store(DELTA_C + rows, delta_c, mask=offs_m < N)
@@ -545,8 +557,9 @@ def gpsa_backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w: int,
     delta_p = torch.empty_like(delta_c)
     # One partial sum per (batch, head, program): room for the smallest block any configuration uses.
     partials_per_head = triton.cdiv(N, MIN_BLOCK)
-    gate_partial = torch.zeros((1, H, 1) if atomic_reductions else (B, H, partials_per_head), device=q.device)
-    dw_partial = torch.zeros((1, H, 1, 3) if atomic_reductions else (B, H, partials_per_head, 3), device=q.device)
+    partials = dict(device=q.device, dtype=torch.float32)
+    gate_partial = torch.zeros((1, H, 1) if atomic_reductions else (B, H, partials_per_head), **partials)
+    dw_partial = torch.zeros((1, H, 1, 3) if atomic_reductions else (B, H, partials_per_head, 3), **partials)
 
     dq, dk, dv = (torch.empty((B, N, H, d), device=q.device, dtype=q.dtype) for _ in range(3))
     dq_bhnd, dk_bhnd, dv_bhnd = (t.transpose(1, 2) for t in (dq, dk, dv))

@@ -22,8 +22,6 @@ GPSA_HOST_DEVICE double gpsa_exp(double x) { return exp(x); }
 GPSA_HOST_DEVICE float gpsa_log(float x) { return logf(x); }
 GPSA_HOST_DEVICE double gpsa_log(double x) { return log(x); }
 
-// The gate g = sigmoid(lambda) and 1 - g, the latter as sigmoid(-lambda): at
-// lambda = 20, 1 - sigmoid(lambda) is 0 in float32 and the content gradients vanish.
 // (batch, head) slices of a strided 4-D tensor: rows are patches, columns channels
 // (views of B x H x N x d and B x N x H x d tensors: gpsa_ops.h, bhnd_view / bnhd_view).
 template <typename scalar_t>
@@ -38,6 +36,8 @@ struct Strided4d {
   }
 };
 
+// The gate g = sigmoid(lambda) and 1 - g, the latter as sigmoid(-lambda): at
+// lambda = 20, 1 - sigmoid(lambda) is 0 in float32 and the content gradients vanish.
 template <typename acc_t>
 struct Gates {
   acc_t pos;      // g, weight of the positional branch
@@ -72,6 +72,21 @@ GPSA_HOST_DEVICE void axis_softmax_row(acc_t w_lin, acc_t w_sq, int i, int size,
   }
   const acc_t inv_sum = acc_t(1) / sum;
   for (int j = 0; j < size; ++j) probs[j] *= inv_sum;
+}
+
+// Row t of the per-axis tables of all heads, t < heads (grid_w + grid_h): rows
+// [0, heads grid_w) are px (H x W x W, logit weights w0 and w2), the rest py
+// (H x H_p x H_p, weights w1 and w2). pos_weight is H x 3, row-major.
+template <typename acc_t>
+GPSA_HOST_DEVICE void axis_tables_row(const acc_t* pos_weight, int heads, int grid_h, int grid_w, int t, acc_t* px,
+                                      acc_t* py) {
+  if (t < heads * grid_w) {
+    const int h = t / grid_w;
+    axis_softmax_row<acc_t>(pos_weight[3 * h + 0], pos_weight[3 * h + 2], t % grid_w, grid_w, px + t * grid_w);
+  } else {
+    const int row = t - heads * grid_w, h = row / grid_h;
+    axis_softmax_row<acc_t>(pos_weight[3 * h + 1], pos_weight[3 * h + 2], row % grid_h, grid_h, py + row * grid_h);
+  }
 }
 
 // The backward's row dot products of both branches, delta_c = dO_i . O_c,i and

@@ -76,7 +76,7 @@ def compiled(monkeypatch):
 # (B, H, N, d, grid_size, dtype). ConViT-Ti/S heads at N = 196, d = 48; uneven N (1, 7, 50, 197)
 # and d (16, 40, 64, 80) with rectangular grids; each dtype on some of them. N = 1 runs in half
 # precision: there A = P = 1 and dq = dk = 0 exactly, which fp32 meets only up to rounding.
-# N = 257 (a prime) and 576 span several key blocks of the interpreter's 256-wide tiles: the
+# N = 257 (a prime), 289 and 576 span several key blocks of the interpreter's 256-wide tiles: the
 # forward's two-pass path and dq's two-accumulator path; the rest fit one key block.
 CASES = [
     (2, 4, 196, 48, None, torch.float32),
@@ -91,6 +91,7 @@ CASES = [
     (2, 2, 49, 64, None, torch.bfloat16),
     (1, 2, 257, 16, (1, 257), torch.float32),
     (1, 1, 576, 32, None, torch.bfloat16),
+    (1, 2, 289, 16, None, torch.float16),
 ]
 CASE_IDS = [
     f"B{b}-H{h}-N{n}-d{d}" + (f"-grid{g[0]}x{g[1]}" if g else "") + "-" + str(t).replace("torch.", "")

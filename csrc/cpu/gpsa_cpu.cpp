@@ -292,12 +292,8 @@ struct PositionalTables {
     const acc_t* wp = w.template data_ptr<acc_t>();
     px.resize(heads * grid_w * grid_w);
     py.resize(heads * grid_h * grid_h);
-    for (int64_t h = 0; h < heads; ++h) {
-      for (int64_t i = 0; i < grid_w; ++i)
-        axis_softmax_row<acc_t>(wp[3 * h + 0], wp[3 * h + 2], int(i), int(grid_w), &px[(h * grid_w + i) * grid_w]);
-      for (int64_t i = 0; i < grid_h; ++i)
-        axis_softmax_row<acc_t>(wp[3 * h + 1], wp[3 * h + 2], int(i), int(grid_h), &py[(h * grid_h + i) * grid_h]);
-    }
+    for (int64_t t = 0; t < heads * (grid_w + grid_h); ++t)
+      axis_tables_row<acc_t>(wp, int(heads), int(grid_h), int(grid_w), int(t), px.data(), py.data());
     for (int64_t n = 0; n < grid_h * grid_w; ++n) {
       x_of.push_back(acc_t(n % grid_w));
       y_of.push_back(acc_t(n / grid_w));

@@ -81,13 +81,7 @@ __device__ float row_sum8(float x) {
 __global__ void axis_tables_kernel(const float* __restrict__ pos_weight, int heads, int grid_h, int grid_w,
                                    float* __restrict__ px, float* __restrict__ py) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t < heads * grid_w) {
-    const int h = t / grid_w, i = t % grid_w;
-    axis_softmax_row<float>(pos_weight[3 * h + 0], pos_weight[3 * h + 2], i, grid_w, px + t * grid_w);
-  } else if (t < heads * (grid_w + grid_h)) {
-    const int h = (t - heads * grid_w) / grid_h, i = (t - heads * grid_w) % grid_h;
-    axis_softmax_row<float>(pos_weight[3 * h + 1], pos_weight[3 * h + 2], i, grid_h, py + (h * grid_h + i) * grid_h);
-  }
+  if (t < heads * (grid_w + grid_h)) axis_tables_row<float>(pos_weight, heads, grid_h, grid_w, t, px, py);
 }
 
 struct PositionalTables {
@@ -235,7 +229,8 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(BackwardArgs<sc
   float* reduce = dlogits + kTileRows * kBackwardCols;  // kThreads x 3
   RowStats* row_stats = reinterpret_cast<RowStats*>(reduce + 3 * kThreads);  // kBackwardCols
 
-  const int key0 = blockIdx.x * kTileRows, h = blockIdx.y, b = blockIdx.z, H = gridDim.y, bh = b * H + h;
+  const int key0 = blockIdx.x * kTileRows, h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
+  const int64_t bh = int64_t(b) * H + h;
   const int r = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
   const int j = key0 + r, j_clamped = min(j, N - 1);
   const Gates<float> gates = gates_from_lambda(args.lambdas[h]);
@@ -252,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(BackwardArgs<sc
     load_rows(q_tile, args.q, b, h, query0, kBackwardCols, N, d);
     load_rows(do_tile, args.grad_out, b, h, query0, kBackwardCols, N, d);
     if (threadIdx.x < kBackwardCols && query0 + threadIdx.x < N) {  // the query rows' constants, read once
-      const int64_t row = int64_t(bh) * N + query0 + threadIdx.x;
+      const int64_t row = bh * N + query0 + threadIdx.x;
       row_stats[threadIdx.x] = {args.lse[row], {args.delta_content[row], args.delta_pos[row]}};
     }
     __syncthreads();
@@ -304,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(BackwardArgs<sc
   if (threadIdx.x < 3) {
     float sum = 0.f;
     for (int t = 0; t < kThreads; ++t) sum += reduce[t * 3 + threadIdx.x];
-    pos_weight_partial[(int64_t(bh) * gridDim.x + blockIdx.x) * 3 + threadIdx.x] = sum;
+    pos_weight_partial[(bh * gridDim.x + blockIdx.x) * 3 + threadIdx.x] = sum;
   }
 }
 
@@ -320,10 +315,11 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
   float* v_tile = k_tile + kBackwardCols * d;  // kBackwardCols x d
   float* dlogits = v_tile + kBackwardCols * d;  // kTileRows x kBackwardCols
 
-  const int query0 = blockIdx.x * kTileRows, h = blockIdx.y, b = blockIdx.z, H = gridDim.y, bh = b * H + h;
+  const int query0 = blockIdx.x * kTileRows, h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
+  const int64_t bh = int64_t(b) * H + h;
   const int r = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
   const int i = query0 + r;
-  const int64_t row = int64_t(bh) * N + i;
+  const int64_t row = bh * N + i;
   const Gates<float> gates = gates_from_lambda(args.lambdas[h]);
   const float row_lse = i < N ? args.lse[row] : 0.f;
 
