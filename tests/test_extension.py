@@ -197,6 +197,10 @@ def test_cuda_part_built_for_every_architecture():
         archs = config.cuda_arch_list(home)
     for arch in archs.split(";"):
         assert f"sm_{arch.split('+')[0].replace('.', '')}" in listing, (arch, listing)
+    # Every kernel of every architecture fits its registers: no spill to local memory.
+    usage = subprocess.run([cuobjdump, "-res-usage", cuda_part.__file__], capture_output=True, text=True).stdout
+    resources = [line for line in usage.splitlines() if "REG:" in line]
+    assert resources and all("STACK:0 " in line and "LOCAL:0" in line for line in resources), usage
 
 
 @pytest.mark.gpu

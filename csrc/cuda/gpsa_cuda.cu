@@ -303,6 +303,16 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(BackwardArgs<sc
   }
 }
 
+// Keys [key0, key0 + kBackwardCols) of k and v into shared memory, once the previous tile's readers are done.
+template <typename scalar_t>
+__device__ void load_key_tile(const BackwardArgs<scalar_t>& args, int b, int h, int key0, float* k_tile,
+                              float* v_tile) {
+  __syncthreads();
+  load_rows(k_tile, args.k, b, h, key0, kBackwardCols, args.N, args.d);
+  load_rows(v_tile, args.v, b, h, key0, kBackwardCols, args.N, args.d);
+  __syncthreads();
+}
+
 // dq of one query tile, and the tile's row deltas (run before the dk/dv kernel).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scalar_t> args,
@@ -328,10 +338,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
   // First pass over the keys: delta_c = sum_j A_ij T_ij and delta_p = sum_j P_ij T_ij of this tile's rows.
   float content_dot = 0.f, pos_dot = 0.f;
   for (int key0 = 0; key0 < N; key0 += kBackwardCols) {
-    __syncthreads();
-    load_rows(k_tile, args.k, b, h, key0, kBackwardCols, N, d);
-    load_rows(v_tile, args.v, b, h, key0, kBackwardCols, N, d);
-    __syncthreads();
+    load_key_tile(args, b, h, key0, k_tile, v_tile);
 #pragma unroll
     for (int u = 0; u < kBackwardCols / kLanesPerRow; ++u) {
       const int jt = lane + u * kLanesPerRow, j = key0 + jt;
@@ -353,10 +360,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
 #pragma unroll
   for (int u = 0; u < kChannelsPerLane; ++u) grad_q[u] = 0.f;
   for (int key0 = 0; key0 < N; key0 += kBackwardCols) {
-    __syncthreads();
-    load_rows(k_tile, args.k, b, h, key0, kBackwardCols, N, d);
-    load_rows(v_tile, args.v, b, h, key0, kBackwardCols, N, d);
-    __syncthreads();
+    load_key_tile(args, b, h, key0, k_tile, v_tile);
 #pragma unroll
     for (int u = 0; u < kBackwardCols / kLanesPerRow; ++u) {
       const int jt = lane + u * kLanesPerRow, j = key0 + jt;
