@@ -119,15 +119,17 @@ tiles, and an fp32 dq holds one score tile too many for 16 x 256 (528 bytes
 spilled). The loop configurations carry one BLOCK_M x BLOCK_D fp32 accumulator
 (two for dk/dv) and smaller score tiles. Shared memory stays at 8-67 KB against
 164 KB (sm_80) and 228 KB (sm_90) per SM, so registers bound occupancy: one
-8-warp program per SM for the one-tile kernels, two or three 4-warp programs for
-dk/dv and the loop forward. ConViT-S launches B H ceil(N / BLOCK_M) = 2016
+8-warp program per SM for the one-tile kernels and the fp32 loop forward and
+dq, two for dk/dv and the fp16/bf16 loop dq, three 4-warp programs for the
+fp16/bf16 loop forward. ConViT-S launches B H ceil(N / BLOCK_M) = 2016
 forward programs, about 19 waves on an A100's 108 SMs, so one resident program
 per SM still fills the machine; the tile kernels trade occupancy for doing
 Q K^T once with an exact softmax. None of the fixed tiles has 64 rows, so sm_90
 runs HMMA rather than warpgroup HGMMA. On real GPUs ``triton.autotune`` picks
 among four tile shapes per kernel (16 x 32 to 32 x 256) and every fixed
 configuration, with 4 or 8 warps and 1 or 2 stages, keyed on (N, HEAD_DIM) and
-the dtypes, pruning tiles wider than N needs and tiles above 64 x 64 (4096
+the dtypes, pruning tiles wider than N needs, 256-wide tiles where no fixed
+one-tile configuration exists (fp32 dq, dk/dv), and tiles above 64 x 64 (4096
 elements) for fp32 or d > 64 (above 128 x 64 otherwise). Set
 CONVIT_KERNELS_TRITON_AUTOTUNE=0 (before import) for the fixed ones.
 """
@@ -177,7 +179,7 @@ FIXED_CONFIGS = {
 }
 # The interpreter's cost is per program and loop step, nearly independent of the tile: few, large
 # tiles for every dtype. Key rows up to 256 (N = 196) take the forward's and dq's one-key-block
-# path, longer ones (tested at N = 257 and 576) the two-pass one; dk/dv walks N = 196 in 4 blocks.
+# path, longer ones (tested at N = 257, 289 and 576) the two-pass one; dk/dv walks N = 196 in 4 blocks.
 INTERPRETER_CONFIGS = {"fwd": _config(64, 256, 4, 1), "bwd_dq": _config(64, 256, 4, 1), "bwd_dkdv": _config(64, 64, 4, 1)}
 
 
@@ -221,11 +223,13 @@ def _autotune(kernel_name, space, reset_to_zero=None):
             return [fixed]
         n_cap = max(MIN_BLOCK, triton.next_power_of_2(N))
         max_tile = 64 * 64 if elem == 4 or kwargs["BLOCK_D"] > 64 else 128 * 64
+        # 256-wide key tiles only where a fixed one-tile configuration compiles without spills.
+        max_block_n = 256 if elem in FIXED_CONFIGS[kernel_name].get("tile", {}) else 128
         kept = [
             c
             for c in configs
             if c.kwargs["BLOCK_M"] <= n_cap
-            and c.kwargs["BLOCK_N"] <= n_cap
+            and c.kwargs["BLOCK_N"] <= min(n_cap, max_block_n)
             and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
         ]
         return kept or [fixed]
