@@ -242,6 +242,10 @@ def _autotune(kernel_name, space, reset_to_zero=None):
     )
 
 
+# The constexpr that picks the forward's and dq's key path: the whole key row fits one BLOCK_N tile.
+_one_key_block = triton.heuristics({"ONE_KEY_BLOCK": lambda args: args["N"] <= args["BLOCK_N"]})
+
+
 # ---------------------------------------------------------------- shared device code
 
 
@@ -287,7 +291,7 @@ def _gates(GATE, h):
 
 
 @_autotune("fwd", _config_space((32, 64), (64, 64), (16, 256), (32, 256)))
-@triton.heuristics({"ONE_KEY_BLOCK": lambda args: args["N"] <= args["BLOCK_N"]})
+@_one_key_block
 @triton.jit
 def _gpsa_fwd_kernel(
     Q, K, V, PX, PY, GATE, OUT, LSE,
@@ -363,7 +367,7 @@ def _key_tile_terms(q, dout, lse, k_base, v_base, stride_kn, stride_kd, stride_v
 
 
 @_autotune("bwd_dq", _config_space((32, 64), (64, 64), (16, 256), (32, 256)), reset_to_zero=["GATE_PARTIAL"])
-@triton.heuristics({"ONE_KEY_BLOCK": lambda args: args["N"] <= args["BLOCK_N"]})
+@_one_key_block
 @triton.jit
 def _gpsa_bwd_dq_kernel(
     Q, K, V, DOUT, PX, PY, GATE, LSE, DELTA_C, DELTA_P, DQ, GATE_PARTIAL,
