@@ -1,7 +1,8 @@
 """convit-kernels: fused gated positional self-attention (GPSA) for ConViT."""
 
 from .module import FusedGPSA, SDPAMHSA
-from .op import available_backends, gpsa_attention
+from .backends import available_backends
+from .op import gpsa_attention
 from .patch import patch_convit
 from .reference import gpsa_reference, relative_positions
 

@@ -83,7 +83,7 @@ def _tool(name: str) -> str:
 
 def _launch_spec(jit_fn, dtype, head_dim, config, one_key_block):
     """(signature, constexprs, attrs) of one launch, specialised as the runtime does for projection views."""
-    from . import triton_gpsa as tg
+    from .backends import triton_gpsa as tg
 
     elem = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     head_dim, block_d = tg._head_dims(head_dim)
@@ -149,7 +149,7 @@ def compile_report(archs=(80, 90), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS):
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from . import triton_gpsa as tg
+    from .backends import triton_gpsa as tg
 
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, nargs="+", default=list(HEAD_DIMS))
     args = parser.parse_args(argv)
 
-    from . import triton_gpsa as tg
+    from .backends import triton_gpsa as tg
 
     if tg.INTERPRET:  # the kernels were decorated as interpreted functions: compile in a clean process
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -9,14 +9,32 @@ import time
 import torch
 from timm.models.convit import GPSA
 
+from .backends import BACKEND_NAMES, BackendError, auto_policy, available_backends, explain_auto, resolve_backend
 from .module import FusedGPSA
-from .op import BACKEND_NAMES, available_backends, resolve_backend
+
+# What `backends` asks auto about: ConViT's head dim, and the dtypes a model trains in.
+_AUTO_HEAD_DIM = 48
+_AUTO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _devices():
+    return [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
 
 
 def main_backends(argv=None) -> int:
-    argparse.ArgumentParser(prog="convit-kernels backends", description="List the GPSA backends.").parse_args(argv)
+    argparse.ArgumentParser(
+        prog="convit-kernels backends",
+        description="List the GPSA backends, which ones run here, and what backend='auto' picks on each device.",
+    ).parse_args(argv)
     for name, status in available_backends().items():
         print(f"{name:10s} {'yes' if status.available else 'no ':3s}  {status.reason}")
+    print(f"\nbackend='auto' (head dim {_AUTO_HEAD_DIM}):")
+    for device in _devices():
+        print(f"  on {device}: {auto_policy(device.type)}")
+        for dtype in _AUTO_DTYPES:
+            name, skipped = explain_auto(device, dtype, _AUTO_HEAD_DIM)
+            why = f" (skipped {'; '.join(skipped)})" if skipped else ""
+            print(f"    {str(dtype).replace('torch.', ''):9s} -> {name}{why}")
     return 0
 
 
@@ -38,8 +56,8 @@ def main(argv=None) -> int:
         parser.error("--batch must be at least 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        backend = resolve_backend(args.backend, device, torch.float32)
-    except RuntimeError as exc:
+        backend = resolve_backend(args.backend, torch.device(device), torch.float32, 48)
+    except BackendError as exc:
         parser.error(str(exc))
 
     torch.manual_seed(args.seed)

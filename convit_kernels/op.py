@@ -1,163 +1,69 @@
-"""The GPSA op: input checks, the backend registry, dispatch and torch.library registration.
+"""The GPSA op: input checks, the op pair every fused backend implements, and dispatch.
 
-One forward/backward op pair, ``convit_kernels::gpsa_fwd`` and
-``convit_kernels::gpsa_bwd``, carries every fused implementation; the
-``backend`` argument names the one to run (see ``reference.py`` for the
-interface each implements). Autograd and fake (meta) functions are registered
-once here, so ``torch.compile(fullgraph=True)`` traces through any backend as a
-single opaque node. ``backend="reference"`` bypasses the op and runs timm's math
-through autograd.
+``gpsa_attention`` validates its arguments (:func:`check_inputs`), resolves the
+backend (:mod:`convit_kernels.backends`) and runs it: a composite backend
+(``sdpa``, ``reference``) as torch ops under autograd, an op-pair backend
+through ``convit_kernels::gpsa_fwd`` / ``gpsa_bwd``. Autograd and fake (meta)
+functions are registered once here, so ``torch.compile(fullgraph=True)`` traces
+through any backend without a graph break.
+
+The op-pair interface (``torch``, ``triton``, ``cpu``, ``cuda``)::
+
+    forward(q, k, v, pos_weight, gating_param, grid_w, scale)
+        q, k, v:       B x H x N x d, same dtype, any strides
+        pos_weight:    H x 3, gating_param: H (any float dtype)
+        returns out:   B x N x H x d contiguous, dtype of q
+                lse:   B x H x N float32 (float64 for float64 input),
+                       log-sum-exp of the content logits scale * q k^T
+    backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
+        grad_out:      B x N x H x d, any strides, dtype of q
+        returns dq, dk, dv (B x N x H x d contiguous, dtype of q),
+                d_pos_weight (H x 3), d_gating_param (H) in their own dtypes
+
+The op saves q, k, v and lse (O(B H N)) for the backward, nothing of size N x N.
+The backward needs the row dot products ``delta_c = dO.O_c`` and
+``delta_p = dO.O_p``; backends take them as ``delta_c = sum_j A_ij T_ij`` and
+``delta_p = sum_j P_ij T_ij`` over the recomputed attention and ``T = dO v^T``:
+rounded consistently with the T they are subtracted from, as in softmax's own
+backward, they keep d pos_weight accurate for peaked positional heads and
+bf16 outputs, and need no division by g or 1 - g (O_c cannot be recovered
+stably from O where g is near 1). Then ``dlambda = g (1 - g) sum_i (delta_p - delta_c)``.
+Every backend takes ``1 - g`` as ``sigmoid(-lambda)``, not ``1 - sigmoid(lambda)``:
+at lambda = 20 the latter is 0 in float32 and the content branch's gradients vanish.
+d pos_bias is exactly zero (the bias cancels in the positional softmax); the op returns zeros.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .reference import compute_dtype, gpsa_backward_torch, gpsa_forward_torch, gpsa_reference
+from .backends import FLOAT_DTYPES, get_backend, resolve_backend
+from .separable import compute_dtype
 
-__all__ = [
-    "Backend",
-    "BackendStatus",
-    "register_backend",
-    "available_backends",
-    "resolve_backend",
-    "check_inputs",
-    "gpsa_attention",
-    "BACKEND_NAMES",
-]
-
-# Order of preference of backend="auto"; "reference" is the last resort.
-AUTO_ORDER = ("triton", "cuda", "cpu", "torch")
-BACKEND_NAMES = AUTO_ORDER + ("reference",)
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One implementation of the op pair.
-
-    ``unavailable`` returns why the backend cannot run in this process (None when
-    it can); ``unsupported`` returns why it cannot take tensors of a device type
-    and dtype (None when it can). ``auto_devices`` are the device types where
-    ``backend="auto"`` may pick it (the Triton interpreter serves CPU tensors for
-    tests, but is never the fast choice there).
-    """
-
-    name: str
-    forward: Callable
-    backward: Callable
-    devices: Tuple[str, ...]
-    dtypes: Tuple[torch.dtype, ...]
-    auto_devices: Tuple[str, ...] = ()
-    unavailable: Callable[[], Optional[str]] = field(default=lambda: None)
-
-    def unsupported(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
-        if device_type not in self.devices:
-            return f"backend {self.name!r} runs on {'/'.join(self.devices)} tensors, not {device_type}"
-        if dtype not in self.dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            return f"backend {self.name!r} takes {names}, not {str(dtype).replace('torch.', '')}"
-        return None
-
-
-class BackendStatus(NamedTuple):
-    available: bool
-    reason: str
-
-
-_BACKENDS: dict = {}
-_OPTIONAL_BACKEND_MODULES = {
-    "triton": "convit_kernels.triton_gpsa",
-    "cpu": "convit_kernels.extension",
-    "cuda": "convit_kernels.extension",
-}
-_IMPORT_ERRORS: dict = {}
-
-
-def register_backend(backend: Backend) -> None:
-    _BACKENDS[backend.name] = backend
-
-
-register_backend(
-    Backend(
-        "torch",
-        gpsa_forward_torch,
-        gpsa_backward_torch,
-        devices=("cpu", "cuda", "mps", "xpu"),
-        dtypes=FLOAT_DTYPES,
-        auto_devices=("cpu", "cuda", "mps", "xpu"),
-    )
-)
-
-
-def _load_optional_backends() -> None:
-    """Import the modules that register the kernel backends, once; remember why one failed."""
-    import importlib
-
-    for name, module in _OPTIONAL_BACKEND_MODULES.items():
-        if name in _BACKENDS or name in _IMPORT_ERRORS:
-            continue
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            _IMPORT_ERRORS[name] = f"{module} did not import: {exc}"
-        if name not in _BACKENDS and name not in _IMPORT_ERRORS:
-            _IMPORT_ERRORS[name] = f"{module} registered no {name!r} backend"
-
-
-def _backend_problem(name: str) -> Optional[str]:
-    _load_optional_backends()
-    if name == "reference":
-        return None
-    if name not in _BACKENDS:
-        return _IMPORT_ERRORS.get(name, f"unknown backend {name!r}")
-    return _BACKENDS[name].unavailable()
-
-
-def available_backends() -> dict:
-    """Map each backend name to ``BackendStatus(available, reason)`` for this process."""
-    result = {}
-    for name in BACKEND_NAMES:
-        problem = _backend_problem(name)
-        result[name] = BackendStatus(problem is None, problem or "available")
-    return result
-
-
-# A pure function of its constant arguments for the life of the process: torch.compile evaluates
-# it once while tracing instead of tracing the lazy imports inside.
-@torch.compiler.assume_constant_result
-def resolve_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
-    """The concrete backend name for ``backend`` on tensors of this device type and dtype."""
-    if backend not in BACKEND_NAMES and backend != "auto":
-        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
-    if backend == "auto":
-        for name in AUTO_ORDER:
-            if _backend_problem(name) is None and device_type in _BACKENDS[name].auto_devices:
-                if _BACKENDS[name].unsupported(device_type, dtype) is None:
-                    return name
-        return "reference"
-    problem = _backend_problem(backend)
-    if problem is None and backend != "reference":
-        problem = _BACKENDS[backend].unsupported(device_type, dtype)
-    if problem is not None:
-        raise RuntimeError(f"backend {backend!r} cannot run here: {problem}")
-    return backend
+__all__ = ["check_inputs", "gpsa_attention", "gates", "empty_forward_outputs", "empty_backward_outputs"]
 
 
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
 
 
-def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None) -> Tuple[int, int]:
+def _is_finite_positive(x) -> bool:
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(value) and value > 0
+
+
+def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, scale=None) -> Tuple[int, int]:
     """Validate the arguments of :func:`gpsa_attention`; return the patch grid (rows, cols).
 
     Raises TypeError for a non-tensor or non-floating argument or mismatched
     q/k/v dtypes, ValueError for a wrong shape, a grid that does not match N,
-    or tensors on different devices.
+    tensors on different devices, or a scale that is not a finite positive number.
     """
     named = {"q": q, "k": k, "v": v, "pos_weight": pos_weight, "pos_bias": pos_bias, "gating_param": gating_param}
     for name, t in named.items():
@@ -181,6 +87,8 @@ def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None) ->
     for name, t in named.items():
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {_describe(t)}")
+    if scale is not None and not _is_finite_positive(scale):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if grid_size is None:
         side = math.isqrt(N)
         if side * side != N:
@@ -215,7 +123,13 @@ def gpsa_fwd(
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused GPSA forward; returns (out B x N x H x d, lse B x H x N)."""
-    return _BACKENDS[backend].forward(q, k, v, pos_weight, gating_param, grid_w, scale)
+    return get_backend(backend).forward(q, k, v, pos_weight, gating_param, grid_w, scale)
+
+
+def gates(gating_param: torch.Tensor, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(g, 1 - g) as 1 x H x 1 x 1 in ``acc``, with 1 - g = sigmoid(-lambda): exact where g rounds to 1."""
+    lam = gating_param.to(acc).view(1, -1, 1, 1)
+    return torch.sigmoid(lam), torch.sigmoid(-lam)
 
 
 def empty_forward_outputs(q: torch.Tensor):
@@ -252,7 +166,7 @@ def gpsa_bwd(
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused GPSA backward; returns (dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
-    return _BACKENDS[backend].backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
+    return get_backend(backend).backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
 
 
 @gpsa_bwd.register_fake
@@ -300,18 +214,20 @@ def gpsa_attention(
             gating_param: H (the gate lambda, ``g = sigmoid(lambda)``).
         grid_size: (rows, cols) of the patch grid, row-major; default a square grid.
         scale: content logit scale, default ``d ** -0.5``.
-        backend: "auto", "triton", "cuda", "cpu", "torch" or "reference"
-            (see :func:`available_backends`).
+        backend: "auto" or a name of :data:`convit_kernels.backends.BACKEND_NAMES`
+            ("triton", "cuda", "cpu", "sdpa", "torch", "reference"); see
+            :func:`available_backends` and ``convit-kernels backends``.
 
     Returns:
-        B x H x N x d in q's dtype. Fused backends return a view of a
+        B x H x N x d in q's dtype. Every backend but "reference" returns a view of a
         B x N x H x d tensor, so ``out.transpose(1, 2).reshape(B, N, H * d)``
         makes no copy.
     """
-    grid_h, grid_w = check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size)
+    grid_h, grid_w = check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    name = resolve_backend(backend, q.device.type, q.dtype)
-    if name == "reference":
-        return gpsa_reference(q, k, v, pos_weight, pos_bias, gating_param, (grid_h, grid_w), scale)
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    impl = get_backend(name)
+    if impl.attention is not None:
+        return impl.attention(q, k, v, pos_weight, pos_bias, gating_param, (grid_h, grid_w), scale)
     out, _ = gpsa_fwd(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, name)
     return out.transpose(1, 2)

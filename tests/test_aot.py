@@ -8,7 +8,8 @@ two cores); fp16 builds the same code as bf16 and d = 64 the same tiles as 48
 
 import re
 
-from convit_kernels import aot, triton_gpsa
+from convit_kernels import aot
+from convit_kernels.backends import triton_gpsa
 
 LINE = re.compile(
     r"(?P<kernel>\w+)\s+config=(?P<config>\w+)\s+keys=(?P<keys>\w+)\s+sm_(?P<arch>\d+) (?P<dtype>\w+)\s+d=(?P<d>\d+)\s+warps=\d+\s+regs=(?P<regs>\d+)\s+"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convit_kernels.bench import cli
-from convit_kernels.bench.implementations import Implementation, implementations, sdpa_attention
+from convit_kernels.bench.implementations import Implementation, implementations, sdpa_dense_attention
 from convit_kernels.bench.run import Microbench
 from convit_kernels.bench.workloads import SHAPES, Workload
 
@@ -70,7 +70,7 @@ def test_gate_checks_the_backward_too():
 
     def no_pos_grad(problem):
         q, k, v, w, b, lam = problem.args
-        return lambda: sdpa_attention(q, k, v, w.detach(), b, lam, problem.grid, problem.scale)
+        return lambda: sdpa_dense_attention(q, k, v, w.detach(), b, lam, problem.grid, problem.scale)
 
     wrong = Implementation("wrong", "no gradient for pos_weight", no_pos_grad, None)
     bench = Microbench(["wrong"], ["fwd+bwd"], [1], 0, 1, measure_memory=False, extra={"wrong": wrong})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from convit_kernels import gpsa_attention
-from convit_kernels.extension import _build_config, load_cpu, load_cuda
+from convit_kernels.backends.extension import _build_config, load_cpu, load_cuda
 
 from gpsa_cases import PARAM_NAMES, assert_matches_reference, make_inputs, max_error, outputs_and_grads, upcast
 

@@ -5,7 +5,7 @@ import torch
 
 import convit_kernels
 from convit_kernels import FusedGPSA, available_backends, gpsa_attention
-from convit_kernels.op import BACKEND_NAMES, resolve_backend
+from convit_kernels.backends import BACKEND_NAMES, resolve_backend
 
 from gpsa_cases import make_inputs
 
@@ -21,7 +21,7 @@ def test_available_backends_reports_every_backend_with_a_reason():
 
 
 def test_auto_picks_an_available_backend_for_cpu():
-    name = resolve_backend("auto", "cpu", torch.float32)
+    name = resolve_backend("auto", torch.device("cpu"), torch.float32, 48)
     assert name in BACKEND_NAMES and available_backends()[name].available
 
 

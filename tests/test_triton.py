@@ -23,8 +23,9 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from convit_kernels import available_backends, gpsa_attention, triton_gpsa
-from convit_kernels.op import resolve_backend
+from convit_kernels import available_backends, gpsa_attention
+from convit_kernels.backends import triton_gpsa
+from convit_kernels.backends import resolve_backend
 
 from gpsa_cases import assert_matches_reference, make_inputs, outputs_and_grads
 
@@ -169,8 +170,8 @@ def test_reductions_deterministic_and_atomics_agree(interpreter):
 
 def test_backend_registration(interpreter):
     assert available_backends()["triton"].available
-    assert resolve_backend("triton", "cpu", torch.bfloat16) == "triton"
-    assert resolve_backend("auto", "cpu", torch.float32) != "triton"  # the interpreter is never the fast choice
+    assert resolve_backend("triton", torch.device("cpu"), torch.bfloat16, 48) == "triton"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32, 48) != "triton"  # the interpreter is never the fast choice
     with pytest.raises(ValueError, match="head dims up to 128"):
         gpsa_attention(*make_inputs(1, 1, 4, 136), backend="triton")
 

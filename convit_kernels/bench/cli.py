@@ -19,7 +19,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from .implementations import BASELINES, fused_backends, implementations
+from .implementations import BASELINES, FLOOR, fused_backends, implementations
 from .models import default_model_batch, model_steps, run_models
 from .report import (SCALING_COLUMNS, check_writable, markdown_table, microbench_columns, model_columns, plot,
                      thread_scaling, write_json)
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     scaling = thread_scaling(records)
     if scaling:
         meta["thread_scaling"] = scaling
-    return _report(args.out, "bench", meta, records, microbench_columns(list(BASELINES)),
+    return _report(args.out, "bench", meta, records, microbench_columns([b for b in BASELINES if b != FLOOR]),
                    extra_tables=[("Thread scaling", markdown_table(scaling, SCALING_COLUMNS))] if scaling else [],
                    panel=lambda r: f"{r['level']} {r['pass']}",
                    group=lambda r: f"{r['shape']} {r['dtype']}" + (f" t{r['threads']}" if len(threads) > 1 else ""),

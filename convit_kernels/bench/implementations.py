@@ -16,9 +16,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..backends import BackendError, available_backends, resolve_backend
 from ..module import FusedGPSA
-from ..op import available_backends, gpsa_attention, resolve_backend
-from ..reference import gpsa_reference, positional_probs
+from ..op import gpsa_attention
+from ..reference import gpsa_reference
+from ..separable import dense_positional_probs, positional_axis_probs
 from .workloads import Problem
 
 Factory = Callable[[Problem], Callable[[], torch.Tensor]]
@@ -26,19 +28,23 @@ Factory = Callable[[Problem], Callable[[], torch.Tensor]]
 
 @dataclass(frozen=True)
 class Implementation:
+    """``gated``: checked against the reference before it is timed (False only for the attention floor,
+    which computes plain attention, not GPSA)."""
+
     name: str
     description: str
     core: Factory
     module: Factory
+    gated: bool = True
 
     def build(self, problem: Problem) -> Callable[[], torch.Tensor]:
         return getattr(self, problem.workload.level)(problem)
 
 
-def sdpa_attention(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale):
-    """(1 - g) SDPA(q, k, v) + g P v, P built once per call: exact, and the baseline a fused kernel has to beat."""
+def sdpa_dense_attention(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale):
+    """(1 - g) SDPA(q, k, v) + g P v with a dense H x N x N P built once per call: what a user writes by hand."""
     lam = gating_param.view(1, -1, 1, 1)
-    P = positional_probs(pos_weight, *grid_size).to(v.dtype)
+    P = dense_positional_probs(positional_axis_probs(pos_weight, *grid_size)).to(v.dtype)
     content = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return torch.sigmoid(-lam).to(v.dtype) * content + torch.sigmoid(lam).to(v.dtype) * (P @ v)
 
@@ -61,12 +67,25 @@ def _timm_module(p: Problem):
     return partial(p.layer, *p.args)
 
 
-def _sdpa_core(p: Problem):
-    return partial(sdpa_attention, *p.args, p.grid, p.scale)
+def _sdpa_dense_core(p: Problem):
+    return partial(sdpa_dense_attention, *p.args, p.grid, p.scale)
 
 
-def _sdpa_module(p: Problem):
-    return partial(gpsa_layer_forward, p.layer, *p.args, partial(sdpa_attention, grid_size=p.grid, scale=p.scale))
+def _sdpa_dense_module(p: Problem):
+    return partial(gpsa_layer_forward, p.layer, *p.args, partial(sdpa_dense_attention, grid_size=p.grid, scale=p.scale))
+
+
+def plain_attention(q, k, v, pos_weight, pos_bias, gating_param, scale):
+    """SDPA on the same q, k, v, ignoring the positional branch: the work GPSA cannot do without."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _floor_core(p: Problem):
+    return partial(plain_attention, *p.args, scale=p.scale)
+
+
+def _floor_module(p: Problem):
+    return partial(gpsa_layer_forward, p.layer, *p.args, partial(plain_attention, scale=p.scale))
 
 
 def _compiled_core(p: Problem):
@@ -90,14 +109,19 @@ def fused(backend: str) -> Implementation:
 
 
 # The reference is timm's math: gpsa_reference (op for op timm's get_attention + attn @ v) at the core
-# level, timm's GPSA itself at the module level. Speed-ups are reported against every baseline.
+# level, timm's GPSA itself at the module level. Speed-ups are reported against every GPSA baseline, and
+# every time as a ratio to the attention floor (plain SDPA on the same q, k, v).
 REFERENCE = "timm"
+FLOOR = "attention-floor"
 BASELINES = {
     impl.name: impl
     for impl in (
         Implementation("timm", "timm's GPSA math, eager (the reference)", _timm_core, _timm_module),
-        Implementation("sdpa", "(1-g) SDPA(q,k,v) + g P v, P built once per call", _sdpa_core, _sdpa_module),
+        Implementation("sdpa-dense", "(1-g) SDPA(q,k,v) + g P v, dense P built once per call", _sdpa_dense_core,
+                       _sdpa_dense_module),
         Implementation("timm-compiled", "torch.compile of timm's GPSA", _compiled_core, _compiled_module),
+        Implementation(FLOOR, "plain SDPA(q,k,v), no positional branch (not GPSA: the floor)", _floor_core,
+                       _floor_module, gated=False),
     )
 }
 
@@ -123,8 +147,8 @@ def implementations(device_type: str, dtype: torch.dtype) -> Dict[str, Implement
     for name, problem in fused_backends(device_type).items():
         if problem is None:
             try:
-                resolve_backend(name, device_type, dtype)
-            except RuntimeError:  # this backend does not take this dtype
+                resolve_backend(name, torch.device(device_type), dtype, 48)
+            except BackendError:  # this backend does not take this dtype
                 continue
             impls[f"fused-{name}"] = fused(name)
     return {**impls, **BASELINES}

@@ -40,6 +40,7 @@ def microbench_columns(baselines: Sequence[str]) -> List[Column]:
         ("GFLOP/s", _fmt("gflop_per_s", ".1f")),
         ("of matmul", _fmt("matmul_fraction", ".0%")),
         ("peak MiB", _fmt("peak_memory_mib", ".1f")),
+        ("x floor", _fmt("floor_ratio", ".2f")),
     ] + [(f"vs {b}", _speedup(b)) for b in baselines] + [("status", lambda r: r["status"])]
 
 

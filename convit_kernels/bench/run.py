@@ -6,7 +6,7 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from .implementations import BASELINES, REFERENCE, Implementation, evaluate, gate, implementations
+from .implementations import BASELINES, FLOOR, REFERENCE, Implementation, evaluate, gate, implementations
 from .timing import matmul_gflops, peak_memory_bytes, time_side_by_side
 from .workloads import Problem, Workload, make_problem
 
@@ -74,7 +74,9 @@ class Microbench:
         passing, refused = {}, {}
         for name, impl in self.implementations(workload).items():
             fn = impl.build(problem)
-            problem_found = gate(evaluate(fn, problem, backward), exact, same_precision, names, workload.dtype)
+            problem_found = None
+            if impl.gated:
+                problem_found = gate(evaluate(fn, problem, backward), exact, same_precision, names, workload.dtype)
             if problem_found is None:
                 passing[name] = fn
             else:
@@ -99,10 +101,12 @@ class Microbench:
                 for name, timing in timings.items():
                     rate = flops / timing.median_ms / 1e6
                     memory = peak_memory_bytes(runs[name], workload.device) / 2**20 if self.measure_memory else None
-                    speedup = {b: timings[b].median_ms / timing.median_ms for b in BASELINES if b in timings}
+                    speedup = {b: timings[b].median_ms / timing.median_ms
+                               for b in BASELINES if b in timings and b != FLOOR}
+                    floor_ratio = timing.median_ms / timings[FLOOR].median_ms if FLOOR in timings else None
                     records.append({**base, "implementation": name, "status": "ok", **timing.as_dict(),
                                     "spread": timing.spread, "gflop_per_s": rate, "matmul_fraction": rate / matmul,
-                                    "peak_memory_mib": memory, "speedup": speedup})
+                                    "peak_memory_mib": memory, "speedup": speedup, "floor_ratio": floor_ratio})
                 for name, why in refused.items():
                     records.append({**base, "implementation": name, "status": f"refused: {why}"})
         return records

@@ -6,7 +6,7 @@ Layout of the work
   It computes the content logits ``scale q k^T`` (``tl.dot``), the content
   softmax, gathers the positional probabilities P[i, j] = px[h, x_i, x_j] *
   py[h, y_i, y_j] from the two per-axis softmax tables of
-  ``reference.positional_axis_probs`` (H x (W^2 + H_p^2) floats per call, shared
+  ``separable.positional_axis_probs`` (H x (W^2 + H_p^2) floats per call, shared
   by the whole batch and L1/L2-resident), mixes M = (1 - g) A + g P and does a
   single product M v per key tile. It stores O (B x N x H x d, input dtype) and
   ``lse`` (B x H x N, fp32): O(B H N) state, no N x N tensor.
@@ -143,8 +143,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .op import Backend, register_backend
-from .reference import positional_axis_probs
+from ..separable import positional_axis_probs
+from . import HALF_AND_FLOAT, Backend, register_backend
 
 __all__ = ["gpsa_forward", "gpsa_backward", "INTERPRET", "KERNELS"]
 
@@ -531,7 +531,7 @@ def _head_dims(d: int):
 
 def _axis_tables(pos_weight, N: int, grid_w: int):
     grid_h = N // grid_w
-    px, py = positional_axis_probs(pos_weight.float(), grid_h, grid_w)
+    px, py = positional_axis_probs(pos_weight, grid_h, grid_w, torch.float32)
     return px.contiguous(), py.contiguous(), grid_h
 
 
@@ -600,11 +600,13 @@ def _unavailable() -> Optional[str]:
 register_backend(
     Backend(
         "triton",
-        gpsa_forward,
-        gpsa_backward,
+        "fused Triton kernels (sm_80+; CPU tensors under TRITON_INTERPRET=1)",
         devices=("cuda", "cpu") if INTERPRET else ("cuda",),
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        auto_devices=("cuda",),
+        dtypes=HALF_AND_FLOAT,
+        forward=gpsa_forward,
+        backward=gpsa_backward,
+        max_head_dim=MAX_HEAD_DIM,
+        min_cuda_capability=(8, 0),
         unavailable=_unavailable,
     )
 )

@@ -9,7 +9,7 @@ cached under ~/.cache/torch_extensions) from the sources next to the package.
 
 The positional softmax tables (per-axis, H x (W^2 + H_p^2)) are computed inside
 the extension from ``pos_weight``, the same way as
-``reference.positional_axis_probs``, so the ext ops take exactly the project
+``separable.positional_axis_probs``, so the ext ops take exactly the project
 op's tensors. ``convit_kernels.op`` keeps the public op with its fake and
 autograd registrations; this module registers fake implementations for the ext
 ops themselves (for torch.library.opcheck and direct tracing).
@@ -25,11 +25,13 @@ from typing import Optional
 
 import torch
 
-from .op import FLOAT_DTYPES, Backend, empty_backward_outputs, empty_forward_outputs, register_backend
+from ..op import empty_backward_outputs, empty_forward_outputs
+from . import FLOAT_DTYPES, HALF_AND_FLOAT, Backend, register_backend
 
 __all__ = ["load_cpu", "load_cuda"]
 
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CSRC = os.path.join(os.path.dirname(_PACKAGE), "csrc")
 
 
 def _build_config():
@@ -134,17 +136,25 @@ def _backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale):
 
 register_backend(
     Backend(
-        "cpu", _forward, _backward, devices=("cpu",), dtypes=FLOAT_DTYPES, auto_devices=("cpu",), unavailable=load_cpu
+        "cpu",
+        "fused C++ kernel (multi-threaded, BLAS tiles)",
+        devices=("cpu",),
+        dtypes=FLOAT_DTYPES,
+        forward=_forward,
+        backward=_backward,
+        unavailable=load_cpu,
     )
 )
 register_backend(
     Backend(
         "cuda",
-        _forward,
-        _backward,
+        "CUDA extension kernels (fallback for GPUs Triton does not serve; sm_75+)",
         devices=("cuda",),
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        auto_devices=("cuda",),
+        dtypes=HALF_AND_FLOAT,
+        forward=_forward,
+        backward=_backward,
+        max_head_dim=128,
+        min_cuda_capability=(7, 5),
         unavailable=_cuda_unavailable,
     )
 )

@@ -1,0 +1,136 @@
+"""The "sdpa" backend: GPSA = (1 - g) SDPA(q, k, v) + g P v, exactly, on PyTorch's own attention kernels.
+
+The content branch is plain attention, so ``F.scaled_dot_product_attention``
+computes it with the best kernel the device has (FlashAttention-2, cuDNN or
+memory-efficient attention on CUDA, the flash kernel on CPU, MPS and XPU
+kernels) and differentiates it with its own backward. The positional branch is
+separable (:mod:`convit_kernels.separable`): ``P v`` is two small contractions.
+
+One custom op, ``convit_kernels::positional_mix``, takes the SDPA output O_c and
+v and returns ``(1 - g) O_c + g P v``; its backward gives
+
+    d O_c = (1 - g) dO,   dv += g P^T dO,
+    d pos_weight through the per-axis tables,  d lambda = g (1 - g) sum dO . (P v - O_c),
+
+recomputing P v (2 B H N d (W + H_p) multiply-adds) instead of saving it. It
+saves O_c and v, which SDPA's backward keeps anyway: the backend allocates and
+saves nothing of size N x N, forward or backward, beyond what the SDPA kernel
+chosen by PyTorch does (the flash and memory-efficient kernels: nothing).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..op import gates
+from ..separable import (
+    apply_positional,
+    compute_dtype,
+    pos_weight_grad,
+    positional_axis_probs,
+    positional_table_grads,
+)
+from . import FLOAT_DTYPES, Backend, register_backend
+
+__all__ = ["sdpa_gpsa", "positional_mix"]
+
+
+def _bnhd_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty B x N x H x d tensor for a B x H x N x d ``x`` (the layout the output projection reads)."""
+    B, H, N, d = x.shape
+    return x.new_empty((B, N, H, d), dtype=dtype)
+
+
+@torch.library.custom_op("convit_kernels::positional_mix", mutates_args=())
+def positional_mix(
+    content: torch.Tensor,
+    v: torch.Tensor,
+    pos_weight: torch.Tensor,
+    pos_bias: torch.Tensor,
+    gating_param: torch.Tensor,
+    grid_w: int,
+) -> torch.Tensor:
+    """(1 - g) content + g P v for B x H x N x d content and v; returns B x N x H x d in v's dtype."""
+    acc = compute_dtype(v.dtype)
+    g, one_minus_g = gates(gating_param, acc)
+    out = _bnhd_like(v, v.dtype)
+    mixed = apply_positional(positional_axis_probs(pos_weight, v.shape[2] // grid_w, grid_w, acc), v).mul_(g)
+    torch.addcmul(mixed, content, one_minus_g, out=out.transpose(1, 2))
+    return out
+
+
+@positional_mix.register_fake
+def _positional_mix_fake(content, v, pos_weight, pos_bias, gating_param, grid_w):
+    return _bnhd_like(v, v.dtype)
+
+
+@torch.library.custom_op("convit_kernels::positional_mix_bwd", mutates_args=())
+def positional_mix_bwd(
+    grad_out: torch.Tensor,
+    content: torch.Tensor,
+    v: torch.Tensor,
+    pos_weight: torch.Tensor,
+    gating_param: torch.Tensor,
+    grid_w: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d content, dv in B x N x H x d, d pos_weight, d gating_param) of :func:`positional_mix`."""
+    acc = compute_dtype(v.dtype)
+    g, one_minus_g = gates(gating_param, acc)
+    tables = positional_axis_probs(pos_weight, v.shape[2] // grid_w, grid_w, acc)
+    dout = grad_out.to(acc)
+    d_gating = (g * one_minus_g).view(-1) * ((apply_positional(tables, v) - content) * dout).sum((0, 2, 3))
+    d_content = _bnhd_like(content, content.dtype)
+    torch.mul(dout, one_minus_g, out=d_content.transpose(1, 2))
+    dout_positional = dout * g
+    dv = _bnhd_like(v, v.dtype)
+    dv.transpose(1, 2).copy_(apply_positional(tables, dout_positional, transposed=True))
+    d_pos_weight = pos_weight_grad(tables, *positional_table_grads(tables, dout_positional, v))
+    return d_content, dv, d_pos_weight.to(pos_weight.dtype), d_gating.to(gating_param.dtype)
+
+
+@positional_mix_bwd.register_fake
+def _positional_mix_bwd_fake(grad_out, content, v, pos_weight, gating_param, grid_w):
+    return (
+        _bnhd_like(content, content.dtype),
+        _bnhd_like(v, v.dtype),
+        torch.empty_like(pos_weight),
+        torch.empty_like(gating_param),
+    )
+
+
+def _mix_setup_context(ctx, inputs, output):
+    content, v, pos_weight, pos_bias, gating_param, grid_w = inputs
+    ctx.save_for_backward(content, v, pos_weight, pos_bias, gating_param)
+    ctx.grid_w = grid_w
+
+
+def _mix_backward(ctx, grad_out):
+    content, v, pos_weight, pos_bias, gating_param = ctx.saved_tensors
+    d_content, dv, dw, dgate = positional_mix_bwd(
+        grad_out.transpose(1, 2), content, v, pos_weight, gating_param, ctx.grid_w
+    )
+    # The bias is a per-row constant inside the positional softmax: its gradient is exactly zero.
+    return d_content.transpose(1, 2), dv.transpose(1, 2), dw, torch.zeros_like(pos_bias), dgate, None
+
+
+positional_mix.register_autograd(_mix_backward, setup_context=_mix_setup_context)
+
+
+def sdpa_gpsa(q, k, v, pos_weight, pos_bias, gating_param, grid_size: Tuple[int, int], scale: float) -> torch.Tensor:
+    """GPSA as SDPA's content attention mixed with the separable positional branch; B x H x N x d view."""
+    content = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return positional_mix(content, v, pos_weight, pos_bias, gating_param, grid_size[1]).transpose(1, 2)
+
+
+register_backend(
+    Backend(
+        "sdpa",
+        "(1 - g) F.scaled_dot_product_attention + g separable P v (PyTorch's attention kernels, any device)",
+        devices=None,
+        dtypes=FLOAT_DTYPES,
+        attention=sdpa_gpsa,
+    )
+)

@@ -1,0 +1,84 @@
+"""The "torch" backend: the op pair's forward and backward in plain tensor ops, any device.
+
+It keeps exactly the state the fused kernels keep (lse), mixes the normalised
+content softmax with a dense P before one product with v, and takes the
+backward's row deltas from the recomputed tiles, as the kernels do; so it is
+the executable specification of the op interface (:mod:`convit_kernels.op`)
+and the op's implementation where no kernel serves. It builds B x H x N x N
+tensors: ``sdpa`` is the fast composite for such devices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..op import gates
+from ..reference import relative_positions
+from ..separable import compute_dtype, dense_positional_probs, positional_axis_probs
+from . import FLOAT_DTYPES, Backend, register_backend
+
+__all__ = ["gpsa_forward_torch", "gpsa_backward_torch"]
+
+
+def _positional(pos_weight: torch.Tensor, N: int, grid_w: int, acc: torch.dtype) -> torch.Tensor:
+    return dense_positional_probs(positional_axis_probs(pos_weight, N // grid_w, grid_w, acc))
+
+
+def gpsa_forward_torch(q, k, v, pos_weight, gating_param, grid_w: int, scale: float):
+    """The op's forward with tensor ops; see convit_kernels.op for the interface."""
+    acc = compute_dtype(q.dtype)
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    logits = (qf @ kf.transpose(-2, -1)) * scale
+    lse = logits.logsumexp(-1)
+    g, one_minus_g = gates(gating_param, acc)
+    mixed = one_minus_g * (logits - lse[..., None]).exp() + g * _positional(pos_weight, q.shape[2], grid_w, acc)
+    out = mixed @ vf
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
+
+
+def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w: int, scale: float):
+    """The op's backward with tensor ops, following docs/design.md's derivation."""
+    acc = compute_dtype(q.dtype)
+    N = q.shape[2]
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    dout = grad_out.transpose(1, 2).to(acc)
+    g, one_minus_g = gates(gating_param, acc)
+
+    attn_c = ((qf @ kf.transpose(-2, -1)) * scale - lse[..., None]).exp()
+    attn_p = _positional(pos_weight, N, grid_w, acc)
+    t = dout @ vf.transpose(-2, -1)  # shared by both branches
+    delta_c = (attn_c * t).sum(-1, keepdim=True)
+    delta_p = (attn_p * t).sum(-1, keepdim=True)
+
+    ds_c = one_minus_g * attn_c * (t - delta_c)
+    dq = scale * (ds_c @ kf)
+    dk = scale * (ds_c.transpose(-2, -1) @ qf)
+    dv = (one_minus_g * attn_c + g * attn_p).transpose(-2, -1) @ dout
+
+    ds_p = (g * attn_p * (t - delta_p)).sum(0)  # H x N x N, summed over the batch
+    rel = relative_positions(N // grid_w, grid_w, device=q.device, dtype=acc)
+    d_pos_weight = torch.einsum("hij,ijc->hc", ds_p, rel)
+    d_gating = (g * one_minus_g).view(-1) * (delta_p - delta_c).sum(dim=(0, 2, 3))
+
+    def op_layout(t):
+        return t.transpose(1, 2).to(q.dtype).contiguous()
+
+    return (
+        op_layout(dq),
+        op_layout(dk),
+        op_layout(dv),
+        d_pos_weight.to(pos_weight.dtype),
+        d_gating.to(gating_param.dtype),
+    )
+
+
+register_backend(
+    Backend(
+        "torch",
+        "the op pair in plain tensor ops (dense N x N tiles; the op interface's specification)",
+        devices=None,
+        dtypes=FLOAT_DTYPES,
+        forward=gpsa_forward_torch,
+        backward=gpsa_backward_torch,
+    )
+)
