@@ -1,4 +1,4 @@
-// GPSA per-element math shared by the CPU and CUDA kernels (see shared/design/gpsa.md).
+// GPSA per-element math shared by the CPU and CUDA kernels (see docs/design.md).
 //
 // Everything here is __host__ __device__ so that the CPU tests exercise the same
 // code the CUDA kernels run: the gates, the per-axis positional softmax and the

@@ -8,6 +8,11 @@ from convit_kernels import gpsa_attention
 
 PARAM_NAMES = ("q", "k", "v", "pos_weight", "pos_bias", "gating_param")
 
+# With locality 10 the positional softmax is peaked and its logits reach ~40 near the peak, so
+# float32 rounding of P alone moves d pos_weight by ~1e-4 relative (timm's own float32 error
+# here is 1.2e-4); the bound allows that conditioning, the other tensors keep 2e-5.
+LARGE_WEIGHT_RTOL = {"pos_weight": 1e-3}
+
 
 def local_pos_weight(num_heads: int, locality_strength: float = 1.0, dtype=torch.float64) -> torch.Tensor:
     """pos_weight as the paper's local init sets it: head h attends around its own offset."""

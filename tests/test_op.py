@@ -1,5 +1,7 @@
 """The op's registration (opcheck, torch.compile), dispatch, and the errors for bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -113,3 +115,86 @@ def test_unavailable_backend_says_why():
 def test_public_api():
     for name in convit_kernels.__all__:
         assert hasattr(convit_kernels, name)
+
+
+# ---------------------------------------------------------------- backend="auto"
+
+
+@pytest.fixture
+def gpu_backends_available(monkeypatch):
+    """The triton and cuda backends as they would be on a machine with a GPU (nothing runs)."""
+    from convit_kernels import backends
+
+    for name in ("triton", "cuda"):
+        described = backends.get_backend(name)
+        monkeypatch.setitem(backends._BACKENDS, name, dataclasses.replace(described, unavailable=lambda: None))
+    return backends
+
+
+# (device, capability, dtype, head dim) -> what auto picks
+AUTO_TABLE = [
+    ("cuda", (9, 0), torch.bfloat16, 48, "triton"),
+    ("cuda", (8, 0), torch.float32, 128, "triton"),
+    ("cuda", (8, 6), torch.float16, 160, "sdpa"),  # head dim above the kernels' 128
+    ("cuda", (8, 0), torch.float64, 48, "sdpa"),  # no float64 kernels
+    ("cuda", (7, 5), torch.float16, 48, "sdpa"),  # Turing: no Triton kernels, the extension only by name
+    ("cuda", (7, 0), torch.float32, 64, "sdpa"),
+    ("mps", None, torch.float32, 48, "sdpa"),
+    ("xpu", None, torch.bfloat16, 64, "sdpa"),
+    ("cpu", None, torch.float32, 48, "cpu"),
+    ("cpu", None, torch.float64, 200, "cpu"),
+]
+
+
+@pytest.mark.parametrize("device,capability,dtype,head_dim,expected", AUTO_TABLE)
+def test_auto_selection_table(gpu_backends_available, monkeypatch, device, capability, dtype, head_dim, expected):
+    if device == "cpu" and not available_backends()["cpu"].available:
+        pytest.skip("the C++ extension is not built here")
+    monkeypatch.setattr(gpu_backends_available, "cuda_capability", lambda device: capability)
+    assert resolve_backend("auto", torch.device(device), dtype, head_dim) == expected
+
+
+def test_auto_on_cpu_without_the_extension_is_sdpa(monkeypatch):
+    from convit_kernels import backends
+
+    described = backends.get_backend("cpu")
+    monkeypatch.setitem(backends._BACKENDS, "cpu", dataclasses.replace(described, unavailable=lambda: "not built"))
+    name, skipped = backends.explain_auto(torch.device("cpu"), torch.float32, 48)
+    assert name == "sdpa" and skipped == ["cpu: not built"]
+
+
+@pytest.mark.parametrize(
+    "backend,capability,dtype,head_dim,message",
+    [
+        ("triton", (7, 5), torch.float16, 48, "needs compute capability sm_80 or newer; cuda is sm_75"),
+        ("triton", (9, 0), torch.float16, 256, "takes head dims up to 128, not 256"),
+        ("triton", (9, 0), torch.float64, 48, "takes float16, bfloat16, float32, not float64"),
+        ("cuda", (7, 0), torch.float32, 48, "needs compute capability sm_75 or newer"),
+        ("cuda", (9, 0), torch.float32, 192, "takes head dims up to 128"),
+        ("cpu", None, torch.float32, 48, "runs on cpu tensors, not cuda"),
+    ],
+)
+def test_named_backend_refuses_with_one_error_type(gpu_backends_available, monkeypatch, backend, capability, dtype,
+                                                   head_dim, message):
+    from convit_kernels.backends import BackendError
+
+    monkeypatch.setattr(gpu_backends_available, "cuda_capability", lambda device: capability)
+    with pytest.raises(BackendError, match=f"backend '{backend}' cannot run here: {message}"):
+        resolve_backend(backend, torch.device("cuda"), dtype, head_dim)
+
+
+def test_backends_command_says_what_auto_picks(capsys):
+    from convit_kernels.cli import main
+
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    for name in BACKEND_NAMES:
+        assert out.count(f"\n{name} ") + out.startswith(f"{name} ") == 1, name
+    expected = resolve_backend("auto", torch.device("cpu"), torch.float32, 48)
+    assert "on cpu: " in out and f"float32   -> {expected}" in out
+
+
+def test_bad_scale_is_a_clear_error():
+    for scale in (float("nan"), float("inf"), 0.0, -1.0, "big"):
+        with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+            gpsa_attention(*_good(), scale=scale)

@@ -25,11 +25,10 @@ from triton.runtime.jit import JITFunction
 
 from convit_kernels import available_backends, gpsa_attention
 from convit_kernels.backends import triton_gpsa
-from convit_kernels.backends import resolve_backend
+from convit_kernels.backends import BackendError, resolve_backend
 
-from gpsa_cases import assert_matches_reference, make_inputs, outputs_and_grads
+from gpsa_cases import LARGE_WEIGHT_RTOL, assert_matches_reference, make_inputs, outputs_and_grads
 
-LARGE_WEIGHT_RTOL = {"pos_weight": 1e-3}  # as tests/test_reference.py: conditioning of d pos_weight at locality 10
 
 
 def _reload_kernels(interpret: bool):
@@ -172,7 +171,7 @@ def test_backend_registration(interpreter):
     assert available_backends()["triton"].available
     assert resolve_backend("triton", torch.device("cpu"), torch.bfloat16, 48) == "triton"
     assert resolve_backend("auto", torch.device("cpu"), torch.float32, 48) != "triton"  # the interpreter is never the fast choice
-    with pytest.raises(ValueError, match="head dims up to 128"):
+    with pytest.raises(BackendError, match="takes head dims up to 128, not 136"):
         gpsa_attention(*make_inputs(1, 1, 4, 136), backend="triton")
 
 

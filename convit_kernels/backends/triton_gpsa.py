@@ -56,81 +56,22 @@ written in B x N x H x d order. Head dims up to 128 are padded to a power of
 two (BLOCK_D) with masks, N to the block sizes with masks. Inputs fp32, fp16,
 bf16; accumulation, softmax, mixing and the reductions in fp32; dot operands in
 the input dtype, fp32 ones as 3xTF32 (``input_precision="tf32x3"``: tensor
-cores at fp32-level accuracy; IEEE fp32 dots fall back to FMAs and spilled
-kilobytes per thread on sm_80). Under the interpreter (TRITON_INTERPRET=1),
+cores at fp32-level accuracy; IEEE fp32 dots fall back to FMAs and spill on
+sm_80). Under the interpreter (TRITON_INTERPRET=1),
 whose bf16 ``tl.dot`` is wrong, the constexpr DOT_DTYPE upcasts bf16 operands
 to fp32; compiled GPU code keeps bf16 operands for the tensor cores.
 
-Expected cost (one layer; figures for ConViT-S: B = 32, H = 9, N = 196, d = 48, fp16)
---------------------------------------------------------------------------------------
-FLOPs (multiply-add = 2; B H N^2 d = 0.53 G): forward 4 B H N^2 d = 2.1 GFLOP
-(Q K^T and M v), against 6 B H N^2 d = 3.2 GFLOP for the SDPA decomposition
-((1 - g) SDPA(q, k, v) + g P v); timm's eager math also does 4 B H N^2 d in
-products, but through the memory traffic below. The tile is
-256 keys wide for N = 196, so the tensor cores do 256/196 = 1.3x the useful
-work. Rows longer than BLOCK_N repeat Q K^T: 6 B H N^2 d. Backward 14 B H N^2 d
-= 7.4 GFLOP (dq kernel: Q K^T, dO v^T, dS k; dk/dv kernel: Q K^T, dO v^T,
-M^T dO, dS^T q), 18 with several key tiles (dq's first pass).
-Plus two gathered loads per score from the positional tables (H (W^2 + H_p^2)
-fp32 = 14 KB).
-Bytes moved per forward (one B H N d fp16 tensor is 5.4 MB): read q, k, v
-(16.3 MB), write O (5.4 MB) and lse (0.2 MB): ~22 MB, the lower bound of the
-design page; K and V are re-read once per query block, from L2. The SDPA
-decomposition reads q, k, v, writes O_c, builds P (1.4 MB fp32), reads v and P
-and writes O_p, then reads O_c and O_p to write O: ~50 MB in five kernels.
-timm eager makes about a dozen passes over B x H x N x N tensors (11 M
-elements, 44 MB in fp32 each: logits, two softmaxes, positional logits from the
-expanded B x N x N x 3 index table, the gated mix, its row sums and
-renormalisation): over 0.5 GB. Backward: the fused kernels read q, k, v, dO
-(21.7 MB) and lse, write dq, dk, dv (16.3 MB) and the two row deltas (0.5 MB,
-read back by dk/dv): ~39 MB, against several B x H x N x N tensors saved and
-re-read by timm's autograd. Training memory: the op saves q, k, v and lse,
-nothing of size N x N or an extra B x H x N x d.
-
-Block sizes and the compile report
-----------------------------------
-Fixed configurations (BLOCK_M x BLOCK_N, warps, stages; ``FIXED_CONFIGS``),
-BLOCK_D = next power of two >= d (64 for ConViT's 48 and 64). "tile" serves
-N <= BLOCK_N with BLOCK_D <= 64 (ConViT), "loop" everything else (and runs the
-one-tile code itself where N <= its BLOCK_N):
-
-=================  ====================  ====================
-kernel, config     fp16 / bf16           fp32 (3xTF32)
-=================  ====================  ====================
-fwd, tile          32 x 256, 8 w, 2 st   16 x 256, 8 w, 1 st
-fwd, loop          32 x 64, 4 w, 2 st    32 x 32, 8 w, 1 st
-bwd_dq, tile       32 x 256, 8 w, 2 st   (none: 16 x 256 spills)
-bwd_dq, loop       32 x 64, 8 w, 2 st    32 x 32, 8 w, 1 st
-bwd_dkdv           32 x 32, 4 w, 2 st    16 x 32, 4 w, 1 st
-=================  ====================  ====================
-
-``convit-kernels aot --arch 80 90`` (triton 3.8, no GPU, d = 48) printed, in
-registers per thread / spilled bytes / shared memory bytes / tensor-core SASS,
-for the configurations ConViT's N = 196 runs:
-sm_80 bf16: fwd tile 182 / 0 / 49152 / HMMA, dq tile 236 / 0 / 65536 / HMMA,
-dkdv 187 / 0 / 26880 / HMMA; sm_90 bf16: fwd tile 163, dq tile 255, dkdv 189
-registers, 0 spill; fp32 (fwd tile, dq loop, dkdv): 255 / 254 / 255 registers on
-sm_80, 0 spill, 40-64 KB. Every other configuration and key path: 64-255
-registers, 0 spill, all HMMA. Why these fit: a one-tile program holds
-BLOCK_M x 256 fp32 score tiles (S or A, P, T, dS: 16 registers per thread each
-at 32 x 256 over 256 threads, hence 8 warps) and the 64-bit pointer tiles of the
-positional gather; 3xTF32 doubles the operand registers, hence 16-row fp32
-tiles, and an fp32 dq holds one score tile too many for 16 x 256 (528 bytes
-spilled). The loop configurations carry one BLOCK_M x BLOCK_D fp32 accumulator
-(two for dk/dv) and smaller score tiles. Shared memory stays at 8-67 KB against
-164 KB (sm_80) and 228 KB (sm_90) per SM, so registers bound occupancy: one
-8-warp program per SM for the one-tile kernels and the fp32 loop forward and
-dq, two for dk/dv and the fp16/bf16 loop dq, three 4-warp programs for the
-fp16/bf16 loop forward. ConViT-S launches B H ceil(N / BLOCK_M) = 2016
-forward programs, about 19 waves on an A100's 108 SMs, so one resident program
-per SM still fills the machine; the tile kernels trade occupancy for doing
-Q K^T once with an exact softmax. None of the fixed tiles has 64 rows, so sm_90
-runs HMMA rather than warpgroup HGMMA. On real GPUs ``triton.autotune`` picks
-among four tile shapes per kernel (16 x 32 to 32 x 256) and every fixed
-configuration, with 4 or 8 warps and 1 or 2 stages, keyed on (N, HEAD_DIM) and
-the dtypes, pruning tiles wider than N needs, 256-wide tiles where no fixed
-one-tile configuration exists (fp32 dq, dk/dv), and tiles above 64 x 64 (4096
-elements) for fp32 or d > 64 (above 128 x 64 otherwise). Set
+Cost and resources
+------------------
+docs/design.md ("Cost model") counts the FLOPs and bytes of each kernel. The
+fixed configurations (``FIXED_CONFIGS``) are the tiles that compile without
+spills for sm_80 and sm_90 in every dtype and key path they serve;
+``convit-kernels aot --arch 80 90`` prints registers, spills, shared memory and
+the tensor-core instructions of each, and tests/test_aot.py asserts no spill and
+tensor-core SASS. On a GPU ``triton.autotune`` picks among a few tile shapes and
+the fixed configurations, keyed on (N, HEAD_DIM) and the dtypes; the pruning
+(``_autotune``) keeps 256-wide key tiles only where a one-tile fixed
+configuration exists, and smaller tiles for fp32 and d > 64. Set
 CONVIT_KERNELS_TRITON_AUTOTUNE=0 (before import) for the fixed ones.
 """
 

@@ -1,6 +1,6 @@
 """`convit-kernels bench`: time the fused GPSA against timm, the SDPA decomposition and torch.compile.
 
-    convit-kernels bench --quick                      # representative subset, < 2 min on a 2-core CPU
+    convit-kernels bench --quick                      # representative subset (the README says how long it takes)
     convit-kernels bench                              # every shape, dtype, level and pass
     convit-kernels bench --quick --threads 1 2        # thread scaling
     convit-kernels bench --models                     # whole-model images/s, stock vs patched

@@ -90,8 +90,8 @@ def default_batch(shape: Shape, device_type: str, dtype: torch.dtype) -> int:
     """Batch size giving every shape about the same forward work: 16 GFLOP a call on a GPU, 0.5 on CPU.
 
     CPU bfloat16 gets an eighth of that: this torch build's CPU kernels run
-    bfloat16 matmuls through a slow path (about 1 GFLOP/s a core, where
-    float32 gets tens), which the timm and SDPA baselines depend on.
+    bfloat16 matmuls through a slow path (the bench's matmul yardstick shows it),
+    which the timm and SDPA baselines depend on.
     """
     if device_type == "cuda":
         budget, largest = 16e9, 256
