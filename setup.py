@@ -45,15 +45,23 @@ def _extensions():
     return ext_modules, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _version() -> str:
+    """convit_kernels/_version.py, read without importing the package (which needs torch and timm)."""
+    namespace = {}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "convit_kernels", "_version.py")) as f:
+        exec(f.read(), namespace)
+    return namespace["__version__"]
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
     name="convit-kernels",
-    version="0.1.0",
+    version=_version(),
     description="Fused gated positional self-attention (GPSA) kernels for ConViT: Triton, C++ and CUDA",
     packages=find_packages(include=["convit_kernels", "convit_kernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "triton", "ninja", "einops", "timm>=1.0", "torchvision", "tqdm", "matplotlib"],
+    python_requires=">=3.11",  # the version CI tests
+    install_requires=["torch>=2.4", "triton", "ninja", "timm>=1.0", "torchvision", "tqdm", "matplotlib"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn"]},
     entry_points={"console_scripts": ["convit-kernels=convit_kernels.cli:main"]},
     ext_modules=ext_modules,

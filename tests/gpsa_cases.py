@@ -93,3 +93,30 @@ def assert_matches_reference(inputs, rtol_fp32=2e-5, rtol_overrides=None, **kwar
         else:
             rtol = (rtol_overrides or {}).get(name, rtol_fp32)
             assert max_error(have, want) <= rtol * scale + 1e-12, (name, max_error(have, want), scale)
+
+
+# The Triton backend's cases, run under the interpreter and on a GPU: (B, H, N, d, grid_size, dtype).
+# ConViT-Ti/S heads at N = 196, d = 48; uneven N (1, 7, 50, 197)
+# and d (16, 40, 64, 80) with rectangular grids; each dtype on some of them. N = 1 runs in half
+# precision: there A = P = 1 and dq = dk = 0 exactly, which fp32 meets only up to rounding.
+# N = 257 (a prime), 289 and 576 span several key blocks of the interpreter's 256-wide tiles: the
+# two-pass paths of the forward and of dq; the rest fit one key block.
+TRITON_CASES = [
+    (2, 4, 196, 48, None, torch.float32),
+    (2, 4, 196, 48, None, torch.bfloat16),
+    (1, 9, 196, 48, None, torch.float16),
+    (3, 3, 7, 40, (1, 7), torch.float32),
+    (2, 2, 50, 16, (5, 10), torch.float32),
+    (2, 2, 50, 16, (5, 10), torch.float16),
+    (1, 2, 197, 80, (197, 1), torch.float32),
+    (1, 2, 197, 80, (197, 1), torch.bfloat16),
+    (2, 3, 1, 64, None, torch.float16),
+    (2, 2, 49, 64, None, torch.bfloat16),
+    (1, 2, 257, 16, (1, 257), torch.float32),
+    (1, 1, 576, 32, None, torch.bfloat16),
+    (1, 2, 289, 16, None, torch.float16),
+]
+TRITON_CASE_IDS = [
+    f"B{b}-H{h}-N{n}-d{d}" + (f"-grid{g[0]}x{g[1]}" if g else "") + "-" + str(t).replace("torch.", "")
+    for b, h, n, d, g, t in TRITON_CASES
+]

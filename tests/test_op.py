@@ -198,3 +198,9 @@ def test_bad_scale_is_a_clear_error():
     for scale in (float("nan"), float("inf"), 0.0, -1.0, "big"):
         with pytest.raises(ValueError, match="scale must be a finite number > 0"):
             gpsa_attention(*_good(), scale=scale)
+
+
+def test_one_version_source():
+    from importlib.metadata import version
+
+    assert convit_kernels.__version__ == version("convit-kernels")
