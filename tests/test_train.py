@@ -1,5 +1,6 @@
 """The training stack on a tiny ConViT (convit_test: 16 px, 4 x 4 grid, 2 blocks) and the embedded digits."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ def run(tmp_path, *args, out="run"):
 
 
 def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def test_fused_matches_stock_first_steps(tmp_path):
@@ -83,18 +84,47 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         checkpoint.atomic_save({"step": 2}, path)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left behind
 
 
-def test_foreign_state_dict_loads_into_fused_model(tmp_path):
+@pytest.mark.parametrize("kind", ["facebookresearch", "timm safetensors"])
+def test_foreign_state_dict_loads_into_fused_model(tmp_path, kind):
+    from safetensors.torch import save_file
+
     stock = create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False)
-    path = tmp_path / "facebook.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in stock.state_dict().items()}}, path)
+    if kind == "facebookresearch":  # its main.py saves the DDP model's keys and its options as a Namespace
+        path = tmp_path / "facebook.pth"
+        torch.save({"model": {f"module.{k}": v for k, v in stock.state_dict().items()},
+                    "args": argparse.Namespace(model="convit_test", lr=5e-4)}, path)
+    else:
+        path = tmp_path / "timm.safetensors"
+        save_file(stock.state_dict(), str(path))
     result = run(tmp_path, "--eval", "--resume", str(path))
     assert 0 <= result["eval"]["val_acc1"] <= 100
     loaded = result["model"].state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in stock.state_dict().items())
+
+
+class RunsCode:
+    """A pickle that creates a file when unpickled: what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--eval"])
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys, flag):
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"model": RunsCode(str(marker)), "epoch": 0}, crafted)
+    args = ["--eval", "--resume", str(crafted)] if flag == "--eval" else ["--resume", str(crafted)]
+    assert main([*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "out"), *args]) == 2
+    assert "could run code" in capsys.readouterr().err
+    assert not marker.exists()
 
 
 def test_sampling_ratio_keeps_a_fixed_fraction_of_every_class():

@@ -2,13 +2,18 @@
 
 A checkpoint is a dict with ``model`` (the unwrapped state_dict, timm's keys),
 ``optimizer``, ``lr_scheduler``, ``scaler``, ``epoch`` (the last completed
-epoch), ``rng`` and ``config``. ``load_weights`` also accepts a bare timm or
-facebookresearch ConViT state_dict, or one under a ``model`` / ``state_dict`` key.
+epoch), ``rng`` and ``config``, all tensors and plain Python data: every file is
+read with ``torch.load(weights_only=True)``, which refuses anything else, since
+unpickling an arbitrary object can run code. ``load_weights`` also accepts a
+bare timm or facebookresearch ConViT state_dict, or one under a ``model`` /
+``state_dict`` key, in a ``.pth`` or a ``.safetensors`` file.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
 import random
 import tempfile
 
@@ -43,7 +48,14 @@ def atomic_save(obj, path: str) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNG states of torch, numpy and Python as tensors, lists and numbers (what weights_only loads)."""
+    algorithm, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [algorithm, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
+        "python": [version, list(internal), gauss_next],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -51,18 +63,35 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    algorithm, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((algorithm, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def read(path: str) -> dict:
+    """A checkpoint or weights file as a dict, loaded without running any code the file could carry."""
     if not os.path.isfile(path):
         raise TrainError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file  # timm's own weight format; safetensors comes with timm
+
+        try:
+            return load_file(path)
+        except Exception as error:
+            raise TrainError(f"cannot read checkpoint {path!r}: {type(error).__name__}: {error}") from None
     try:
-        # weights_only=False: our own checkpoints carry numpy/python RNG states. Load only files you trust.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # argparse.Namespace: facebookresearch's checkpoints keep their options in one; it only holds attributes.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]  # torch names it there
+        raise TrainError(
+            f"cannot read checkpoint {path!r}: it holds objects other than tensors and plain data, and loading "
+            f"those could run code{' (' + refused[0] + ')' if refused else ''}"
+        ) from None
     except Exception as error:
         raise TrainError(f"cannot read checkpoint {path!r}: {type(error).__name__}: {error}") from None
     if not isinstance(checkpoint, dict):
