@@ -1,7 +1,10 @@
 """The training stack on a tiny ConViT (convit_test: 16 px, 4 x 4 grid, 2 blocks) and the embedded digits."""
 
 import argparse
+import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +13,7 @@ import torch
 from PIL import Image
 
 from convit_kernels.train import checkpoint, fit, main, parse_config
+from convit_kernels.train import model as recipe
 from convit_kernels.train.model import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +74,40 @@ def test_torchrun_two_processes_match_one(tmp_path):
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(single["head.weight"], init["head.weight"])  # the step did move the weights
+
+
+def test_overwrite_replaces_the_previous_run(tmp_path):
+    out = previous_run(tmp_path / "out")
+    (out / "gpsa.png").write_bytes(b"previous plot")
+    run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", "--stat-images", "0",
+        "--overwrite", out="out")
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "log.jsonl"]  # no plot of the previous run left
+    assert weights(out / "checkpoint.pth")
+
+
+def test_resuming_an_earlier_checkpoint_of_a_run_rewrites_its_log_from_there(tmp_path):
+    args = ("--epochs", "2", "--steps-per-epoch", "1", "--batch-size", "16")
+    out = tmp_path / "run"
+    run(tmp_path, *args, "--stop-after", "1", out="run")
+    shutil.copy(out / "checkpoint.pth", out / "epoch1.pth")
+    run(tmp_path, *args, "--resume", str(out / "checkpoint.pth"), out="run")
+    run(tmp_path, *args, "--resume", str(out / "epoch1.pth"), out="run")
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_non_finite_loss_stops_with_an_error_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = [*TINY, "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "16", "--output-dir", str(out)]
+    assert main([*args, "--stop-after", "1"]) == 0
+    good = (out / "checkpoint.pth").read_bytes()
+    monkeypatch.setattr(recipe, "create_criterion", lambda config, mixup: lambda logits, y: logits.sum() * math.nan)
+    capsys.readouterr()
+    assert main([*args, "--resume", str(out / "checkpoint.pth")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "the loss is not finite" in err and "Traceback" not in err, err
+    assert (out / "checkpoint.pth").read_bytes() == good
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
 
 
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
@@ -151,48 +189,72 @@ def image_tree(root, broken=None, empty_class=False):
     return root
 
 
-@pytest.mark.parametrize(
-    "case, message",
-    [
-        ("missing data", "does not exist"),
-        ("empty data", "has no train/ folder"),
-        ("empty class", "has no images"),
-        ("unreadable image", "cannot read image"),
-        ("unreadable image, workers", "cannot read image"),
-        ("missing resume", "does not exist"),
-        ("resume of another model", "does not match the model"),
-        ("resume not a checkpoint", "cannot read checkpoint"),
-    ],
-)
-def test_bad_input_message_and_exit_code(tmp_path, capsys, case, message):
-    out = tmp_path / "out"
-    out.mkdir()
-    last = out / "checkpoint.pth"
-    last.write_bytes(b"previous checkpoint")
+def previous_run(folder):
+    """An output folder that holds another run's files."""
+    folder.mkdir()
+    (folder / "checkpoint.pth").write_bytes(b"previous checkpoint")
+    (folder / "log.jsonl").write_text('{"epoch": 1}\n')
+    return folder
+
+
+def contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else None
+
+
+# case: (options, a part of the message); "{tmp}" is the test's folder. Every case but "existing run" passes
+# --overwrite, so that the previous run in the output folder does not stop it first.
+BAD_INPUT = {
+    "epochs 0": (["--epochs", "0"], "argument --epochs: must be in [1, inf]"),
+    "epochs -1": (["--epochs", "-1"], "argument --epochs: must be in [1, inf]"),
+    "batch size 0": (["--batch-size", "0"], "argument --batch-size: must be in [1, inf]"),
+    "workers -1": (["--workers", "-1"], "argument --workers: must be in [0, inf]"),
+    "threads -1": (["--threads", "-1"], "argument --threads: must be in [0, inf]"),
+    "steps per epoch -1": (["--steps-per-epoch", "-1"], "argument --steps-per-epoch: must be in [0, inf]"),
+    "lr nan": (["--lr", "nan"], "argument --lr: must be in (0, inf]"),
+    "unknown backend": (["--backend", "bogus"], "argument --backend: invalid choice: 'bogus'"),
+    "backend that cannot run here": (["--backend", "cuda"], "cannot run here"),
+    "odd batch with Mixup": (["--mixup", "0.8", "--batch-size", "3"], "--batch-size must be even"),
+    "output dir under a file": (["--output-dir", "{tmp}/data.txt/out"], "is a file"),
+    "output dir not writable": (["--output-dir", "{tmp}/read-only/out"], "is not writable"),
+    "data path a file": (["--data-path", "{tmp}/data.txt"], "is not a folder"),
+    "eval without weights": (["--eval"], "--eval needs the weights"),
+    "existing run": ([], "already holds a run"),
+    "missing data": (["--data-path", "{tmp}/nowhere"], "does not exist"),
+    "empty data": (["--data-path", "{tmp}/empty"], "has no train/ folder"),
+    "empty class": (["--data-path", "{tmp}/empty-class"], "has no images"),
+    "unreadable image": (["--data-path", "{tmp}/broken", "--batch-size", "4", "--workers", "0"], "cannot read image"),
+    "unreadable image, workers": (["--data-path", "{tmp}/broken", "--batch-size", "4", "--workers", "1"],
+                                  "cannot read image"),
+    "missing resume": (["--resume", "{tmp}/missing.pth"], "does not exist"),
+    "resume of another model": (["--resume", "{tmp}/other.pth"], "does not match the model"),
+    "resume not a checkpoint": (["--resume", "{tmp}/out/checkpoint.pth"], "cannot read checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_one_line_exit_2_output_untouched(tmp_path, capsys, case):
+    options, message = BAD_INPUT[case]
+    if case == "backend that cannot run here" and torch.cuda.is_available():
+        pytest.skip("the cuda backend runs here")
+    if case == "output dir not writable" and os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    out = previous_run(tmp_path / "out")
+    (tmp_path / "data.txt").write_text("a file")
+    (tmp_path / "read-only").mkdir(mode=0o500)
+    (tmp_path / "empty").mkdir()
+    image_tree(tmp_path / "empty-class", empty_class=True)
+    image_tree(tmp_path / "broken", broken=True)
+    other = create_model("convit_test", num_classes=3, img_size=16, in_chans=1, drop_path=0, fused=False)
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    before = contents(out)
     args = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--output-dir", str(out)]
-    if case == "missing data":
-        args += ["--data-path", str(tmp_path / "nowhere")]
-    elif case == "empty data":
-        (tmp_path / "data").mkdir()
-        args += ["--data-path", str(tmp_path / "data")]
-    elif case == "empty class":
-        args += ["--data-path", str(image_tree(tmp_path / "data", empty_class=True))]
-    elif case.startswith("unreadable image"):
-        args += ["--data-path", str(image_tree(tmp_path / "data", broken=True)), "--batch-size", "4",
-                 "--workers", "1" if "workers" in case else "0"]
-    elif case == "missing resume":
-        args += ["--resume", str(tmp_path / "missing.pth")]
-    elif case == "resume of another model":
-        other = create_model("convit_test", num_classes=3, img_size=16, in_chans=1, drop_path=0, fused=False)
-        torch.save(other.state_dict(), tmp_path / "other.pth")
-        args += ["--resume", str(tmp_path / "other.pth")]
-    elif case == "resume not a checkpoint":
-        args += ["--resume", str(last)]
-    assert main([*TINY, *args]) == 2
+    args += [] if case == "existing run" else ["--overwrite"]
+    assert main([*TINY, *args, *(option.format(tmp=tmp_path) for option in options)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert "Traceback" not in err
-    assert last.read_bytes() == b"previous checkpoint"
+    assert contents(out) == before
+    assert not (tmp_path / "data.txt" / "out").exists() and not (tmp_path / "read-only" / "out").exists()
 
 
 def test_train_digits_example_runs(tmp_path):

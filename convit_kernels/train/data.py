@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from .errors import TrainError
+from .errors import TrainError, UnreadableImage
 
 # Digits: 1797 images; a fixed, stratified fifth is the validation split.
 DIGITS_VAL_FRACTION = 0.2
@@ -103,7 +103,7 @@ def _load_image(path: str):
     try:
         return datasets.folder.pil_loader(path)
     except Exception as error:  # PIL raises several types for a bad file; all mean the same to the user
-        raise TrainError(f"cannot read image {path!r}: {error}") from None
+        raise UnreadableImage(f"cannot read image {path!r}: {error}") from None
 
 
 def image_folder(root: str, input_size: int, recipe) -> DataBundle:
@@ -111,7 +111,8 @@ def image_folder(root: str, input_size: int, recipe) -> DataBundle:
     from timm.data import create_transform
 
     if not os.path.isdir(root):
-        raise TrainError(f"data folder {root!r} does not exist")
+        problem = "is not a folder" if os.path.exists(root) else "does not exist"
+        raise TrainError(f"--data-path {root!r} {problem}")
     train_classes = _check_split(root, "train")
     val_classes = _check_split(root, "val")
     if val_classes != train_classes:

@@ -52,6 +52,16 @@ def create_model(name: str, *, num_classes: int, img_size: int, in_chans: int, d
     return model
 
 
+def check_backend(backend: str, device_type: str, dtype: torch.dtype) -> None:
+    """Before any work: the fused GPSA backend runs on this device and dtype."""
+    from convit_kernels.op import resolve_backend
+
+    try:
+        resolve_backend(backend, device_type, dtype)
+    except RuntimeError as error:
+        raise TrainError(f"--backend {backend}: {error}") from None
+
+
 def base_lr(config, world_size: int) -> float:
     """The linear scaling rule of DeiT: lr = lr_base x total batch / 512 (total = per-process batch x processes)."""
     return config.lr if config.lr is not None else config.lr_base * config.batch_size * world_size / 512
@@ -77,9 +87,14 @@ def create_scheduler(optimizer: torch.optim.Optimizer, config, updates_per_epoch
     return scheduler
 
 
+def mixup_active(config) -> bool:
+    """Mixup or CutMix is on: an alpha above 0, and augmentation not turned off by --no-aug."""
+    return config.augment and (config.mixup > 0 or config.cutmix > 0)
+
+
 def create_mixup(config, num_classes: int):
-    """timm's Mixup/CutMix with label smoothing folded in, or None when both alphas are 0."""
-    if config.mixup <= 0 and config.cutmix <= 0:
+    """timm's Mixup/CutMix with label smoothing folded in, or None when they are off."""
+    if not mixup_active(config):
         return None
     from timm.data import Mixup
 

@@ -49,11 +49,10 @@ def gpsa_statistics(model: nn.Module, images: torch.Tensor) -> dict:
 
 
 class JsonLog:
-    """One JSON object per line, appended and flushed per epoch (written by rank 0 only)."""
+    """One JSON object per line, one line per epoch, appended and flushed per epoch (written by rank 0 only)."""
 
     def __init__(self, path: str):
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -62,16 +61,20 @@ class JsonLog:
             os.fsync(f.fileno())
 
     def records(self) -> list:
-        """The last record of each epoch (a resumed run may have re-logged some)."""
         if not os.path.exists(self.path):
             return []
-        by_epoch = {}
         with open(self.path) as f:
-            for line in f:
-                if line.strip():
-                    record = json.loads(line)
-                    by_epoch[record["epoch"]] = record
-        return [by_epoch[e] for e in sorted(by_epoch)]
+            return [json.loads(line) for line in f if line.strip()]
+
+    def keep_epochs_up_to(self, epoch: int) -> None:
+        """Drop the records after `epoch` (1-based), rewriting the file atomically."""
+        kept = [record for record in self.records() if record["epoch"] <= epoch]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
 
 def plot_gpsa(records: list, path: str) -> bool:
