@@ -4,10 +4,12 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -173,6 +175,24 @@ def test_sampling_ratio_keeps_a_fixed_fraction_of_every_class():
     assert kept.indices == subsample_per_class(train, 0.1).indices  # deterministic
     counts, kept_counts = targets_of(train).bincount(), targets_of(train)[kept.indices].bincount()
     assert kept_counts.tolist() == [round(0.1 * c) for c in counts.tolist()]
+
+
+@pytest.mark.parametrize("magnitude", range(11))
+def test_imagenet_augmentation_runs_at_every_magnitude_randaugment_draws(magnitude):
+    # The recipe's rand-m9-mstd0.5 draws magnitudes in [0, 10] (clipped); at 10 the increasing posterize keeps
+    # 0 bits, which Pillow 13 refuses mid-epoch (requirements.txt pins Pillow 12).
+    from convit_kernels.train.cli import IMAGENET_RECIPE
+    from convit_kernels.train.data import train_transform
+
+    config = argparse.Namespace(**{**IMAGENET_RECIPE, "augment": True, "color_jitter": 0.4,
+                                   "auto_augment": f"rand-m{magnitude}-mstd0-inc1"})
+    transform = train_transform(32, config)
+    random.seed(magnitude)  # RandAugment draws its ops from Python's and numpy's generators
+    np.random.seed(magnitude)
+    generator = torch.Generator().manual_seed(magnitude)
+    for _ in range(40):  # at magnitude 10 these draw the 0-bit posterize 3 times
+        pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=generator)
+        assert transform(Image.fromarray(pixels.numpy())).shape == (3, 32, 32)
 
 
 def image_tree(root, broken=None, empty_class=False):

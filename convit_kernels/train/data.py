@@ -106,6 +106,23 @@ def _load_image(path: str):
         raise UnreadableImage(f"cannot read image {path!r}: {error}") from None
 
 
+def train_transform(input_size: int, recipe):
+    """DeiT/ConViT's training transform through timm: random resized crop, flip, RandAugment, erasing."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size,
+        is_training=True,
+        no_aug=not recipe.augment,
+        color_jitter=recipe.color_jitter,
+        auto_augment=recipe.auto_augment or None,
+        interpolation="bicubic",
+        re_prob=recipe.reprob,
+        re_mode="pixel",
+        re_count=1,
+    )
+
+
 def image_folder(root: str, input_size: int, recipe) -> DataBundle:
     """The DeiT/ConViT layout: root/train/<class>/* and root/val/<class>/* with the same class folders."""
     from timm.data import create_transform
@@ -118,17 +135,7 @@ def image_folder(root: str, input_size: int, recipe) -> DataBundle:
     if val_classes != train_classes:
         missing = sorted(set(train_classes) ^ set(val_classes))
         raise TrainError(f"train/ and val/ in {root!r} have different class folders: {', '.join(missing[:5])}")
-    train_tf = create_transform(
-        input_size,
-        is_training=True,
-        no_aug=not recipe.augment,
-        color_jitter=recipe.color_jitter,
-        auto_augment=recipe.auto_augment or None,
-        interpolation="bicubic",
-        re_prob=recipe.reprob,
-        re_mode="pixel",
-        re_count=1,
-    )
+    train_tf = train_transform(input_size, recipe)
     val_tf = create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
     train = datasets.ImageFolder(os.path.join(root, "train"), transform=train_tf, loader=_load_image)
     val = datasets.ImageFolder(os.path.join(root, "val"), transform=val_tf, loader=_load_image)
