@@ -60,14 +60,17 @@ def test_torchrun_two_processes_match_one(tmp_path):
             "--lr", "1e-2", "--warmup-epochs", "0"]
     run(tmp_path, *args, "--batch-size", "8", out="single")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "convit_kernels.train", *TINY, *args, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")],
-        capture_output=True, text=True, env=env, timeout=180,
-    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "convit_kernels.train", *TINY, *args, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")]
+    done = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "x 2" in done.stdout  # rank 0 reports the world size, and only rank 0 prints
-    assert done.stdout.count("epoch 1:") == 1
+    assert done.stdout.count("epoch 1:") == 1 and done.stdout.count("done:") == 1
+    # The same command again: both processes refuse the folder that now holds a run, and one reports it.
+    again = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=180)
+    assert again.returncode != 0
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "already holds a run" in errors[0], again.stderr[-3000:]
     single, ddp = weights(tmp_path / "single" / "checkpoint.pth"), weights(tmp_path / "ddp" / "checkpoint.pth")
     torch.manual_seed(0)  # the seed fit uses: the same initial weights
     init = create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False).state_dict()
