@@ -57,7 +57,7 @@ def test_resume_matches_uninterrupted(tmp_path):
 
 def test_torchrun_two_processes_match_one(tmp_path):
     args = ["--epochs", "1", "--steps-per-epoch", "1", "--no-aug", "--smoothing", "0", "--drop-path", "0",
-            "--lr", "1e-2", "--warmup-epochs", "0"]
+            "--lr", "0.64", "--warmup-epochs", "0"]  # lr 0.64 x total batch 8 / 512 = 1e-2
     run(tmp_path, *args, "--batch-size", "8", out="single")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -170,14 +170,43 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys, flag):
     assert not marker.exists()
 
 
-def test_sampling_ratio_keeps_a_fixed_fraction_of_every_class():
-    from convit_kernels.train.data import digits, subsample_per_class, targets_of
+def test_sampling_ratio_keeps_the_first_images_of_every_class_as_convit(tmp_path):
+    from convit_kernels.train.data import image_folder, subsample_per_class
 
-    train = digits(16, augment=False).train
-    kept = subsample_per_class(train, 0.1)
-    assert kept.indices == subsample_per_class(train, 0.1).indices  # deterministic
-    counts, kept_counts = targets_of(train).bincount(), targets_of(train)[kept.indices].bincount()
-    assert kept_counts.tolist() == [round(0.1 * c) for c in counts.tolist()]
+    for label, count in (("a", 5), ("b", 3)):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        (tmp_path / "val" / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "val" / label / "0.png")
+        for i in reversed(range(count)):  # created in reverse: the order must come from the sorted names
+            Image.new("RGB", (8, 8)).save(tmp_path / "train" / label / f"{i}.png")
+    config = parse_config(["--data-path", str(tmp_path), "--no-aug"])
+    train = image_folder(str(tmp_path), 16, config).train
+    kept = subsample_per_class(train, 0.5)  # int(5 x 0.5) = 2 of a, int(3 x 0.5) = 1 of b
+    names = [os.path.relpath(train.samples[i][0], tmp_path / "train") for i in kept.indices]
+    assert names == ["a/0.png", "a/1.png", "b/0.png"]
+
+
+def test_imagenet_recipe_follows_convit():
+    config = parse_config(["--data-path", "/imagenet"])
+    assert config.repeated_aug and recipe.mixup_active(config)
+    assert recipe.scaled_lr(config, world_size=8) == 5e-4 * 64 * 8 / 512  # --lr is ConViT's base lr
+    assert not recipe.mixup_active(parse_config(["--data-path", "/imagenet", "--no-aug"]))
+    assert not parse_config([]).repeated_aug  # the digits recipe
+
+
+def test_schedule_steps_per_epoch_as_convit_and_resume_refuses_another(tmp_path, capsys):
+    # ConViT steps the scheduler after each epoch with its index: epochs 1 and 2 both train at --warmup-lr.
+    args = ["--epochs", "3", "--steps-per-epoch", "1", "--batch-size", "16", "--warmup-epochs", "1",
+            "--lr", "0.512", "--min-lr", "1e-5", "--warmup-lr", "1e-6"]  # scaled lr 0.512 x 16 / 512 = 0.016
+    records = run(tmp_path, *args)["records"]
+    cosine_at_1_of_3 = 1e-5 + 0.5 * (0.016 - 1e-5) * (1 + math.cos(math.pi / 3))
+    assert [r["lr"] for r in records] == pytest.approx([1e-6, 1e-6, cosine_at_1_of_3])
+    last = str(tmp_path / "run" / "checkpoint.pth")
+    for changed, message in ((["--epochs", "4"], "epochs 3 -> 4"), (["--lr", "1"], "lr 0.016 -> 0.03125"),
+                             (["--model", "convit_digits"], "model convit_test -> convit_digits")):
+        options = [*TINY, *args, "--output-dir", str(tmp_path / "run"), "--resume", last, *changed]
+        assert main(options) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("magnitude", range(11))
@@ -245,9 +274,10 @@ BAD_INPUT = {
     "missing data": (["--data-path", "{tmp}/nowhere"], "does not exist"),
     "empty data": (["--data-path", "{tmp}/empty"], "has no train/ folder"),
     "empty class": (["--data-path", "{tmp}/empty-class"], "has no images"),
-    "unreadable image": (["--data-path", "{tmp}/broken", "--batch-size", "4", "--workers", "0"], "cannot read image"),
-    "unreadable image, workers": (["--data-path", "{tmp}/broken", "--batch-size", "4", "--workers", "1"],
-                                  "cannot read image"),
+    "unreadable image": (["--data-path", "{tmp}/broken", "--batch-size", "4", "--workers", "0",
+                          "--no-repeated-aug"], "cannot read image"),
+    "unreadable image, workers": (["--data-path", "{tmp}/broken", "--batch-size", "4", "--workers", "1",
+                                   "--no-repeated-aug"], "cannot read image"),
     "missing resume": (["--resume", "{tmp}/missing.pth"], "does not exist"),
     "resume of another model": (["--resume", "{tmp}/other.pth"], "does not match the model"),
     "resume not a checkpoint": (["--resume", "{tmp}/out/checkpoint.pth"], "cannot read checkpoint"),

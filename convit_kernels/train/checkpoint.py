@@ -123,7 +123,8 @@ def load_weights(model: nn.Module, state: dict, path: str) -> None:
     model.load_state_dict(state)
 
 
-def save(path: str, *, model, optimizer, scheduler, scaler, epoch: int, config, rng_states: list) -> None:
+def save(path: str, *, model, optimizer, scheduler, scaler, epoch: int, config, schedule: dict,
+         rng_states: list) -> None:
     """`rng_states`: one rng_state() per rank, so every rank's augmentation stream resumes where it stopped."""
     atomic_save(
         {
@@ -134,14 +135,30 @@ def save(path: str, *, model, optimizer, scheduler, scaler, epoch: int, config, 
             "epoch": epoch,
             "rng": rng_states,
             "config": vars(config),
+            "schedule": schedule,
         },
         path,
     )
 
 
-def resume(path: str, *, model, optimizer, scheduler, scaler, restore_training: bool, rank: int = 0) -> int:
-    """Load `path` into the model (and the training state when present and wanted). Returns the next epoch."""
+def check_same_schedule(saved: dict, schedule: dict, path: str) -> None:
+    """The optimiser and scheduler states would keep the checkpoint's lr and epochs: refuse other values."""
+    changed = [f"{key} {saved.get(key)} -> {value}" for key, value in schedule.items() if saved.get(key) != value]
+    if changed:
+        raise TrainError(f"checkpoint {path!r} continues another schedule than this run's ({', '.join(changed)}): "
+                         "resume with its options, or start a new run")
+
+
+def resume(path: str, *, model, optimizer, scheduler, scaler, restore_training: bool, schedule: dict,
+           rank: int = 0) -> int:
+    """Load `path` into the model (and the training state when present and wanted). Returns the next epoch.
+
+    `schedule`: this run's model, epochs, scaled lr, steps per epoch and optimiser settings, which must be the
+    checkpoint's to continue its training state.
+    """
     checkpoint = read(path)
+    if restore_training and "schedule" in checkpoint:  # before the weights: a changed model is named as such
+        check_same_schedule(checkpoint["schedule"], schedule, path)
     load_weights(model, model_state(checkpoint), path)
     if not restore_training or "optimizer" not in checkpoint:
         return 0  # weights only: a timm/facebookresearch checkpoint, or --eval

@@ -13,9 +13,9 @@ from .model import MODEL_NAMES
 
 # Defaults that depend on the data. With --data-path: the DeiT/ConViT ImageNet recipe.
 IMAGENET_RECIPE = dict(
-    model="convit_tiny", input_size=224, batch_size=64, epochs=300, lr_base=5e-4, warmup_epochs=5,
+    model="convit_tiny", input_size=224, batch_size=64, epochs=300, lr=5e-4, warmup_epochs=5,
     smoothing=0.1, mixup=0.8, cutmix=1.0, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, drop_path=0.1,
-    workers=8, threads=0,
+    repeated_aug=True, workers=8, threads=0,
 )
 # Without it: the embedded 8x8 digits, upscaled to 16 px, patch 4: a 4 x 4 grid of 2 x 2-pixel patches (at 32 px,
 # an 8 x 8 grid, the 10 epochs that fit in the same CPU time reached 74% instead of 98%). No RandAugment / Mixup /
@@ -24,8 +24,9 @@ IMAGENET_RECIPE = dict(
 # One thread: this model's ops (32 x 16 tokens x 64 channels) are too small to pay for a thread pool's barriers,
 # and on shared cores those barriers stalled 2 threads to ~3 s per step against ~0.05 s for one.
 DIGITS_RECIPE = dict(
-    model="convit_digits", input_size=16, batch_size=32, epochs=30, lr_base=3.2e-2, warmup_epochs=1,
-    smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment="", reprob=0.0, drop_path=0.0, workers=0, threads=1,
+    model="convit_digits", input_size=16, batch_size=32, epochs=30, lr=3.2e-2, warmup_epochs=1,
+    smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment="", reprob=0.0, drop_path=0.0, repeated_aug=False,
+    workers=0, threads=1,
 )
 
 
@@ -92,15 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--auto-augment", help="timm RandAugment spec ('' for none)")
     g.add_argument("--color-jitter", type=NON_NEGATIVE, default=0.4)
     g.add_argument("--reprob", type=PROBABILITY, help="random erasing probability (0.25 ImageNet)")
-    g.add_argument("--repeated-aug", action="store_true", help="timm's RepeatAugSampler (3 repeats)")
+    g.add_argument("--repeated-aug", action=argparse.BooleanOptionalAction,
+                   help="timm's RepeatAugSampler, 3 repeats (on for ImageNet as in ConViT, off for the digits)")
     g.add_argument("--mixup", type=NON_NEGATIVE, help="Mixup alpha (0.8 ImageNet, 0 disables)")
     g.add_argument("--cutmix", type=NON_NEGATIVE, help="CutMix alpha (1.0 ImageNet, 0 disables)")
     g.add_argument("--smoothing", type=number(float, low=0, high=1, high_open=True), help="label smoothing (0.1)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=POSITIVE_INT)
     g.add_argument("--opt", default="adamw")
-    g.add_argument("--lr", type=POSITIVE, help="absolute lr; default lr-base x total batch / 512")
-    g.add_argument("--lr-base", type=POSITIVE, help="lr for a total batch of 512 (5e-4 ImageNet)")
+    g.add_argument("--lr", type=POSITIVE,
+                   help="ConViT's --lr: the lr of a total batch of 512; the run uses lr x total batch / 512, "
+                        "total batch = --batch-size x processes (5e-4 ImageNet, 3.2e-2 digits)")
     g.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.05)
     g.add_argument("--warmup-epochs", type=COUNT)
     g.add_argument("--warmup-lr", type=NON_NEGATIVE, default=1e-6)

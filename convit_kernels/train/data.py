@@ -149,19 +149,24 @@ def targets_of(dataset: Dataset) -> torch.Tensor:
     return torch.as_tensor(dataset.targets)
 
 
-def subsample_per_class(dataset: Dataset, ratio: float, seed: int = 0) -> Dataset:
-    """Keep a deterministic fraction of every class (at least one image each): the paper's sample-efficiency runs."""
+def subsample_per_class(dataset: Dataset, ratio: float) -> Dataset:
+    """The first int(n x ratio) images of every class of n, in the dataset's order: the paper's subsets.
+
+    ConViT's datasets.py takes them in sorted file order, which is ImageFolder's order within a class. (It
+    counts n as the entries of the class folder, images or not; here n counts the images.)
+    """
     if not 0.0 < ratio <= 1.0:
         raise TrainError(f"--sampling-ratio must be in (0, 1], got {ratio}")
     if ratio == 1.0:
         return dataset
     targets = targets_of(dataset)
-    generator = torch.Generator().manual_seed(seed)
     keep = []
     for label in targets.unique(sorted=True).tolist():
         members = (targets == label).nonzero().flatten()
-        count = max(1, round(ratio * len(members)))
-        keep.append(members[torch.randperm(len(members), generator=generator)[:count]])
+        count = int(len(members) * ratio)
+        if count == 0:
+            raise TrainError(f"--sampling-ratio {ratio} keeps no image of class {label} ({len(members)} images)")
+        keep.append(members[:count])
     return Subset(dataset, torch.cat(keep).sort().values.tolist())
 
 
@@ -186,9 +191,9 @@ def build_loaders(bundle: DataBundle, config, rank: int, world_size: int, pin_me
     common = dict(num_workers=config.workers, pin_memory=pin_memory, persistent_workers=False)
     train = DataLoader(bundle.train, batch_size=config.batch_size, sampler=sampler, drop_last=True, **common)
     if len(train) == 0:
-        raise TrainError(
-            f"the training set has {len(sampler)} images per process, fewer than --batch-size {config.batch_size}"
-        )
+        hint = " (repeated augmentation takes a multiple of 256: --no-repeated-aug)" if config.repeated_aug else ""
+        raise TrainError(f"the training set has {len(sampler)} images per process{hint}, fewer than "
+                         f"--batch-size {config.batch_size}")
     # Every rank evaluates a disjoint shard, no padding: the summed counts are the exact accuracy.
     val_shard = Subset(bundle.val, range(rank, len(bundle.val), world_size))
     val = DataLoader(val_shard, batch_size=config.batch_size * 2, shuffle=False, **common)

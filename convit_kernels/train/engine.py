@@ -79,8 +79,7 @@ def stop_if_diverged(recent_losses: list, runtime: Runtime, epoch: int, step: in
                        f"training stopped; {kept}")
 
 
-def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, criterion, mixup, runtime, config,
-                    epoch: int) -> dict:
+def train_one_epoch(model, loader, steps, optimizer, scaler, criterion, mixup, runtime, config, epoch: int) -> dict:
     model.train()
     amp_dtype = AMP_DTYPES[config.amp]
     channels_last = runtime.device.type == "cuda"
@@ -106,7 +105,6 @@ def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, criterio
         else:
             loss.backward()
             optimizer.step()
-        scheduler.step_update(num_updates=epoch * steps + step + 1)
         losses.append(loss.detach())
         images += x.shape[0] * runtime.world_size
         bar.update()
@@ -177,14 +175,19 @@ def fit(config) -> dict:
     train_loader, val_loader = data.build_loaders(bundle, config, runtime.rank, runtime.world_size,
                                                   pin_memory=runtime.device.type == "cuda")
     steps = data.steps_per_epoch(train_loader, config.steps_per_epoch)
-    lr = recipe.base_lr(config, runtime.world_size)
+    lr = recipe.scaled_lr(config, runtime.world_size)
     optimizer = recipe.create_optimizer(net, lr, config)
-    scheduler = recipe.create_scheduler(optimizer, config, steps)
+    scheduler = recipe.create_scheduler(optimizer, config)
+    # What the optimiser and scheduler states of a checkpoint hold: a resume must not change it unseen.
+    schedule = dict(model=config.model, epochs=config.epochs, lr=lr, steps_per_epoch=steps, opt=config.opt,
+                    weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr,
+                    min_lr=config.min_lr)
     scaler = torch.amp.GradScaler(runtime.device.type) if config.amp == "fp16" else None
     start_epoch = 0
     if config.resume:
         start_epoch = checkpoint.resume(config.resume, model=net, optimizer=optimizer, scheduler=scheduler,
-                                        scaler=scaler, restore_training=not config.eval, rank=runtime.rank)
+                                        scaler=scaler, restore_training=not config.eval, schedule=schedule,
+                                        rank=runtime.rank)
 
     model = net
     if runtime.world_size > 1:
@@ -203,10 +206,12 @@ def fit(config) -> dict:
         print_main(runtime, "eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return {"records": [], "eval": metrics, "model": net}
 
-    print_main(runtime, f"recipe: lr {lr:.3g} (total batch {config.batch_size * runtime.world_size}), "
+    total_batch = config.batch_size * runtime.world_size
+    print_main(runtime, f"recipe: lr {config.lr:g} x total batch {total_batch} / 512 = {lr:.4g}, "
                         f"{config.epochs} epochs x {steps} steps, warm-up {config.warmup_epochs}, "
                         f"wd {config.weight_decay}, smoothing {config.smoothing}, mixup {config.mixup}, "
-                        f"cutmix {config.cutmix}, drop path {config.drop_path}, augment {config.augment}")
+                        f"cutmix {config.cutmix}, drop path {config.drop_path}, augment {config.augment}, "
+                        f"repeated augmentation {config.repeated_aug}")
     mixup = recipe.create_mixup(config, bundle.num_classes)
     criterion = recipe.create_criterion(config, mixup)
     stat_images = data.fixed_batch(bundle.val, config.stat_images)
@@ -221,8 +226,11 @@ def fit(config) -> dict:
     for epoch in range(start_epoch, stop_epoch):
         train_loader.sampler.set_epoch(epoch)
         record = {"epoch": epoch + 1}
-        record.update(train_one_epoch(model, train_loader, steps, optimizer, scheduler, scaler, criterion, mixup,
-                                      runtime, config, epoch))
+        record.update(train_one_epoch(model, train_loader, steps, optimizer, scaler, criterion, mixup, runtime,
+                                      config, epoch))
+        # ConViT's (and DeiT's) schedule: after epoch e, the lr of step e; epoch e + 1 trains with it, so the
+        # first two epochs both train at --warmup-lr.
+        scheduler.step(epoch)
         record.update(evaluate(model, val_loader, runtime, config, bundle.num_classes))
         rng_states = [checkpoint.rng_state()]
         if runtime.world_size > 1:
@@ -234,7 +242,7 @@ def fit(config) -> dict:
             if stat_images is not None:
                 record["gpsa"] = gpsa_statistics(net, stat_images)
             checkpoint.save(last_path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            epoch=epoch, config=config, rng_states=rng_states)
+                            epoch=epoch, config=config, schedule=schedule, rng_states=rng_states)
             log.write({k: v for k, v in record.items() if k != "step_losses"})
             print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
                   f"val acc {record['val_acc1']:.2f}%, {record['images_per_s']:.0f} images/s", flush=True)

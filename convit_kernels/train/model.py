@@ -4,7 +4,7 @@ Every piece comes from timm: ``ConVit`` and its registered variants, AdamW
 from ``create_optimizer_v2`` with ``param_groups_weight_decay`` (no decay on
 1-d parameters, i.e. biases, norms and ``gating_param``, nor on
 ``model.no_weight_decay()`` = pos_embed, cls_token), ``create_scheduler_v2``
-(cosine with warm-up, stepped every update), ``Mixup`` and its losses.
+(cosine with warm-up, stepped every epoch as in ConViT), ``Mixup`` and its losses.
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ def check_backend(backend: str, device_type: str, dtype: torch.dtype) -> None:
         raise TrainError(f"--backend {backend}: {error}") from None
 
 
-def base_lr(config, world_size: int) -> float:
-    """The linear scaling rule of DeiT: lr = lr_base x total batch / 512 (total = per-process batch x processes)."""
-    return config.lr if config.lr is not None else config.lr_base * config.batch_size * world_size / 512
+def scaled_lr(config, world_size: int) -> float:
+    """The linear scaling rule of DeiT and ConViT: --lr x total batch / 512 (total = per-process batch x processes)."""
+    return config.lr * config.batch_size * world_size / 512
 
 
 def create_optimizer(model: nn.Module, lr: float, config) -> torch.optim.Optimizer:
@@ -73,7 +73,8 @@ def create_optimizer(model: nn.Module, lr: float, config) -> torch.optim.Optimiz
     return create_optimizer_v2(groups, opt=config.opt, lr=lr, weight_decay=config.weight_decay)
 
 
-def create_scheduler(optimizer: torch.optim.Optimizer, config, updates_per_epoch: int):
+def create_scheduler(optimizer: torch.optim.Optimizer, config):
+    """ConViT's schedule: stepped once per epoch, after it, with the epoch's index (see engine.fit)."""
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched="cosine",
@@ -81,8 +82,6 @@ def create_scheduler(optimizer: torch.optim.Optimizer, config, updates_per_epoch
         warmup_epochs=config.warmup_epochs,
         warmup_lr=config.warmup_lr,
         min_lr=config.min_lr,
-        step_on_epochs=False,  # per update: a smooth warm-up even for short runs
-        updates_per_epoch=updates_per_epoch,
     )
     return scheduler
 
