@@ -115,6 +115,18 @@ def test_non_finite_loss_stops_with_an_error_and_keeps_the_last_checkpoint(tmp_p
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
 
 
+def test_log_holds_convit_nonlocality_of_every_block(tmp_path):
+    from convit_kernels.train.data import digits, fixed_batch
+    from convit_kernels.train.report import nonlocality_as_convit
+
+    result = run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16")
+    logged = json.loads((tmp_path / "run" / "log.jsonl").read_text())["nonlocality_convit"]
+    assert sorted(logged) == ["0", "1"]  # convit_test: a GPSA block and an MHSA block
+    assert all(len(heads) == 4 for heads in logged.values())
+    images = fixed_batch(digits(16, augment=False).val, 8)  # TINY's --stat-images
+    assert nonlocality_as_convit(result["model"], images) == pytest.approx(logged)
+
+
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pth")
     checkpoint.atomic_save({"step": 1}, path)

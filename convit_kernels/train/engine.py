@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import checkpoint, data, model as recipe, output
 from .errors import Diverged
-from .report import JsonLog, gpsa_statistics, plot_gpsa
+from .report import JsonLog, gpsa_statistics, nonlocality_as_convit, plot_gpsa
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 # Steps between host synchronisations: the progress bar's numbers and the check for a non-finite loss.
@@ -241,6 +241,7 @@ def fit(config) -> dict:
                 output.claim(config.output_dir, continues=continues, start_epoch=start_epoch, log=log)
             if stat_images is not None:
                 record["gpsa"] = gpsa_statistics(net, stat_images)
+                record["nonlocality_convit"] = nonlocality_as_convit(net, stat_images)
             checkpoint.save(last_path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                             epoch=epoch, config=config, schedule=schedule, rng_states=rng_states)
             log.write({k: v for k, v in record.items() if k != "step_losses"})

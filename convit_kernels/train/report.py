@@ -4,6 +4,9 @@ For every GPSA layer the log holds, per head, the gate sigmoid(lambda) (weight
 of the positional attention) and the nonlocality of the paper: the mean over
 queries of the attention-weighted distance to the keys, in patches, measured
 by the layer's ``get_attention_map`` on a fixed batch of validation images.
+Beside it, ``nonlocality_as_convit``: what ConViT's main.py logs, every
+block's (GPSA and MHSA) nonlocality, all fed the same input (the patch
+embedding of that batch), so the curves compare with the paper's.
 """
 
 from __future__ import annotations
@@ -46,6 +49,19 @@ def gpsa_statistics(model: nn.Module, images: torch.Tensor) -> dict:
             hook.remove()
         model.train(was_training)
     return stats
+
+
+@torch.no_grad()
+def nonlocality_as_convit(model: nn.Module, images: torch.Tensor) -> dict:
+    """{block index: [H]}: each block's attention applied to the patch embedding of `images`, as ConViT logs it."""
+    was_training = model.training
+    model.eval()
+    try:
+        tokens = model.patch_embed(images)
+        return {str(index): block.attn.get_attention_map(tokens).float().tolist()
+                for index, block in enumerate(model.blocks)}
+    finally:
+        model.train(was_training)
 
 
 class JsonLog:
