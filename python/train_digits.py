@@ -16,7 +16,8 @@ from convit_kernels.train.data import digits
 
 
 def main(argv) -> None:
-    config = parse_config(["--output-dir", "convit-digits-example", "--no-progress", *argv])
+    # --overwrite: each run of this example replaces the previous one in its folder.
+    config = parse_config(["--output-dir", "convit-digits-example", "--overwrite", "--no-progress", *argv])
     result = fit(config)  # trains, logs to log.jsonl, checkpoints every epoch, plots gpsa.png
     model = result["model"].eval()
     print(f"fused GPSA layers: {sum(isinstance(m, convit_kernels.FusedGPSA) for m in model.modules())}")

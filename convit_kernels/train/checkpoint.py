@@ -2,13 +2,18 @@
 
 A checkpoint is a dict with ``model`` (the unwrapped state_dict, timm's keys),
 ``optimizer``, ``lr_scheduler``, ``scaler``, ``epoch`` (the last completed
-epoch), ``rng`` and ``config``. ``load_weights`` also accepts a bare timm or
-facebookresearch ConViT state_dict, or one under a ``model`` / ``state_dict`` key.
+epoch), ``rng`` and ``config``, all tensors and plain Python data: every file is
+read with ``torch.load(weights_only=True)``, which refuses anything else, since
+unpickling an arbitrary object can run code. ``load_weights`` also accepts a
+bare timm or facebookresearch ConViT state_dict, or one under a ``model`` /
+``state_dict`` key, in a ``.pth`` or a ``.safetensors`` file.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
 import random
 import tempfile
 
@@ -43,7 +48,14 @@ def atomic_save(obj, path: str) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNG states of torch, numpy and Python as tensors, lists and numbers (what weights_only loads)."""
+    algorithm, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [algorithm, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
+        "python": [version, list(internal), gauss_next],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -51,18 +63,35 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    algorithm, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((algorithm, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def read(path: str) -> dict:
+    """A checkpoint or weights file as a dict, loaded without running any code the file could carry."""
     if not os.path.isfile(path):
         raise TrainError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file  # timm's own weight format; safetensors comes with timm
+
+        try:
+            return load_file(path)
+        except Exception as error:
+            raise TrainError(f"cannot read checkpoint {path!r}: {type(error).__name__}: {error}") from None
     try:
-        # weights_only=False: our own checkpoints carry numpy/python RNG states. Load only files you trust.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # argparse.Namespace: facebookresearch's checkpoints keep their options in one; it only holds attributes.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]  # torch names it there
+        raise TrainError(
+            f"cannot read checkpoint {path!r}: it holds objects other than tensors and plain data, and loading "
+            f"those could run code{' (' + refused[0] + ')' if refused else ''}"
+        ) from None
     except Exception as error:
         raise TrainError(f"cannot read checkpoint {path!r}: {type(error).__name__}: {error}") from None
     if not isinstance(checkpoint, dict):
@@ -94,7 +123,8 @@ def load_weights(model: nn.Module, state: dict, path: str) -> None:
     model.load_state_dict(state)
 
 
-def save(path: str, *, model, optimizer, scheduler, scaler, epoch: int, config, rng_states: list) -> None:
+def save(path: str, *, model, optimizer, scheduler, scaler, epoch: int, config, schedule: dict,
+         rng_states: list) -> None:
     """`rng_states`: one rng_state() per rank, so every rank's augmentation stream resumes where it stopped."""
     atomic_save(
         {
@@ -105,14 +135,30 @@ def save(path: str, *, model, optimizer, scheduler, scaler, epoch: int, config, 
             "epoch": epoch,
             "rng": rng_states,
             "config": vars(config),
+            "schedule": schedule,
         },
         path,
     )
 
 
-def resume(path: str, *, model, optimizer, scheduler, scaler, restore_training: bool, rank: int = 0) -> int:
-    """Load `path` into the model (and the training state when present and wanted). Returns the next epoch."""
+def check_same_schedule(saved: dict, schedule: dict, path: str) -> None:
+    """The optimiser and scheduler states would keep the checkpoint's lr and epochs: refuse other values."""
+    changed = [f"{key} {saved.get(key)} -> {value}" for key, value in schedule.items() if saved.get(key) != value]
+    if changed:
+        raise TrainError(f"checkpoint {path!r} continues another schedule than this run's ({', '.join(changed)}): "
+                         "resume with its options, or start a new run")
+
+
+def resume(path: str, *, model, optimizer, scheduler, scaler, restore_training: bool, schedule: dict,
+           rank: int = 0) -> int:
+    """Load `path` into the model (and the training state when present and wanted). Returns the next epoch.
+
+    `schedule`: this run's model, epochs, scaled lr, steps per epoch and optimiser settings, which must be the
+    checkpoint's to continue its training state.
+    """
     checkpoint = read(path)
+    if restore_training and "schedule" in checkpoint:  # before the weights: a changed model is named as such
+        check_same_schedule(checkpoint["schedule"], schedule, path)
     load_weights(model, model_state(checkpoint), path)
     if not restore_training or "optimizer" not in checkpoint:
         return 0  # weights only: a timm/facebookresearch checkpoint, or --eval

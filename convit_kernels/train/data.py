@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from .errors import TrainError
+from .errors import TrainError, UnreadableImage
 
 # Digits: 1797 images; a fixed, stratified fifth is the validation split.
 DIGITS_VAL_FRACTION = 0.2
@@ -103,21 +103,14 @@ def _load_image(path: str):
     try:
         return datasets.folder.pil_loader(path)
     except Exception as error:  # PIL raises several types for a bad file; all mean the same to the user
-        raise TrainError(f"cannot read image {path!r}: {error}") from None
+        raise UnreadableImage(f"cannot read image {path!r}: {error}") from None
 
 
-def image_folder(root: str, input_size: int, recipe) -> DataBundle:
-    """The DeiT/ConViT layout: root/train/<class>/* and root/val/<class>/* with the same class folders."""
+def train_transform(input_size: int, recipe):
+    """DeiT/ConViT's training transform through timm: random resized crop, flip, RandAugment, erasing."""
     from timm.data import create_transform
 
-    if not os.path.isdir(root):
-        raise TrainError(f"data folder {root!r} does not exist")
-    train_classes = _check_split(root, "train")
-    val_classes = _check_split(root, "val")
-    if val_classes != train_classes:
-        missing = sorted(set(train_classes) ^ set(val_classes))
-        raise TrainError(f"train/ and val/ in {root!r} have different class folders: {', '.join(missing[:5])}")
-    train_tf = create_transform(
+    return create_transform(
         input_size,
         is_training=True,
         no_aug=not recipe.augment,
@@ -128,6 +121,21 @@ def image_folder(root: str, input_size: int, recipe) -> DataBundle:
         re_mode="pixel",
         re_count=1,
     )
+
+
+def image_folder(root: str, input_size: int, recipe) -> DataBundle:
+    """The DeiT/ConViT layout: root/train/<class>/* and root/val/<class>/* with the same class folders."""
+    from timm.data import create_transform
+
+    if not os.path.isdir(root):
+        problem = "is not a folder" if os.path.exists(root) else "does not exist"
+        raise TrainError(f"--data-path {root!r} {problem}")
+    train_classes = _check_split(root, "train")
+    val_classes = _check_split(root, "val")
+    if val_classes != train_classes:
+        missing = sorted(set(train_classes) ^ set(val_classes))
+        raise TrainError(f"train/ and val/ in {root!r} have different class folders: {', '.join(missing[:5])}")
+    train_tf = train_transform(input_size, recipe)
     val_tf = create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
     train = datasets.ImageFolder(os.path.join(root, "train"), transform=train_tf, loader=_load_image)
     val = datasets.ImageFolder(os.path.join(root, "val"), transform=val_tf, loader=_load_image)
@@ -141,19 +149,24 @@ def targets_of(dataset: Dataset) -> torch.Tensor:
     return torch.as_tensor(dataset.targets)
 
 
-def subsample_per_class(dataset: Dataset, ratio: float, seed: int = 0) -> Dataset:
-    """Keep a deterministic fraction of every class (at least one image each): the paper's sample-efficiency runs."""
+def subsample_per_class(dataset: Dataset, ratio: float) -> Dataset:
+    """The first int(n x ratio) images of every class of n, in the dataset's order: the paper's subsets.
+
+    ConViT's datasets.py takes them in sorted file order, which is ImageFolder's order within a class. (It
+    counts n as the entries of the class folder, images or not; here n counts the images.)
+    """
     if not 0.0 < ratio <= 1.0:
         raise TrainError(f"--sampling-ratio must be in (0, 1], got {ratio}")
     if ratio == 1.0:
         return dataset
     targets = targets_of(dataset)
-    generator = torch.Generator().manual_seed(seed)
     keep = []
     for label in targets.unique(sorted=True).tolist():
         members = (targets == label).nonzero().flatten()
-        count = max(1, round(ratio * len(members)))
-        keep.append(members[torch.randperm(len(members), generator=generator)[:count]])
+        count = int(len(members) * ratio)
+        if count == 0:
+            raise TrainError(f"--sampling-ratio {ratio} keeps no image of class {label} ({len(members)} images)")
+        keep.append(members[:count])
     return Subset(dataset, torch.cat(keep).sort().values.tolist())
 
 
@@ -178,9 +191,9 @@ def build_loaders(bundle: DataBundle, config, rank: int, world_size: int, pin_me
     common = dict(num_workers=config.workers, pin_memory=pin_memory, persistent_workers=False)
     train = DataLoader(bundle.train, batch_size=config.batch_size, sampler=sampler, drop_last=True, **common)
     if len(train) == 0:
-        raise TrainError(
-            f"the training set has {len(sampler)} images per process, fewer than --batch-size {config.batch_size}"
-        )
+        hint = " (repeated augmentation takes a multiple of 256: --no-repeated-aug)" if config.repeated_aug else ""
+        raise TrainError(f"the training set has {len(sampler)} images per process{hint}, fewer than "
+                         f"--batch-size {config.batch_size}")
     # Every rank evaluates a disjoint shard, no padding: the summed counts are the exact accuracy.
     val_shard = Subset(bundle.val, range(rank, len(bundle.val), world_size))
     val = DataLoader(val_shard, batch_size=config.batch_size * 2, shuffle=False, **common)

@@ -19,10 +19,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint, data, model as recipe
-from .report import JsonLog, gpsa_statistics, plot_gpsa
+from . import checkpoint, data, model as recipe, output
+from .errors import Diverged
+from .report import JsonLog, gpsa_statistics, nonlocality_as_convit, plot_gpsa
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+# Steps between host synchronisations: the progress bar's numbers and the check for a non-finite loss.
+SYNC_EVERY = 10
 
 
 @dataclass
@@ -61,8 +64,22 @@ def print_main(runtime: Runtime, *args) -> None:
         print(*args, flush=True)
 
 
-def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, criterion, mixup, runtime, config,
-                    epoch: int) -> dict:
+def stop_if_diverged(recent_losses: list, runtime: Runtime, epoch: int, step: int) -> None:
+    """Raise Diverged, on every process alike, when a loss of the recent steps of any process is not finite.
+
+    Before the epoch's checkpoint is written: the one of the last finished epoch stays (ConViT's engine exits too).
+    """
+    losses = torch.stack(recent_losses).float()
+    bad = (~losses.isfinite()).sum()
+    if runtime.world_size > 1:
+        dist.all_reduce(bad)
+    if bad.item():
+        kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no checkpoint was written"
+        raise Diverged(f"the loss is not finite (nan or inf) by epoch {epoch + 1}, step {step + 1}: "
+                       f"training stopped; {kept}")
+
+
+def train_one_epoch(model, loader, steps, optimizer, scaler, criterion, mixup, runtime, config, epoch: int) -> dict:
     model.train()
     amp_dtype = AMP_DTYPES[config.amp]
     channels_last = runtime.device.type == "cuda"
@@ -88,11 +105,11 @@ def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, criterio
         else:
             loss.backward()
             optimizer.step()
-        scheduler.step_update(num_updates=epoch * steps + step + 1)
         losses.append(loss.detach())
         images += x.shape[0] * runtime.world_size
         bar.update()
-        if bar.n % 10 == 0 or step + 1 == steps:
+        if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
+            stop_if_diverged(losses[-SYNC_EVERY:], runtime, epoch, step)
             rate = images / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{rate:.0f}")
@@ -137,9 +154,14 @@ def evaluate(model, loader, runtime, config, num_classes: int) -> dict:
 def fit(config) -> dict:
     """Train (or with config.eval only evaluate) as the config says. Returns the per-epoch records and the model.
 
-    Raises TrainError for bad input; the CLI turns it into a message and exit code 2.
+    Raises TrainError for bad input, found before the first epoch where it can be (the CLI: one line, exit
+    code 2), and Diverged when the loss stops being finite (exit code 1).
     """
     runtime = setup_runtime(config)
+    if not config.eval:  # --eval writes nothing
+        output.check(config.output_dir, resume=config.resume, overwrite=config.overwrite)
+    if config.fused:
+        recipe.check_backend(config.backend, runtime.device.type, AMP_DTYPES[config.amp] or torch.float32)
     torch.manual_seed(config.seed + runtime.rank)  # DeiT's seeding: ranks differ in augmentation, DDP syncs weights
     np.random.seed(config.seed + runtime.rank)
     random.seed(config.seed + runtime.rank)
@@ -153,14 +175,19 @@ def fit(config) -> dict:
     train_loader, val_loader = data.build_loaders(bundle, config, runtime.rank, runtime.world_size,
                                                   pin_memory=runtime.device.type == "cuda")
     steps = data.steps_per_epoch(train_loader, config.steps_per_epoch)
-    lr = recipe.base_lr(config, runtime.world_size)
+    lr = recipe.scaled_lr(config, runtime.world_size)
     optimizer = recipe.create_optimizer(net, lr, config)
-    scheduler = recipe.create_scheduler(optimizer, config, steps)
+    scheduler = recipe.create_scheduler(optimizer, config)
+    # What the optimiser and scheduler states of a checkpoint hold: a resume must not change it unseen.
+    schedule = dict(model=config.model, epochs=config.epochs, lr=lr, steps_per_epoch=steps, opt=config.opt,
+                    weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr,
+                    min_lr=config.min_lr)
     scaler = torch.amp.GradScaler(runtime.device.type) if config.amp == "fp16" else None
     start_epoch = 0
     if config.resume:
         start_epoch = checkpoint.resume(config.resume, model=net, optimizer=optimizer, scheduler=scheduler,
-                                        scaler=scaler, restore_training=not config.eval, rank=runtime.rank)
+                                        scaler=scaler, restore_training=not config.eval, schedule=schedule,
+                                        rank=runtime.rank)
 
     model = net
     if runtime.world_size > 1:
@@ -179,40 +206,50 @@ def fit(config) -> dict:
         print_main(runtime, "eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return {"records": [], "eval": metrics, "model": net}
 
-    print_main(runtime, f"recipe: lr {lr:.3g} (total batch {config.batch_size * runtime.world_size}), "
+    total_batch = config.batch_size * runtime.world_size
+    print_main(runtime, f"recipe: lr {config.lr:g} x total batch {total_batch} / 512 = {lr:.4g}, "
                         f"{config.epochs} epochs x {steps} steps, warm-up {config.warmup_epochs}, "
                         f"wd {config.weight_decay}, smoothing {config.smoothing}, mixup {config.mixup}, "
-                        f"cutmix {config.cutmix}, drop path {config.drop_path}, augment {config.augment}")
+                        f"cutmix {config.cutmix}, drop path {config.drop_path}, augment {config.augment}, "
+                        f"repeated augmentation {config.repeated_aug}")
     mixup = recipe.create_mixup(config, bundle.num_classes)
     criterion = recipe.create_criterion(config, mixup)
     stat_images = data.fixed_batch(bundle.val, config.stat_images)
     if stat_images is not None:
         stat_images = stat_images.to(runtime.device)
-    log = JsonLog(os.path.join(config.output_dir, "log.jsonl")) if runtime.is_main else None
-    last_path = os.path.join(config.output_dir, "checkpoint.pth")
+    log = JsonLog(os.path.join(config.output_dir, output.LOG)) if runtime.is_main else None
+    last_path = os.path.join(config.output_dir, output.CHECKPOINT)
+    continues = output.continues_run(config.output_dir, config.resume)
 
     records = []
     stop_epoch = config.epochs if not config.stop_after else min(config.epochs, start_epoch + config.stop_after)
     for epoch in range(start_epoch, stop_epoch):
         train_loader.sampler.set_epoch(epoch)
         record = {"epoch": epoch + 1}
-        record.update(train_one_epoch(model, train_loader, steps, optimizer, scheduler, scaler, criterion, mixup,
-                                      runtime, config, epoch))
+        record.update(train_one_epoch(model, train_loader, steps, optimizer, scaler, criterion, mixup, runtime,
+                                      config, epoch))
+        # ConViT's (and DeiT's) schedule: after epoch e, the lr of step e; epoch e + 1 trains with it, so the
+        # first two epochs both train at --warmup-lr.
+        scheduler.step(epoch)
         record.update(evaluate(model, val_loader, runtime, config, bundle.num_classes))
         rng_states = [checkpoint.rng_state()]
         if runtime.world_size > 1:
             rng_states = [None] * runtime.world_size
             dist.all_gather_object(rng_states, checkpoint.rng_state())
         if runtime.is_main:
+            if epoch == start_epoch:
+                output.claim(config.output_dir, continues=continues, start_epoch=start_epoch, log=log)
             if stat_images is not None:
                 record["gpsa"] = gpsa_statistics(net, stat_images)
+                record["nonlocality_convit"] = nonlocality_as_convit(net, stat_images)
             checkpoint.save(last_path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            epoch=epoch, config=config, rng_states=rng_states)
+                            epoch=epoch, config=config, schedule=schedule, rng_states=rng_states)
             log.write({k: v for k, v in record.items() if k != "step_losses"})
             print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
                   f"val acc {record['val_acc1']:.2f}%, {record['images_per_s']:.0f} images/s", flush=True)
         records.append(record)
 
-    if runtime.is_main and plot_gpsa(log.records(), os.path.join(config.output_dir, "gpsa.png")):
-        print(f"log: {log.path}, plot: {os.path.join(config.output_dir, 'gpsa.png')}, checkpoint: {last_path}")
+    plot_path = os.path.join(config.output_dir, output.PLOT)
+    if runtime.is_main and records and plot_gpsa(log.records(), plot_path):
+        print(f"log: {log.path}, plot: {plot_path}, checkpoint: {last_path}")
     return {"records": records, "model": net}

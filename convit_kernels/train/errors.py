@@ -1,8 +1,26 @@
-"""The one exception type the training command turns into a message and a non-zero exit."""
+"""The exception types the training command turns into one line on stderr and a non-zero exit."""
 
 
 class TrainError(Exception):
-    """Bad input (data, checkpoint, option): reported as ``error: <message>``, exit code 2, no traceback."""
+    """Bad input (data, checkpoint, option, output folder): ``error: <message>``, exit code 2, no traceback.
+
+    Raised alike by every process of a distributed run, so rank 0 alone reports it.
+    """
+
+    exit_code = 2
+    rank_local = False
+
+
+class UnreadableImage(TrainError):
+    """An image of one process's shard: that process reports it (the others may never see it)."""
+
+    rank_local = True
+
+
+class Diverged(TrainError):
+    """The loss became non-finite: training stops with exit code 1, keeping the checkpoint of the last good epoch."""
+
+    exit_code = 1
 
 
 def message_of(error: BaseException) -> str:
@@ -10,5 +28,5 @@ def message_of(error: BaseException) -> str:
     text = str(error).strip()
     if "Original Traceback" in text:  # torch's ExceptionWrapper: the original message is the last line
         last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if last.startswith(f"{__name__}.TrainError") else last
+        text = last.split(": ", 1)[1] if last.startswith(f"{__name__}.") else last
     return text

@@ -4,7 +4,7 @@ Every piece comes from timm: ``ConVit`` and its registered variants, AdamW
 from ``create_optimizer_v2`` with ``param_groups_weight_decay`` (no decay on
 1-d parameters, i.e. biases, norms and ``gating_param``, nor on
 ``model.no_weight_decay()`` = pos_embed, cls_token), ``create_scheduler_v2``
-(cosine with warm-up, stepped every update), ``Mixup`` and its losses.
+(cosine with warm-up, stepped every epoch as in ConViT), ``Mixup`` and its losses.
 """
 
 from __future__ import annotations
@@ -52,9 +52,19 @@ def create_model(name: str, *, num_classes: int, img_size: int, in_chans: int, d
     return model
 
 
-def base_lr(config, world_size: int) -> float:
-    """The linear scaling rule of DeiT: lr = lr_base x total batch / 512 (total = per-process batch x processes)."""
-    return config.lr if config.lr is not None else config.lr_base * config.batch_size * world_size / 512
+def check_backend(backend: str, device_type: str, dtype: torch.dtype) -> None:
+    """Before any work: the fused GPSA backend runs on this device and dtype."""
+    from convit_kernels.op import resolve_backend
+
+    try:
+        resolve_backend(backend, device_type, dtype)
+    except RuntimeError as error:
+        raise TrainError(f"--backend {backend}: {error}") from None
+
+
+def scaled_lr(config, world_size: int) -> float:
+    """The linear scaling rule of DeiT and ConViT: --lr x total batch / 512 (total = per-process batch x processes)."""
+    return config.lr * config.batch_size * world_size / 512
 
 
 def create_optimizer(model: nn.Module, lr: float, config) -> torch.optim.Optimizer:
@@ -63,7 +73,8 @@ def create_optimizer(model: nn.Module, lr: float, config) -> torch.optim.Optimiz
     return create_optimizer_v2(groups, opt=config.opt, lr=lr, weight_decay=config.weight_decay)
 
 
-def create_scheduler(optimizer: torch.optim.Optimizer, config, updates_per_epoch: int):
+def create_scheduler(optimizer: torch.optim.Optimizer, config):
+    """ConViT's schedule: stepped once per epoch, after it, with the epoch's index (see engine.fit)."""
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched="cosine",
@@ -71,15 +82,18 @@ def create_scheduler(optimizer: torch.optim.Optimizer, config, updates_per_epoch
         warmup_epochs=config.warmup_epochs,
         warmup_lr=config.warmup_lr,
         min_lr=config.min_lr,
-        step_on_epochs=False,  # per update: a smooth warm-up even for short runs
-        updates_per_epoch=updates_per_epoch,
     )
     return scheduler
 
 
+def mixup_active(config) -> bool:
+    """Mixup or CutMix is on: an alpha above 0, and augmentation not turned off by --no-aug."""
+    return config.augment and (config.mixup > 0 or config.cutmix > 0)
+
+
 def create_mixup(config, num_classes: int):
-    """timm's Mixup/CutMix with label smoothing folded in, or None when both alphas are 0."""
-    if config.mixup <= 0 and config.cutmix <= 0:
+    """timm's Mixup/CutMix with label smoothing folded in, or None when they are off."""
+    if not mixup_active(config):
         return None
     from timm.data import Mixup
 

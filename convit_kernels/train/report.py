@@ -4,6 +4,9 @@ For every GPSA layer the log holds, per head, the gate sigmoid(lambda) (weight
 of the positional attention) and the nonlocality of the paper: the mean over
 queries of the attention-weighted distance to the keys, in patches, measured
 by the layer's ``get_attention_map`` on a fixed batch of validation images.
+Beside it, ``nonlocality_as_convit``: what ConViT's main.py logs, every
+block's (GPSA and MHSA) nonlocality, all fed the same input (the patch
+embedding of that batch), so the curves compare with the paper's.
 """
 
 from __future__ import annotations
@@ -48,12 +51,24 @@ def gpsa_statistics(model: nn.Module, images: torch.Tensor) -> dict:
     return stats
 
 
+@torch.no_grad()
+def nonlocality_as_convit(model: nn.Module, images: torch.Tensor) -> dict:
+    """{block index: [H]}: each block's attention applied to the patch embedding of `images`, as ConViT logs it."""
+    was_training = model.training
+    model.eval()
+    try:
+        tokens = model.patch_embed(images)
+        return {str(index): block.attn.get_attention_map(tokens).float().tolist()
+                for index, block in enumerate(model.blocks)}
+    finally:
+        model.train(was_training)
+
+
 class JsonLog:
-    """One JSON object per line, appended and flushed per epoch (written by rank 0 only)."""
+    """One JSON object per line, one line per epoch, appended and flushed per epoch (written by rank 0 only)."""
 
     def __init__(self, path: str):
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -62,16 +77,20 @@ class JsonLog:
             os.fsync(f.fileno())
 
     def records(self) -> list:
-        """The last record of each epoch (a resumed run may have re-logged some)."""
         if not os.path.exists(self.path):
             return []
-        by_epoch = {}
         with open(self.path) as f:
-            for line in f:
-                if line.strip():
-                    record = json.loads(line)
-                    by_epoch[record["epoch"]] = record
-        return [by_epoch[e] for e in sorted(by_epoch)]
+            return [json.loads(line) for line in f if line.strip()]
+
+    def keep_epochs_up_to(self, epoch: int) -> None:
+        """Drop the records after `epoch` (1-based), rewriting the file atomically."""
+        kept = [record for record in self.records() if record["epoch"] <= epoch]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
 
 def plot_gpsa(records: list, path: str) -> bool:
