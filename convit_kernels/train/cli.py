@@ -65,7 +65,7 @@ FRACTION = number(float, low=0, high=1, low_open=True)  # of a data set: (0, 1]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from convit_kernels.op import BACKEND_NAMES
+    from convit_kernels.backends import BACKEND_NAMES
 
     parser = Parser(
         prog="convit-kernels train",

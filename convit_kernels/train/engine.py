@@ -161,7 +161,7 @@ def fit(config) -> dict:
     if not config.eval:  # --eval writes nothing
         output.check(config.output_dir, resume=config.resume, overwrite=config.overwrite)
     if config.fused:
-        recipe.check_backend(config.backend, runtime.device.type, AMP_DTYPES[config.amp] or torch.float32)
+        recipe.check_backend(config.backend, config.model, runtime.device.type, AMP_DTYPES[config.amp] or torch.float32)
     torch.manual_seed(config.seed + runtime.rank)  # DeiT's seeding: ranks differ in augmentation, DDP syncs weights
     np.random.seed(config.seed + runtime.rank)
     random.seed(config.seed + runtime.rank)

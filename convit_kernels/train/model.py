@@ -52,12 +52,17 @@ def create_model(name: str, *, num_classes: int, img_size: int, in_chans: int, d
     return model
 
 
-def check_backend(backend: str, device_type: str, dtype: torch.dtype) -> None:
-    """Before any work: the fused GPSA backend runs on this device and dtype."""
-    from convit_kernels.op import resolve_backend
+def head_dim(name: str) -> int:
+    """The attention head dim of a model name (timm's ConViTs: 48)."""
+    return EXTRA_MODELS[name]["embed_dim"] if name in EXTRA_MODELS else 48
+
+
+def check_backend(backend: str, model: str, device_type: str, dtype: torch.dtype) -> None:
+    """Before any work: the fused GPSA backend runs on this device and dtype, at this model's head dim."""
+    from convit_kernels.backends import resolve_backend
 
     try:
-        resolve_backend(backend, device_type, dtype)
+        resolve_backend(backend, torch.device(device_type), dtype, head_dim(model))
     except RuntimeError as error:
         raise TrainError(f"--backend {backend}: {error}") from None
 
