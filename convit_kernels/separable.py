@@ -6,16 +6,19 @@ over key columns (``px``, H x W x W) and one over key rows (``py``, H x H_p x H_
 
     P[h, (y_i, x_i), (y_j, x_j)] = py[h, y_i, y_j] * px[h, x_i, x_j]
 
-With v seen as B x H x H_p x W x d, ``P v`` is two small contractions (along x
-with px, then along y with py): 2 B H N d (W + H_p) multiply-adds instead of
-2 B H N^2 d, and no per-score work. docs/design.md ("The positional branch is
+With v seen on the grid, ``P v`` is two small contractions (along x with px,
+then along y with py): 2 B H N d (W + H_p) multiply-adds instead of
+2 B H N^2 d, and no per-score work. The contractions run on head-major
+H x H_p x W x B x d tensors (:func:`head_major`), where each is one batched GEMM
+with no copy. docs/design.md ("The positional branch is
 separable") derives the backward used here:
 
 * ``P^T x`` is the same two contractions with the transposed tables;
 * the gradient of ``sum(dO . P v)`` reaches the tables as
-  ``dpx[x_i, x_j] = sum dO[y_i, x_i] . (py v)[y_i, x_j]`` and
-  ``dpy[y_i, y_j] = sum dO[y_i, x_i] . (px v)[y_j, x_i]`` (sums over the batch,
-  the other axis and d), and then goes through each table's softmax to ``pos_weight``;
+  ``dpx[x_i, x_j] = sum dO[y_i, x_i] py[y_i, y_j] . v[y_j, x_j]`` and
+  ``dpy[y_i, y_j] = sum dO[y_i, x_i] px[x_i, x_j] . v[y_j, x_j]`` (sums over the
+  batch, the other axis and d), and then goes through each table's softmax to
+  ``pos_weight``;
 * the bias cancels in the softmax: its gradient is exactly zero.
 
 Everything runs in the accumulation dtype (``compute_dtype``: float32 for half
@@ -36,8 +39,12 @@ __all__ = [
     "axis_offsets",
     "positional_axis_probs",
     "dense_positional_probs",
+    "head_major",
+    "bhnd",
+    "along_columns",
+    "along_rows",
     "apply_positional",
-    "positional_table_grads",
+    "positional_backward",
     "pos_weight_grad",
 ]
 
@@ -88,47 +95,67 @@ def dense_positional_probs(tables: AxisTables) -> torch.Tensor:
     return P.reshape(H, grid_h * grid_w, grid_h * grid_w)
 
 
-def _grid_view(x: torch.Tensor, grid_h: int) -> torch.Tensor:
-    """B x H x N x d -> B x H x H_p x W x d (a view for the projections' strided layouts)."""
-    B, H, N, d = x.shape
-    return x.unflatten(2, (grid_h, N // grid_h))
+def head_major(x: torch.Tensor, grid_h: int, dtype: torch.dtype, scale: torch.Tensor = None) -> torch.Tensor:
+    """B x H x N x d (any strides) -> a contiguous H x H_p x W x B x d copy in ``dtype``, times ``scale``.
 
-
-def apply_positional(tables: AxisTables, x: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """``P x`` (or ``P^T x``) for x of shape B x H x N x d, in the accumulation dtype.
-
-    Two batched products: along the grid's columns with px, then along its rows
-    with py. The result is B x H x N x d, contiguous in that order.
+    The layout the contractions run in: for each head, a grid axis and the
+    rest (the other axis, the batch, d) form one wide GEMM operand, so every
+    product below is a view of it, no further copy. ``scale`` (1 x H x 1 x 1,
+    optional) is applied in the same pass.
     """
+    B, H, N, d = x.shape
+    out = torch.empty((H, grid_h, N // grid_h, B, d), device=x.device, dtype=dtype)
+    source = x.unflatten(2, (grid_h, N // grid_h))
+    target = out.permute(3, 0, 1, 2, 4)  # B x H x H_p x W x d view of out
+    if scale is None:
+        target.copy_(source)
+    else:
+        torch.mul(source, scale[..., None], out=target)
+    return out
+
+
+def bhnd(x_hm: torch.Tensor) -> torch.Tensor:
+    """The B x H x N x d view of a head-major H x H_p x W x B x d tensor (no copy)."""
+    H, grid_h, grid_w, B, d = x_hm.shape
+    return x_hm.permute(3, 0, 1, 2, 4).reshape(B, H, grid_h * grid_w, d)
+
+
+def along_columns(px: torch.Tensor, x_hm: torch.Tensor) -> torch.Tensor:
+    """px[h] (W x W) applied along the grid's columns of a head-major tensor."""
+    H, grid_h, grid_w = x_hm.shape[:3]
+    return torch.matmul(px[:, None], x_hm.view(H, grid_h, grid_w, -1)).view(x_hm.shape)
+
+
+def along_rows(py: torch.Tensor, x_hm: torch.Tensor) -> torch.Tensor:
+    """py[h] (H_p x H_p) applied along the grid's rows of a head-major tensor."""
+    H, grid_h = x_hm.shape[:2]
+    return torch.bmm(py, x_hm.view(H, grid_h, -1)).view(x_hm.shape)
+
+
+def apply_positional(tables: AxisTables, x_hm: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """``P x`` (or ``P^T x``) for a head-major x: along the columns with px, then along the rows with py."""
     px, py = tables
     if transposed:
         px, py = px.transpose(-2, -1), py.transpose(-2, -1)
-    B, H, N, d = x.shape
-    grid_h, grid_w = py.shape[-1], px.shape[-1]
-    along_x = torch.matmul(px[:, None], _grid_view(x.to(px.dtype), grid_h))  # B x H x H_p x W x d
-    along_y = torch.matmul(py, along_x.view(B, H, grid_h, grid_w * d))  # B x H x H_p x (W d)
-    return along_y.view(B, H, N, d)
+    return along_rows(py, along_columns(px, x_hm))
 
 
-def positional_table_grads(tables: AxisTables, dout: torch.Tensor, v: torch.Tensor):
-    """(dpx, dpy): the gradient of ``sum(dout . P v)`` with respect to the two tables.
+def positional_backward(tables: AxisTables, dout_hm: torch.Tensor, v_hm: torch.Tensor):
+    """(P^T dout, dpx, dpy): the backward of ``sum(dout . P v)`` with respect to v and the two tables.
 
-    dout and v are B x H x N x d (any strides and float dtypes); the results are
-    H x W x W and H x H_p x H_p in the accumulation dtype, summed over the batch.
+    dout and v are head-major in the tables' dtype; P^T dout is head-major, dpx
+    (H x W x W) and dpy (H x H_p x H_p) are summed over the batch. Three
+    contractions serve all three, since the two axes' products commute:
+    ``dpx[a, c] = sum (py^T dout)[Y, a] . v[Y, c]`` over (Y, batch, d), and
+    ``dpy[y, Y] = sum (px^T dout)[y, X] . v[Y, X]`` over (X, batch, d).
     """
-    px, py = tables
-    B, H, N, d = v.shape
-    grid_h, grid_w = py.shape[-1], px.shape[-1]
-    acc = px.dtype
-    v5 = _grid_view(v.to(acc), grid_h)
-    dout5 = _grid_view(dout.to(acc), grid_h)
-    v_along_y = torch.matmul(py, v5.reshape(B, H, grid_h, grid_w * d)).view(B, H, grid_h, grid_w, d)
-    v_along_x = torch.matmul(px[:, None], v5)
-    # dpx[h, a, c] = sum over (b, y, d) of dout[b, h, y, a, :] . (py v)[b, h, y, c, :]
-    dpx = torch.einsum("bhyad,bhycd->hac", dout5, v_along_y)
-    # dpy[h, y, Y] = sum over (b, x, d) of dout[b, h, y, x, :] . (px v)[b, h, Y, x, :]
-    dpy = torch.einsum("bhym,bhYm->hyY", dout5.reshape(B, H, grid_h, -1), v_along_x.reshape(B, H, grid_h, -1))
-    return dpx, dpy
+    px_t, py_t = tables.px.transpose(-2, -1), tables.py.transpose(-2, -1)
+    H, grid_h, grid_w = v_hm.shape[:3]
+    rows_t = along_rows(py_t, dout_hm)
+    cols_t = along_columns(px_t, dout_hm)
+    dpx = torch.bmm(rows_t.view(H * grid_h, grid_w, -1), v_hm.view(H * grid_h, grid_w, -1).transpose(1, 2))
+    dpy = torch.bmm(cols_t.view(H, grid_h, -1), v_hm.view(H, grid_h, -1).transpose(1, 2))
+    return along_columns(px_t, rows_t), dpx.view(H, grid_h, grid_w, grid_w).sum(1), dpy
 
 
 def pos_weight_grad(tables: AxisTables, dpx: torch.Tensor, dpy: torch.Tensor) -> torch.Tensor:

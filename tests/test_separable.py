@@ -6,10 +6,12 @@ import torch
 from convit_kernels.reference import relative_positions
 from convit_kernels.separable import (
     apply_positional,
+    bhnd,
     dense_positional_probs,
+    head_major,
     pos_weight_grad,
     positional_axis_probs,
-    positional_table_grads,
+    positional_backward,
 )
 
 GRIDS = [(14, 14), (3, 5), (7, 1), (1, 7), (1, 1)]
@@ -40,22 +42,22 @@ def test_apply_and_gradients_match_the_dense_product(grid, strength):
     want_dw, want_dv = torch.autograd.grad((dense_out * dout).sum(), (w, v))
 
     tables = positional_axis_probs(w.detach(), *grid)
-    torch.testing.assert_close(apply_positional(tables, v.detach()), dense_out.detach(), rtol=1e-12, atol=1e-13)
-    torch.testing.assert_close(apply_positional(tables, dout, transposed=True), want_dv, rtol=1e-12, atol=1e-13)
-    dw = pos_weight_grad(tables, *positional_table_grads(tables, dout, v.detach()))
+    v_hm, dout_hm = head_major(v.detach(), grid[0], torch.float64), head_major(dout, grid[0], torch.float64)
+    torch.testing.assert_close(bhnd(apply_positional(tables, v_hm)), dense_out.detach(), rtol=1e-12, atol=1e-13)
+    pt_dout, dpx, dpy = positional_backward(tables, dout_hm, v_hm)
+    torch.testing.assert_close(bhnd(apply_positional(tables, dout_hm, transposed=True)), want_dv, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(bhnd(pt_dout), want_dv, rtol=1e-12, atol=1e-13)
+    dw = pos_weight_grad(tables, dpx, dpy)
     torch.testing.assert_close(dw, want_dw, rtol=1e-10, atol=1e-12 * max(1.0, want_dw.abs().max().item()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_accumulate_in_float32(dtype):
-    w = torch.randn(2, 3)
-    v = torch.randn(1, 2, 12, 4).to(dtype)
-    tables = positional_axis_probs(w, 3, 4)
-    out = apply_positional(tables, v)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, dense_positional_probs(tables) @ v.float(), rtol=1e-6, atol=1e-6)
-    dpx, dpy = positional_table_grads(tables, v, v)
-    assert dpx.dtype == dpy.dtype == torch.float32
+def test_head_major_copies_half_inputs_to_float32_with_a_scale(dtype):
+    x = torch.randn(2, 12, 3, 4).to(dtype).transpose(1, 2)  # B x H x N x d view, H = 3, N = 12
+    scale = torch.tensor([1.0, 2.0, -0.5]).view(1, 3, 1, 1)
+    x_hm = head_major(x, 3, torch.float32, scale=scale)
+    assert x_hm.shape == (3, 3, 4, 2, 4) and x_hm.dtype == torch.float32 and x_hm.is_contiguous()
+    assert torch.equal(bhnd(x_hm), x.float() * scale)
 
 
 def test_tables_in_a_requested_dtype():

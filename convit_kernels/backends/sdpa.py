@@ -28,10 +28,12 @@ import torch.nn.functional as F
 from ..op import gates
 from ..separable import (
     apply_positional,
+    bhnd,
     compute_dtype,
+    head_major,
     pos_weight_grad,
     positional_axis_probs,
-    positional_table_grads,
+    positional_backward,
 )
 from . import FLOAT_DTYPES, Backend, register_backend
 
@@ -55,10 +57,12 @@ def positional_mix(
 ) -> torch.Tensor:
     """(1 - g) content + g P v for B x H x N x d content and v; returns B x N x H x d in v's dtype."""
     acc = compute_dtype(v.dtype)
+    grid_h = v.shape[2] // grid_w
     g, one_minus_g = gates(gating_param, acc)
+    tables = positional_axis_probs(pos_weight, grid_h, grid_w, acc)
+    positional = bhnd(apply_positional(tables, head_major(v, grid_h, acc, scale=g)))  # g P v
     out = _bnhd_like(v, v.dtype)
-    mixed = apply_positional(positional_axis_probs(pos_weight, v.shape[2] // grid_w, grid_w, acc), v).mul_(g)
-    torch.addcmul(mixed, content, one_minus_g, out=out.transpose(1, 2))
+    torch.addcmul(positional, content, one_minus_g, out=out.transpose(1, 2))
     return out
 
 
@@ -78,16 +82,21 @@ def positional_mix_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d content, dv in B x N x H x d, d pos_weight, d gating_param) of :func:`positional_mix`."""
     acc = compute_dtype(v.dtype)
+    H, grid_h = v.shape[1], v.shape[2] // grid_w
     g, one_minus_g = gates(gating_param, acc)
-    tables = positional_axis_probs(pos_weight, v.shape[2] // grid_w, grid_w, acc)
-    dout = grad_out.to(acc)
-    d_gating = (g * one_minus_g).view(-1) * ((apply_positional(tables, v) - content) * dout).sum((0, 2, 3))
+    tables = positional_axis_probs(pos_weight, grid_h, grid_w, acc)
+    v_hm, dout_hm = head_major(v, grid_h, acc), head_major(grad_out, grid_h, acc)
+    pt_dout, dpx, dpy = positional_backward(tables, dout_hm, v_hm)
+    # d lambda = g (1 - g) sum dO . (P v - O_c) per head, with sum dO . P v = sum (P^T dO) . v
+    dout_dot_positional = torch.linalg.vecdot(pt_dout.view(H, -1), v_hm.view(H, -1))
+    dout_dot_content = torch.linalg.vecdot(grad_out.to(acc), content.to(acc)).sum((0, 2))
+    d_gating = (g * one_minus_g).view(H) * (dout_dot_positional - dout_dot_content)
     d_content = _bnhd_like(content, content.dtype)
-    torch.mul(dout, one_minus_g, out=d_content.transpose(1, 2))
-    dout_positional = dout * g
+    torch.mul(grad_out, one_minus_g, out=d_content.transpose(1, 2))
     dv = _bnhd_like(v, v.dtype)
-    dv.transpose(1, 2).copy_(apply_positional(tables, dout_positional, transposed=True))
-    d_pos_weight = pos_weight_grad(tables, *positional_table_grads(tables, dout_positional, v))
+    torch.mul(bhnd(pt_dout), g, out=dv.transpose(1, 2))
+    g_h = g.view(H, 1, 1)
+    d_pos_weight = pos_weight_grad(tables, g_h * dpx, g_h * dpy)
     return d_content, dv, d_pos_weight.to(pos_weight.dtype), d_gating.to(gating_param.dtype)
 
 
