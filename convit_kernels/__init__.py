@@ -1,8 +1,8 @@
 """convit-kernels: fused gated positional self-attention (GPSA) for ConViT."""
 
-from .module import FusedGPSA, SDPAMHSA
 from ._version import __version__
 from .backends import available_backends
+from .module import SDPAMHSA, FusedGPSA
 from .op import gpsa_attention
 from .patch import patch_convit
 from .reference import gpsa_reference, relative_positions

@@ -4,7 +4,8 @@ Each kernel of ``triton_gpsa.KERNELS`` is compiled with ``triton.compile`` for a
 explicit ``GPUTarget("cuda", arch, 32)``, in each input dtype and for ConViT's
 head dims (48 and 64), with each fixed configuration of ``triton_gpsa.FIXED_CONFIGS``
 in each key path it runs (``keys=tile``: the whole key row in one BLOCK_N tile,
-N = 196 for a "tile" configuration; ``keys=loop``: several key blocks) and the argument specialisation the runtime would apply to inputs
+N = 196 for a "tile" configuration; ``keys=loop``: several key blocks) and the
+argument specialisation the runtime would apply to inputs
 taken from the qk / v projections (16-byte aligned pointers, strides divisible
 by 16, unit stride along d). ``cuobjdump`` (shipped in
 ``triton/backends/nvidia/bin``) reads the cubin's registers per thread, local
@@ -164,7 +165,9 @@ def compile_report(archs=(80, 90), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS):
                 if config is None:  # no configuration of this kind for this dtype
                     continue
                 for key_path in _key_paths(jit_fn, config_name):
-                    report = KernelReport(kernel_name, arch, dtype_name, head_dim, config.num_warps, config_name, key_path)
+                    report = KernelReport(
+                        kernel_name, arch, dtype_name, head_dim, config.num_warps, config_name, key_path
+                    )
                     signature, constexprs, attrs = _launch_spec(
                         jit_fn, DTYPES[dtype_name], head_dim, dict(config.kwargs), key_path == "tile"
                     )

@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     print(f"  output            max rel. error {_relative_error(out_f, out_t):.2e}")
     for n in grads_t:
         if n == "pos_proj.bias":
-            print(f"  grad {n:14s} fused {grads_f[n].abs().max().item():.1e} (exactly 0), timm {grads_t[n].abs().max().item():.1e} (rounding)")
+            fused_bias, timm_bias = grads_f[n].abs().max().item(), grads_t[n].abs().max().item()
+            print(f"  grad {n:14s} fused {fused_bias:.1e} (exactly 0), timm {timm_bias:.1e} (rounding)")
             continue
         print(f"  grad {n:14s} max rel. error {_relative_error(grads_f[n], grads_t[n]):.2e}")
     print(f"  first forward+backward: timm {time_t * 1e3:.1f} ms, fused {time_f * 1e3:.1f} ms (one run, no warm-up)")

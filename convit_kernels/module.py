@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +59,9 @@ class FusedGPSA(nn.Module):
         dtype=None,
         *,
         use_local_init: bool = True,
-        grid_size: Optional[Tuple[int, int]] = None,
+        grid_size: tuple[int, int] | None = None,
         backend: str = "auto",
-        qk_scale: Optional[float] = None,
+        qk_scale: float | None = None,
     ):
         super().__init__()
         if dim % num_heads:
@@ -93,7 +92,7 @@ class FusedGPSA(nn.Module):
         self.register_buffer("rel_indices", torch.zeros(1, 1, 1, 3, device=device, dtype=dtype), persistent=False)
 
     @classmethod
-    def from_gpsa(cls, module: nn.Module, *, grid_size=None, backend: str = "auto") -> "FusedGPSA":
+    def from_gpsa(cls, module: nn.Module, *, grid_size=None, backend: str = "auto") -> FusedGPSA:
         """Wrap a timm or facebookresearch GPSA: the new module shares its submodules and Parameters."""
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
@@ -109,7 +108,7 @@ class FusedGPSA(nn.Module):
         fused.train(module.training)
         return fused
 
-    def local_init(self, locality_strength: Optional[float] = None) -> None:
+    def local_init(self, locality_strength: float | None = None) -> None:
         """Initialise v to the identity and each head to attend around its own offset (the paper's init)."""
         strength = self.locality_strength if locality_strength is None else locality_strength
         with torch.no_grad():
@@ -125,22 +124,26 @@ class FusedGPSA(nn.Module):
                     w[position, 0] = 2 * (h2 - center)
             w.mul_(strength)
 
-    def grid(self, num_patches: int) -> Tuple[int, int]:
+    def grid(self, num_patches: int) -> tuple[int, int]:
         """(rows, cols) of the patch grid for N patches, with a clear error when none fits."""
         if self.grid_size is not None:
             if self.grid_size[0] * self.grid_size[1] != num_patches:
-                raise ValueError(f"grid_size {self.grid_size} has {math.prod(self.grid_size)} patches, but N = {num_patches}")
+                raise ValueError(
+                    f"grid_size {self.grid_size} has {math.prod(self.grid_size)} patches, but N = {num_patches}"
+                )
             return self.grid_size
         side = math.isqrt(num_patches)
         if side * side != num_patches:
-            raise ValueError(f"N = {num_patches} patches is not a perfect square: construct with grid_size=(rows, cols)")
+            raise ValueError(
+                f"N = {num_patches} patches is not a perfect square: construct with grid_size=(rows, cols)"
+            )
         return side, side
 
     def init_non_persistent_buffers(self) -> None:
         """Rebuild ``rel_indices`` for the current resolution (timm's hook of the same name)."""
         self._refresh_rel_indices(self.rel_indices.shape[1], force=True)
 
-    def _refresh_rel_indices(self, num_patches: int, force: bool = False) -> Tuple[int, int]:
+    def _refresh_rel_indices(self, num_patches: int, force: bool = False) -> tuple[int, int]:
         grid = self.grid(num_patches)
         if force or self.rel_indices.shape[1] != num_patches:
             w = self.qk.weight
@@ -198,8 +201,16 @@ def _warn_attn_drop_once() -> None:
 class SDPAMHSA(nn.Module):
     """timm's / facebookresearch's ConViT MHSA (parameters ``qkv``, ``proj``) on F.scaled_dot_product_attention."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
@@ -210,7 +221,7 @@ class SDPAMHSA(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     @classmethod
-    def from_mhsa(cls, module: nn.Module) -> "SDPAMHSA":
+    def from_mhsa(cls, module: nn.Module) -> SDPAMHSA:
         """Wrap an MHSA: the new module shares its submodules and Parameters."""
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)

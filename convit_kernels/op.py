@@ -36,7 +36,7 @@ d pos_bias is exactly zero (the bias cancels in the positional softmax); the op 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -58,7 +58,7 @@ def _is_finite_positive(x) -> bool:
     return math.isfinite(value) and value > 0
 
 
-def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, scale=None) -> Tuple[int, int]:
+def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, scale=None) -> tuple[int, int]:
     """Validate the arguments of :func:`gpsa_attention`; return the patch grid (rows, cols).
 
     Raises TypeError for a non-tensor or non-floating argument or mismatched
@@ -70,13 +70,17 @@ def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, sc
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {_describe(t)}")
+            raise TypeError(
+                f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {_describe(t)}"
+            )
     if q.dim() != 4 or q.shape[2] == 0 or q.shape[3] == 0:
         raise ValueError(f"q must have shape (B, H, N, d) with N >= 1 patches and d >= 1, got {_describe(q)}")
     B, H, N, d = q.shape
     for name in ("k", "v"):
         if named[name].shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q, (B, H, N, d) = {tuple(q.shape)}, got {_describe(named[name])}")
+            raise ValueError(
+                f"{name} must have the shape of q, (B, H, N, d) = {tuple(q.shape)}, got {_describe(named[name])}"
+            )
     for name in ("k", "v"):
         if named[name].dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {_describe(named[name])}")
@@ -121,12 +125,12 @@ def gpsa_fwd(
     grid_w: int,
     scale: float,
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused GPSA forward; returns (out B x N x H x d, lse B x H x N)."""
     return get_backend(backend).forward(q, k, v, pos_weight, gating_param, grid_w, scale)
 
 
-def gates(gating_param: torch.Tensor, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def gates(gating_param: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, 1 - g) as 1 x H x 1 x 1 in ``acc``, with 1 - g = sigmoid(-lambda): exact where g rounds to 1."""
     lam = gating_param.to(acc).view(1, -1, 1, 1)
     return torch.sigmoid(lam), torch.sigmoid(-lam)
@@ -164,7 +168,7 @@ def gpsa_bwd(
     grid_w: int,
     scale: float,
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused GPSA backward; returns (dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
     return get_backend(backend).backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
 
@@ -188,7 +192,17 @@ def _fwd_backward(ctx, grad_out, _grad_lse):
         grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, lse, ctx.grid_w, ctx.scale, ctx.backend
     )
     # P does not depend on the bias (a per-row constant inside a softmax): its gradient is exactly zero.
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dw, torch.zeros_like(pos_bias), dgate, None, None, None
+    return (
+        dq.transpose(1, 2),
+        dk.transpose(1, 2),
+        dv.transpose(1, 2),
+        dw,
+        torch.zeros_like(pos_bias),
+        dgate,
+        None,
+        None,
+        None,
+    )
 
 
 gpsa_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -202,8 +216,8 @@ def gpsa_attention(
     pos_bias: torch.Tensor,
     gating_param: torch.Tensor,
     *,
-    grid_size: Optional[Tuple[int, int]] = None,
-    scale: Optional[float] = None,
+    grid_size: tuple[int, int] | None = None,
+    scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Gated positional self-attention, ConViT's GPSA without the projections.

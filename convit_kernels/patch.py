@@ -5,7 +5,7 @@ from __future__ import annotations
 from timm.models import convit as timm_convit
 from torch import nn
 
-from .module import FusedGPSA, SDPAMHSA
+from .module import SDPAMHSA, FusedGPSA
 
 __all__ = ["patch_convit"]
 

@@ -64,7 +64,9 @@ def find_cuda_home():
     try:
         dry_run = subprocess.run(
             [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -100,7 +102,9 @@ def cuda_arch_list(cuda_home: str) -> str:
             continue
         (kept if arch.split("+")[0].replace(".", "") in supported else dropped).append(arch)
     if dropped:
-        warnings.warn(f"convit-kernels: nvcc in {cuda_home} cannot target {', '.join(dropped)}: building for {kept}")
+        warnings.warn(
+            f"convit-kernels: nvcc in {cuda_home} cannot target {', '.join(dropped)}: building for {kept}", stacklevel=2
+        )
     return ";".join(kept)
 
 

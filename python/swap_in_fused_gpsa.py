@@ -1,6 +1,6 @@
 """Swap the fused GPSA into a timm ConViT and check that it computes the same thing.
 
-    python python/swap_in_fused_gpsa.py [--model convit_tiny] [--batch 4] [--img-size 224]
+python python/swap_in_fused_gpsa.py [--model convit_tiny] [--batch 4] [--img-size 224]
 """
 
 import argparse

@@ -40,7 +40,11 @@ def make_inputs(B, H, N, d, *, dtype=torch.float32, gate=None, locality_strength
         q, k, v = (t.contiguous().to(dtype).requires_grad_() for t in proj.permute(2, 0, 3, 1, 4).unbind(0))
     pos_weight = local_pos_weight(H, locality_strength) + 0.1 * torch.randn(H, 3, generator=g, dtype=torch.float64)
     pos_bias = torch.randn(H, generator=g, dtype=torch.float64)
-    gating = torch.randn(H, generator=g, dtype=torch.float64) if gate is None else torch.full((H,), float(gate), dtype=torch.float64)
+    gating = (
+        torch.randn(H, generator=g, dtype=torch.float64)
+        if gate is None
+        else torch.full((H,), float(gate), dtype=torch.float64)
+    )
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # as under AMP
     params = [t.to(param_dtype).requires_grad_() for t in (pos_weight, pos_bias, gating)]
     return [q, k, v, *params]
@@ -77,7 +81,9 @@ def assert_matches_reference(inputs, rtol_fp32=2e-5, rtol_overrides=None, **kwar
     got = outputs_and_grads(inputs, **kwargs)
     if dtype in (torch.float16, torch.bfloat16):
         same_precision = outputs_and_grads(
-            [t.detach().clone().requires_grad_() for t in inputs], backend="reference", grid_size=kwargs.get("grid_size")
+            [t.detach().clone().requires_grad_() for t in inputs],
+            backend="reference",
+            grid_size=kwargs.get("grid_size"),
         )
     for i, name in enumerate(("out",) + PARAM_NAMES):
         want = exact[0] if i == 0 else exact[1][i - 1]

@@ -12,7 +12,8 @@ from convit_kernels import aot
 from convit_kernels.backends import triton_gpsa
 
 LINE = re.compile(
-    r"(?P<kernel>\w+)\s+config=(?P<config>\w+)\s+keys=(?P<keys>\w+)\s+sm_(?P<arch>\d+) (?P<dtype>\w+)\s+d=(?P<d>\d+)\s+warps=\d+\s+regs=(?P<regs>\d+)\s+"
+    r"(?P<kernel>\w+)\s+config=(?P<config>\w+)\s+keys=(?P<keys>\w+)\s+sm_(?P<arch>\d+) (?P<dtype>\w+)\s+"
+    r"d=(?P<d>\d+)\s+warps=\d+\s+regs=(?P<regs>\d+)\s+"
     r"spill=(?P<spill>\d+)\s+smem=(?P<smem>\d+)\s+mma=(?P<mma>\w+)"
 )
 

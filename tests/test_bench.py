@@ -56,8 +56,9 @@ def _wrong_core(problem):
 def test_gate_refuses_a_wrong_implementation(dtype):
     wrong = Implementation("wrong", "drops the positional term", _wrong_core, None)
     right = [n for n in implementations("cpu", dtype) if n != "timm-compiled"]
-    bench = Microbench(right + ["wrong"], ["fwd", "fwd+bwd"], [1], warmup=0, repeats=1, measure_memory=False,
-                       extra={"wrong": wrong})
+    bench = Microbench(
+        right + ["wrong"], ["fwd", "fwd+bwd"], [1], warmup=0, repeats=1, measure_memory=False, extra={"wrong": wrong}
+    )
     records = bench.run(Workload("core", SHAPES["toy"], 2, dtype, CPU))
     status = {(r["implementation"], r["pass"]): r["status"] for r in records}
     assert status["wrong", "fwd"].startswith("refused: out: max error")
@@ -125,7 +126,10 @@ def test_thread_scaling_pairs_the_thread_counts_of_one_measurement():
     from convit_kernels.bench.report import thread_scaling
 
     base = {"level": "core", "shape": "toy", "batch": 2, "dtype": "fp32", "pass": "fwd", "implementation": "sdpa"}
-    records = [{**base, "threads": 1, "median_ms": 4.0}, {**base, "threads": 2, "median_ms": 2.5},
-               {**base, "implementation": "wrong", "threads": 1, "status": "refused: out"}]
+    records = [
+        {**base, "threads": 1, "median_ms": 4.0},
+        {**base, "threads": 2, "median_ms": 2.5},
+        {**base, "implementation": "wrong", "threads": 1, "status": "refused: out"},
+    ]
     (row,) = thread_scaling(records)
     assert row["scaling"] == 1.6 and row["median_ms"] == {1: 4.0, 2: 2.5}

@@ -8,7 +8,7 @@ import timm
 import torch
 from timm.models.convit import GPSA, MHSA
 
-from convit_kernels import FusedGPSA, SDPAMHSA, patch_convit
+from convit_kernels import SDPAMHSA, FusedGPSA, patch_convit
 from convit_kernels.reference import relative_positions
 
 

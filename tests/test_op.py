@@ -16,7 +16,7 @@ def test_available_backends_reports_every_backend_with_a_reason():
     status = available_backends()
     assert set(status) == set(BACKEND_NAMES)
     assert status["torch"].available and status["reference"].available
-    for name, (available, reason) in status.items():
+    for name, (_, reason) in status.items():
         assert reason, name
     if not torch.cuda.is_available():
         assert not status["cuda"].available
@@ -90,9 +90,21 @@ BAD_INPUTS = [
     ("pos_bias of 3 heads", _replace(4, lambda a: a[4][:3]), {}, ValueError, r"pos_bias must have shape \(4,\)"),
     ("gating of 5 heads", _replace(5, torch.ones(5)), {}, ValueError, r"gating_param must have shape \(4,\)"),
     ("mixed devices", _replace(3, lambda a: a[3].to("meta")), {}, ValueError, "pos_weight must be on the device of q"),
-    ("grid that is not N", _good(), {"grid_size": (3, 4)}, ValueError, r"grid_size \(3, 4\) has 12 patches, but N = 16"),
+    (
+        "grid that is not N",
+        _good(),
+        {"grid_size": (3, 4)},
+        ValueError,
+        r"grid_size \(3, 4\) has 12 patches, but N = 16",
+    ),
     ("grid not a pair", _good(), {"grid_size": 16}, ValueError, "grid_size must be a pair of positive ints"),
-    ("N not square", [t[:, :, :15] if t.dim() == 4 else t for t in _good()], {}, ValueError, "N = 15 patches is not a perfect square"),
+    (
+        "N not square",
+        [t[:, :, :15] if t.dim() == 4 else t for t in _good()],
+        {},
+        ValueError,
+        "N = 15 patches is not a perfect square",
+    ),
     ("unknown backend", _good(), {"backend": "fast"}, ValueError, "backend must be 'auto' or one of"),
 ]
 
@@ -174,8 +186,9 @@ def test_auto_on_cpu_without_the_extension_is_sdpa(monkeypatch):
         ("cpu", None, torch.float32, 48, "runs on cpu tensors, not cuda"),
     ],
 )
-def test_named_backend_refuses_with_one_error_type(gpu_backends_available, monkeypatch, backend, capability, dtype,
-                                                   head_dim, message):
+def test_named_backend_refuses_with_one_error_type(
+    gpu_backends_available, monkeypatch, backend, capability, dtype, head_dim, message
+):
     from convit_kernels.backends import BackendError
 
     monkeypatch.setattr(gpu_backends_available, "cuda_capability", lambda device: capability)

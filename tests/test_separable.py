@@ -45,7 +45,9 @@ def test_apply_and_gradients_match_the_dense_product(grid, strength):
     v_hm, dout_hm = head_major(v.detach(), grid[0], torch.float64), head_major(dout, grid[0], torch.float64)
     torch.testing.assert_close(bhnd(apply_positional(tables, v_hm)), dense_out.detach(), rtol=1e-12, atol=1e-13)
     pt_dout, dpx, dpy = positional_backward(tables, dout_hm, v_hm)
-    torch.testing.assert_close(bhnd(apply_positional(tables, dout_hm, transposed=True)), want_dv, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(
+        bhnd(apply_positional(tables, dout_hm, transposed=True)), want_dv, rtol=1e-12, atol=1e-13
+    )
     torch.testing.assert_close(bhnd(pt_dout), want_dv, rtol=1e-12, atol=1e-13)
     dw = pos_weight_grad(tables, dpx, dpy)
     torch.testing.assert_close(dw, want_dw, rtol=1e-10, atol=1e-12 * max(1.0, want_dw.abs().max().item()))

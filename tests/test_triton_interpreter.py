@@ -77,7 +77,9 @@ def test_fixed_gpu_configurations_match_reference(monkeypatch, dtype):
     # forward, dq over 32 x 32 key blocks; fp16: one-tile forward and dq), interpreted: the
     # autotuner gets every fixed configuration and its pruning picks the GPU's.
     for name, tuner in triton_gpsa.KERNELS.items():
-        monkeypatch.setattr(tuner, "configs", [c for path in triton_gpsa.FIXED_CONFIGS[name].values() for c in path.values()])
+        monkeypatch.setattr(
+            tuner, "configs", [c for path in triton_gpsa.FIXED_CONFIGS[name].values() for c in path.values()]
+        )
         monkeypatch.setattr(tuner, "cache", {})
     assert_matches_reference(make_inputs(1, 2, 196, 48, dtype=dtype, seed=3), backend="triton")
     element_size = torch.empty(0, dtype=dtype).element_size()
@@ -100,6 +102,8 @@ def test_reductions_deterministic_and_atomics_agree():
 def test_backend_registration():
     assert available_backends()["triton"].available
     assert resolve_backend("triton", torch.device("cpu"), torch.bfloat16, 48) == "triton"
-    assert resolve_backend("auto", torch.device("cpu"), torch.float32, 48) != "triton"  # the interpreter is never the fast choice
+    assert (
+        resolve_backend("auto", torch.device("cpu"), torch.float32, 48) != "triton"
+    )  # the interpreter is never the fast choice
     with pytest.raises(BackendError, match="takes head dims up to 128, not 136"):
         gpsa_attention(*make_inputs(1, 1, 4, 136), backend="triton")

@@ -20,8 +20,9 @@ take the input and a backend named explicitly refuses with the same
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -61,18 +62,24 @@ class BackendError(RuntimeError):
 
 
 class OpForward(Protocol):
-    def __call__(self, q, k, v, pos_weight, gating_param, grid_w: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]: ...
+    def __call__(
+        self, q, k, v, pos_weight, gating_param, grid_w: int, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class OpBackward(Protocol):
-    def __call__(self, grad_out, q, k, v, pos_weight, gating_param, lse, grid_w: int, scale: float) -> Tuple[torch.Tensor, ...]: ...
+    def __call__(
+        self, grad_out, q, k, v, pos_weight, gating_param, lse, grid_w: int, scale: float
+    ) -> tuple[torch.Tensor, ...]: ...
 
 
 class Attention(Protocol):
-    def __call__(self, q, k, v, pos_weight, pos_bias, gating_param, grid_size: Tuple[int, int], scale: float) -> torch.Tensor: ...
+    def __call__(
+        self, q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int, int], scale: float
+    ) -> torch.Tensor: ...
 
 
-def _always_available() -> Optional[str]:
+def _always_available() -> str | None:
     return None
 
 
@@ -88,20 +95,20 @@ class Backend:
 
     name: str
     summary: str
-    devices: Optional[Tuple[str, ...]]  # device types; None: any
-    dtypes: Tuple[torch.dtype, ...]
-    forward: Optional[OpForward] = None
-    backward: Optional[OpBackward] = None
-    attention: Optional[Attention] = None
-    max_head_dim: Optional[int] = None
-    min_cuda_capability: Optional[Tuple[int, int]] = None
-    unavailable: Callable[[], Optional[str]] = field(default=_always_available)
+    devices: tuple[str, ...] | None  # device types; None: any
+    dtypes: tuple[torch.dtype, ...]
+    forward: OpForward | None = None
+    backward: OpBackward | None = None
+    attention: Attention | None = None
+    max_head_dim: int | None = None
+    min_cuda_capability: tuple[int, int] | None = None
+    unavailable: Callable[[], str | None] = field(default=_always_available)
 
     def __post_init__(self):
         if (self.forward is None) != (self.backward is None) or (self.forward is None) == (self.attention is None):
             raise TypeError(f"backend {self.name!r}: give forward and backward, or attention")
 
-    def refuses(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    def refuses(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
         """Why this backend cannot take inputs of this device, dtype and head dim (None when it can)."""
         if self.devices is not None and device.type not in self.devices:
             return f"runs on {'/'.join(self.devices)} tensors, not {device.type}"
@@ -127,13 +134,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def cuda_capability(device: torch.device) -> Tuple[int, int]:
+def cuda_capability(device: torch.device) -> tuple[int, int]:
     """The compute capability of a CUDA device (tests replace this function)."""
     return torch.cuda.get_device_capability(device)
 
 
-_BACKENDS: Dict[str, Backend] = {}
-_IMPORT_ERRORS: Dict[str, str] = {}
+_BACKENDS: dict[str, Backend] = {}
+_IMPORT_ERRORS: dict[str, str] = {}
 
 
 def register_backend(backend: Backend) -> None:
@@ -163,14 +170,14 @@ def get_backend(name: str) -> Backend:
     return _BACKENDS[name]
 
 
-def _problem(name: str) -> Optional[str]:
+def _problem(name: str) -> str | None:
     _load(name)
     if name not in _BACKENDS:
         return _IMPORT_ERRORS[name]
     return _BACKENDS[name].unavailable()
 
 
-def available_backends() -> Dict[str, BackendStatus]:
+def available_backends() -> dict[str, BackendStatus]:
     """Map each backend name to ``BackendStatus(available, reason)`` for this process."""
     result = {}
     for name in BACKEND_NAMES:
@@ -191,7 +198,7 @@ AUTO_POLICY = {
 _AUTO_ELSEWHERE = (("sdpa",), "PyTorch's own attention kernels for the device (MPS, XPU, ...)")
 
 
-def auto_candidates(device_type: str) -> Tuple[str, ...]:
+def auto_candidates(device_type: str) -> tuple[str, ...]:
     """The backends ``auto`` tries on a device type, best first; "reference" is the last resort."""
     return AUTO_POLICY.get(device_type, _AUTO_ELSEWHERE)[0] + ("reference",)
 
@@ -201,7 +208,7 @@ def auto_policy(device_type: str) -> str:
     return AUTO_POLICY.get(device_type, _AUTO_ELSEWHERE)[1]
 
 
-def explain_auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> Tuple[str, List[str]]:
+def explain_auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, list[str]]:
     """(the backend ``auto`` picks, why each better candidate was skipped)."""
     skipped = []
     for name in auto_candidates(device.type):

@@ -21,7 +21,6 @@ import functools
 import importlib
 import importlib.util
 import os
-from typing import Optional
 
 import torch
 
@@ -67,7 +66,7 @@ def _jit_build(name: str, cuda: bool) -> None:
     )
 
 
-def _load(module: str, jit_name: str, cuda: bool) -> Optional[str]:
+def _load(module: str, jit_name: str, cuda: bool) -> str | None:
     """Import a built part of the extension, or JIT-build it; return None or why it is unavailable."""
     try:
         importlib.import_module(module)
@@ -82,7 +81,7 @@ def _load(module: str, jit_name: str, cuda: bool) -> Optional[str]:
 
 
 @functools.cache
-def load_cpu() -> Optional[str]:
+def load_cpu() -> str | None:
     """Load the CPU part (defines the ext ops); None when loaded, else why not."""
     problem = _load("convit_kernels._C", "convit_kernels_ext_cpu", cuda=False)
     if problem is None:
@@ -91,7 +90,7 @@ def load_cpu() -> Optional[str]:
 
 
 @functools.cache
-def load_cuda() -> Optional[str]:
+def load_cuda() -> str | None:
     """Load the CUDA part (the ops' CUDA implementations); None when loaded, else why not."""
     problem = load_cpu()
     if problem is not None:
@@ -109,7 +108,7 @@ def load_cuda() -> Optional[str]:
     return problem
 
 
-def _cuda_unavailable() -> Optional[str]:
+def _cuda_unavailable() -> str | None:
     problem = load_cuda()
     if problem is None and not torch.cuda.is_available():
         return "the CUDA part is built, but there is no CUDA device"

@@ -20,8 +20,6 @@ chosen by PyTorch does (the flash and memory-efficient kernels: nothing).
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.nn.functional as F
 
@@ -79,7 +77,7 @@ def positional_mix_bwd(
     pos_weight: torch.Tensor,
     gating_param: torch.Tensor,
     grid_w: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d content, dv in B x N x H x d, d pos_weight, d gating_param) of :func:`positional_mix`."""
     acc = compute_dtype(v.dtype)
     H, grid_h = v.shape[1], v.shape[2] // grid_w
@@ -128,7 +126,7 @@ def _mix_backward(ctx, grad_out):
 positional_mix.register_autograd(_mix_backward, setup_context=_mix_setup_context)
 
 
-def sdpa_gpsa(q, k, v, pos_weight, pos_bias, gating_param, grid_size: Tuple[int, int], scale: float) -> torch.Tensor:
+def sdpa_gpsa(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int, int], scale: float) -> torch.Tensor:
     """GPSA as SDPA's content attention mixed with the separable positional branch; B x H x N x d view."""
     content = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return positional_mix(content, v, pos_weight, pos_bias, gating_param, grid_size[1]).transpose(1, 2)

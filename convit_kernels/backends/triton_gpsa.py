@@ -78,7 +78,6 @@ CONVIT_KERNELS_TRITON_AUTOTUNE=0 (before import) for the fixed ones.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -101,6 +100,7 @@ MIN_BLOCK = 16
 
 # ---------------------------------------------------------------- configurations
 
+
 def _config(block_m, block_n, num_warps, num_stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
@@ -121,7 +121,11 @@ FIXED_CONFIGS = {
 # The interpreter's cost is per program and loop step, nearly independent of the tile: few, large
 # tiles for every dtype. Key rows up to 256 (N = 196) take the forward's and dq's one-key-block
 # path, longer ones (tested at N = 257, 289 and 576) the two-pass one; dk/dv walks N = 196 in 4 blocks.
-INTERPRETER_CONFIGS = {"fwd": _config(64, 256, 4, 1), "bwd_dq": _config(64, 256, 4, 1), "bwd_dkdv": _config(64, 64, 4, 1)}
+INTERPRETER_CONFIGS = {
+    "fwd": _config(64, 256, 4, 1),
+    "bwd_dq": _config(64, 256, 4, 1),
+    "bwd_dkdv": _config(64, 64, 4, 1),
+}
 
 
 def fixed_config(kernel_name: str, element_size: int, N: int, block_d: int) -> triton.Config:
@@ -298,8 +302,23 @@ def _gpsa_fwd_kernel(
 
 
 @triton.jit
-def _key_tile_terms(q, dout, lse, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, N,
-                    qk_scale, HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _key_tile_terms(
+    q,
+    dout,
+    lse,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    offs_n,
+    offs_d,
+    N,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
     """For the query block (q, dO, lse) and one key tile: k, A = 2^(logit - lse) (0 past N) and T = dO v^T."""
     k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
     v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
@@ -532,10 +551,13 @@ def gpsa_backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w: int,
     return dq, dk, dv, d_pos_weight.to(pos_weight.dtype), d_gating.to(gating_param.dtype)
 
 
-def _unavailable() -> Optional[str]:
+def _unavailable() -> str | None:
     if INTERPRET or torch.cuda.is_available():
         return None
-    return "no CUDA GPU here (set TRITON_INTERPRET=1 before import to run the kernels on CPU tensors in Triton's interpreter)"
+    return (
+        "no CUDA GPU here (set TRITON_INTERPRET=1 before import to run the kernels on CPU tensors "
+        "in Triton's interpreter)"
+    )
 
 
 register_backend(

@@ -21,8 +21,16 @@ from tqdm import tqdm
 
 from .implementations import BASELINES, FLOOR, fused_backends, implementations
 from .models import default_model_batch, model_steps, run_models
-from .report import (SCALING_COLUMNS, check_writable, markdown_table, microbench_columns, model_columns, plot,
-                     thread_scaling, write_json)
+from .report import (
+    SCALING_COLUMNS,
+    check_writable,
+    markdown_table,
+    microbench_columns,
+    model_columns,
+    plot,
+    thread_scaling,
+    write_json,
+)
 from .run import Microbench
 from .workloads import CONVIT_SHAPES, DTYPES, LEVELS, PASSES, SHAPES, Workload, default_batch
 
@@ -31,15 +39,22 @@ FULL = {"shapes": list(CONVIT_SHAPES), "dtypes": list(DTYPES), "warmup": 2, "rep
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convit-kernels bench", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = argparse.ArgumentParser(
+        prog="convit-kernels bench",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     parser.add_argument("--quick", action="store_true", help=f"shapes {' '.join(QUICK['shapes'])}, fp32, fewer repeats")
     parser.add_argument("--models", action="store_true", help="whole-model throughput instead of the microbenchmarks")
     parser.add_argument("--shapes", nargs="+", metavar="SHAPE", help=f"of {', '.join(SHAPES)}")
-    parser.add_argument("--backends", nargs="+", metavar="IMPL",
-                        help="implementations to time: fused backends (torch, cpu, triton, cuda, or fused-NAME) "
-                        f"and baselines ({', '.join(BASELINES)}); default every one available")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        metavar="IMPL",
+        help="implementations to time: fused backends (torch, cpu, triton, cuda, or fused-NAME) "
+        f"and baselines ({', '.join(BASELINES)}); default every one available",
+    )
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
     parser.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS))
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
@@ -67,8 +82,7 @@ def _select_implementations(parser, requested, device_type: str):
                 parser.error(f"backend {backend!r} is not available here: {fused[backend]}")
             names.append(f"fused-{backend}")
         else:
-            parser.error(f"unknown implementation {name!r}; choose from "
-                         f"{', '.join(list(fused) + list(BASELINES))}")
+            parser.error(f"unknown implementation {name!r}; choose from {', '.join(list(fused) + list(BASELINES))}")
     return names
 
 
@@ -100,9 +114,11 @@ def main(argv=None) -> int:
     repeats = args.repeats or preset["repeats"]
     meta = {
         "command": "convit-kernels bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "warmup": warmup, "repeats": repeats,
+        "torch": torch.__version__,
+        "warmup": warmup,
+        "repeats": repeats,
     }
     if args.models:
         return _run_models(args, device, threads, meta)
@@ -110,33 +126,46 @@ def main(argv=None) -> int:
     bench = Microbench(names, args.passes, threads, warmup, repeats, measure_memory=not args.no_memory)
     workloads = [
         Workload(level, SHAPES[s], args.batch or default_batch(SHAPES[s], device.type, DTYPES[d]), DTYPES[d], device)
-        for level in args.levels for s in shapes for d in dtypes
+        for level in args.levels
+        for s in shapes
+        for d in dtypes
     ]
     records = []
     with tqdm(total=sum(bench.steps(w) for w in workloads), file=sys.stderr, desc="bench", unit="step") as bar:
         for workload in workloads:
             bar.set_postfix_str(workload.label)
             records += bench.run(workload, bar.update)
-    meta.update({
-        "flops": "fused form: forward 4 B H N^2 d; fwd+bwd 14 B H N^2 d (backward 10 B H N^2 d: q k^T recomputed, "
-                 "dO v^T, dv, dq, dk); module level adds the projections, 8 B N C^2 forward, 24 B N C^2 fwd+bwd. "
-                 "Every implementation is credited with the same FLOPs.",
-        "implementations": {n: impl.description for n, impl in implementations(device.type, torch.float32).items()
-                            if n in names},
-        "matmul_gflop_per_s": bench.matmul_rates,
-        "spread": "interquartile range / median",
-        "peak_memory": "memory held beyond what existed before the call; CPU: torch.profiler allocation events, "
-                       "GPU: torch.cuda.max_memory_allocated",
-    })
+    meta.update(
+        {
+            "flops": "fused form: forward 4 B H N^2 d; fwd+bwd 14 B H N^2 d (backward 10 B H N^2 d: q k^T recomputed, "
+            "dO v^T, dv, dq, dk); module level adds the projections, 8 B N C^2 forward, 24 B N C^2 fwd+bwd. "
+            "Every implementation is credited with the same FLOPs.",
+            "implementations": {
+                n: impl.description for n, impl in implementations(device.type, torch.float32).items() if n in names
+            },
+            "matmul_gflop_per_s": bench.matmul_rates,
+            "spread": "interquartile range / median",
+            "peak_memory": "memory held beyond what existed before the call; CPU: torch.profiler allocation events, "
+            "GPU: torch.cuda.max_memory_allocated",
+        }
+    )
     scaling = thread_scaling(records)
     if scaling:
         meta["thread_scaling"] = scaling
-    return _report(args.out, "bench", meta, records, microbench_columns([b for b in BASELINES if b != FLOOR]),
-                   extra_tables=[("Thread scaling", markdown_table(scaling, SCALING_COLUMNS))] if scaling else [],
-                   panel=lambda r: f"{r['level']} {r['pass']}",
-                   group=lambda r: f"{r['shape']} {r['dtype']}" + (f" t{r['threads']}" if len(threads) > 1 else ""),
-                   bar_key="implementation", value=lambda r: r.get("speedup", {}).get("timm"),
-                   ylabel="speed-up over timm eager", line_at=1.0)
+    return _report(
+        args.out,
+        "bench",
+        meta,
+        records,
+        microbench_columns([b for b in BASELINES if b != FLOOR]),
+        extra_tables=[("Thread scaling", markdown_table(scaling, SCALING_COLUMNS))] if scaling else [],
+        panel=lambda r: f"{r['level']} {r['pass']}",
+        group=lambda r: f"{r['shape']} {r['dtype']}" + (f" t{r['threads']}" if len(threads) > 1 else ""),
+        bar_key="implementation",
+        value=lambda r: r.get("speedup", {}).get("timm"),
+        ylabel="speed-up over timm eager",
+        line_at=1.0,
+    )
 
 
 def _run_models(args, device, threads, meta) -> int:
@@ -148,9 +177,18 @@ def _run_models(args, device, threads, meta) -> int:
     meta.update(warmup=warmup, repeats=repeats)
     with tqdm(total=model_steps(dtypes, args.passes, threads), file=sys.stderr, desc="models", unit="step") as bar:
         records = run_models(device, dtypes, args.passes, threads, batch, warmup, repeats, bar.update)
-    return _report(args.out, "models", meta, records, model_columns(), panel=lambda r: r["mode"],
-                   group=lambda r: r["model"] + (f" t{r['threads']}" if len(threads) > 1 else ""),
-                   bar_key="variant", value=lambda r: r.get("images_per_s"), ylabel="images/s")
+    return _report(
+        args.out,
+        "models",
+        meta,
+        records,
+        model_columns(),
+        panel=lambda r: r["mode"],
+        group=lambda r: r["model"] + (f" t{r['threads']}" if len(threads) > 1 else ""),
+        bar_key="variant",
+        value=lambda r: r.get("images_per_s"),
+        ylabel="images/s",
+    )
 
 
 def _report(out: str, stem: str, meta: dict, records, columns, extra_tables=(), **plot_args) -> int:

@@ -9,9 +9,9 @@ given x: B x N x C). All of them share the Problem's tensors and Parameters.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +105,9 @@ def fused(backend: str) -> Implementation:
     def module(p: Problem):
         return partial(FusedGPSA.from_gpsa(p.layer, grid_size=p.grid, backend=backend), *p.args)
 
-    return Implementation(f"fused-{backend}", f"convit_kernels backend {backend!r} (FusedGPSA at module level)", core, module)
+    return Implementation(
+        f"fused-{backend}", f"convit_kernels backend {backend!r} (FusedGPSA at module level)", core, module
+    )
 
 
 # The reference is timm's math: gpsa_reference (op for op timm's get_attention + attn @ v) at the core
@@ -117,16 +119,22 @@ BASELINES = {
     impl.name: impl
     for impl in (
         Implementation("timm", "timm's GPSA math, eager (the reference)", _timm_core, _timm_module),
-        Implementation("sdpa-dense", "(1-g) SDPA(q,k,v) + g P v, dense P built once per call", _sdpa_dense_core,
-                       _sdpa_dense_module),
+        Implementation(
+            "sdpa-dense", "(1-g) SDPA(q,k,v) + g P v, dense P built once per call", _sdpa_dense_core, _sdpa_dense_module
+        ),
         Implementation("timm-compiled", "torch.compile of timm's GPSA", _compiled_core, _compiled_module),
-        Implementation(FLOOR, "plain SDPA(q,k,v), no positional branch (not GPSA: the floor)", _floor_core,
-                       _floor_module, gated=False),
+        Implementation(
+            FLOOR,
+            "plain SDPA(q,k,v), no positional branch (not GPSA: the floor)",
+            _floor_core,
+            _floor_module,
+            gated=False,
+        ),
     )
 }
 
 
-def fused_backends(device_type: str) -> Dict[str, str]:
+def fused_backends(device_type: str) -> dict[str, str]:
     """Fused backend name -> None when it can be timed on this device type, else why not."""
     result = {}
     for name, status in available_backends().items():
@@ -141,7 +149,7 @@ def fused_backends(device_type: str) -> Dict[str, str]:
     return result
 
 
-def implementations(device_type: str, dtype: torch.dtype) -> Dict[str, Implementation]:
+def implementations(device_type: str, dtype: torch.dtype) -> dict[str, Implementation]:
     """name -> Implementation of everything that can be timed on this device type and dtype."""
     impls = {}
     for name, problem in fused_backends(device_type).items():
@@ -162,7 +170,7 @@ def implementations(device_type: str, dtype: torch.dtype) -> Dict[str, Implement
 GATE_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-def evaluate(fn: Callable[[], torch.Tensor], problem: Problem, backward: bool) -> List[torch.Tensor]:
+def evaluate(fn: Callable[[], torch.Tensor], problem: Problem, backward: bool) -> list[torch.Tensor]:
     """[output, grads of problem.leaves for problem.grad_out (when backward)] as float64 tensors."""
     out = fn()
     results = [out]
@@ -172,8 +180,13 @@ def evaluate(fn: Callable[[], torch.Tensor], problem: Problem, backward: bool) -
     return [t.detach().double() for t in results]
 
 
-def gate(candidate: List[torch.Tensor], exact: List[torch.Tensor], same_precision: List[torch.Tensor],
-         names: List[str], dtype: torch.dtype) -> Optional[str]:
+def gate(
+    candidate: list[torch.Tensor],
+    exact: list[torch.Tensor],
+    same_precision: list[torch.Tensor],
+    names: list[str],
+    dtype: torch.dtype,
+) -> str | None:
     """None when ``candidate`` matches the float64 ``exact`` results, else what is wrong.
 
     flash-attention's rule: each tensor's error may be at most 3x the error of

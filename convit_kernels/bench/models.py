@@ -1,9 +1,11 @@
-"""Whole-model throughput: timm ConViT stock vs patched (convit_kernels.patch_convit), DeiT of the same FLOPs as yardstick."""
+"""Whole-model throughput: timm ConViT stock vs patched (convit_kernels.patch_convit), DeiT of the same FLOPs
+as yardstick."""
 
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import timm
 import torch
@@ -42,8 +44,16 @@ def _inference(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], tor
     return forward
 
 
-def run_models(device: torch.device, dtypes: Sequence[str], passes: Sequence[str], threads: Sequence[int],
-               batch: int, warmup: int, repeats: int, advance: Callable[[int], None] = lambda n: None) -> List[dict]:
+def run_models(
+    device: torch.device,
+    dtypes: Sequence[str],
+    passes: Sequence[str],
+    threads: Sequence[int],
+    batch: int,
+    warmup: int,
+    repeats: int,
+    advance: Callable[[int], None] = lambda n: None,
+) -> list[dict]:
     """images/s of each model's inference and training step, stock and (ConViT) patched, side by side."""
     records = []
     for model_name, is_convit in MODELS.items():
@@ -53,10 +63,10 @@ def run_models(device: torch.device, dtypes: Sequence[str], passes: Sequence[str
             stock = timm.create_model(model_name, pretrained=False).eval()
             images = torch.randn(batch, 3, 224, 224, dtype=torch.float64)
             labels = torch.randint(0, stock.num_classes, (batch,), device=device)
-            exact = evaluate(lambda: copy.deepcopy(stock).double()(images), None, backward=False)
+            exact = evaluate(partial(copy.deepcopy(stock).double(), images), None, backward=False)
             stock = stock.to(device=device, dtype=dtype)
             images = images.to(device=device, dtype=dtype)
-            variants: Dict[str, torch.nn.Module] = {"stock": stock}
+            variants: dict[str, torch.nn.Module] = {"stock": stock}
             if is_convit:
                 variants["patched"] = patch_convit(copy.deepcopy(stock))
             same_precision = evaluate(_inference(stock, images), None, backward=False)
@@ -79,13 +89,27 @@ def run_models(device: torch.device, dtypes: Sequence[str], passes: Sequence[str
                     }
                     timings = time_side_by_side(runs, device, warmup, repeats)
                     advance(1)
-                    base = {"model": model_name, "mode": MODES[pass_], "batch": batch, "dtype": dtype_name,
-                            "threads": n_threads, "device": str(device)}
+                    base = {
+                        "model": model_name,
+                        "mode": MODES[pass_],
+                        "batch": batch,
+                        "dtype": dtype_name,
+                        "threads": n_threads,
+                        "device": str(device),
+                    }
                     for name, timing in timings.items():
                         speedup = {"stock": timings["stock"].median_ms / timing.median_ms} if "stock" in timings else {}
-                        records.append({**base, "variant": name, "status": "ok", **timing.as_dict(),
-                                        "spread": timing.spread, "images_per_s": batch / timing.median_ms * 1e3,
-                                        "speedup": speedup})
+                        records.append(
+                            {
+                                **base,
+                                "variant": name,
+                                "status": "ok",
+                                **timing.as_dict(),
+                                "spread": timing.spread,
+                                "images_per_s": batch / timing.median_ms * 1e3,
+                                "speedup": speedup,
+                            }
+                        )
                     for name, why in refused.items():
                         records.append({**base, "variant": name, "status": f"refused: {why}"})
     return records

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 # (header, record -> cell text). Records are flat dicts; a missing figure prints as "-".
-Column = Tuple[str, Callable[[dict], str]]
+Column = tuple[str, Callable[[dict], str]]
 
 
 def _fmt(key: str, spec: str, scale: float = 1.0) -> Callable[[dict], str]:
@@ -26,25 +26,29 @@ def _speedup(baseline: str) -> Callable[[dict], str]:
     return cell
 
 
-def microbench_columns(baselines: Sequence[str]) -> List[Column]:
-    return [
-        ("level", lambda r: r["level"]),
-        ("shape", lambda r: r["shape"]),
-        ("B", lambda r: str(r["batch"])),
-        ("dtype", lambda r: r["dtype"]),
-        ("pass", lambda r: r["pass"]),
-        ("threads", lambda r: str(r["threads"])),
-        ("implementation", lambda r: r["implementation"]),
-        ("median ms", _fmt("median_ms", ".2f")),
-        ("spread", _fmt("spread", ".0%")),
-        ("GFLOP/s", _fmt("gflop_per_s", ".1f")),
-        ("of matmul", _fmt("matmul_fraction", ".0%")),
-        ("peak MiB", _fmt("peak_memory_mib", ".1f")),
-        ("x floor", _fmt("floor_ratio", ".2f")),
-    ] + [(f"vs {b}", _speedup(b)) for b in baselines] + [("status", lambda r: r["status"])]
+def microbench_columns(baselines: Sequence[str]) -> list[Column]:
+    return (
+        [
+            ("level", lambda r: r["level"]),
+            ("shape", lambda r: r["shape"]),
+            ("B", lambda r: str(r["batch"])),
+            ("dtype", lambda r: r["dtype"]),
+            ("pass", lambda r: r["pass"]),
+            ("threads", lambda r: str(r["threads"])),
+            ("implementation", lambda r: r["implementation"]),
+            ("median ms", _fmt("median_ms", ".2f")),
+            ("spread", _fmt("spread", ".0%")),
+            ("GFLOP/s", _fmt("gflop_per_s", ".1f")),
+            ("of matmul", _fmt("matmul_fraction", ".0%")),
+            ("peak MiB", _fmt("peak_memory_mib", ".1f")),
+            ("x floor", _fmt("floor_ratio", ".2f")),
+        ]
+        + [(f"vs {b}", _speedup(b)) for b in baselines]
+        + [("status", lambda r: r["status"])]
+    )
 
 
-def model_columns() -> List[Column]:
+def model_columns() -> list[Column]:
     return [
         ("model", lambda r: r["model"]),
         ("variant", lambda r: r["variant"]),
@@ -60,7 +64,7 @@ def model_columns() -> List[Column]:
     ]
 
 
-def thread_scaling(records: Sequence[dict]) -> List[dict]:
+def thread_scaling(records: Sequence[dict]) -> list[dict]:
     """One row per (workload, pass, implementation) timed at several thread counts: medians and speed-up."""
     rows: dict = {}
     for r in records:
@@ -71,15 +75,29 @@ def thread_scaling(records: Sequence[dict]) -> List[dict]:
     for (level, shape, batch, dtype, pass_, impl), by_threads in rows.items():
         if len(by_threads) > 1:
             fewest, most = min(by_threads), max(by_threads)
-            result.append({"level": level, "shape": shape, "batch": batch, "dtype": dtype, "pass": pass_,
-                           "implementation": impl, "median_ms": by_threads,
-                           "scaling": by_threads[fewest] / by_threads[most], "threads": f"{fewest} -> {most}"})
+            result.append(
+                {
+                    "level": level,
+                    "shape": shape,
+                    "batch": batch,
+                    "dtype": dtype,
+                    "pass": pass_,
+                    "implementation": impl,
+                    "median_ms": by_threads,
+                    "scaling": by_threads[fewest] / by_threads[most],
+                    "threads": f"{fewest} -> {most}",
+                }
+            )
     return result
 
 
-SCALING_COLUMNS: List[Column] = [
-    ("level", lambda r: r["level"]), ("shape", lambda r: r["shape"]), ("B", lambda r: str(r["batch"])),
-    ("dtype", lambda r: r["dtype"]), ("pass", lambda r: r["pass"]), ("implementation", lambda r: r["implementation"]),
+SCALING_COLUMNS: list[Column] = [
+    ("level", lambda r: r["level"]),
+    ("shape", lambda r: r["shape"]),
+    ("B", lambda r: str(r["batch"])),
+    ("dtype", lambda r: r["dtype"]),
+    ("pass", lambda r: r["pass"]),
+    ("implementation", lambda r: r["implementation"]),
     ("median ms by threads", lambda r: ", ".join(f"{t}: {ms:.2f}" for t, ms in sorted(r["median_ms"].items()))),
     ("speed-up", lambda r: f"{r['scaling']:.2f}x ({r['threads']} threads)"),
 ]
@@ -105,8 +123,16 @@ def write_json(path: str, meta: dict, records: Sequence[dict]) -> None:
         json.dump({"meta": meta, "results": list(records)}, f, indent=2)
 
 
-def plot(path: str, records: Sequence[dict], panel: Callable[[dict], str], group: Callable[[dict], str],
-         bar_key: str, value: Callable[[dict], Optional[float]], ylabel: str, line_at: Optional[float] = None) -> None:
+def plot(
+    path: str,
+    records: Sequence[dict],
+    panel: Callable[[dict], str],
+    group: Callable[[dict], str],
+    bar_key: str,
+    value: Callable[[dict], float | None],
+    ylabel: str,
+    line_at: float | None = None,
+) -> None:
     """Grouped bar chart: one panel per ``panel(r)``, groups ``group(r)`` along x, one bar per ``r[bar_key]``,
     height ``value(r)``; ``line_at`` draws a horizontal reference line (1.0 for speed-ups)."""
     import matplotlib
@@ -118,8 +144,9 @@ def plot(path: str, records: Sequence[dict], panel: Callable[[dict], str], group
     panels = list(dict.fromkeys(panel(r) for r in records)) or ["(nothing measured)"]
     bars = list(dict.fromkeys(r[bar_key] for r in records))
     width = 0.8 / max(1, len(bars))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * len(records) / len(panels)), 3.2 * len(panels)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(max(6, 1.2 * len(records) / len(panels)), 3.2 * len(panels)), squeeze=False
+    )
     for ax, name in zip(axes[:, 0], panels):
         mine = [r for r in records if panel(r) == name]
         groups = list(dict.fromkeys(group(r) for r in mine))

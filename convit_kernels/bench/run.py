@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,14 +35,22 @@ def set_threads(device: torch.device, threads: int) -> None:
 class Microbench:
     """Runs workloads and collects one flat record per (workload, pass, threads, implementation)."""
 
-    def __init__(self, names: Sequence[str], passes: Sequence[str], threads: Sequence[int], warmup: int, repeats: int,
-                 measure_memory: bool = True, extra: Dict[str, Implementation] = None):
+    def __init__(
+        self,
+        names: Sequence[str],
+        passes: Sequence[str],
+        threads: Sequence[int],
+        warmup: int,
+        repeats: int,
+        measure_memory: bool = True,
+        extra: dict[str, Implementation] = None,
+    ):
         self.names, self.passes, self.threads = list(names), list(passes), list(threads)
         self.warmup, self.repeats, self.measure_memory = warmup, repeats, measure_memory
         self.extra = extra or {}  # implementations beyond the registry's (the tests' deliberately wrong one)
-        self.matmul_rates: Dict[str, float] = {}
+        self.matmul_rates: dict[str, float] = {}
 
-    def implementations(self, workload: Workload) -> Dict[str, Implementation]:
+    def implementations(self, workload: Workload) -> dict[str, Implementation]:
         every = {**implementations(workload.device.type, workload.dtype), **self.extra}
         return {name: every[name] for name in self.names if name in every}
 
@@ -62,7 +70,7 @@ class Microbench:
             rates.append(self.matmul_rates[key])
         return max(rates)
 
-    def run(self, workload: Workload, advance: Callable[[int], None] = lambda n: None) -> List[dict]:
+    def run(self, workload: Workload, advance: Callable[[int], None] = lambda n: None) -> list[dict]:
         problem = make_problem(workload)
         backward = "fwd+bwd" in self.passes
         reference = BASELINES[REFERENCE]
@@ -92,21 +100,40 @@ class Microbench:
                 matmul = self.matmul_rate(workload, threads)
                 flops = workload.flops(pass_)
                 base = {
-                    "level": workload.level, "shape": workload.shape.name, "batch": workload.batch,
-                    "heads": workload.shape.heads, "head_dim": workload.shape.head_dim,
-                    "tokens": workload.shape.tokens, "dtype": workload.dtype_name, "pass": pass_,
-                    "threads": threads, "device": str(workload.device), "gflop": flops / 1e9,
+                    "level": workload.level,
+                    "shape": workload.shape.name,
+                    "batch": workload.batch,
+                    "heads": workload.shape.heads,
+                    "head_dim": workload.shape.head_dim,
+                    "tokens": workload.shape.tokens,
+                    "dtype": workload.dtype_name,
+                    "pass": pass_,
+                    "threads": threads,
+                    "device": str(workload.device),
+                    "gflop": flops / 1e9,
                     "matmul_gflop_per_s": matmul,
                 }
                 for name, timing in timings.items():
                     rate = flops / timing.median_ms / 1e6
                     memory = peak_memory_bytes(runs[name], workload.device) / 2**20 if self.measure_memory else None
-                    speedup = {b: timings[b].median_ms / timing.median_ms
-                               for b in BASELINES if b in timings and b != FLOOR}
+                    speedup = {
+                        b: timings[b].median_ms / timing.median_ms for b in BASELINES if b in timings and b != FLOOR
+                    }
                     floor_ratio = timing.median_ms / timings[FLOOR].median_ms if FLOOR in timings else None
-                    records.append({**base, "implementation": name, "status": "ok", **timing.as_dict(),
-                                    "spread": timing.spread, "gflop_per_s": rate, "matmul_fraction": rate / matmul,
-                                    "peak_memory_mib": memory, "speedup": speedup, "floor_ratio": floor_ratio})
+                    records.append(
+                        {
+                            **base,
+                            "implementation": name,
+                            "status": "ok",
+                            **timing.as_dict(),
+                            "spread": timing.spread,
+                            "gflop_per_s": rate,
+                            "matmul_fraction": rate / matmul,
+                            "peak_memory_mib": memory,
+                            "speedup": speedup,
+                            "floor_ratio": floor_ratio,
+                        }
+                    )
                 for name, why in refused.items():
                     records.append({**base, "implementation": name, "status": f"refused: {why}"})
         return records

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict
+from functools import partial
 
 import torch
 
@@ -32,8 +33,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_side_by_side(fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
-                      on_round: Callable[[], None] = lambda: None) -> Dict[str, Timing]:
+def time_side_by_side(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    on_round: Callable[[], None] = lambda: None,
+) -> dict[str, Timing]:
     """Time each callable ``repeats`` times, round-robin, after ``warmup`` calls of each.
 
     Round-robin spreads load from other processes over all callables alike,
@@ -102,7 +108,7 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, repeats: int = 5) ->
     while True:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        timing = time_side_by_side({"matmul": lambda: a @ b}, device, warmup=1, repeats=repeats)["matmul"]
+        timing = time_side_by_side({"matmul": partial(torch.matmul, a, b)}, device, warmup=1, repeats=repeats)["matmul"]
         if timing.median_ms >= 50 or n >= 8192:
             return 2 * n**3 / timing.median_ms / 1e6
         n *= 2

@@ -128,7 +128,10 @@ class Problem:
 
 
 def make_problem(workload: Workload, dtype: torch.dtype = None, seed: int = 0) -> Problem:
-    """Inputs of ``workload`` in ``dtype`` (default its own); values drawn in float64, so every dtype rounds the same numbers."""
+    """Inputs of ``workload`` in ``dtype`` (default its own).
+
+    Values are drawn in float64, so every dtype rounds the same numbers.
+    """
     dtype = dtype or workload.dtype
     shape, B, device = workload.shape, workload.batch, workload.device
     gen = torch.Generator().manual_seed(seed)
