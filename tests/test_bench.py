@@ -29,6 +29,7 @@ def _restore_threads():
 def test_tiny_run_writes_matching_table_json_and_png(tmp_path, capsys):
     out = tmp_path / "results"
     names = [n for n in implementations("cpu", torch.float32) if n != "timm-compiled"]
+    assert {"fused-sdpa", "attention-floor", "sdpa-dense", "timm"} <= set(names)
     assert cli.main(TINY + ["--backends", *names, "--out", str(out)]) == 0
     table = capsys.readouterr().out
     results = json.loads((out / "bench.json").read_text())["results"]
@@ -41,6 +42,10 @@ def test_tiny_run_writes_matching_table_json_and_png(tmp_path, capsys):
         assert cells[:7] == [record["level"], "toy", "2", "fp32", record["pass"], "1", record["implementation"]]
         assert cells[7] == f"{record['median_ms']:.2f}" and record["status"] == "ok"
         assert record["peak_memory_mib"] >= 0 and record["gflop_per_s"] > 0
+    floor = {(r["level"], r["pass"]): r["median_ms"] for r in results if r["implementation"] == "attention-floor"}
+    for record in results:  # every time as a ratio to plain SDPA on the same q, k, v
+        assert record["floor_ratio"] == pytest.approx(record["median_ms"] / floor[record["level"], record["pass"]])
+    assert "x floor" in table.splitlines()[0]
     assert (out / "bench.md").read_text().strip() == table.strip()
     image = matplotlib.image.imread(str(out / "bench.png"))
     assert image.ndim == 3 and image.shape[0] > 100
