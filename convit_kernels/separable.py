@@ -95,22 +95,16 @@ def dense_positional_probs(tables: AxisTables) -> torch.Tensor:
     return P.reshape(H, grid_h * grid_w, grid_h * grid_w)
 
 
-def head_major(x: torch.Tensor, grid_h: int, dtype: torch.dtype, scale: torch.Tensor = None) -> torch.Tensor:
-    """B x H x N x d (any strides) -> a contiguous H x H_p x W x B x d copy in ``dtype``, times ``scale``.
+def head_major(x: torch.Tensor, grid_h: int, dtype: torch.dtype) -> torch.Tensor:
+    """B x H x N x d (any strides) -> a contiguous H x H_p x W x B x d copy in ``dtype``.
 
     The layout the contractions run in: for each head, a grid axis and the
     rest (the other axis, the batch, d) form one wide GEMM operand, so every
-    product below is a view of it, no further copy. ``scale`` (1 x H x 1 x 1,
-    optional) is applied in the same pass.
+    product below is a view of it, no further copy.
     """
     B, H, N, d = x.shape
     out = torch.empty((H, grid_h, N // grid_h, B, d), device=x.device, dtype=dtype)
-    source = x.unflatten(2, (grid_h, N // grid_h))
-    target = out.permute(3, 0, 1, 2, 4)  # B x H x H_p x W x d view of out
-    if scale is None:
-        target.copy_(source)
-    else:
-        torch.mul(source, scale[..., None], out=target)
+    out.permute(3, 0, 1, 2, 4).copy_(x.unflatten(2, (grid_h, N // grid_h)))
     return out
 
 

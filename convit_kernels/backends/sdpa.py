@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..op import gates
 from ..separable import (
+    AxisTables,
     apply_positional,
     bhnd,
     compute_dtype,
@@ -57,8 +58,9 @@ def positional_mix(
     acc = compute_dtype(v.dtype)
     grid_h = v.shape[2] // grid_w
     g, one_minus_g = gates(gating_param, acc)
-    tables = positional_axis_probs(pos_weight, grid_h, grid_w, acc)
-    positional = bhnd(apply_positional(tables, head_major(v, grid_h, acc, scale=g)))  # g P v
+    px, py = positional_axis_probs(pos_weight, grid_h, grid_w, acc)
+    gated = AxisTables(px, py * g.view(-1, 1, 1))  # g P = (g py) (x) px: the gate rides on a small table
+    positional = bhnd(apply_positional(gated, head_major(v, grid_h, acc)))  # g P v
     out = _bnhd_like(v, v.dtype)
     torch.addcmul(positional, content, one_minus_g, out=out.transpose(1, 2))
     return out
