@@ -39,9 +39,10 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.convit_kernels.gpsa_bwd.default, bwd_args)
 
 
-def test_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_compile_fullgraph_forward_and_backward(backend):
     torch._dynamo.reset()
-    layer = FusedGPSA(32, num_heads=2, backend="torch")
+    layer = FusedGPSA(32, num_heads=2, backend=backend)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 16, 32, requires_grad=True)
     out = compiled(x)

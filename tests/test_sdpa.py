@@ -98,19 +98,6 @@ def test_opcheck_positional_mix(dtype):
     torch.library.opcheck(torch.ops.convit_kernels.positional_mix_bwd.default, bwd_args)
 
 
-def test_compile_fullgraph_forward_and_backward():
-    torch._dynamo.reset()
-    layer = FusedGPSA(32, num_heads=2, backend="sdpa")
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 16, 32, requires_grad=True)
-    out = compiled(x)
-    (dx_compiled,) = torch.autograd.grad(out.square().sum(), x)
-    expected = layer(x)
-    (dx,) = torch.autograd.grad(expected.square().sum(), x)
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(dx_compiled, dx)
-
-
 class _OutputShapes(TorchDispatchMode):
     """Records the shape of every tensor an aten op returns."""
 
