@@ -51,6 +51,16 @@ def test_tiny_run_writes_matching_table_json_and_png(tmp_path, capsys):
     assert image.ndim == 3 and image.shape[0] > 100
 
 
+@pytest.mark.parametrize("names", [["fused-cpu", "attention-floor"], ["fused-sdpa"]])
+def test_plot_without_timm(names, tmp_path):
+    if "fused-cpu" in names and "fused-cpu" not in implementations("cpu", torch.float32):
+        pytest.skip("the C++ extension is not built here")
+    out = tmp_path / "results"
+    args = TINY + ["--levels", "core", "--passes", "fwd", "--backends", *names, "--out", str(out)]
+    assert cli.main(args) == 0
+    assert matplotlib.image.imread(str(out / "bench.png")).ndim == 3
+
+
 def _wrong_core(problem):
     """The positional term left out: content attention only, what a kernel that drops the gate would compute."""
     q, k, v = problem.args[:3]

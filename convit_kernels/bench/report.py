@@ -157,10 +157,11 @@ def plot(
         if line_at is not None:
             ax.axhline(line_at, color="gray", linewidth=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=8)
-        ax.set_ylim(0, 1.25 * max(value(r) for r in mine))
+        ax.set_ylim(0, 1.25 * max((value(r) for r in mine), default=1.0))
         ax.set_title(name, fontsize=10)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7, ncol=min(5, len(bars)), loc="upper left")
+        if bars:
+            ax.legend(fontsize=7, ncol=min(5, len(bars)), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
