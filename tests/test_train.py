@@ -87,7 +87,7 @@ def test_overwrite_replaces_the_previous_run(tmp_path):
     run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", "--stat-images", "0",
         "--overwrite", out="out")
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
-    assert sorted(os.listdir(out)) == ["checkpoint.pth", "log.jsonl"]  # no plot of the previous run left
+    assert sorted(os.listdir(out)) == ["checkpoint-best.pth", "checkpoint.pth", "log.jsonl"]  # no previous plot
     assert weights(out / "checkpoint.pth")
 
 
