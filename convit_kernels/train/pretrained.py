@@ -54,6 +54,7 @@ def download(name: str, flag: str) -> dict:
     """timm's pretrained state_dict for `name`, from the Hugging Face hub or its local cache; TrainError if neither."""
     import timm
     from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError  # the hub unreachable, the file not cached
     from huggingface_hub.utils import logging as hub_logging
 
     verbosity = hub_logging.get_verbosity()
@@ -64,8 +65,9 @@ def download(name: str, flag: str) -> dict:
         cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         if constants.is_offline_mode():
             reason = "offline (HF_HUB_OFFLINE is set) and they are not in the local Hugging Face cache"
-        elif isinstance(error, (OSError, ConnectionError, TimeoutError)):
-            reason = f"the Hugging Face hub cannot be reached and they are not in its local cache ({cause})"
+        elif isinstance(error, (LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+            reason = f"the Hugging Face hub cannot be reached and they are not in its local cache " \
+                     f"({type(error).__name__})"
         else:
             reason = cause
         raise TrainError(f"{flag} {name}: cannot get timm's pretrained weights: {reason}; fetch them where the hub "
