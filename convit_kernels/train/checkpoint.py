@@ -19,7 +19,6 @@ import pickle
 import random
 import shutil
 import tempfile
-from typing import Optional
 
 import numpy as np
 import torch
@@ -43,7 +42,12 @@ def atomic_save(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+    fsync_folder(folder)
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable (where the OS can open a folder)."""
+    if hasattr(os, "O_DIRECTORY"):
         dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
@@ -52,7 +56,7 @@ def atomic_save(obj, path: str) -> None:
 
 
 def atomic_copy(source: str, path: str) -> None:
-    """Copy `source` to `path` through a temporary file in `path`'s folder, fsync, os.replace: `path` is always whole."""
+    """Copy `source` to `path` through a temporary file beside `path`, fsync, os.replace: `path` is always whole."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
     try:
@@ -65,6 +69,7 @@ def atomic_copy(source: str, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_folder(folder)
 
 
 def rng_state() -> dict:
@@ -144,7 +149,7 @@ def load_weights(model: nn.Module, state: dict, path: str, may_miss=()) -> None:
 
 
 def save(path: str, *, model, optimizer, scheduler, scaler, epoch: int, config, schedule: dict,
-         rng_states: list, ema=None, best: Optional[dict] = None, world_size: int = 1) -> None:
+         rng_states: list, ema=None, best: dict | None = None, world_size: int = 1) -> None:
     """`rng_states`: one rng_state() per rank, so every rank's augmentation stream resumes where it stopped."""
     atomic_save(
         {

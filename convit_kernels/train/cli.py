@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep this deterministic fraction of every training class")
     g.add_argument("--input-size", type=POSITIVE_INT, help="image side in pixels (224 ImageNet, 16 digits)")
     g.add_argument("--batch-size", type=POSITIVE_INT,
-                   help="per process; the total batch is this x world size (64 ImageNet, 32 digits)")
+                   help="per process and micro-batch; the total batch is this x world size x --accum-steps "
+                        "(64 ImageNet, 32 digits)")
     g.add_argument("--workers", type=COUNT, help="DataLoader workers per process (8 ImageNet, 0 digits)")
     g.add_argument("--no-aug", dest="augment", action="store_false", help="no random augmentation at all")
     g.add_argument("--auto-augment", help="timm RandAugment spec ('' for none)")
@@ -138,12 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu"), default="auto")
     g.add_argument("--threads", type=COUNT, help="CPU threads per process (0: cores / local processes; 1 digits)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps-per-epoch", type=COUNT, default=0, help="cap the steps of an epoch (0: whole epoch)")
+    g.add_argument("--steps-per-epoch", type=COUNT, default=0,
+                   help="cap the optimiser steps of an epoch (0: whole epoch)")
     g.add_argument("--stop-after", type=COUNT, default=0,
                    help="stop after this many epochs of this invocation; the schedule still spans --epochs")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
     g = parser.add_argument_group("output")
-    g.add_argument("--output-dir", default="convit-train", help="checkpoint.pth, log.jsonl, gpsa.png")
+    g.add_argument("--output-dir", default="convit-train",
+                   help="checkpoint.pth, checkpoint-best.pth, log.jsonl, gpsa.png (and --save-every's checkpoints, "
+                        "TensorBoard's events)")
     g.add_argument("--resume", help="checkpoint to continue from (or timm/facebookresearch weights to start from)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --output-dir (its files go when this run's first epoch ends)")

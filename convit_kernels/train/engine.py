@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint, data, model as recipe, output, pretrained
+from . import checkpoint, data, output, pretrained
+from . import model as recipe
 from .errors import Diverged
 from .report import JsonLog, TensorBoard, gpsa_statistics, nonlocality_as_convit, plot_gpsa, tensorboard_installed
 
@@ -95,8 +96,9 @@ def train_one_epoch(model, loader, steps, optimizer, scaler, criterion, mixup, r
     Each micro-batch's loss is scaled by 1 / accum-steps, so the accumulated gradient is that of the mean loss over
     the step's images; `no_sync` (DDP's) skips the gradient all-reduce of all micro-batches but the last. `net`:
     `model` without its DDP / torch.compile wrappers (default `model`), whose gradients are clipped (--clip-grad,
-    after unscaling fp16's) before the step and whose weights `ema` follows after it. images/s is timed from the end of the first WARMUP_STEPS steps (data loader start-up, compilation,
-    cuDNN autotuning) to the end of the epoch: None in epochs of no more steps than that.
+    after unscaling fp16's) before the step and whose weights `ema` follows after it. images/s is timed from the
+    end of the first WARMUP_STEPS steps (data loader start-up, compilation, cuDNN autotuning) to the end of the
+    epoch, evaluation excluded: None in epochs of no more steps than that.
     """
     from timm.utils import dispatch_clip_grad
 

@@ -35,14 +35,14 @@ def every_path(folder: str, epoch: int) -> str:
     return os.path.join(folder, EVERY.format(epoch=epoch))
 
 
-def epoch_of_every(path: str) -> Optional[int]:
+def epoch_of_every(path: str) -> int | None:
     """The epoch of a --save-every checkpoint's name, or None for another name."""
     digits = os.path.basename(path).removeprefix("checkpoint-epoch").removesuffix(".pth")
     return int(digits) if digits.isdigit() else None
 
 
-def saved_epoch(path: str) -> Optional[int]:
-    """The epoch (from 1) a checkpoint of ours was written after, read without loading its tensors; None if unreadable."""
+def saved_epoch(path: str) -> int | None:
+    """The epoch (from 1) a checkpoint of ours was saved after, read without loading its tensors; None if unreadable."""
     import torch
 
     try:

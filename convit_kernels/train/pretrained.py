@@ -11,7 +11,7 @@ resampled (timm's ``resample_abs_pos_embed``, bicubic) when the patch grid of
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ def check_finetune_source(source: str) -> None:
                      f"({', '.join(timm_names())})")
 
 
-def source_of(config) -> Optional[str]:
+def source_of(config) -> str | None:
     """The weights the run starts from: --finetune's, timm's for --model with --pretrained, or none."""
     if config.finetune is not None:
         return config.finetune
@@ -76,7 +76,7 @@ def download(name: str, flag: str) -> dict:
         hub_logging.set_verbosity(verbosity)
 
 
-def fetch(config, announce: Callable[[str], None]) -> Optional[dict]:
+def fetch(config, announce: Callable[[str], None]) -> dict | None:
     """Before any other work (and before seeding: building timm's model draws random numbers): the start weights."""
     source = source_of(config)
     if source is None:
@@ -112,7 +112,8 @@ def apply(model: nn.Module, state: dict, source: str) -> list:
         new_grid = list(model.patch_embed.grid_size)
         old = grid_of(pos_embed.shape[1])
         # ConViT's pos_embed covers the patches only: its class token joins after the GPSA blocks
-        state["pos_embed"] = resample_abs_pos_embed(pos_embed.float(), new_grid, num_prefix_tokens=0).to(pos_embed.dtype)
+        resampled = resample_abs_pos_embed(pos_embed.float(), new_grid, num_prefix_tokens=0)
+        state["pos_embed"] = resampled.to(pos_embed.dtype)
         notes.append(f"pos_embed resampled from {old}x{old} to {new_grid[0]}x{new_grid[1]} patches")
     checkpoint.load_weights(model, state, source, may_miss=dropped)
     return notes
