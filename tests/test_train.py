@@ -64,7 +64,8 @@ def test_resume_matches_uninterrupted(tmp_path, extra):
 
 def test_torchrun_two_processes_match_one(tmp_path):
     args = ["--epochs", "1", "--steps-per-epoch", "1", "--no-aug", "--smoothing", "0", "--drop-path", "0",
-            "--lr", "0.64", "--warmup-epochs", "0"]  # lr 0.64 x total batch 8 / 512 = 1e-2
+            "--lr", "0.64", "--warmup-epochs", "0",  # lr 0.64 x total batch 8 / 512 = 1e-2
+            "--model-ema", "--model-ema-decay", "0.5"]  # every rank's EMA must start from the same weights
     run(tmp_path, *args, "--batch-size", "8", out="single")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -86,10 +87,14 @@ def test_torchrun_two_processes_match_one(tmp_path):
     single, init = weights(tmp_path / "single" / "checkpoint.pth"), initial_weights()
     # Adam's first step is about lr x sign(grad): where a gradient is near Adam's eps, the different summation
     # order of the all-reduce moves the update by a small fraction of lr (1e-2).
+    single_log = json.loads((tmp_path / "single" / "log.jsonl").read_text())
     for out in ("ddp", "acc"):
         ddp = weights(tmp_path / out / "checkpoint.pth")
         for key in single:
             torch.testing.assert_close(ddp[key], single[key], rtol=1e-5, atol=1e-5)
+        # evaluated on two shards, each by its rank's EMA: the same weights as one process's
+        ddp_log = json.loads((tmp_path / out / "log.jsonl").read_text())
+        assert ddp_log["val_loss_ema"] == pytest.approx(single_log["val_loss_ema"], rel=1e-4)
     assert not torch.allclose(single["head.weight"], init["head.weight"])  # the step did move the weights
 
 

@@ -264,8 +264,11 @@ def fit(config) -> dict:
     model, no_sync = net, None
     if runtime.world_size > 1:
         device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)  # broadcasts rank 0's weights
         no_sync = model.no_sync
+        if ema is not None:  # ranks initialise (and a new head) from their own seeds: rank 0's, as DDP does
+            for tensor in ema.module.state_dict().values():
+                dist.broadcast(tensor, src=0)
     if config.compile:
         model = torch.compile(model)
 
