@@ -526,6 +526,25 @@ def test_finetune_replaces_the_head_and_resamples_pos_embed(tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoint.pth").samefile(tmp_path / "source.pth")
 
 
+def test_pretrained_says_when_the_hub_cannot_be_reached(monkeypatch):
+    # Online mode, no network: huggingface_hub retries, then raises LocalEntryNotFoundError (stood in for here).
+    import timm
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from convit_kernels.train import pretrained
+    from convit_kernels.train.errors import TrainError
+
+    def unreachable(name, pretrained=False, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(timm, "create_model", unreachable)
+    with pytest.raises(TrainError, match="--pretrained convit_tiny: cannot get timm's pretrained weights: the Hugging "
+                                         "Face hub cannot be reached and they are not in its local cache"):
+        pretrained.download("convit_tiny", "--pretrained")
+
+
 def scripted_accuracy(monkeypatch, accuracies):
     """evaluate() reports these val_acc1 in turn (the EMA's evaluation, if any, too)."""
     from convit_kernels.train import engine
