@@ -39,9 +39,11 @@ def test_fused_matches_stock_first_steps(tmp_path):
     assert fused[1] == pytest.approx(stock[1], rel=1e-3)
 
 
-def test_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--model-ema", "--model-ema-decay", "0.9", "--accum-steps", "2",
+                                    "--clip-grad", "0.5")], ids=["plain", "ema-accum-clip"])
+def test_resume_matches_uninterrupted(tmp_path, extra):
     # Augmentation and drop path on: the RNG state must be restored too.
-    args = ("--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "16", "--drop-path", "0.1")
+    args = ("--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "16", "--drop-path", "0.1", *extra)
     straight = run(tmp_path, *args, out="straight")["records"]
     first = run(tmp_path, *args, "--stop-after", "1", out="resumed")["records"]
     resumed_path = str(tmp_path / "resumed" / "checkpoint.pth")
@@ -51,13 +53,19 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert second[0]["step_losses"] == straight[1]["step_losses"]
     a, b = weights(tmp_path / "straight" / "checkpoint.pth"), weights(resumed_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if extra:  # the EMA weights resume exactly too, and are evaluated every epoch
+        a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)["model_ema"]
+        b = torch.load(resumed_path, weights_only=True)["model_ema"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert second[0]["val_acc1_ema"] == straight[1]["val_acc1_ema"]
     log = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
     assert len(log) == 2 and (tmp_path / "resumed" / "gpsa.png").stat().st_size > 0
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
     args = ["--epochs", "1", "--steps-per-epoch", "1", "--no-aug", "--smoothing", "0", "--drop-path", "0",
-            "--lr", "0.64", "--warmup-epochs", "0"]  # lr 0.64 x total batch 8 / 512 = 1e-2
+            "--lr", "0.64", "--warmup-epochs", "0",  # lr 0.64 x total batch 8 / 512 = 1e-2
+            "--model-ema", "--model-ema-decay", "0.5"]  # every rank's EMA must start from the same weights
     run(tmp_path, *args, "--batch-size", "8", out="single")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -71,13 +79,22 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert again.returncode != 0
     errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "already holds a run" in errors[0], again.stderr[-3000:]
-    single, ddp = weights(tmp_path / "single" / "checkpoint.pth"), weights(tmp_path / "ddp" / "checkpoint.pth")
-    torch.manual_seed(0)  # the seed fit uses: the same initial weights
-    init = create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False).state_dict()
+    # Accumulating 2 micro-batches of 2 per process (no_sync on the first): the same step, at the same lr.
+    accumulated = [*torchrun[:-4], "--batch-size", "2", "--accum-steps", "2", "--output-dir", str(tmp_path / "acc")]
+    done = subprocess.run(accumulated, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "total batch 8 (2 x 2 accumulated)" in done.stdout
+    single, init = weights(tmp_path / "single" / "checkpoint.pth"), initial_weights()
     # Adam's first step is about lr x sign(grad): where a gradient is near Adam's eps, the different summation
     # order of the all-reduce moves the update by a small fraction of lr (1e-2).
-    for key in single:
-        torch.testing.assert_close(ddp[key], single[key], rtol=1e-5, atol=1e-5)
+    single_log = json.loads((tmp_path / "single" / "log.jsonl").read_text())
+    for out in ("ddp", "acc"):
+        ddp = weights(tmp_path / out / "checkpoint.pth")
+        for key in single:
+            torch.testing.assert_close(ddp[key], single[key], rtol=1e-5, atol=1e-5)
+        # evaluated on two shards, each by its rank's EMA: the same weights as one process's
+        ddp_log = json.loads((tmp_path / out / "log.jsonl").read_text())
+        assert ddp_log["val_loss_ema"] == pytest.approx(single_log["val_loss_ema"], rel=1e-4)
     assert not torch.allclose(single["head.weight"], init["head.weight"])  # the step did move the weights
 
 
@@ -87,7 +104,7 @@ def test_overwrite_replaces_the_previous_run(tmp_path):
     run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", "--stat-images", "0",
         "--overwrite", out="out")
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
-    assert sorted(os.listdir(out)) == ["checkpoint.pth", "log.jsonl"]  # no plot of the previous run left
+    assert sorted(os.listdir(out)) == ["checkpoint-best.pth", "checkpoint.pth", "log.jsonl"]  # no previous plot
     assert weights(out / "checkpoint.pth")
 
 
@@ -202,6 +219,9 @@ def test_imagenet_recipe_follows_convit():
     config = parse_config(["--data-path", "/imagenet"])
     assert config.repeated_aug and recipe.mixup_active(config)
     assert recipe.scaled_lr(config, world_size=8) == 5e-4 * 64 * 8 / 512  # --lr is ConViT's base lr
+    accumulated = parse_config(["--data-path", "/imagenet", "--accum-steps", "4"])
+    assert recipe.scaled_lr(accumulated, world_size=8) == 5e-4 * 64 * 8 * 4 / 512  # the batch of a step
+    assert not config.model_ema and config.model_ema_decay == 0.99996 and config.clip_grad is None  # ConViT's
     assert not recipe.mixup_active(parse_config(["--data-path", "/imagenet", "--no-aug"]))
     assert not parse_config([]).repeated_aug  # the digits recipe
 
@@ -214,11 +234,20 @@ def test_schedule_steps_per_epoch_as_convit_and_resume_refuses_another(tmp_path,
     cosine_at_1_of_3 = 1e-5 + 0.5 * (0.016 - 1e-5) * (1 + math.cos(math.pi / 3))
     assert [r["lr"] for r in records] == pytest.approx([1e-6, 1e-6, cosine_at_1_of_3])
     last = str(tmp_path / "run" / "checkpoint.pth")
-    for changed, message in ((["--epochs", "4"], "epochs 3 -> 4"), (["--lr", "1"], "lr 0.016 -> 0.03125"),
-                             (["--model", "convit_digits"], "model convit_test -> convit_digits")):
+    for changed, message, hint in ((["--epochs", "4"], "epochs 3 -> 4", "(--epochs 3)"),
+                                   (["--lr", "1"], "lr 0.016 -> 0.03125", "(--lr 0.512 --batch-size 16 "
+                                                                         "--accum-steps 1 on 1 process)"),
+                                   (["--accum-steps", "2", "--batch-size", "8"], "accum_steps 1 -> 2",
+                                    "(--accum-steps 1)"),
+                                   (["--model", "convit_digits"], "model convit_test -> convit_digits",
+                                    "(--model convit_test)")):
         options = [*TINY, *args, "--output-dir", str(tmp_path / "run"), "--resume", last, *changed]
         assert main(options) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and message in err, err
+        # how to proceed: resume with the checkpoint's options, or a new run from its weights
+        assert f"resume with the checkpoint's options {hint}" in err, err
+        assert f"start a new run with --finetune {last} and another --output-dir" in err, err
 
 
 @pytest.mark.parametrize("magnitude", range(11))
@@ -293,12 +322,49 @@ BAD_INPUT = {
     "missing resume": (["--resume", "{tmp}/missing.pth"], "does not exist"),
     "resume of another model": (["--resume", "{tmp}/other.pth"], "does not match the model"),
     "resume not a checkpoint": (["--resume", "{tmp}/out/checkpoint.pth"], "cannot read checkpoint"),
+    "accum steps 0": (["--accum-steps", "0"], "argument --accum-steps: must be in [1, inf]"),
+    "accumulation longer than the epoch": (["--accum-steps", "1000"], "fewer than --accum-steps 1000"),
+    "clip grad negative": (["--clip-grad", "-1"], "argument --clip-grad: must be in (0, inf]"),
+    "clip grad 0": (["--clip-grad", "0"], "argument --clip-grad: must be in (0, inf]"),
+    "unknown clip mode": (["--clip-mode", "max"], "argument --clip-mode: invalid choice: 'max'"),
+    "ema decay 1": (["--model-ema", "--model-ema-decay", "1"], "argument --model-ema-decay: must be in (0, 1)"),
+    "ema decay 0": (["--model-ema", "--model-ema-decay", "0"], "argument --model-ema-decay: must be in (0, 1)"),
+    "eval of EMA weights the file lacks": (["--eval", "--model-ema", "--resume", "{tmp}/same.pth"],
+                                           "holds no EMA weights"),
+    "save every -1": (["--save-every", "-1"], "argument --save-every: must be in [0, inf]"),
+    "embed dim 0": (["--embed-dim", "0"], "argument --embed-dim: must be in [1, inf]"),
+    "local up to layer past the depth": (["--local-up-to-layer", "3"], "convit_test has 2 blocks"),
+    "locality strength negative": (["--locality-strength", "-1"], "argument --locality-strength: must be in [0, inf]"),
+    "finetune file missing": (["--finetune", "{tmp}/missing.pth"], "does not exist"),
+    "finetune a folder": (["--finetune", "{tmp}/empty"], "is a folder"),
+    "finetune unknown timm name": (["--finetune", "convit_huge"], "not one of timm's ConViT weights"),
+    "finetune weights of another model": (["--finetune", "{tmp}/wide.pth"], "does not match the model"),
+    "finetune and resume": (["--finetune", "{tmp}/same.pth", "--resume", "{tmp}/same.pth"], "choose one"),
+    "pretrained and finetune": (["--pretrained", "--model", "convit_tiny", "--finetune", "{tmp}/same.pth"],
+                                "choose one"),
+    "pretrained without timm weights": (["--pretrained"], "timm has no weights for convit_test"),
+    # The harness sets HF_HUB_OFFLINE and an empty hub cache: nothing is downloaded.
+    "pretrained offline": (["--pretrained", "--model", "convit_tiny"], "--pretrained convit_tiny: cannot get "
+                           "timm's pretrained weights: offline (HF_HUB_OFFLINE is set)"),
+    "finetune timm weights offline": (["--finetune", "convit_tiny.fb_in1k"], "not in the local Hugging Face cache"),
+    "tensorboard not installed": (["--tensorboard"], "the tensorboard package is not installed"),
 }
 
 
+def hub_offline(monkeypatch, tmp_path):
+    """The Hugging Face hub offline, with an empty cache: timm's pretrained weights cannot be had."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
 @pytest.mark.parametrize("case", BAD_INPUT)
-def test_bad_input_one_line_exit_2_output_untouched(tmp_path, capsys, case):
+def test_bad_input_one_line_exit_2_output_untouched(tmp_path, capsys, monkeypatch, case):
     options, message = BAD_INPUT[case]
+    hub_offline(monkeypatch, tmp_path)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     if case == "backend that cannot run here" and torch.cuda.is_available():
         pytest.skip("the cuda backend runs here")
     if case == "output dir not writable" and os.geteuid() == 0:
@@ -311,6 +377,11 @@ def test_bad_input_one_line_exit_2_output_untouched(tmp_path, capsys, case):
     image_tree(tmp_path / "broken", broken=True)
     other = create_model("convit_test", num_classes=3, img_size=16, in_chans=1, drop_path=0, fused=False)
     torch.save(other.state_dict(), tmp_path / "other.pth")
+    same = create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False)
+    torch.save(same.state_dict(), tmp_path / "same.pth")
+    wide = create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False,
+                        embed_dim=16)
+    torch.save(wide.state_dict(), tmp_path / "wide.pth")
     before = contents(out)
     args = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--output-dir", str(out)]
     args += [] if case == "existing run" else ["--overwrite"]
@@ -330,3 +401,285 @@ def test_train_digits_example_runs(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "predicted" in done.stdout and (tmp_path / "checkpoint.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------- recipe options
+
+
+def initial_weights(**arch):
+    torch.manual_seed(0)  # the seed fit uses: the same initial weights
+    return create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False,
+                        **arch).state_dict()
+
+
+def test_accumulation_matches_a_batch_twice_as_large(tmp_path):
+    # No Mixup, dropout nor drop path; the same sampler order (micro-batches 2k, 2k + 1 are batch k of twice the
+    # size), and the same lr: it is scaled by the batch of a step, --batch-size x processes x --accum-steps.
+    # SGD with momentum, whose steps scale with the gradient (Adam's would hide a gradient twice too large).
+    args = ("--epochs", "1", "--steps-per-epoch", "3", "--drop-path", "0", "--warmup-epochs", "0", "--lr", "16",
+            "--opt", "momentum")  # lr 16 x 16 / 512 = 0.5
+    one = run(tmp_path, *args, "--batch-size", "16", out="one")["records"][0]
+    two = run(tmp_path, *args, "--batch-size", "8", "--accum-steps", "2", out="two")["records"][0]
+    assert two["lr"] == one["lr"]
+    assert two["step_losses"] == pytest.approx(one["step_losses"], rel=1e-6)
+    a, b = weights(tmp_path / "one" / "checkpoint.pth"), weights(tmp_path / "two" / "checkpoint.pth")
+    for key in a:  # the summation order differs: a few ulp
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    init = initial_weights()
+    assert not torch.allclose(a["head.weight"], init["head.weight"])
+
+
+class CountingNoSync(torch.nn.Module):
+    """A model wrapper with DDP's no_sync, counting the micro-batches that skip the all-reduce."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.skipped = net, 0
+
+    def forward(self, x):
+        return self.net(x)
+
+    def no_sync(self):
+        import contextlib
+
+        self.skipped += 1
+        return contextlib.nullcontext()
+
+
+def test_accumulation_skips_the_all_reduce_of_non_stepping_micro_batches():
+    from convit_kernels.train.engine import Runtime, train_one_epoch
+
+    config = parse_config([*TINY, "--accum-steps", "3"])
+    net = create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=True)
+    model = CountingNoSync(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    batches = [(torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))) for _ in range(6)]
+    runtime = Runtime(torch.device("cpu"), rank=0, world_size=1, local_rank=0)
+    record = train_one_epoch(model, batches, 2, optimizer, None, torch.nn.CrossEntropyLoss(), None, runtime,
+                             config, 0, net=net, no_sync=model.no_sync)
+    assert model.skipped == 2 * (3 - 1)  # every micro-batch of a step but the last
+    assert len(record["step_losses"]) == 2
+
+
+def test_clip_grad_bounds_the_step(tmp_path):
+    # SGD with momentum, no weight decay: the first step is lr x the (clipped) gradient.
+    args = ("--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", "--opt", "momentum",
+            "--weight-decay", "0", "--warmup-epochs", "0", "--lr", "0.512")  # lr 0.512 x 16 / 512 = 0.016
+    init = initial_weights()
+
+    def step_norm(out):
+        moved = weights(tmp_path / out / "checkpoint.pth")
+        return torch.cat([(moved[k] - init[k]).flatten() for k in init]).norm().item() / 0.016
+
+    run(tmp_path, *args, out="free")
+    run(tmp_path, *args, "--clip-grad", "0.01", out="clipped")
+    assert step_norm("free") > 0.1  # the gradient's norm: well above the clip
+    assert step_norm("clipped") == pytest.approx(0.01, rel=1e-3)
+
+
+def test_model_ema_averages_every_step_and_is_evaluated(tmp_path):
+    result = run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", "--model-ema",
+                 "--model-ema-decay", "0.75")
+    path = tmp_path / "run" / "checkpoint.pth"
+    saved = torch.load(path, weights_only=True)
+    init, model, ema = initial_weights(), saved["model"], saved["model_ema"]
+    for key in init:  # one step: ema = 0.75 x initial + 0.25 x trained
+        torch.testing.assert_close(ema[key], 0.75 * init[key] + 0.25 * model[key])
+    assert not torch.equal(ema["head.weight"], model["head.weight"])
+    record = result["records"][0]
+    evaluated = run(tmp_path, "--eval", "--model-ema", "--resume", str(path))["eval"]
+    assert record["val_acc1_ema"] == evaluated["val_acc1_ema"] and record["val_acc1"] == evaluated["val_acc1"]
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text())["val_loss_ema"] == record["val_loss_ema"]
+
+
+def test_architecture_options(tmp_path):
+    arch = ("--embed-dim", "16", "--local-up-to-layer", "2", "--locality-strength", "3")
+    net = run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", *arch)["model"]
+    assert net.embed_dim == 16 * 4 and net.local_up_to_layer == 2
+    assert all(hasattr(block.attn, "gating_param") for block in net.blocks)  # both blocks GPSA
+    init = initial_weights(embed_dim=16, local_up_to_layer=2)  # locality strength 1
+    # One step at the warm-up lr (1e-6) moves the weights by about 1e-6.
+    torch.testing.assert_close(net.blocks[0].attn.pos_proj.weight.detach(), 3 * init["blocks.0.attn.pos_proj.weight"],
+                               rtol=0, atol=1e-4)
+
+
+def test_finetune_replaces_the_head_and_resamples_pos_embed(tmp_path, capsys):
+    from timm.layers import resample_abs_pos_embed
+
+    source = create_model("convit_test", num_classes=5, img_size=16, in_chans=1, drop_path=0, fused=False)
+    with torch.no_grad():
+        source.pos_embed.normal_()  # timm initialises it to trunc_normal(0.02): make the resampling visible
+    torch.save({"model": source.state_dict(), "epoch": 7}, tmp_path / "source.pth")
+    # lr 1e-9 x 16 / 512 and no warm-up: the one step leaves the loaded weights as they were, to ~1e-10
+    args = ("--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", "--warmup-epochs", "0", "--lr", "1e-9",
+            "--input-size", "24")  # 6 x 6 patches instead of 4 x 4
+    net = run(tmp_path, *args, "--finetune", str(tmp_path / "source.pth"))["model"]
+    assert "a new head for 10 classes (the weights': 5), pos_embed resampled from 4x4 to 6x6" in capsys.readouterr().out
+    tuned, loaded = net.state_dict(), source.state_dict()
+    for key in loaded:
+        if key.startswith("head.") or key == "pos_embed":
+            continue
+        torch.testing.assert_close(tuned[key], loaded[key], rtol=0, atol=1e-8)
+    expected = resample_abs_pos_embed(loaded["pos_embed"], [6, 6], num_prefix_tokens=0)
+    torch.testing.assert_close(tuned["pos_embed"], expected, rtol=0, atol=1e-8)
+    assert tuned["head.weight"].shape == (10, 32)
+    assert not (tmp_path / "run" / "checkpoint.pth").samefile(tmp_path / "source.pth")
+
+
+def test_pretrained_says_when_the_hub_cannot_be_reached(monkeypatch):
+    # Online mode, no network: huggingface_hub retries, then raises LocalEntryNotFoundError (stood in for here).
+    import timm
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from convit_kernels.train import pretrained
+    from convit_kernels.train.errors import TrainError
+
+    def unreachable(name, pretrained=False, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(timm, "create_model", unreachable)
+    with pytest.raises(TrainError, match="--pretrained convit_tiny: cannot get timm's pretrained weights: the Hugging "
+                                         "Face hub cannot be reached and they are not in its local cache"):
+        pretrained.download("convit_tiny", "--pretrained")
+
+
+def scripted_accuracy(monkeypatch, accuracies):
+    """evaluate() reports these val_acc1 in turn (the EMA's evaluation, if any, too)."""
+    from convit_kernels.train import engine
+
+    real, queue = engine.evaluate, list(accuracies)
+
+    def evaluate(*args, **kwargs):
+        return {**real(*args, **kwargs), "val_acc1": queue.pop(0)}
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+
+
+def test_best_and_every_n_checkpoints(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ("--epochs", "4", "--steps-per-epoch", "1", "--batch-size", "16", "--save-every", "2")
+    scripted_accuracy(monkeypatch, [50.0, 70.0, 60.0, 70.0])  # best: epoch 2 (a tie does not replace it)
+    result = run(tmp_path, *args)
+    assert result["best"] == {"epoch": 2, "val_acc1": 70.0}
+    assert sorted(p.name for p in out.glob("checkpoint*")) == [
+        "checkpoint-best.pth", "checkpoint-epoch002.pth", "checkpoint-epoch004.pth", "checkpoint.pth"]
+    assert (out / "checkpoint-best.pth").read_bytes() == (out / "checkpoint-epoch002.pth").read_bytes()
+    assert (out / "checkpoint-epoch004.pth").read_bytes() == (out / "checkpoint.pth").read_bytes()
+    assert torch.load(out / "checkpoint-best.pth", weights_only=True)["epoch"] == 1  # from 0, as "epoch" always is
+    # Continuing from epoch 2: epoch 4's checkpoint belongs to the abandoned continuation and goes; the best
+    # so far (epoch 2, 70%) comes from the checkpoint, and epoch 3 at 80% replaces it.
+    monkeypatch.undo()
+    scripted_accuracy(monkeypatch, [80.0])
+    resumed = run(tmp_path, *args, "--stop-after", "1", "--resume", str(out / "checkpoint-epoch002.pth"))
+    assert resumed["best"] == {"epoch": 3, "val_acc1": 80.0}
+    assert sorted(p.name for p in out.glob("checkpoint*")) == [
+        "checkpoint-best.pth", "checkpoint-epoch002.pth", "checkpoint.pth"]
+    assert torch.load(out / "checkpoint-best.pth", weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("name", ["checkpoint-best.pth", "checkpoint-epoch005.pth", "tensorboard"])
+def test_another_runs_best_every_n_and_tensorboard_files_are_never_replaced(tmp_path, capsys, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).mkdir() if name == "tensorboard" else (out / name).write_bytes(b"another run's")
+    before = sorted(os.listdir(out))
+    assert main([*TINY, "--epochs", "1", "--steps-per-epoch", "1", "--output-dir", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err and sorted(os.listdir(out)) == before
+    run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1", "--overwrite", out="out")
+    assert name not in os.listdir(out) or name == "checkpoint-best.pth"  # the new run's best, then
+    if name == "checkpoint-best.pth":
+        assert (out / name).read_bytes() != b"another run's"
+
+
+class FakeSummaryWriter:
+    writers = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, {}, False
+        FakeSummaryWriter.writers.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_when_installed(tmp_path, monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+    FakeSummaryWriter.writers = []
+    args = ("--epochs", "3", "--steps-per-epoch", "1", "--batch-size", "16", "--model-ema")
+    run(tmp_path, *args, "--stop-after", "2")
+    run(tmp_path, *args, "--resume", str(tmp_path / "run" / "checkpoint.pth"))
+    first, second = FakeSummaryWriter.writers
+    assert first.log_dir == str(tmp_path / "run" / "tensorboard") and first.purge_step is None and first.closed
+    assert [step for step, _ in first.scalars["val/acc1"]] == [1, 2]
+    assert {"train/loss", "train/lr", "val/loss", "val_ema/acc1", "gpsa/gating/blocks.0.attn"} <= set(first.scalars)
+    assert second.purge_step == 3 and [step for step, _ in second.scalars["train/loss"]] == [3]
+    # Without the package: nothing written, no error (the default here, tensorboard not being a requirement).
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1", out="plain")
+    assert not (tmp_path / "plain" / "tensorboard").exists() and len(FakeSummaryWriter.writers) == 2
+
+
+def test_images_per_second_leave_out_the_warm_up_steps(tmp_path, monkeypatch):
+    import time
+
+    from convit_kernels.train.engine import WARMUP_STEPS
+
+    real = recipe.create_criterion
+
+    def slow_first_step(config, mixup):  # as a first step that compiles, or waits for the data loader workers
+        criterion, calls = real(config, mixup), []
+
+        def loss(logits, y):
+            calls.append(None)
+            if len(calls) == 1:
+                time.sleep(1.0)
+            return criterion(logits, y)
+        return loss
+
+    monkeypatch.setattr(recipe, "create_criterion", slow_first_step)
+    result = run(tmp_path, "--epochs", "1", "--steps-per-epoch", str(WARMUP_STEPS + 3), "--batch-size", "16")
+    record = result["records"][0]
+    whole_epoch = 16 * (WARMUP_STEPS + 3) / record["epoch_time_s"]  # what was reported before: the sleep included
+    assert record["images_per_s"] > 3 * whole_epoch
+    assert result["images_per_s"] == pytest.approx(record["images_per_s"])
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text())["images_per_s"] == record["images_per_s"]
+
+
+def test_randaugment_refused_up_front_where_pillow_refuses_0_bit_posterize(tmp_path, capsys, monkeypatch):
+    from PIL import ImageOps
+
+    from convit_kernels.train import data
+
+    real = ImageOps.posterize
+
+    def pillow_13(image, bits):  # Pillow 13 keeps 1 to 8 bits
+        if not 1 <= bits <= 8:
+            raise ValueError("bits must be in 1 to 8")
+        return real(image, bits)
+
+    monkeypatch.setattr(ImageOps, "posterize", pillow_13)
+    monkeypatch.setattr("PIL.__version__", "13.0.0")
+    out = tmp_path / "out"
+    root = image_tree(tmp_path / "data")
+    args = [*TINY, "--data-path", str(root), "--epochs", "1", "--batch-size", "2", "--workers", "0",
+            "--no-repeated-aug", "--output-dir", str(out)]
+    assert main(args) == 2  # the recipe's rand-m9-mstd0.5-inc1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Pillow 13.0.0 refuses" in err and f"pillow=={data.PINNED_PILLOW}" in err
+    assert not out.exists()
+    for spec in ("rand-m9", "rand-m9-inc1", "original"):  # at most 3, 1 and 6 bits: these run on Pillow 13
+        data.check_augmentation(parse_config(["--data-path", str(root), "--auto-augment", spec]))
+    monkeypatch.undo()
+    data.check_augmentation(parse_config(["--data-path", str(root)]))  # the pinned Pillow runs the recipe
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        assert f"pillow=={data.PINNED_PILLOW}\n" in f.read()

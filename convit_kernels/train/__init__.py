@@ -2,9 +2,10 @@
 
 Modules, one idea each: ``data`` (datasets, transforms, samplers), ``model``
 (model registry and the DeiT/ConViT recipe), ``engine`` (distributed setup,
-train/eval loop), ``checkpoint`` (atomic save, resume, foreign checkpoints),
-``report`` (JSON-lines log, progress, GPSA statistics and plot), ``output``
-(the output folder: one run each), ``errors``, ``cli``.
+train/eval loop: accumulation, clipping, EMA), ``checkpoint`` (atomic save,
+resume, foreign checkpoints), ``pretrained`` (--finetune / --pretrained start
+weights), ``report`` (JSON-lines log, TensorBoard, progress, GPSA statistics
+and plot), ``output`` (the output folder: one run each), ``errors``, ``cli``.
 
 Without ``--data-path`` it trains offline on scikit-learn's 8x8 digits
 (convit_digits at 16 px, 30 epochs; the README gives the accuracy and time).

@@ -1,8 +1,10 @@
 """Checkpoints: atomic save, exact resume (optimiser, scheduler, scaler, RNG), and foreign ConViT weights.
 
 A checkpoint is a dict with ``model`` (the unwrapped state_dict, timm's keys),
-``optimizer``, ``lr_scheduler``, ``scaler``, ``epoch`` (the last completed
-epoch), ``rng`` and ``config``, all tensors and plain Python data: every file is
+``model_ema`` (the EMA weights with --model-ema, else None), ``optimizer``,
+``lr_scheduler``, ``scaler``, ``epoch`` (the last completed epoch, from 0),
+``best`` (the epoch, from 1, and val acc1 of the best epoch so far), ``rng``,
+``config``, ``schedule`` and ``world_size``, all tensors and plain Python data: every file is
 read with ``torch.load(weights_only=True)``, which refuses anything else, since
 unpickling an arbitrary object can run code. ``load_weights`` also accepts a
 bare timm or facebookresearch ConViT state_dict, or one under a ``model`` /
@@ -15,6 +17,7 @@ import argparse
 import os
 import pickle
 import random
+import shutil
 import tempfile
 
 import numpy as np
@@ -39,12 +42,34 @@ def atomic_save(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+    fsync_folder(folder)
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable (where the OS can open a folder)."""
+    if hasattr(os, "O_DIRECTORY"):
         dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def atomic_copy(source: str, path: str) -> None:
+    """Copy `source` to `path` through a temporary file beside `path`, fsync, os.replace: `path` is always whole."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f, open(source, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 24)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_folder(folder)
 
 
 def rng_state() -> dict:
@@ -108,10 +133,10 @@ def model_state(checkpoint: dict) -> dict:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in checkpoint.items()}
 
 
-def load_weights(model: nn.Module, state: dict, path: str) -> None:
-    """Strict load with a readable summary of what does not match."""
+def load_weights(model: nn.Module, state: dict, path: str, may_miss=()) -> None:
+    """Strict load with a readable summary of what does not match; `may_miss`: keys left at their initial values."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = sorted(set(own) - set(state) - set(may_miss))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
@@ -120,48 +145,106 @@ def load_weights(model: nn.Module, state: dict, path: str) -> None:
                  for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
                  if items]
         raise TrainError(f"checkpoint {path!r} does not match the model ({'; '.join(parts)})")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not may_miss)
 
 
 def save(path: str, *, model, optimizer, scheduler, scaler, epoch: int, config, schedule: dict,
-         rng_states: list) -> None:
+         rng_states: list, ema=None, best: dict | None = None, world_size: int = 1) -> None:
     """`rng_states`: one rng_state() per rank, so every rank's augmentation stream resumes where it stopped."""
     atomic_save(
         {
             "model": model.state_dict(),
+            "model_ema": ema.module.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch,
+            "best": best,
             "rng": rng_states,
             "config": vars(config),
             "schedule": schedule,
+            "world_size": world_size,
         },
         path,
     )
 
 
-def check_same_schedule(saved: dict, schedule: dict, path: str) -> None:
-    """The optimiser and scheduler states would keep the checkpoint's lr and epochs: refuse other values."""
-    changed = [f"{key} {saved.get(key)} -> {value}" for key, value in schedule.items() if saved.get(key) != value]
-    if changed:
-        raise TrainError(f"checkpoint {path!r} continues another schedule than this run's ({', '.join(changed)}): "
-                         "resume with its options, or start a new run")
+# The schedule entries of checkpoints written before they existed: the value that ran then.
+SCHEDULE_DEFAULTS = {"accum_steps": 1, "clip_grad": None, "clip_mode": None, "model_ema_decay": None}
+# The options behind each schedule entry, to tell how to resume.
+SCHEDULE_OPTIONS = {
+    "model": ("model",), "epochs": ("epochs",), "lr": ("lr", "batch_size", "accum_steps"),
+    "steps_per_epoch": ("steps_per_epoch", "batch_size", "accum_steps", "sampling_ratio"), "opt": ("opt",),
+    "weight_decay": ("weight_decay",), "warmup_epochs": ("warmup_epochs",), "warmup_lr": ("warmup_lr",),
+    "min_lr": ("min_lr",), "accum_steps": ("accum_steps",), "clip_grad": ("clip_grad", "clip_mode"),
+    "clip_mode": ("clip_grad", "clip_mode"), "model_ema_decay": ("model_ema", "model_ema_decay"),
+}
+
+
+def as_options(config: dict, keys) -> list:
+    """The command-line spelling of `keys` of a saved config: ['--epochs 3', '--model-ema', 'no --clip-grad']."""
+    options = []
+    for key in keys:
+        if key not in config:
+            continue
+        value, flag = config[key], "--" + key.replace("_", "-")
+        if key == "model_ema_decay" and not config.get("model_ema"):
+            continue
+        if isinstance(value, bool):
+            options.append(flag if value else f"no {flag}")
+        elif value is None:
+            options.append(f"no {flag}")
+        elif key != "clip_mode" or config.get("clip_grad") is not None:
+            options.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return options
+
+
+def check_same_schedule(checkpoint: dict, schedule: dict, path: str) -> None:
+    """The optimiser and scheduler states would keep the checkpoint's lr and epochs: refuse other values.
+
+    The error names the checkpoint's options that differ, and the two ways on: resume with them, or start a new
+    run from the checkpoint's weights with the new options (--finetune).
+    """
+    saved = checkpoint["schedule"]
+    changed = [key for key, value in schedule.items() if saved.get(key, SCHEDULE_DEFAULTS.get(key)) != value]
+    if not changed:
+        return
+    described = ", ".join(f"{key} {saved.get(key, SCHEDULE_DEFAULTS.get(key))} -> {schedule[key]}" for key in changed)
+    config = checkpoint.get("config") or {}
+    keys = list(dict.fromkeys(option for key in changed for option in SCHEDULE_OPTIONS.get(key, ())))
+    options = " ".join(as_options(config, keys))
+    processes = checkpoint.get("world_size")
+    if processes and ({"lr", "steps_per_epoch"} & set(changed)):
+        options += f" on {processes} process{'es' if processes > 1 else ''}"
+    with_options = f"resume with the checkpoint's options ({options})" if options.strip() else \
+        "resume with the checkpoint's options"
+    raise TrainError(f"checkpoint {path!r} continues another schedule than this run's ({described}): to continue "
+                     f"it, {with_options}; to train its weights with these options, start a new run with "
+                     f"--finetune {path} and another --output-dir")
 
 
 def resume(path: str, *, model, optimizer, scheduler, scaler, restore_training: bool, schedule: dict,
-           rank: int = 0) -> int:
-    """Load `path` into the model (and the training state when present and wanted). Returns the next epoch.
+           rank: int = 0, ema=None) -> dict:
+    """Load `path` into the model (and the training state when present and wanted).
 
+    Returns {"start_epoch": the next epoch (0 for weights only), "best": the best epoch so far or None}.
     `schedule`: this run's model, epochs, scaled lr, steps per epoch and optimiser settings, which must be the
-    checkpoint's to continue its training state.
+    checkpoint's to continue its training state. `ema`: the run's ModelEmaV3, given the checkpoint's EMA weights,
+    or (weights only) the loaded weights.
     """
     checkpoint = read(path)
     if restore_training and "schedule" in checkpoint:  # before the weights: a changed model is named as such
-        check_same_schedule(checkpoint["schedule"], schedule, path)
+        check_same_schedule(checkpoint, schedule, path)
     load_weights(model, model_state(checkpoint), path)
+    if ema is not None:
+        if isinstance(checkpoint.get("model_ema"), dict):
+            load_weights(ema.module, model_state(checkpoint["model_ema"]), f"{path} (model_ema)")
+        elif not restore_training:
+            raise TrainError(f"--model-ema: checkpoint {path!r} holds no EMA weights (trained without --model-ema)")
+        else:
+            ema.set(model)  # weights to start from: the average starts there
     if not restore_training or "optimizer" not in checkpoint:
-        return 0  # weights only: a timm/facebookresearch checkpoint, or --eval
+        return {"start_epoch": 0, "best": None}  # weights only: a timm/facebookresearch checkpoint, or --eval
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (ValueError, KeyError) as error:
@@ -171,4 +254,4 @@ def resume(path: str, *, model, optimizer, scheduler, scaler, restore_training: 
         scaler.load_state_dict(checkpoint["scaler"])
     states = checkpoint["rng"]
     set_rng_state(states[rank % len(states)])  # another world size resumes, but not bit for bit
-    return checkpoint["epoch"] + 1
+    return {"start_epoch": checkpoint["epoch"] + 1, "best": checkpoint.get("best")}

@@ -8,6 +8,7 @@ scikit-learn, so no download) stand in, upscaled to the input size.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -20,6 +21,8 @@ from torchvision.transforms import v2
 
 from .errors import TrainError, UnreadableImage
 
+# The Pillow requirements.txt pins: the last one tested with the RandAugment of the recipe (see check_augmentation).
+PINNED_PILLOW = "12.3.0"
 # Digits: 1797 images; a fixed, stratified fifth is the validation split.
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -123,6 +126,60 @@ def train_transform(input_size: int, recipe):
     )
 
 
+def _augment_ops(transform) -> list:
+    """timm's AugmentOps inside a training transform: those of its RandAugment, AutoAugment or AugMix."""
+    ops = []
+    for t in getattr(transform, "transforms", [transform]):
+        ops += getattr(t, "ops", [])
+        ops += [op for sub_policy in getattr(t, "policy", []) for op in sub_policy]
+    return ops
+
+
+def _posterize_bits(op) -> tuple:
+    """The fewest and the most bits a timm posterize op keeps, over the magnitudes it can draw."""
+    upper = op.magnitude_max or 10  # timm's _LEVEL_DENOM: AugmentOp clips magnitudes to [0, upper]
+    fixed = max(0.0, min(op.magnitude, upper))
+    # magnitude_std > 0 draws from a Gaussian (clipped: any magnitude in [0, upper]), inf from U(0, magnitude)
+    low, high = (fixed, fixed) if op.magnitude_std <= 0 else (0.0, fixed if math.isinf(op.magnitude_std) else upper)
+    bits = [op.level_fn(level, op.hparams)[0] for level in (low, high)]  # monotonic in the magnitude
+    return min(bits), max(bits)
+
+
+def pillow_posterizes_to_zero_bits() -> bool:
+    """Whether the installed Pillow posterizes to 0 bits (Pillow 12 does, keeping no bit: black; 13 refuses)."""
+    from PIL import Image, ImageOps
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+    except Exception:
+        return False
+    return True
+
+
+def check_augmentation(recipe) -> None:
+    """Before any work: the installed Pillow runs every posterize the --auto-augment policy can draw.
+
+    The recipe's rand-m9-mstd0.5-inc1 draws magnitudes up to 10, where its increasing posterize keeps 0 bits;
+    a Pillow that refuses that would stop the run at the first such draw, hours into an epoch.
+    """
+    if not (recipe.augment and recipe.auto_augment):
+        return
+    try:
+        transform = train_transform(32, recipe)
+    except Exception as error:  # timm's parser raises assertion and key errors on a malformed spec
+        raise TrainError(f"--auto-augment {recipe.auto_augment!r} is not a timm policy: "
+                         f"{type(error).__name__}: {error}") from None
+    fewest = min((_posterize_bits(op)[0] for op in _augment_ops(transform) if "Posterize" in op.name), default=8)
+    if fewest < 1 and not pillow_posterizes_to_zero_bits():
+        import PIL
+
+        raise TrainError(
+            f"--auto-augment {recipe.auto_augment} can posterize to {fewest} bits, which the installed Pillow "
+            f"{PIL.__version__} refuses: install the tested pillow=={PINNED_PILLOW} (requirements.txt), "
+            f"or choose another --auto-augment ('' for none)"
+        )
+
+
 def image_folder(root: str, input_size: int, recipe) -> DataBundle:
     """The DeiT/ConViT layout: root/train/<class>/* and root/val/<class>/* with the same class folders."""
     from timm.data import create_transform
@@ -206,8 +263,14 @@ def fixed_batch(dataset: Dataset, count: int) -> Optional[torch.Tensor]:
     return torch.stack([dataset[i][0] for i in range(count)]) if count else None
 
 
-def steps_per_epoch(loader: DataLoader, limit: Optional[int]) -> int:
-    return len(loader) if not limit else min(limit, len(loader))
+def steps_per_epoch(loader: DataLoader, limit: Optional[int], accum_steps: int = 1) -> int:
+    """Optimiser steps of an epoch: whole groups of `accum_steps` batches (a last, partial group is left out)."""
+    steps = len(loader) // accum_steps
+    if steps == 0:
+        raise TrainError(f"the training set has {len(loader)} batches of --batch-size per process, fewer than "
+                         f"--accum-steps {accum_steps}")
+    return steps if not limit else min(limit, steps)
 
 
-__all__ = ["DataBundle", "build_data", "build_loaders", "fixed_batch", "steps_per_epoch", "subsample_per_class"]
+__all__ = ["DataBundle", "build_data", "build_loaders", "check_augmentation", "fixed_batch", "steps_per_epoch",
+           "subsample_per_class"]

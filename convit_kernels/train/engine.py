@@ -2,12 +2,14 @@
 
 One process or many: under torchrun (WORLD_SIZE > 1) every process trains a
 DistributedDataParallel replica on its DistributedSampler shard, NCCL on GPUs,
-gloo on CPU; `--batch-size` is per process, so the total batch and the scaled
-lr grow with the world size. Only rank 0 prints, logs and writes checkpoints.
+gloo on CPU; `--batch-size` is per process, so the total batch (x
+--accum-steps, the micro-batches of an optimiser step) and the scaled lr grow
+with the world size. Only rank 0 prints, logs and writes checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -19,13 +21,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint, data, model as recipe, output
+from . import checkpoint, data, output, pretrained
+from . import model as recipe
 from .errors import Diverged
-from .report import JsonLog, gpsa_statistics, nonlocality_as_convit, plot_gpsa
+from .report import JsonLog, TensorBoard, gpsa_statistics, nonlocality_as_convit, plot_gpsa, tensorboard_installed
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 # Steps between host synchronisations: the progress bar's numbers and the check for a non-finite loss.
 SYNC_EVERY = 10
+# Optimiser steps of each epoch left out of its images/s: data loader start-up, torch.compile, cuDNN autotuning.
+WARMUP_STEPS = 5
 
 
 @dataclass
@@ -79,55 +84,98 @@ def stop_if_diverged(recent_losses: list, runtime: Runtime, epoch: int, step: in
                        f"training stopped; {kept}")
 
 
-def train_one_epoch(model, loader, steps, optimizer, scaler, criterion, mixup, runtime, config, epoch: int) -> dict:
+def synchronize(runtime: Runtime) -> None:
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_one_epoch(model, loader, steps, optimizer, scaler, criterion, mixup, runtime, config, epoch: int, *,
+                    net=None, ema=None, no_sync=None) -> dict:
+    """`steps` optimiser steps of --accum-steps micro-batches each.
+
+    Each micro-batch's loss is scaled by 1 / accum-steps, so the accumulated gradient is that of the mean loss over
+    the step's images; `no_sync` (DDP's) skips the gradient all-reduce of all micro-batches but the last. `net`:
+    `model` without its DDP / torch.compile wrappers (default `model`), whose gradients are clipped (--clip-grad,
+    after unscaling fp16's) before the step and whose weights `ema` follows after it. images/s is timed from the
+    end of the first WARMUP_STEPS steps (data loader start-up, compilation, cuDNN autotuning) to the end of the
+    epoch, evaluation excluded: None in epochs of no more steps than that.
+    """
+    from timm.utils import dispatch_clip_grad
+
     model.train()
     amp_dtype = AMP_DTYPES[config.amp]
     channels_last = runtime.device.type == "cuda"
-    losses = []  # detached device tensors: no host sync per step
-    images = 0
+    accum = config.accum_steps
+    net = model if net is None else net
+    params = list(net.parameters()) if config.clip_grad else None
+    losses = []  # detached device tensors, one per optimiser step: no host sync per step
+    batches = iter(loader)
+    timed_images, timed_from = 0, None
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True,
                disable=not (runtime.is_main and config.progress))
-    for step, (x, y) in zip(range(steps), loader):
-        x = x.to(runtime.device, non_blocking=True)
-        y = y.to(runtime.device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if mixup is not None:
-            x, y = mixup(x, y)
-        with torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = criterion(model(x), y)
+    for step in range(steps):
+        if step == WARMUP_STEPS:
+            synchronize(runtime)
+            timed_from = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
+        micro_losses = []
+        for micro in range(accum):
+            x, y = next(batches)
+            x = x.to(runtime.device, non_blocking=True)
+            y = y.to(runtime.device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if mixup is not None:
+                x, y = mixup(x, y)
+            syncs = no_sync is None or micro == accum - 1
+            with contextlib.nullcontext() if syncs else no_sync():
+                with torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = criterion(model(x), y)
+                if accum > 1:
+                    loss = loss / accum
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            micro_losses.append(loss.detach())
+            if timed_from is not None:
+                timed_images += x.shape[0] * runtime.world_size
+        if params is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            dispatch_clip_grad(params, config.clip_grad, mode=config.clip_mode)
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
-        losses.append(loss.detach())
-        images += x.shape[0] * runtime.world_size
+        if ema is not None:
+            ema.update(net)
+        losses.append(micro_losses[0] if accum == 1 else torch.stack(micro_losses).sum())
         bar.update()
         if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
             stop_if_diverged(losses[-SYNC_EVERY:], runtime, epoch, step)
-            rate = images / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{rate:.0f}")
+            postfix = dict(loss=f"{losses[-1].item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if timed_from is not None and timed_images:
+                postfix["img_s"] = f"{timed_images / (time.perf_counter() - timed_from):.0f}"
+            bar.set_postfix(**postfix)
     bar.close()
     step_losses = torch.stack(losses).float()
     if runtime.world_size > 1:  # the global batch's loss: mean of the equal-sized per-process means
         dist.all_reduce(step_losses)
         step_losses /= runtime.world_size
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    synchronize(runtime)
+    end = time.perf_counter()
+    timed_s = end - timed_from if timed_from is not None else 0.0
     step_losses = step_losses.tolist()
     return {
         "train_loss": sum(step_losses) / len(step_losses),
         "lr": optimizer.param_groups[0]["lr"],
-        "images_per_s": images / seconds,
-        "epoch_time_s": seconds,
+        "images_per_s": timed_images / timed_s if timed_images else None,
+        "epoch_time_s": end - start,
         "step_losses": step_losses,
+        "timed": (timed_images, timed_s),
     }
 
 
@@ -151,17 +199,29 @@ def evaluate(model, loader, runtime, config, num_classes: int) -> dict:
     return {"val_loss": loss / count, "val_acc1": 100 * top1 / count, f"val_acc{top_k}": 100 * topk / count}
 
 
+def evaluate_ema(ema, loader, runtime, config, num_classes: int) -> dict:
+    """The EMA weights' metrics, keyed as evaluate's with an _ema suffix."""
+    return {f"{key}_ema": value for key, value in evaluate(ema.module, loader, runtime, config, num_classes).items()}
+
+
 def fit(config) -> dict:
     """Train (or with config.eval only evaluate) as the config says. Returns the per-epoch records and the model.
 
     Raises TrainError for bad input, found before the first epoch where it can be (the CLI: one line, exit
     code 2), and Diverged when the loss stops being finite (exit code 1).
     """
+    from timm.utils import ModelEmaV3
+
     runtime = setup_runtime(config)
     if not config.eval:  # --eval writes nothing
         output.check(config.output_dir, resume=config.resume, overwrite=config.overwrite)
     if config.fused:
-        recipe.check_backend(config.backend, config.model, runtime.device.type, AMP_DTYPES[config.amp] or torch.float32)
+        recipe.check_backend(config.backend, config.model, runtime.device.type, AMP_DTYPES[config.amp] or torch.float32,
+                             embed_dim=config.embed_dim)
+    if config.data_path is not None and not config.eval:
+        data.check_augmentation(config)
+    # Before seeding: timm builds a model to load its pretrained weights into, drawing random numbers.
+    start_weights = pretrained.fetch(config, announce=lambda line: print_main(runtime, line))
     torch.manual_seed(config.seed + runtime.rank)  # DeiT's seeding: ranks differ in augmentation, DDP syncs weights
     np.random.seed(config.seed + runtime.rank)
     random.seed(config.seed + runtime.rank)
@@ -169,30 +229,46 @@ def fit(config) -> dict:
     bundle = data.build_data(config)
     net = recipe.create_model(config.model, num_classes=bundle.num_classes, img_size=config.input_size,
                               in_chans=bundle.in_chans, drop_path=config.drop_path, fused=config.fused,
-                              backend=config.backend).to(runtime.device)
+                              backend=config.backend, **recipe.architecture(config))
+    if start_weights is not None:
+        source = pretrained.source_of(config)
+        notes = pretrained.apply(net, start_weights, source)
+        print_main(runtime, f"weights: {source}{''.join(', ' + note for note in notes)}")
+        del start_weights
+    net = net.to(runtime.device)
     if runtime.device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)  # the patch-embedding convolution prefers NHWC on GPUs
+    # ConViT's ModelEma: a copy of the weights, averaged after every optimiser step with a fixed decay.
+    ema = ModelEmaV3(net, decay=config.model_ema_decay) if config.model_ema else None
     train_loader, val_loader = data.build_loaders(bundle, config, runtime.rank, runtime.world_size,
                                                   pin_memory=runtime.device.type == "cuda")
-    steps = data.steps_per_epoch(train_loader, config.steps_per_epoch)
+    steps = data.steps_per_epoch(train_loader, config.steps_per_epoch, config.accum_steps)
     lr = recipe.scaled_lr(config, runtime.world_size)
     optimizer = recipe.create_optimizer(net, lr, config)
     scheduler = recipe.create_scheduler(optimizer, config)
-    # What the optimiser and scheduler states of a checkpoint hold: a resume must not change it unseen.
+    # What the optimiser and scheduler states of a checkpoint hold, and how its steps were taken: a resume must
+    # not change it unseen.
     schedule = dict(model=config.model, epochs=config.epochs, lr=lr, steps_per_epoch=steps, opt=config.opt,
                     weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr,
-                    min_lr=config.min_lr)
+                    min_lr=config.min_lr, accum_steps=config.accum_steps, clip_grad=config.clip_grad,
+                    clip_mode=config.clip_mode if config.clip_grad else None,
+                    model_ema_decay=config.model_ema_decay if config.model_ema else None)
     scaler = torch.amp.GradScaler(runtime.device.type) if config.amp == "fp16" else None
-    start_epoch = 0
+    start_epoch, best = 0, None
     if config.resume:
-        start_epoch = checkpoint.resume(config.resume, model=net, optimizer=optimizer, scheduler=scheduler,
-                                        scaler=scaler, restore_training=not config.eval, schedule=schedule,
-                                        rank=runtime.rank)
+        resumed = checkpoint.resume(config.resume, model=net, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=scaler, restore_training=not config.eval, schedule=schedule,
+                                    rank=runtime.rank, ema=ema)
+        start_epoch, best = resumed["start_epoch"], resumed["best"]
 
-    model = net
+    model, no_sync = net, None
     if runtime.world_size > 1:
         device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)  # broadcasts rank 0's weights
+        no_sync = model.no_sync
+        if ema is not None:  # ranks initialise (and a new head) from their own seeds: rank 0's, as DDP does
+            for tensor in ema.module.state_dict().values():
+                dist.broadcast(tensor, src=0)
     if config.compile:
         model = torch.compile(model)
 
@@ -203,15 +279,20 @@ def fit(config) -> dict:
                         f" x {runtime.world_size}, amp {config.amp}")
     if config.eval:
         metrics = evaluate(model, val_loader, runtime, config, bundle.num_classes)
+        if ema is not None:
+            metrics.update(evaluate_ema(ema, val_loader, runtime, config, bundle.num_classes))
         print_main(runtime, "eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        return {"records": [], "eval": metrics, "model": net}
+        return {"records": [], "eval": metrics, "model": net, "ema": ema}
 
-    total_batch = config.batch_size * runtime.world_size
-    print_main(runtime, f"recipe: lr {config.lr:g} x total batch {total_batch} / 512 = {lr:.4g}, "
+    total_batch = recipe.total_batch(config, runtime.world_size)
+    accumulation = f" ({config.batch_size} x {config.accum_steps} accumulated)" if config.accum_steps > 1 else ""
+    print_main(runtime, f"recipe: lr {config.lr:g} x total batch {total_batch}{accumulation} / 512 = {lr:.4g}, "
                         f"{config.epochs} epochs x {steps} steps, warm-up {config.warmup_epochs}, "
                         f"wd {config.weight_decay}, smoothing {config.smoothing}, mixup {config.mixup}, "
                         f"cutmix {config.cutmix}, drop path {config.drop_path}, augment {config.augment}, "
-                        f"repeated augmentation {config.repeated_aug}")
+                        f"repeated augmentation {config.repeated_aug}, clip grad "
+                        f"{f'{config.clip_grad:g} ({config.clip_mode})' if config.clip_grad else 'off'}, model EMA "
+                        f"{config.model_ema_decay if config.model_ema else 'off'}")
     mixup = recipe.create_mixup(config, bundle.num_classes)
     criterion = recipe.create_criterion(config, mixup)
     stat_images = data.fixed_batch(bundle.val, config.stat_images)
@@ -219,37 +300,66 @@ def fit(config) -> dict:
         stat_images = stat_images.to(runtime.device)
     log = JsonLog(os.path.join(config.output_dir, output.LOG)) if runtime.is_main else None
     last_path = os.path.join(config.output_dir, output.CHECKPOINT)
+    best_path = os.path.join(config.output_dir, output.BEST)
     continues = output.continues_run(config.output_dir, config.resume)
+    use_tensorboard = config.tensorboard if config.tensorboard is not None else tensorboard_installed()
+    board = None
 
     records = []
+    timed_images, timed_s = 0, 0.0
     stop_epoch = config.epochs if not config.stop_after else min(config.epochs, start_epoch + config.stop_after)
-    for epoch in range(start_epoch, stop_epoch):
-        train_loader.sampler.set_epoch(epoch)
-        record = {"epoch": epoch + 1}
-        record.update(train_one_epoch(model, train_loader, steps, optimizer, scaler, criterion, mixup, runtime,
-                                      config, epoch))
-        # ConViT's (and DeiT's) schedule: after epoch e, the lr of step e; epoch e + 1 trains with it, so the
-        # first two epochs both train at --warmup-lr.
-        scheduler.step(epoch)
-        record.update(evaluate(model, val_loader, runtime, config, bundle.num_classes))
-        rng_states = [checkpoint.rng_state()]
-        if runtime.world_size > 1:
-            rng_states = [None] * runtime.world_size
-            dist.all_gather_object(rng_states, checkpoint.rng_state())
-        if runtime.is_main:
-            if epoch == start_epoch:
-                output.claim(config.output_dir, continues=continues, start_epoch=start_epoch, log=log)
-            if stat_images is not None:
-                record["gpsa"] = gpsa_statistics(net, stat_images)
-                record["nonlocality_convit"] = nonlocality_as_convit(net, stat_images)
-            checkpoint.save(last_path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            epoch=epoch, config=config, schedule=schedule, rng_states=rng_states)
-            log.write({k: v for k, v in record.items() if k != "step_losses"})
-            print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
-                  f"val acc {record['val_acc1']:.2f}%, {record['images_per_s']:.0f} images/s", flush=True)
-        records.append(record)
+    try:
+        for epoch in range(start_epoch, stop_epoch):
+            train_loader.sampler.set_epoch(epoch)
+            record = {"epoch": epoch + 1}
+            record.update(train_one_epoch(model, train_loader, steps, optimizer, scaler, criterion, mixup, runtime,
+                                          config, epoch, net=net, ema=ema, no_sync=no_sync))
+            images, seconds = record.pop("timed")
+            timed_images, timed_s = timed_images + images, timed_s + seconds
+            # ConViT's (and DeiT's) schedule: after epoch e, the lr of step e; epoch e + 1 trains with it, so the
+            # first two epochs both train at --warmup-lr.
+            scheduler.step(epoch)
+            record.update(evaluate(model, val_loader, runtime, config, bundle.num_classes))
+            if ema is not None:
+                record.update(evaluate_ema(ema, val_loader, runtime, config, bundle.num_classes))
+            improved = best is None or record["val_acc1"] > best["val_acc1"]
+            if improved:
+                best = {"epoch": epoch + 1, "val_acc1": record["val_acc1"]}
+            rng_states = [checkpoint.rng_state()]
+            if runtime.world_size > 1:
+                rng_states = [None] * runtime.world_size
+                dist.all_gather_object(rng_states, checkpoint.rng_state())
+            if runtime.is_main:
+                if epoch == start_epoch:
+                    output.claim(config.output_dir, continues=continues, start_epoch=start_epoch, log=log)
+                    if use_tensorboard:
+                        board = TensorBoard(os.path.join(config.output_dir, output.TENSORBOARD),
+                                            purge_step=start_epoch + 1 if continues else None)
+                if stat_images is not None:
+                    record["gpsa"] = gpsa_statistics(net, stat_images)
+                    record["nonlocality_convit"] = nonlocality_as_convit(net, stat_images)
+                checkpoint.save(last_path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                epoch=epoch, config=config, schedule=schedule, rng_states=rng_states, ema=ema,
+                                best=best, world_size=runtime.world_size)
+                if improved:
+                    checkpoint.atomic_copy(last_path, best_path)
+                if config.save_every and (epoch + 1) % config.save_every == 0:
+                    checkpoint.atomic_copy(last_path, output.every_path(config.output_dir, epoch + 1))
+                log.write({k: v for k, v in record.items() if k != "step_losses"})
+                if board is not None:
+                    board.write(record)
+                rate = f"{record['images_per_s']:.0f} images/s" if record["images_per_s"] else \
+                    f"images/s not timed (<= {WARMUP_STEPS} steps)"
+                ema_acc = f" (EMA {record['val_acc1_ema']:.2f}%)" if ema is not None else ""
+                print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
+                      f"val acc {record['val_acc1']:.2f}%{ema_acc}{', best' if improved else ''}, {rate}", flush=True)
+            records.append(record)
+    finally:
+        if board is not None:
+            board.close()
 
     plot_path = os.path.join(config.output_dir, output.PLOT)
     if runtime.is_main and records and plot_gpsa(log.records(), plot_path):
         print(f"log: {log.path}, plot: {plot_path}, checkpoint: {last_path}")
-    return {"records": records, "model": net}
+    return {"records": records, "model": net, "ema": ema, "best": best,
+            "images_per_s": timed_images / timed_s if timed_images else None}

@@ -35,14 +35,27 @@ TIMM_MODELS = ("convit_tiny", "convit_small", "convit_base")
 MODEL_NAMES = TIMM_MODELS + tuple(EXTRA_MODELS)
 
 
+# ConViT's architecture options (its main.py's --embed_dim, --local_up_to_layer, --locality_strength): None keeps
+# the named model's value.
+ARCHITECTURE_OPTIONS = ("embed_dim", "local_up_to_layer", "locality_strength")
+
+
+def architecture(config) -> dict:
+    """The architecture options the config sets, as ConVit keyword arguments."""
+    return {key: getattr(config, key) for key in ARCHITECTURE_OPTIONS if getattr(config, key, None) is not None}
+
+
 def create_model(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_path: float,
-                 fused: bool, backend: str = "auto") -> nn.Module:
-    """A ConViT by name; with ``fused`` its GPSA layers are FusedGPSA and its MHSA layers SDPA (same keys)."""
-    kwargs = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, drop_path_rate=drop_path)
+                 fused: bool, backend: str = "auto", **arch) -> nn.Module:
+    """A ConViT by name; with ``fused`` its GPSA layers are FusedGPSA and its MHSA layers SDPA (same keys).
+
+    ``arch``: embed_dim (per head), local_up_to_layer, locality_strength, replacing the named model's.
+    """
+    kwargs = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, drop_path_rate=drop_path, **arch)
     if name in TIMM_MODELS:
         model = timm.create_model(name, pretrained=False, **kwargs)
     elif name in EXTRA_MODELS:
-        model = ConVit(**EXTRA_MODELS[name], **kwargs)
+        model = ConVit(**{**EXTRA_MODELS[name], **kwargs})
     else:
         raise TrainError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
     if fused:
@@ -52,24 +65,36 @@ def create_model(name: str, *, num_classes: int, img_size: int, in_chans: int, d
     return model
 
 
-def head_dim(name: str) -> int:
-    """The attention head dim of a model name (timm's ConViTs: 48)."""
+def head_dim(name: str, embed_dim=None) -> int:
+    """The attention head dim of a model name (timm's ConViTs: 48), or `embed_dim` where given (--embed-dim)."""
+    if embed_dim is not None:
+        return embed_dim
     return EXTRA_MODELS[name]["embed_dim"] if name in EXTRA_MODELS else 48
 
 
-def check_backend(backend: str, model: str, device_type: str, dtype: torch.dtype) -> None:
+def model_depth(name: str) -> int:
+    """The number of blocks of a model name (timm's ConViTs: 12)."""
+    return EXTRA_MODELS.get(name, {}).get("depth", 12)
+
+
+def check_backend(backend: str, model: str, device_type: str, dtype: torch.dtype, embed_dim=None) -> None:
     """Before any work: the fused GPSA backend runs on this device and dtype, at this model's head dim."""
     from convit_kernels.backends import resolve_backend
 
     try:
-        resolve_backend(backend, torch.device(device_type), dtype, head_dim(model))
+        resolve_backend(backend, torch.device(device_type), dtype, head_dim(model, embed_dim))
     except RuntimeError as error:
         raise TrainError(f"--backend {backend}: {error}") from None
 
 
+def total_batch(config, world_size: int) -> int:
+    """The images of one optimiser step: per-process batch x processes x accumulated micro-batches."""
+    return config.batch_size * world_size * config.accum_steps
+
+
 def scaled_lr(config, world_size: int) -> float:
-    """The linear scaling rule of DeiT and ConViT: --lr x total batch / 512 (total = per-process batch x processes)."""
-    return config.lr * config.batch_size * world_size / 512
+    """The linear scaling rule of DeiT and ConViT: --lr x total batch / 512 (the batch of an optimiser step)."""
+    return config.lr * total_batch(config, world_size) / 512
 
 
 def create_optimizer(model: nn.Module, lr: float, config) -> torch.optim.Optimizer:

@@ -1,4 +1,4 @@
-"""What a run reports: GPSA statistics per layer, the JSON-lines log, and the end-of-run plot.
+"""What a run reports: GPSA statistics per layer, the JSON-lines log, TensorBoard scalars, the end-of-run plot.
 
 For every GPSA layer the log holds, per head, the gate sigmoid(lambda) (weight
 of the positional attention) and the nonlocality of the paper: the mean over
@@ -6,7 +6,8 @@ queries of the attention-weighted distance to the keys, in patches, measured
 by the layer's ``get_attention_map`` on a fixed batch of validation images.
 Beside it, ``nonlocality_as_convit``: what ConViT's main.py logs, every
 block's (GPSA and MHSA) nonlocality, all fed the same input (the patch
-embedding of that batch), so the curves compare with the paper's.
+embedding of that batch), so the curves compare with the paper's. TensorBoard
+gets the log's numbers when the optional tensorboard package is installed.
 """
 
 from __future__ import annotations
@@ -91,6 +92,51 @@ class JsonLog:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+def tensorboard_installed() -> bool:
+    """Whether torch's TensorBoard writer can be imported (it needs the optional tensorboard package)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def tensorboard_tag(key: str) -> str:
+    """A log key as a TensorBoard tag: train_loss -> train/loss, val_acc1_ema -> val_ema/acc1, lr -> train/lr."""
+    if key.startswith(("train_", "val_")):
+        split, name = key.split("_", 1)
+        if name.endswith("_ema"):
+            split, name = f"{split}_ema", name.removesuffix("_ema")
+        return f"{split}/{name}"
+    return f"train/{key}"
+
+
+class TensorBoard:
+    """The log's numbers as TensorBoard scalars, one point per epoch, and the GPSA layers' mean gate and nonlocality.
+
+    Opened at the first write of a run (rank 0). `purge_step`: continuing a run from epoch e, the events of the
+    epochs after e (an abandoned continuation) are hidden, as the log's records are dropped.
+    """
+
+    def __init__(self, folder: str, purge_step=None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(folder, purge_step=purge_step)
+
+    def write(self, record: dict) -> None:
+        epoch = record["epoch"]
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(tensorboard_tag(key), value, epoch)
+        for layer, stats in (record.get("gpsa") or {}).items():
+            for name, values in stats.items():
+                self.writer.add_scalar(f"gpsa/{name}/{layer}", sum(values) / len(values), epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def plot_gpsa(records: list, path: str) -> bool:
