@@ -39,8 +39,11 @@ def test_fused_matches_stock_first_steps(tmp_path):
     assert fused[1] == pytest.approx(stock[1], rel=1e-3)
 
 
-@pytest.mark.parametrize("extra", [(), ("--model-ema", "--model-ema-decay", "0.9", "--accum-steps", "2",
-                                    "--clip-grad", "0.5")], ids=["plain", "ema-accum-clip"])
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("--model-ema", "--model-ema-decay", "0.9", "--accum-steps", "2", "--clip-grad", "0.5")],
+    ids=["plain", "ema-accum-clip"],
+)
 def test_resume_matches_uninterrupted(tmp_path, extra):
     # Augmentation and drop path on: the RNG state must be restored too.
     args = ("--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "16", "--drop-path", "0.1", *extra)
@@ -63,13 +66,42 @@ def test_resume_matches_uninterrupted(tmp_path, extra):
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
-    args = ["--epochs", "1", "--steps-per-epoch", "1", "--no-aug", "--smoothing", "0", "--drop-path", "0",
-            "--lr", "0.64", "--warmup-epochs", "0",  # lr 0.64 x total batch 8 / 512 = 1e-2
-            "--model-ema", "--model-ema-decay", "0.5"]  # every rank's EMA must start from the same weights
+    args = [
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--no-aug",
+        "--smoothing",
+        "0",
+        "--drop-path",
+        "0",
+        "--lr",
+        "0.64",
+        "--warmup-epochs",
+        "0",  # lr 0.64 x total batch 8 / 512 = 1e-2
+        "--model-ema",
+        "--model-ema-decay",
+        "0.5",
+    ]  # every rank's EMA must start from the same weights
     run(tmp_path, *args, "--batch-size", "8", out="single")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "convit_kernels.train", *TINY, *args, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "convit_kernels.train",
+        *TINY,
+        *args,
+        "--batch-size",
+        "4",
+        "--output-dir",
+        str(tmp_path / "ddp"),
+    ]
     done = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "x 2" in done.stdout  # rank 0 reports the world size, and only rank 0 prints
@@ -101,8 +133,19 @@ def test_torchrun_two_processes_match_one(tmp_path):
 def test_overwrite_replaces_the_previous_run(tmp_path):
     out = previous_run(tmp_path / "out")
     (out / "gpsa.png").write_bytes(b"previous plot")
-    run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", "--stat-images", "0",
-        "--overwrite", out="out")
+    run(
+        tmp_path,
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "16",
+        "--stat-images",
+        "0",
+        "--overwrite",
+        out="out",
+    )
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
     assert sorted(os.listdir(out)) == ["checkpoint-best.pth", "checkpoint.pth", "log.jsonl"]  # no previous plot
     assert weights(out / "checkpoint.pth")
@@ -167,8 +210,13 @@ def test_foreign_state_dict_loads_into_fused_model(tmp_path, kind):
     stock = create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False)
     if kind == "facebookresearch":  # its main.py saves the DDP model's keys and its options as a Namespace
         path = tmp_path / "facebook.pth"
-        torch.save({"model": {f"module.{k}": v for k, v in stock.state_dict().items()},
-                    "args": argparse.Namespace(model="convit_test", lr=5e-4)}, path)
+        torch.save(
+            {
+                "model": {f"module.{k}": v for k, v in stock.state_dict().items()},
+                "args": argparse.Namespace(model="convit_test", lr=5e-4),
+            },
+            path,
+        )
     else:
         path = tmp_path / "timm.safetensors"
         save_file(stock.state_dict(), str(path))
@@ -228,19 +276,32 @@ def test_imagenet_recipe_follows_convit():
 
 def test_schedule_steps_per_epoch_as_convit_and_resume_refuses_another(tmp_path, capsys):
     # ConViT steps the scheduler after each epoch with its index: epochs 1 and 2 both train at --warmup-lr.
-    args = ["--epochs", "3", "--steps-per-epoch", "1", "--batch-size", "16", "--warmup-epochs", "1",
-            "--lr", "0.512", "--min-lr", "1e-5", "--warmup-lr", "1e-6"]  # scaled lr 0.512 x 16 / 512 = 0.016
+    args = [
+        "--epochs",
+        "3",
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "16",
+        "--warmup-epochs",
+        "1",
+        "--lr",
+        "0.512",
+        "--min-lr",
+        "1e-5",
+        "--warmup-lr",
+        "1e-6",
+    ]  # scaled lr 0.512 x 16 / 512 = 0.016
     records = run(tmp_path, *args)["records"]
     cosine_at_1_of_3 = 1e-5 + 0.5 * (0.016 - 1e-5) * (1 + math.cos(math.pi / 3))
     assert [r["lr"] for r in records] == pytest.approx([1e-6, 1e-6, cosine_at_1_of_3])
     last = str(tmp_path / "run" / "checkpoint.pth")
-    for changed, message, hint in ((["--epochs", "4"], "epochs 3 -> 4", "(--epochs 3)"),
-                                   (["--lr", "1"], "lr 0.016 -> 0.03125", "(--lr 0.512 --batch-size 16 "
-                                                                         "--accum-steps 1 on 1 process)"),
-                                   (["--accum-steps", "2", "--batch-size", "8"], "accum_steps 1 -> 2",
-                                    "(--accum-steps 1)"),
-                                   (["--model", "convit_digits"], "model convit_test -> convit_digits",
-                                    "(--model convit_test)")):
+    for changed, message, hint in (
+        (["--epochs", "4"], "epochs 3 -> 4", "(--epochs 3)"),
+        (["--lr", "1"], "lr 0.016 -> 0.03125", "(--lr 0.512 --batch-size 16 --accum-steps 1 on 1 process)"),
+        (["--accum-steps", "2", "--batch-size", "8"], "accum_steps 1 -> 2", "(--accum-steps 1)"),
+        (["--model", "convit_digits"], "model convit_test -> convit_digits", "(--model convit_test)"),
+    ):
         options = [*TINY, *args, "--output-dir", str(tmp_path / "run"), "--resume", last, *changed]
         assert main(options) == 2
         err = capsys.readouterr().err
@@ -257,8 +318,9 @@ def test_imagenet_augmentation_runs_at_every_magnitude_randaugment_draws(magnitu
     from convit_kernels.train.cli import IMAGENET_RECIPE
     from convit_kernels.train.data import train_transform
 
-    config = argparse.Namespace(**{**IMAGENET_RECIPE, "augment": True, "color_jitter": 0.4,
-                                   "auto_augment": f"rand-m{magnitude}-mstd0-inc1"})
+    config = argparse.Namespace(
+        **{**IMAGENET_RECIPE, "augment": True, "color_jitter": 0.4, "auto_augment": f"rand-m{magnitude}-mstd0-inc1"}
+    )
     transform = train_transform(32, config)
     random.seed(magnitude)  # RandAugment draws its ops from Python's and numpy's generators
     np.random.seed(magnitude)
@@ -315,10 +377,14 @@ BAD_INPUT = {
     "missing data": (["--data-path", "{tmp}/nowhere"], "does not exist"),
     "empty data": (["--data-path", "{tmp}/empty"], "has no train/ folder"),
     "empty class": (["--data-path", "{tmp}/empty-class"], "has no images"),
-    "unreadable image": (["--data-path", "{tmp}/broken", "--batch-size", "4", "--workers", "0",
-                          "--no-repeated-aug"], "cannot read image"),
-    "unreadable image, workers": (["--data-path", "{tmp}/broken", "--batch-size", "4", "--workers", "1",
-                                   "--no-repeated-aug"], "cannot read image"),
+    "unreadable image": (
+        ["--data-path", "{tmp}/broken", "--batch-size", "4", "--workers", "0", "--no-repeated-aug"],
+        "cannot read image",
+    ),
+    "unreadable image, workers": (
+        ["--data-path", "{tmp}/broken", "--batch-size", "4", "--workers", "1", "--no-repeated-aug"],
+        "cannot read image",
+    ),
     "missing resume": (["--resume", "{tmp}/missing.pth"], "does not exist"),
     "resume of another model": (["--resume", "{tmp}/other.pth"], "does not match the model"),
     "resume not a checkpoint": (["--resume", "{tmp}/out/checkpoint.pth"], "cannot read checkpoint"),
@@ -329,8 +395,10 @@ BAD_INPUT = {
     "unknown clip mode": (["--clip-mode", "max"], "argument --clip-mode: invalid choice: 'max'"),
     "ema decay 1": (["--model-ema", "--model-ema-decay", "1"], "argument --model-ema-decay: must be in (0, 1)"),
     "ema decay 0": (["--model-ema", "--model-ema-decay", "0"], "argument --model-ema-decay: must be in (0, 1)"),
-    "eval of EMA weights the file lacks": (["--eval", "--model-ema", "--resume", "{tmp}/same.pth"],
-                                           "holds no EMA weights"),
+    "eval of EMA weights the file lacks": (
+        ["--eval", "--model-ema", "--resume", "{tmp}/same.pth"],
+        "holds no EMA weights",
+    ),
     "save every -1": (["--save-every", "-1"], "argument --save-every: must be in [0, inf]"),
     "embed dim 0": (["--embed-dim", "0"], "argument --embed-dim: must be in [1, inf]"),
     "local up to layer past the depth": (["--local-up-to-layer", "3"], "convit_test has 2 blocks"),
@@ -340,12 +408,16 @@ BAD_INPUT = {
     "finetune unknown timm name": (["--finetune", "convit_huge"], "not one of timm's ConViT weights"),
     "finetune weights of another model": (["--finetune", "{tmp}/wide.pth"], "does not match the model"),
     "finetune and resume": (["--finetune", "{tmp}/same.pth", "--resume", "{tmp}/same.pth"], "choose one"),
-    "pretrained and finetune": (["--pretrained", "--model", "convit_tiny", "--finetune", "{tmp}/same.pth"],
-                                "choose one"),
+    "pretrained and finetune": (
+        ["--pretrained", "--model", "convit_tiny", "--finetune", "{tmp}/same.pth"],
+        "choose one",
+    ),
     "pretrained without timm weights": (["--pretrained"], "timm has no weights for convit_test"),
     # The harness sets HF_HUB_OFFLINE and an empty hub cache: nothing is downloaded.
-    "pretrained offline": (["--pretrained", "--model", "convit_tiny"], "--pretrained convit_tiny: cannot get "
-                           "timm's pretrained weights: offline (HF_HUB_OFFLINE is set)"),
+    "pretrained offline": (
+        ["--pretrained", "--model", "convit_tiny"],
+        "--pretrained convit_tiny: cannot get timm's pretrained weights: offline (HF_HUB_OFFLINE is set)",
+    ),
     "finetune timm weights offline": (["--finetune", "convit_tiny.fb_in1k"], "not in the local Hugging Face cache"),
     "tensorboard not installed": (["--tensorboard"], "the tensorboard package is not installed"),
 }
@@ -379,8 +451,7 @@ def test_bad_input_one_line_exit_2_output_untouched(tmp_path, capsys, monkeypatc
     torch.save(other.state_dict(), tmp_path / "other.pth")
     same = create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False)
     torch.save(same.state_dict(), tmp_path / "same.pth")
-    wide = create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False,
-                        embed_dim=16)
+    wide = create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False, embed_dim=16)
     torch.save(wide.state_dict(), tmp_path / "wide.pth")
     before = contents(out)
     args = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--output-dir", str(out)]
@@ -395,9 +466,21 @@ def test_bad_input_one_line_exit_2_output_untouched(tmp_path, capsys, monkeypatc
 
 def test_train_digits_example_runs(tmp_path):
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "python", "train_digits.py"), *TINY, "--epochs", "1",
-         "--steps-per-epoch", "2", "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        [
+            sys.executable,
+            os.path.join(ROOT, "python", "train_digits.py"),
+            *TINY,
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "predicted" in done.stdout and (tmp_path / "checkpoint.pth").exists()
@@ -408,16 +491,29 @@ def test_train_digits_example_runs(tmp_path):
 
 def initial_weights(**arch):
     torch.manual_seed(0)  # the seed fit uses: the same initial weights
-    return create_model("convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False,
-                        **arch).state_dict()
+    return create_model(
+        "convit_test", num_classes=10, img_size=16, in_chans=1, drop_path=0, fused=False, **arch
+    ).state_dict()
 
 
 def test_accumulation_matches_a_batch_twice_as_large(tmp_path):
     # No Mixup, dropout nor drop path; the same sampler order (micro-batches 2k, 2k + 1 are batch k of twice the
     # size), and the same lr: it is scaled by the batch of a step, --batch-size x processes x --accum-steps.
     # SGD with momentum, whose steps scale with the gradient (Adam's would hide a gradient twice too large).
-    args = ("--epochs", "1", "--steps-per-epoch", "3", "--drop-path", "0", "--warmup-epochs", "0", "--lr", "16",
-            "--opt", "momentum")  # lr 16 x 16 / 512 = 0.5
+    args = (
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "3",
+        "--drop-path",
+        "0",
+        "--warmup-epochs",
+        "0",
+        "--lr",
+        "16",
+        "--opt",
+        "momentum",
+    )  # lr 16 x 16 / 512 = 0.5
     one = run(tmp_path, *args, "--batch-size", "16", out="one")["records"][0]
     two = run(tmp_path, *args, "--batch-size", "8", "--accum-steps", "2", out="two")["records"][0]
     assert two["lr"] == one["lr"]
@@ -455,16 +551,42 @@ def test_accumulation_skips_the_all_reduce_of_non_stepping_micro_batches():
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     batches = [(torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))) for _ in range(6)]
     runtime = Runtime(torch.device("cpu"), rank=0, world_size=1, local_rank=0)
-    record = train_one_epoch(model, batches, 2, optimizer, None, torch.nn.CrossEntropyLoss(), None, runtime,
-                             config, 0, net=net, no_sync=model.no_sync)
+    record = train_one_epoch(
+        model,
+        batches,
+        2,
+        optimizer,
+        None,
+        torch.nn.CrossEntropyLoss(),
+        None,
+        runtime,
+        config,
+        0,
+        net=net,
+        no_sync=model.no_sync,
+    )
     assert model.skipped == 2 * (3 - 1)  # every micro-batch of a step but the last
     assert len(record["step_losses"]) == 2
 
 
 def test_clip_grad_bounds_the_step(tmp_path):
     # SGD with momentum, no weight decay: the first step is lr x the (clipped) gradient.
-    args = ("--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", "--opt", "momentum",
-            "--weight-decay", "0", "--warmup-epochs", "0", "--lr", "0.512")  # lr 0.512 x 16 / 512 = 0.016
+    args = (
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "16",
+        "--opt",
+        "momentum",
+        "--weight-decay",
+        "0",
+        "--warmup-epochs",
+        "0",
+        "--lr",
+        "0.512",
+    )  # lr 0.512 x 16 / 512 = 0.016
     init = initial_weights()
 
     def step_norm(out):
@@ -478,8 +600,18 @@ def test_clip_grad_bounds_the_step(tmp_path):
 
 
 def test_model_ema_averages_every_step_and_is_evaluated(tmp_path):
-    result = run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", "--model-ema",
-                 "--model-ema-decay", "0.75")
+    result = run(
+        tmp_path,
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "16",
+        "--model-ema",
+        "--model-ema-decay",
+        "0.75",
+    )
     path = tmp_path / "run" / "checkpoint.pth"
     saved = torch.load(path, weights_only=True)
     init, model, ema = initial_weights(), saved["model"], saved["model_ema"]
@@ -499,8 +631,9 @@ def test_architecture_options(tmp_path):
     assert all(hasattr(block.attn, "gating_param") for block in net.blocks)  # both blocks GPSA
     init = initial_weights(embed_dim=16, local_up_to_layer=2)  # locality strength 1
     # One step at the warm-up lr (1e-6) moves the weights by about 1e-6.
-    torch.testing.assert_close(net.blocks[0].attn.pos_proj.weight.detach(), 3 * init["blocks.0.attn.pos_proj.weight"],
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        net.blocks[0].attn.pos_proj.weight.detach(), 3 * init["blocks.0.attn.pos_proj.weight"], rtol=0, atol=1e-4
+    )
 
 
 def test_finetune_replaces_the_head_and_resamples_pos_embed(tmp_path, capsys):
@@ -511,8 +644,20 @@ def test_finetune_replaces_the_head_and_resamples_pos_embed(tmp_path, capsys):
         source.pos_embed.normal_()  # timm initialises it to trunc_normal(0.02): make the resampling visible
     torch.save({"model": source.state_dict(), "epoch": 7}, tmp_path / "source.pth")
     # lr 1e-9 x 16 / 512 and no warm-up: the one step leaves the loaded weights as they were, to ~1e-10
-    args = ("--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", "--warmup-epochs", "0", "--lr", "1e-9",
-            "--input-size", "24")  # 6 x 6 patches instead of 4 x 4
+    args = (
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "16",
+        "--warmup-epochs",
+        "0",
+        "--lr",
+        "1e-9",
+        "--input-size",
+        "24",
+    )  # 6 x 6 patches instead of 4 x 4
     net = run(tmp_path, *args, "--finetune", str(tmp_path / "source.pth"))["model"]
     assert "a new head for 10 classes (the weights': 5), pos_embed resampled from 4x4 to 6x6" in capsys.readouterr().out
     tuned, loaded = net.state_dict(), source.state_dict()
@@ -540,8 +685,11 @@ def test_pretrained_says_when_the_hub_cannot_be_reached(monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(timm, "create_model", unreachable)
-    with pytest.raises(TrainError, match="--pretrained convit_tiny: cannot get timm's pretrained weights: the Hugging "
-                                         "Face hub cannot be reached and they are not in its local cache"):
+    with pytest.raises(
+        TrainError,
+        match="--pretrained convit_tiny: cannot get timm's pretrained weights: the Hugging "
+        "Face hub cannot be reached and they are not in its local cache",
+    ):
         pretrained.download("convit_tiny", "--pretrained")
 
 
@@ -564,7 +712,11 @@ def test_best_and_every_n_checkpoints(tmp_path, monkeypatch):
     result = run(tmp_path, *args)
     assert result["best"] == {"epoch": 2, "val_acc1": 70.0}
     assert sorted(p.name for p in out.glob("checkpoint*")) == [
-        "checkpoint-best.pth", "checkpoint-epoch002.pth", "checkpoint-epoch004.pth", "checkpoint.pth"]
+        "checkpoint-best.pth",
+        "checkpoint-epoch002.pth",
+        "checkpoint-epoch004.pth",
+        "checkpoint.pth",
+    ]
     assert (out / "checkpoint-best.pth").read_bytes() == (out / "checkpoint-epoch002.pth").read_bytes()
     assert (out / "checkpoint-epoch004.pth").read_bytes() == (out / "checkpoint.pth").read_bytes()
     assert torch.load(out / "checkpoint-best.pth", weights_only=True)["epoch"] == 1  # from 0, as "epoch" always is
@@ -575,7 +727,10 @@ def test_best_and_every_n_checkpoints(tmp_path, monkeypatch):
     resumed = run(tmp_path, *args, "--stop-after", "1", "--resume", str(out / "checkpoint-epoch002.pth"))
     assert resumed["best"] == {"epoch": 3, "val_acc1": 80.0}
     assert sorted(p.name for p in out.glob("checkpoint*")) == [
-        "checkpoint-best.pth", "checkpoint-epoch002.pth", "checkpoint.pth"]
+        "checkpoint-best.pth",
+        "checkpoint-epoch002.pth",
+        "checkpoint.pth",
+    ]
     assert torch.load(out / "checkpoint-best.pth", weights_only=True)["epoch"] == 2
 
 
@@ -644,6 +799,7 @@ def test_images_per_second_leave_out_the_warm_up_steps(tmp_path, monkeypatch):
             if len(calls) == 1:
                 time.sleep(1.0)
             return criterion(logits, y)
+
         return loss
 
     monkeypatch.setattr(recipe, "create_criterion", slow_first_step)
@@ -671,8 +827,20 @@ def test_randaugment_refused_up_front_where_pillow_refuses_0_bit_posterize(tmp_p
     monkeypatch.setattr("PIL.__version__", "13.0.0")
     out = tmp_path / "out"
     root = image_tree(tmp_path / "data")
-    args = [*TINY, "--data-path", str(root), "--epochs", "1", "--batch-size", "2", "--workers", "0",
-            "--no-repeated-aug", "--output-dir", str(out)]
+    args = [
+        *TINY,
+        "--data-path",
+        str(root),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--no-repeated-aug",
+        "--output-dir",
+        str(out),
+    ]
     assert main(args) == 2  # the recipe's rand-m9-mstd0.5-inc1
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "Pillow 13.0.0 refuses" in err and f"pillow=={data.PINNED_PILLOW}" in err

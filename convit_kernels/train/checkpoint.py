@@ -138,18 +138,36 @@ def load_weights(model: nn.Module, state: dict, path: str, may_miss=()) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state) - set(may_miss))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
-        parts = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-                 if items]
+        parts = [
+            f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+            if items
+        ]
         raise TrainError(f"checkpoint {path!r} does not match the model ({'; '.join(parts)})")
     model.load_state_dict(state, strict=not may_miss)
 
 
-def save(path: str, *, model, optimizer, scheduler, scaler, epoch: int, config, schedule: dict,
-         rng_states: list, ema=None, best: dict | None = None, world_size: int = 1) -> None:
+def save(
+    path: str,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    epoch: int,
+    config,
+    schedule: dict,
+    rng_states: list,
+    ema=None,
+    best: dict | None = None,
+    world_size: int = 1,
+) -> None:
     """`rng_states`: one rng_state() per rank, so every rank's augmentation stream resumes where it stopped."""
     atomic_save(
         {
@@ -173,11 +191,19 @@ def save(path: str, *, model, optimizer, scheduler, scaler, epoch: int, config, 
 SCHEDULE_DEFAULTS = {"accum_steps": 1, "clip_grad": None, "clip_mode": None, "model_ema_decay": None}
 # The options behind each schedule entry, to tell how to resume.
 SCHEDULE_OPTIONS = {
-    "model": ("model",), "epochs": ("epochs",), "lr": ("lr", "batch_size", "accum_steps"),
-    "steps_per_epoch": ("steps_per_epoch", "batch_size", "accum_steps", "sampling_ratio"), "opt": ("opt",),
-    "weight_decay": ("weight_decay",), "warmup_epochs": ("warmup_epochs",), "warmup_lr": ("warmup_lr",),
-    "min_lr": ("min_lr",), "accum_steps": ("accum_steps",), "clip_grad": ("clip_grad", "clip_mode"),
-    "clip_mode": ("clip_grad", "clip_mode"), "model_ema_decay": ("model_ema", "model_ema_decay"),
+    "model": ("model",),
+    "epochs": ("epochs",),
+    "lr": ("lr", "batch_size", "accum_steps"),
+    "steps_per_epoch": ("steps_per_epoch", "batch_size", "accum_steps", "sampling_ratio"),
+    "opt": ("opt",),
+    "weight_decay": ("weight_decay",),
+    "warmup_epochs": ("warmup_epochs",),
+    "warmup_lr": ("warmup_lr",),
+    "min_lr": ("min_lr",),
+    "accum_steps": ("accum_steps",),
+    "clip_grad": ("clip_grad", "clip_mode"),
+    "clip_mode": ("clip_grad", "clip_mode"),
+    "model_ema_decay": ("model_ema", "model_ema_decay"),
 }
 
 
@@ -216,15 +242,21 @@ def check_same_schedule(checkpoint: dict, schedule: dict, path: str) -> None:
     processes = checkpoint.get("world_size")
     if processes and ({"lr", "steps_per_epoch"} & set(changed)):
         options += f" on {processes} process{'es' if processes > 1 else ''}"
-    with_options = f"resume with the checkpoint's options ({options})" if options.strip() else \
-        "resume with the checkpoint's options"
-    raise TrainError(f"checkpoint {path!r} continues another schedule than this run's ({described}): to continue "
-                     f"it, {with_options}; to train its weights with these options, start a new run with "
-                     f"--finetune {path} and another --output-dir")
+    with_options = (
+        f"resume with the checkpoint's options ({options})"
+        if options.strip()
+        else "resume with the checkpoint's options"
+    )
+    raise TrainError(
+        f"checkpoint {path!r} continues another schedule than this run's ({described}): to continue "
+        f"it, {with_options}; to train its weights with these options, start a new run with "
+        f"--finetune {path} and another --output-dir"
+    )
 
 
-def resume(path: str, *, model, optimizer, scheduler, scaler, restore_training: bool, schedule: dict,
-           rank: int = 0, ema=None) -> dict:
+def resume(
+    path: str, *, model, optimizer, scheduler, scaler, restore_training: bool, schedule: dict, rank: int = 0, ema=None
+) -> dict:
     """Load `path` into the model (and the training state when present and wanted).
 
     Returns {"start_epoch": the next epoch (0 for weights only), "best": the best epoch so far or None}.

@@ -13,9 +13,21 @@ from .model import MODEL_NAMES, TIMM_MODELS
 
 # Defaults that depend on the data. With --data-path: the DeiT/ConViT ImageNet recipe.
 IMAGENET_RECIPE = dict(
-    model="convit_tiny", input_size=224, batch_size=64, epochs=300, lr=5e-4, warmup_epochs=5,
-    smoothing=0.1, mixup=0.8, cutmix=1.0, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, drop_path=0.1,
-    repeated_aug=True, workers=8, threads=0,
+    model="convit_tiny",
+    input_size=224,
+    batch_size=64,
+    epochs=300,
+    lr=5e-4,
+    warmup_epochs=5,
+    smoothing=0.1,
+    mixup=0.8,
+    cutmix=1.0,
+    auto_augment="rand-m9-mstd0.5-inc1",
+    reprob=0.25,
+    drop_path=0.1,
+    repeated_aug=True,
+    workers=8,
+    threads=0,
 )
 # Without it: the embedded 8x8 digits, upscaled to 16 px, patch 4: a 4 x 4 grid of 2 x 2-pixel patches (at 32 px,
 # an 8 x 8 grid, the 10 epochs that fit in the same CPU time reached 74% instead of 98%). No RandAugment / Mixup /
@@ -24,9 +36,21 @@ IMAGENET_RECIPE = dict(
 # One thread: this model's ops (32 x 16 tokens x 64 channels) are too small to pay for a thread pool's barriers,
 # and on shared cores those barriers stalled 2 threads to ~3 s per step against ~0.05 s for one.
 DIGITS_RECIPE = dict(
-    model="convit_digits", input_size=16, batch_size=32, epochs=30, lr=3.2e-2, warmup_epochs=1,
-    smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment="", reprob=0.0, drop_path=0.0, repeated_aug=False,
-    workers=0, threads=1,
+    model="convit_digits",
+    input_size=16,
+    batch_size=32,
+    epochs=30,
+    lr=3.2e-2,
+    warmup_epochs=1,
+    smoothing=0.1,
+    mixup=0.0,
+    cutmix=0.0,
+    auto_augment="",
+    reprob=0.0,
+    drop_path=0.0,
+    repeated_aug=False,
+    workers=0,
+    threads=1,
 )
 
 
@@ -45,8 +69,9 @@ def number(kind, *, low, high=math.inf, low_open=False, high_open=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
         if not (math.isfinite(value) and inside):
             raise argparse.ArgumentTypeError(f"must be in {interval}, got {text!r}")
@@ -79,56 +104,104 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--model", choices=MODEL_NAMES, help="default convit_tiny, or convit_digits on the digits")
     g.add_argument("--no-fused", dest="fused", action="store_false", help="train timm's stock GPSA/MHSA instead")
-    g.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES, help="fused GPSA backend (see `convit-kernels backends`)")
+    g.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto",) + BACKEND_NAMES,
+        help="fused GPSA backend (see `convit-kernels backends`)",
+    )
     g.add_argument("--drop-path", type=PROBABILITY, help="stochastic depth (0.1 ImageNet, 0 digits)")
-    g.add_argument("--embed-dim", type=POSITIVE_INT,
-                   help="channels per attention head, as ConViT's --embed_dim (default: the model's, 48 for timm's)")
-    g.add_argument("--local-up-to-layer", type=COUNT,
-                   help="the first N blocks are GPSA, the others MHSA (default: the model's, 10 for timm's)")
-    g.add_argument("--locality-strength", type=NON_NEGATIVE,
-                   help="how sharply the GPSA heads start focused around their centres (default: the model's, 1.0)")
-    g.add_argument("--pretrained", action="store_true",
-                   help="start from timm's pretrained weights for --model (from the Hugging Face hub or its cache): "
-                        "--finetune <model>")
-    g.add_argument("--finetune", metavar="FILE|TIMM_NAME",
-                   help="start a new run from these weights (a checkpoint or state_dict file, or timm's weights such "
-                        "as convit_tiny.fb_in1k); a head of another class count is replaced, pos_embed is resampled "
-                        "to the grid of --input-size")
+    g.add_argument(
+        "--embed-dim",
+        type=POSITIVE_INT,
+        help="channels per attention head, as ConViT's --embed_dim (default: the model's, 48 for timm's)",
+    )
+    g.add_argument(
+        "--local-up-to-layer",
+        type=COUNT,
+        help="the first N blocks are GPSA, the others MHSA (default: the model's, 10 for timm's)",
+    )
+    g.add_argument(
+        "--locality-strength",
+        type=NON_NEGATIVE,
+        help="how sharply the GPSA heads start focused around their centres (default: the model's, 1.0)",
+    )
+    g.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start from timm's pretrained weights for --model (from the Hugging Face hub or its cache): "
+        "--finetune <model>",
+    )
+    g.add_argument(
+        "--finetune",
+        metavar="FILE|TIMM_NAME",
+        help="start a new run from these weights (a checkpoint or state_dict file, or timm's weights such "
+        "as convit_tiny.fb_in1k); a head of another class count is replaced, pos_embed is resampled "
+        "to the grid of --input-size",
+    )
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", help="ImageFolder root with train/<class>/ and val/<class>/ (default: digits)")
-    g.add_argument("--sampling-ratio", type=FRACTION, default=1.0,
-                   help="keep this deterministic fraction of every training class")
+    g.add_argument(
+        "--sampling-ratio", type=FRACTION, default=1.0, help="keep this deterministic fraction of every training class"
+    )
     g.add_argument("--input-size", type=POSITIVE_INT, help="image side in pixels (224 ImageNet, 16 digits)")
-    g.add_argument("--batch-size", type=POSITIVE_INT,
-                   help="per process and micro-batch; the total batch is this x world size x --accum-steps "
-                        "(64 ImageNet, 32 digits)")
+    g.add_argument(
+        "--batch-size",
+        type=POSITIVE_INT,
+        help="per process and micro-batch; the total batch is this x world size x --accum-steps "
+        "(64 ImageNet, 32 digits)",
+    )
     g.add_argument("--workers", type=COUNT, help="DataLoader workers per process (8 ImageNet, 0 digits)")
     g.add_argument("--no-aug", dest="augment", action="store_false", help="no random augmentation at all")
     g.add_argument("--auto-augment", help="timm RandAugment spec ('' for none)")
     g.add_argument("--color-jitter", type=NON_NEGATIVE, default=0.4)
     g.add_argument("--reprob", type=PROBABILITY, help="random erasing probability (0.25 ImageNet)")
-    g.add_argument("--repeated-aug", action=argparse.BooleanOptionalAction,
-                   help="timm's RepeatAugSampler, 3 repeats (on for ImageNet as in ConViT, off for the digits)")
+    g.add_argument(
+        "--repeated-aug",
+        action=argparse.BooleanOptionalAction,
+        help="timm's RepeatAugSampler, 3 repeats (on for ImageNet as in ConViT, off for the digits)",
+    )
     g.add_argument("--mixup", type=NON_NEGATIVE, help="Mixup alpha (0.8 ImageNet, 0 disables)")
     g.add_argument("--cutmix", type=NON_NEGATIVE, help="CutMix alpha (1.0 ImageNet, 0 disables)")
     g.add_argument("--smoothing", type=number(float, low=0, high=1, high_open=True), help="label smoothing (0.1)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=POSITIVE_INT)
     g.add_argument("--opt", default="adamw")
-    g.add_argument("--lr", type=POSITIVE,
-                   help="ConViT's --lr: the lr of a total batch of 512; the run uses lr x total batch / 512, "
-                        "total batch = --batch-size x processes x --accum-steps (5e-4 ImageNet, 3.2e-2 digits)")
-    g.add_argument("--accum-steps", type=POSITIVE_INT, default=1,
-                   help="gradient accumulation: micro-batches of --batch-size per optimiser step")
-    g.add_argument("--clip-grad", type=POSITIVE, help="clip the gradients at this norm, value or factor "
-                                                      "(--clip-mode); none clipped without it")
-    g.add_argument("--clip-mode", choices=("norm", "value", "agc"), default="norm",
-                   help="timm's dispatch_clip_grad mode: global 2-norm, each value, or adaptive (AGC)")
-    g.add_argument("--model-ema", action="store_true",
-                   help="keep an exponential moving average of the weights (timm's ModelEmaV3), evaluated every "
-                        "epoch and saved in the checkpoint")
-    g.add_argument("--model-ema-decay", type=number(float, low=0, high=1, low_open=True, high_open=True),
-                   default=0.99996, help="EMA decay per optimiser step (ConViT's)")
+    g.add_argument(
+        "--lr",
+        type=POSITIVE,
+        help="ConViT's --lr: the lr of a total batch of 512; the run uses lr x total batch / 512, "
+        "total batch = --batch-size x processes x --accum-steps (5e-4 ImageNet, 3.2e-2 digits)",
+    )
+    g.add_argument(
+        "--accum-steps",
+        type=POSITIVE_INT,
+        default=1,
+        help="gradient accumulation: micro-batches of --batch-size per optimiser step",
+    )
+    g.add_argument(
+        "--clip-grad",
+        type=POSITIVE,
+        help="clip the gradients at this norm, value or factor (--clip-mode); none clipped without it",
+    )
+    g.add_argument(
+        "--clip-mode",
+        choices=("norm", "value", "agc"),
+        default="norm",
+        help="timm's dispatch_clip_grad mode: global 2-norm, each value, or adaptive (AGC)",
+    )
+    g.add_argument(
+        "--model-ema",
+        action="store_true",
+        help="keep an exponential moving average of the weights (timm's ModelEmaV3), evaluated every "
+        "epoch and saved in the checkpoint",
+    )
+    g.add_argument(
+        "--model-ema-decay",
+        type=number(float, low=0, high=1, low_open=True, high_open=True),
+        default=0.99996,
+        help="EMA decay per optimiser step (ConViT's)",
+    )
     g.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.05)
     g.add_argument("--warmup-epochs", type=COUNT)
     g.add_argument("--warmup-lr", type=NON_NEGATIVE, default=1e-6)
@@ -139,25 +212,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu"), default="auto")
     g.add_argument("--threads", type=COUNT, help="CPU threads per process (0: cores / local processes; 1 digits)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps-per-epoch", type=COUNT, default=0,
-                   help="cap the optimiser steps of an epoch (0: whole epoch)")
-    g.add_argument("--stop-after", type=COUNT, default=0,
-                   help="stop after this many epochs of this invocation; the schedule still spans --epochs")
+    g.add_argument(
+        "--steps-per-epoch", type=COUNT, default=0, help="cap the optimiser steps of an epoch (0: whole epoch)"
+    )
+    g.add_argument(
+        "--stop-after",
+        type=COUNT,
+        default=0,
+        help="stop after this many epochs of this invocation; the schedule still spans --epochs",
+    )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
     g = parser.add_argument_group("output")
-    g.add_argument("--output-dir", default="convit-train",
-                   help="checkpoint.pth, checkpoint-best.pth, log.jsonl, gpsa.png (and --save-every's checkpoints, "
-                        "TensorBoard's events)")
+    g.add_argument(
+        "--output-dir",
+        default="convit-train",
+        help="checkpoint.pth, checkpoint-best.pth, log.jsonl, gpsa.png (and --save-every's checkpoints, "
+        "TensorBoard's events)",
+    )
     g.add_argument("--resume", help="checkpoint to continue from (or timm/facebookresearch weights to start from)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --output-dir (its files go when this run's first epoch ends)")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --output-dir (its files go when this run's first epoch ends)",
+    )
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--stat-images", type=COUNT, default=64, help="validation images for the GPSA statistics")
-    g.add_argument("--save-every", type=COUNT, default=0,
-                   help="also keep the checkpoint of every N-th epoch, as checkpoint-epochNNN.pth (0: never); "
-                        "checkpoint-best.pth is the epoch of the best val acc1")
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
-                   help="TensorBoard scalars in --output-dir/tensorboard (default: when tensorboard is installed)")
+    g.add_argument(
+        "--save-every",
+        type=COUNT,
+        default=0,
+        help="also keep the checkpoint of every N-th epoch, as checkpoint-epochNNN.pth (0: never); "
+        "checkpoint-best.pth is the epoch of the best val acc1",
+    )
+    g.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        help="TensorBoard scalars in --output-dir/tensorboard (default: when tensorboard is installed)",
+    )
     return parser
 
 
@@ -180,24 +271,31 @@ def parse_config(argv=None) -> argparse.Namespace:
         raise TrainError("--eval needs the weights to evaluate: --resume <checkpoint>")
     if config.resume is not None and (config.finetune is not None or config.pretrained):
         flag = "--finetune" if config.finetune is not None else "--pretrained"
-        raise TrainError(f"{flag} starts a new run from weights, --resume continues a run (or evaluates one): "
-                         f"choose one")
+        raise TrainError(
+            f"{flag} starts a new run from weights, --resume continues a run (or evaluates one): choose one"
+        )
     if config.pretrained and config.finetune is not None:
         raise TrainError("--pretrained is --finetune with timm's weights for --model: choose one")
     if config.pretrained and config.model not in TIMM_MODELS:
-        raise TrainError(f"--pretrained: timm has no weights for {config.model}, only for {', '.join(TIMM_MODELS)} "
-                         f"(or --finetune FILE)")
+        raise TrainError(
+            f"--pretrained: timm has no weights for {config.model}, only for {', '.join(TIMM_MODELS)} "
+            f"(or --finetune FILE)"
+        )
     if config.finetune is not None:
         check_finetune_source(config.finetune)
     depth = model_depth(config.model)
     if config.local_up_to_layer is not None and config.local_up_to_layer > depth:
         raise TrainError(f"--local-up-to-layer {config.local_up_to_layer}: {config.model} has {depth} blocks")
     if config.tensorboard and not tensorboard_installed():
-        raise TrainError("--tensorboard: the tensorboard package is not installed (pip install tensorboard, or "
-                         "leave out --tensorboard)")
+        raise TrainError(
+            "--tensorboard: the tensorboard package is not installed (pip install tensorboard, or "
+            "leave out --tensorboard)"
+        )
     if mixup_active(config) and config.batch_size % 2:
-        raise TrainError(f"Mixup/CutMix pair each image with another of its batch: --batch-size must be even, "
-                         f"got {config.batch_size} (or --mixup 0 --cutmix 0)")
+        raise TrainError(
+            f"Mixup/CutMix pair each image with another of its batch: --batch-size must be even, "
+            f"got {config.batch_size} (or --mixup 0 --cutmix 0)"
+        )
     return config
 
 
@@ -229,6 +327,8 @@ def main(argv=None) -> int:
         ema = f" (EMA {last['val_acc1_ema']:.2f}%)" if "val_acc1_ema" in last else ""
         rate = result["images_per_s"]
         rate = f"{rate:.0f} images/s after warm-up" if rate else "images/s not timed (too few steps per epoch)"
-        print(f"done: epoch {last['epoch']}, val acc {last['val_acc1']:.2f}%{ema}, best {best['val_acc1']:.2f}% "
-              f"(epoch {best['epoch']}), {rate}, wall {time.perf_counter() - start:.1f} s")
+        print(
+            f"done: epoch {last['epoch']}, val acc {last['val_acc1']:.2f}%{ema}, best {best['val_acc1']:.2f}% "
+            f"(epoch {best['epoch']}), {rate}, wall {time.perf_counter() - start:.1f} s"
+        )
     return 0

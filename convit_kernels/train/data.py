@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -167,8 +166,9 @@ def check_augmentation(recipe) -> None:
     try:
         transform = train_transform(32, recipe)
     except Exception as error:  # timm's parser raises assertion and key errors on a malformed spec
-        raise TrainError(f"--auto-augment {recipe.auto_augment!r} is not a timm policy: "
-                         f"{type(error).__name__}: {error}") from None
+        raise TrainError(
+            f"--auto-augment {recipe.auto_augment!r} is not a timm policy: {type(error).__name__}: {error}"
+        ) from None
     fewest = min((_posterize_bits(op)[0] for op in _augment_ops(transform) if "Posterize" in op.name), default=8)
     if fewest < 1 and not pillow_posterizes_to_zero_bits():
         import PIL
@@ -249,28 +249,38 @@ def build_loaders(bundle: DataBundle, config, rank: int, world_size: int, pin_me
     train = DataLoader(bundle.train, batch_size=config.batch_size, sampler=sampler, drop_last=True, **common)
     if len(train) == 0:
         hint = " (repeated augmentation takes a multiple of 256: --no-repeated-aug)" if config.repeated_aug else ""
-        raise TrainError(f"the training set has {len(sampler)} images per process{hint}, fewer than "
-                         f"--batch-size {config.batch_size}")
+        raise TrainError(
+            f"the training set has {len(sampler)} images per process{hint}, fewer than --batch-size {config.batch_size}"
+        )
     # Every rank evaluates a disjoint shard, no padding: the summed counts are the exact accuracy.
     val_shard = Subset(bundle.val, range(rank, len(bundle.val), world_size))
     val = DataLoader(val_shard, batch_size=config.batch_size * 2, shuffle=False, **common)
     return train, val
 
 
-def fixed_batch(dataset: Dataset, count: int) -> Optional[torch.Tensor]:
+def fixed_batch(dataset: Dataset, count: int) -> torch.Tensor | None:
     """The first `count` validation images, stacked: the input on which GPSA statistics are measured."""
     count = min(count, len(dataset))
     return torch.stack([dataset[i][0] for i in range(count)]) if count else None
 
 
-def steps_per_epoch(loader: DataLoader, limit: Optional[int], accum_steps: int = 1) -> int:
+def steps_per_epoch(loader: DataLoader, limit: int | None, accum_steps: int = 1) -> int:
     """Optimiser steps of an epoch: whole groups of `accum_steps` batches (a last, partial group is left out)."""
     steps = len(loader) // accum_steps
     if steps == 0:
-        raise TrainError(f"the training set has {len(loader)} batches of --batch-size per process, fewer than "
-                         f"--accum-steps {accum_steps}")
+        raise TrainError(
+            f"the training set has {len(loader)} batches of --batch-size per process, fewer than "
+            f"--accum-steps {accum_steps}"
+        )
     return steps if not limit else min(limit, steps)
 
 
-__all__ = ["DataBundle", "build_data", "build_loaders", "check_augmentation", "fixed_batch", "steps_per_epoch",
-           "subsample_per_class"]
+__all__ = [
+    "DataBundle",
+    "build_data",
+    "build_loaders",
+    "check_augmentation",
+    "fixed_batch",
+    "steps_per_epoch",
+    "subsample_per_class",
+]

@@ -80,8 +80,9 @@ def stop_if_diverged(recent_losses: list, runtime: Runtime, epoch: int, step: in
         dist.all_reduce(bad)
     if bad.item():
         kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no checkpoint was written"
-        raise Diverged(f"the loss is not finite (nan or inf) by epoch {epoch + 1}, step {step + 1}: "
-                       f"training stopped; {kept}")
+        raise Diverged(
+            f"the loss is not finite (nan or inf) by epoch {epoch + 1}, step {step + 1}: training stopped; {kept}"
+        )
 
 
 def synchronize(runtime: Runtime) -> None:
@@ -89,8 +90,22 @@ def synchronize(runtime: Runtime) -> None:
         torch.cuda.synchronize()
 
 
-def train_one_epoch(model, loader, steps, optimizer, scaler, criterion, mixup, runtime, config, epoch: int, *,
-                    net=None, ema=None, no_sync=None) -> dict:
+def train_one_epoch(
+    model,
+    loader,
+    steps,
+    optimizer,
+    scaler,
+    criterion,
+    mixup,
+    runtime,
+    config,
+    epoch: int,
+    *,
+    net=None,
+    ema=None,
+    no_sync=None,
+) -> dict:
     """`steps` optimiser steps of --accum-steps micro-batches each.
 
     Each micro-batch's loss is scaled by 1 / accum-steps, so the accumulated gradient is that of the mean loss over
@@ -112,8 +127,12 @@ def train_one_epoch(model, loader, steps, optimizer, scaler, criterion, mixup, r
     batches = iter(loader)
     timed_images, timed_from = 0, None
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True,
-               disable=not (runtime.is_main and config.progress))
+    bar = tqdm(
+        total=steps,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        dynamic_ncols=True,
+        disable=not (runtime.is_main and config.progress),
+    )
     for step in range(steps):
         if step == WARMUP_STEPS:
             synchronize(runtime)
@@ -191,8 +210,14 @@ def evaluate(model, loader, runtime, config, num_classes: int) -> dict:
         with torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x).float()
         hits = logits.topk(top_k, dim=-1).indices == y[:, None]
-        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum"), hits[:, 0].sum(), hits.any(-1).sum(),
-                               torch.tensor(len(y), device=runtime.device)]).double()
+        totals += torch.stack(
+            [
+                F.cross_entropy(logits, y, reduction="sum"),
+                hits[:, 0].sum(),
+                hits.any(-1).sum(),
+                torch.tensor(len(y), device=runtime.device),
+            ]
+        ).double()
     if runtime.world_size > 1:
         dist.all_reduce(totals)
     loss, top1, topk, count = totals.tolist()
@@ -216,8 +241,13 @@ def fit(config) -> dict:
     if not config.eval:  # --eval writes nothing
         output.check(config.output_dir, resume=config.resume, overwrite=config.overwrite)
     if config.fused:
-        recipe.check_backend(config.backend, config.model, runtime.device.type, AMP_DTYPES[config.amp] or torch.float32,
-                             embed_dim=config.embed_dim)
+        recipe.check_backend(
+            config.backend,
+            config.model,
+            runtime.device.type,
+            AMP_DTYPES[config.amp] or torch.float32,
+            embed_dim=config.embed_dim,
+        )
     if config.data_path is not None and not config.eval:
         data.check_augmentation(config)
     # Before seeding: timm builds a model to load its pretrained weights into, drawing random numbers.
@@ -227,9 +257,16 @@ def fit(config) -> dict:
     random.seed(config.seed + runtime.rank)
 
     bundle = data.build_data(config)
-    net = recipe.create_model(config.model, num_classes=bundle.num_classes, img_size=config.input_size,
-                              in_chans=bundle.in_chans, drop_path=config.drop_path, fused=config.fused,
-                              backend=config.backend, **recipe.architecture(config))
+    net = recipe.create_model(
+        config.model,
+        num_classes=bundle.num_classes,
+        img_size=config.input_size,
+        in_chans=bundle.in_chans,
+        drop_path=config.drop_path,
+        fused=config.fused,
+        backend=config.backend,
+        **recipe.architecture(config),
+    )
     if start_weights is not None:
         source = pretrained.source_of(config)
         notes = pretrained.apply(net, start_weights, source)
@@ -240,25 +277,44 @@ def fit(config) -> dict:
         net = net.to(memory_format=torch.channels_last)  # the patch-embedding convolution prefers NHWC on GPUs
     # ConViT's ModelEma: a copy of the weights, averaged after every optimiser step with a fixed decay.
     ema = ModelEmaV3(net, decay=config.model_ema_decay) if config.model_ema else None
-    train_loader, val_loader = data.build_loaders(bundle, config, runtime.rank, runtime.world_size,
-                                                  pin_memory=runtime.device.type == "cuda")
+    train_loader, val_loader = data.build_loaders(
+        bundle, config, runtime.rank, runtime.world_size, pin_memory=runtime.device.type == "cuda"
+    )
     steps = data.steps_per_epoch(train_loader, config.steps_per_epoch, config.accum_steps)
     lr = recipe.scaled_lr(config, runtime.world_size)
     optimizer = recipe.create_optimizer(net, lr, config)
     scheduler = recipe.create_scheduler(optimizer, config)
     # What the optimiser and scheduler states of a checkpoint hold, and how its steps were taken: a resume must
     # not change it unseen.
-    schedule = dict(model=config.model, epochs=config.epochs, lr=lr, steps_per_epoch=steps, opt=config.opt,
-                    weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr,
-                    min_lr=config.min_lr, accum_steps=config.accum_steps, clip_grad=config.clip_grad,
-                    clip_mode=config.clip_mode if config.clip_grad else None,
-                    model_ema_decay=config.model_ema_decay if config.model_ema else None)
+    schedule = dict(
+        model=config.model,
+        epochs=config.epochs,
+        lr=lr,
+        steps_per_epoch=steps,
+        opt=config.opt,
+        weight_decay=config.weight_decay,
+        warmup_epochs=config.warmup_epochs,
+        warmup_lr=config.warmup_lr,
+        min_lr=config.min_lr,
+        accum_steps=config.accum_steps,
+        clip_grad=config.clip_grad,
+        clip_mode=config.clip_mode if config.clip_grad else None,
+        model_ema_decay=config.model_ema_decay if config.model_ema else None,
+    )
     scaler = torch.amp.GradScaler(runtime.device.type) if config.amp == "fp16" else None
     start_epoch, best = 0, None
     if config.resume:
-        resumed = checkpoint.resume(config.resume, model=net, optimizer=optimizer, scheduler=scheduler,
-                                    scaler=scaler, restore_training=not config.eval, schedule=schedule,
-                                    rank=runtime.rank, ema=ema)
+        resumed = checkpoint.resume(
+            config.resume,
+            model=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            restore_training=not config.eval,
+            schedule=schedule,
+            rank=runtime.rank,
+            ema=ema,
+        )
         start_epoch, best = resumed["start_epoch"], resumed["best"]
 
     model, no_sync = net, None
@@ -272,11 +328,16 @@ def fit(config) -> dict:
     if config.compile:
         model = torch.compile(model)
 
-    print_main(runtime, f"data: {bundle.name}, {len(bundle.train)} train / {len(bundle.val)} val images, "
-                        f"{bundle.num_classes} classes")
-    print_main(runtime, f"model: {config.model} ({'fused GPSA' if config.fused else 'stock timm'}), "
-                        f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, on {runtime.device}"
-                        f" x {runtime.world_size}, amp {config.amp}")
+    print_main(
+        runtime,
+        f"data: {bundle.name}, {len(bundle.train)} train / {len(bundle.val)} val images, {bundle.num_classes} classes",
+    )
+    print_main(
+        runtime,
+        f"model: {config.model} ({'fused GPSA' if config.fused else 'stock timm'}), "
+        f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, on {runtime.device}"
+        f" x {runtime.world_size}, amp {config.amp}",
+    )
     if config.eval:
         metrics = evaluate(model, val_loader, runtime, config, bundle.num_classes)
         if ema is not None:
@@ -286,13 +347,16 @@ def fit(config) -> dict:
 
     total_batch = recipe.total_batch(config, runtime.world_size)
     accumulation = f" ({config.batch_size} x {config.accum_steps} accumulated)" if config.accum_steps > 1 else ""
-    print_main(runtime, f"recipe: lr {config.lr:g} x total batch {total_batch}{accumulation} / 512 = {lr:.4g}, "
-                        f"{config.epochs} epochs x {steps} steps, warm-up {config.warmup_epochs}, "
-                        f"wd {config.weight_decay}, smoothing {config.smoothing}, mixup {config.mixup}, "
-                        f"cutmix {config.cutmix}, drop path {config.drop_path}, augment {config.augment}, "
-                        f"repeated augmentation {config.repeated_aug}, clip grad "
-                        f"{f'{config.clip_grad:g} ({config.clip_mode})' if config.clip_grad else 'off'}, model EMA "
-                        f"{config.model_ema_decay if config.model_ema else 'off'}")
+    print_main(
+        runtime,
+        f"recipe: lr {config.lr:g} x total batch {total_batch}{accumulation} / 512 = {lr:.4g}, "
+        f"{config.epochs} epochs x {steps} steps, warm-up {config.warmup_epochs}, "
+        f"wd {config.weight_decay}, smoothing {config.smoothing}, mixup {config.mixup}, "
+        f"cutmix {config.cutmix}, drop path {config.drop_path}, augment {config.augment}, "
+        f"repeated augmentation {config.repeated_aug}, clip grad "
+        f"{f'{config.clip_grad:g} ({config.clip_mode})' if config.clip_grad else 'off'}, model EMA "
+        f"{config.model_ema_decay if config.model_ema else 'off'}",
+    )
     mixup = recipe.create_mixup(config, bundle.num_classes)
     criterion = recipe.create_criterion(config, mixup)
     stat_images = data.fixed_batch(bundle.val, config.stat_images)
@@ -312,8 +376,23 @@ def fit(config) -> dict:
         for epoch in range(start_epoch, stop_epoch):
             train_loader.sampler.set_epoch(epoch)
             record = {"epoch": epoch + 1}
-            record.update(train_one_epoch(model, train_loader, steps, optimizer, scaler, criterion, mixup, runtime,
-                                          config, epoch, net=net, ema=ema, no_sync=no_sync))
+            record.update(
+                train_one_epoch(
+                    model,
+                    train_loader,
+                    steps,
+                    optimizer,
+                    scaler,
+                    criterion,
+                    mixup,
+                    runtime,
+                    config,
+                    epoch,
+                    net=net,
+                    ema=ema,
+                    no_sync=no_sync,
+                )
+            )
             images, seconds = record.pop("timed")
             timed_images, timed_s = timed_images + images, timed_s + seconds
             # ConViT's (and DeiT's) schedule: after epoch e, the lr of step e; epoch e + 1 trains with it, so the
@@ -333,14 +412,27 @@ def fit(config) -> dict:
                 if epoch == start_epoch:
                     output.claim(config.output_dir, continues=continues, start_epoch=start_epoch, log=log)
                     if use_tensorboard:
-                        board = TensorBoard(os.path.join(config.output_dir, output.TENSORBOARD),
-                                            purge_step=start_epoch + 1 if continues else None)
+                        board = TensorBoard(
+                            os.path.join(config.output_dir, output.TENSORBOARD),
+                            purge_step=start_epoch + 1 if continues else None,
+                        )
                 if stat_images is not None:
                     record["gpsa"] = gpsa_statistics(net, stat_images)
                     record["nonlocality_convit"] = nonlocality_as_convit(net, stat_images)
-                checkpoint.save(last_path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                epoch=epoch, config=config, schedule=schedule, rng_states=rng_states, ema=ema,
-                                best=best, world_size=runtime.world_size)
+                checkpoint.save(
+                    last_path,
+                    model=net,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    epoch=epoch,
+                    config=config,
+                    schedule=schedule,
+                    rng_states=rng_states,
+                    ema=ema,
+                    best=best,
+                    world_size=runtime.world_size,
+                )
                 if improved:
                     checkpoint.atomic_copy(last_path, best_path)
                 if config.save_every and (epoch + 1) % config.save_every == 0:
@@ -348,11 +440,17 @@ def fit(config) -> dict:
                 log.write({k: v for k, v in record.items() if k != "step_losses"})
                 if board is not None:
                     board.write(record)
-                rate = f"{record['images_per_s']:.0f} images/s" if record["images_per_s"] else \
-                    f"images/s not timed (<= {WARMUP_STEPS} steps)"
+                rate = (
+                    f"{record['images_per_s']:.0f} images/s"
+                    if record["images_per_s"]
+                    else f"images/s not timed (<= {WARMUP_STEPS} steps)"
+                )
                 ema_acc = f" (EMA {record['val_acc1_ema']:.2f}%)" if ema is not None else ""
-                print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
-                      f"val acc {record['val_acc1']:.2f}%{ema_acc}{', best' if improved else ''}, {rate}", flush=True)
+                print(
+                    f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
+                    f"val acc {record['val_acc1']:.2f}%{ema_acc}{', best' if improved else ''}, {rate}",
+                    flush=True,
+                )
             records.append(record)
     finally:
         if board is not None:
@@ -361,5 +459,10 @@ def fit(config) -> dict:
     plot_path = os.path.join(config.output_dir, output.PLOT)
     if runtime.is_main and records and plot_gpsa(log.records(), plot_path):
         print(f"log: {log.path}, plot: {plot_path}, checkpoint: {last_path}")
-    return {"records": records, "model": net, "ema": ema, "best": best,
-            "images_per_s": timed_images / timed_s if timed_images else None}
+    return {
+        "records": records,
+        "model": net,
+        "ema": ema,
+        "best": best,
+        "images_per_s": timed_images / timed_s if timed_images else None,
+    }

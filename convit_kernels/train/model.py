@@ -45,8 +45,17 @@ def architecture(config) -> dict:
     return {key: getattr(config, key) for key in ARCHITECTURE_OPTIONS if getattr(config, key, None) is not None}
 
 
-def create_model(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_path: float,
-                 fused: bool, backend: str = "auto", **arch) -> nn.Module:
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    img_size: int,
+    in_chans: int,
+    drop_path: float,
+    fused: bool,
+    backend: str = "auto",
+    **arch,
+) -> nn.Module:
     """A ConViT by name; with ``fused`` its GPSA layers are FusedGPSA and its MHSA layers SDPA (same keys).
 
     ``arch``: embed_dim (per head), local_up_to_layer, locality_strength, replacing the named model's.
@@ -127,8 +136,15 @@ def create_mixup(config, num_classes: int):
         return None
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
-                 label_smoothing=config.smoothing, num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=config.mixup,
+        cutmix_alpha=config.cutmix,
+        prob=1.0,
+        switch_prob=0.5,
+        mode="batch",
+        label_smoothing=config.smoothing,
+        num_classes=num_classes,
+    )
 
 
 def create_criterion(config, mixup) -> nn.Module:

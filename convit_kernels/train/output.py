@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-from typing import Optional
 
 from .errors import TrainError
 
@@ -58,14 +57,14 @@ def remove(path: str) -> None:
         os.unlink(path)
 
 
-def continues_run(folder: str, resume: Optional[str]) -> bool:
+def continues_run(folder: str, resume: str | None) -> bool:
     """Whether --resume names a checkpoint inside the output folder: the same run, continued."""
     if resume is None or not os.path.isdir(folder):
         return False
     return os.path.samefile(os.path.dirname(os.path.abspath(resume)), folder)
 
 
-def check(folder: str, *, resume: Optional[str], overwrite: bool) -> None:
+def check(folder: str, *, resume: str | None, overwrite: bool) -> None:
     """Before any work: `folder` can be created and written, and holds no other run unless resumed or replaced."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise TrainError(f"--output-dir {folder!r} is a file, not a folder")
@@ -95,8 +94,11 @@ def claim(folder: str, *, continues: bool, start_epoch: int, log) -> None:
     os.makedirs(folder, exist_ok=True)
     if continues:
         log.keep_epochs_up_to(start_epoch)
-        later = [path for path in glob.glob(os.path.join(folder, "checkpoint-epoch*.pth"))
-                 if (epoch_of_every(path) or 0) > start_epoch]
+        later = [
+            path
+            for path in glob.glob(os.path.join(folder, "checkpoint-epoch*.pth"))
+            if (epoch_of_every(path) or 0) > start_epoch
+        ]
         best = os.path.join(folder, BEST)
         if os.path.exists(best) and (saved_epoch(best) or 0) > start_epoch:
             later.append(best)

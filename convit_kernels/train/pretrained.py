@@ -39,8 +39,9 @@ def check_finetune_source(source: str) -> None:
     if os.path.isfile(source) or is_timm_name(source):
         return
     what = "is a folder, not a file" if os.path.isdir(source) else "does not exist"
-    raise TrainError(f"--finetune {source!r} {what}, and is not one of timm's ConViT weights "
-                     f"({', '.join(timm_names())})")
+    raise TrainError(
+        f"--finetune {source!r} {what}, and is not one of timm's ConViT weights ({', '.join(timm_names())})"
+    )
 
 
 def source_of(config) -> str | None:
@@ -66,12 +67,15 @@ def download(name: str, flag: str) -> dict:
         if constants.is_offline_mode():
             reason = "offline (HF_HUB_OFFLINE is set) and they are not in the local Hugging Face cache"
         elif isinstance(error, (LocalEntryNotFoundError, ConnectionError, TimeoutError)):
-            reason = f"the Hugging Face hub cannot be reached and they are not in its local cache " \
-                     f"({type(error).__name__})"
+            reason = (
+                f"the Hugging Face hub cannot be reached and they are not in its local cache ({type(error).__name__})"
+            )
         else:
             reason = cause
-        raise TrainError(f"{flag} {name}: cannot get timm's pretrained weights: {reason}; fetch them where the hub "
-                         f"is reachable, or pass a local file with --finetune FILE") from None
+        raise TrainError(
+            f"{flag} {name}: cannot get timm's pretrained weights: {reason}; fetch them where the hub "
+            f"is reachable, or pass a local file with --finetune FILE"
+        ) from None
     finally:
         hub_logging.set_verbosity(verbosity)
 
@@ -89,7 +93,7 @@ def fetch(config, announce: Callable[[str], None]) -> dict | None:
 
 
 def grid_of(tokens: int) -> int:
-    side = int(round(tokens ** 0.5))
+    side = int(round(tokens**0.5))
     return side if side * side == tokens else 0
 
 
@@ -107,8 +111,13 @@ def apply(model: nn.Module, state: dict, source: str) -> list:
             del state[key]
         notes.append(f"a new head for {own['head.weight'].shape[0]} classes (the weights': {theirs})")
     pos_embed = state.get("pos_embed")
-    if isinstance(pos_embed, torch.Tensor) and pos_embed.dim() == 3 and pos_embed.shape != own["pos_embed"].shape \
-            and pos_embed.shape[-1] == own["pos_embed"].shape[-1] and grid_of(pos_embed.shape[1]):
+    if (
+        isinstance(pos_embed, torch.Tensor)
+        and pos_embed.dim() == 3
+        and pos_embed.shape != own["pos_embed"].shape
+        and pos_embed.shape[-1] == own["pos_embed"].shape[-1]
+        and grid_of(pos_embed.shape[1])
+    ):
         new_grid = list(model.patch_embed.grid_size)
         old = grid_of(pos_embed.shape[1])
         # ConViT's pos_embed covers the patches only: its class token joins after the GPSA blocks

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 
-def gpsa_layers(model: nn.Module) -> "OrderedDict[str, nn.Module]":
+def gpsa_layers(model: nn.Module) -> OrderedDict[str, nn.Module]:
     """Every GPSA-like layer (timm's GPSA or FusedGPSA: it has a gate), by module name."""
     return OrderedDict(
         (name, m) for name, m in model.named_modules() if isinstance(getattr(m, "gating_param", None), torch.Tensor)
@@ -32,8 +32,10 @@ def gpsa_statistics(model: nn.Module, images: torch.Tensor) -> dict:
     """{layer: {"gating": [H], "nonlocality": [H]}} measured on `images` with the model in eval mode."""
     layers = gpsa_layers(model)
     inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
-             for name, m in layers.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, m in layers.items()
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -59,8 +61,10 @@ def nonlocality_as_convit(model: nn.Module, images: torch.Tensor) -> dict:
     model.eval()
     try:
         tokens = model.patch_embed(images)
-        return {str(index): block.attn.get_attention_map(tokens).float().tolist()
-                for index, block in enumerate(model.blocks)}
+        return {
+            str(index): block.attn.get_attention_map(tokens).float().tolist()
+            for index, block in enumerate(model.blocks)
+        }
     finally:
         model.train(was_training)
 
