@@ -158,3 +158,20 @@ def test_backend_registration():
     )  # the interpreter is never the fast choice
     with pytest.raises(BackendError, match="takes head dims up to 128, not 136"):
         gpsa_attention(*make_inputs(1, 1, 4, 136), backend="triton")
+
+
+def test_custom_ops_opcheck_and_compile_fullgraph():
+    q, k, v, w, b, lam = [t.detach().contiguous().requires_grad_() for t in make_inputs(1, 2, 16, 8)]
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    result = torch.library.opcheck(triton_gpsa.triton_gpsa_fwd, (q, k, v, w, b, lam, 4, 0.3), test_utils=checks)
+    assert set(result.values()) == {"SUCCESS"}, result
+    torch._dynamo.reset()
+
+    def layer(*args):
+        return gpsa_attention(*args, backend="triton").square().sum()
+
+    inputs = [q, k, v, w, b, lam]
+    got = torch.autograd.grad(torch.compile(layer, fullgraph=True)(*inputs), inputs)
+    want = torch.autograd.grad(layer(*inputs), inputs)
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_)
