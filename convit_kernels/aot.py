@@ -1,17 +1,29 @@
-"""`convit-kernels aot`: compile the Triton GPSA kernels for sm_80 / sm_90 without a GPU and report resources.
+"""`convit-kernels aot`: compile the Triton GPSA kernels for sm_80 / sm_90 without a GPU and report their cost.
 
-Each kernel of ``triton_gpsa.KERNELS`` is compiled with ``triton.compile`` for an
-explicit ``GPUTarget("cuda", arch, 32)``, in each input dtype and for ConViT's
-head dims (48 and 64), with each fixed configuration of ``triton_gpsa.FIXED_CONFIGS``
-in each key path it runs (``keys=tile``: the whole key row in one BLOCK_N tile,
-N = 196 for a "tile" configuration; ``keys=loop``: several key blocks) and the
-argument specialisation the runtime would apply to inputs
-taken from the qk / v projections (16-byte aligned pointers, strides divisible
-by 16, unit stride along d). ``cuobjdump`` (shipped in
-``triton/backends/nvidia/bin``) reads the cubin's registers per thread, local
-memory (spills), shared memory, and the SASS's tensor-core instructions
-(HMMA: sm_80 mma.sync; HGMMA: sm_90 warpgroup wgmma). The exit status is 1 when
-a kernel fails to compile or spills.
+Each kernel of ``triton_gpsa.KERNELS`` is compiled with ``triton.compile`` for an explicit
+``GPUTarget("cuda", arch, 32)``, in each input dtype and head dim, in the fixed configuration
+it runs (``triton_gpsa.FIXED_CONFIGS``), with the argument specialisation the runtime applies to
+inputs taken from the qk / v projections (16-byte aligned pointers, strides divisible by 16,
+unit stride along d) and the even-tile flags of the row length N (default ConViT's 196). The
+forward is compiled twice: with its GPSA epilogue (``fwd``) and without (``fwd_twin``, plain
+attention: the yardstick).
+
+From the cubin (``cuobjdump`` of the triton wheel): registers per thread, spills (stack and
+local bytes), shared memory, the tensor-core instruction kind (HGMMA: sm_90 wgmma; HMMA:
+mma.sync) and the SASS thread-instructions per score element, counted statically (each
+instruction once, whatever its predicate):
+
+* ``loop/sc``: the main loop's body (the outermost backward-branch regions that hold the
+  tensor-core instructions) x threads per program / scores one iteration handles
+  (BLOCK_M x BLOCK_N);
+* ``prog/sc``: the whole program at row length N, every instruction once and the body once per
+  full iteration (the masked last tile is straight-line code after the loop), x threads /
+  (rows the program owns x N).
+
+The summary gives, per arch, dtype and head dim, the forward's ratio to its twin and the
+backward's sum (dq + dk/dv, and with the preprocess). The exit status is 1 when a kernel fails
+to compile or spills. ``compile_report`` is the same from Python, with each kernel's SASS and
+launch shape.
 """
 
 from __future__ import annotations
@@ -23,21 +35,32 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["main", "compile_report", "KernelReport"]
+__all__ = ["main", "compile_report", "summarise", "KernelReport", "count_instructions"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HEAD_DIMS = (48, 64)
+CONVIT_N = 196
 # Per-SM limits: registers (32-bit), shared memory usable by blocks, resident warps.
 SM_LIMITS = {80: (65536, 164 * 1024, 64), 90: (65536, 228 * 1024, 64)}
+# The reported kernels: name -> (kernel of triton_gpsa.KERNELS, the GPSA constexpr or None).
+REPORTED = {
+    "fwd": ("fwd", True),
+    "fwd_twin": ("fwd", False),
+    "bwd_pre": ("bwd_pre", None),
+    "bwd_dkdv": ("bwd_dkdv", None),
+    "bwd_dq": ("bwd_dq", None),
+}
 # Scalar arguments (besides the strides): fp32 ones and i32 ones; every other argument is a pointer.
 FLOAT_ARGS = {"qk_scale", "scale"}
-INT_ARGS = {"H", "N", "grid_w", "grid_h", "partials_per_head"}
-# Pointers to the saved state and the tables: always fp32, whatever the input dtype.
-FP32_POINTERS = {"PX", "PY", "GATE", "LSE", "DELTA_C", "DELTA_P", "GATE_PARTIAL", "DW_PARTIAL"}
+INT_ARGS = {"H", "N"}
+# Pointers that are fp32 whatever the input dtype.
+FP32_POINTERS = {"POS", "GATES", "LSE", "DELTA", "PT_DOUT"}
+# The performance targets the report is checked against (tests/test_aot.py), sm_90, 16-bit, d = 64.
+TARGETS = {"fwd_loop_per_score": 12.0, "fwd_to_twin": 1.3, "bwd_per_score": 50.0}
 
 
 @dataclass
@@ -46,33 +69,46 @@ class KernelReport:
     arch: int
     dtype: str
     head_dim: int
+    n: int
+    block_m: int
+    block_n: int
     num_warps: int
-    config: str = "loop"  # which fixed configuration: "tile" or "loop"
-    key_path: str = "loop"  # which code it runs: ONE_KEY_BLOCK ("tile") or not
+    num_stages: int
     registers: int = 0
     spill_bytes: int = 0
     shared_bytes: int = 0
     mma: str = "none"
+    precision: str = ""  # fp32 only: the dots' input precision
+    kernel_instructions: int = 0
+    loop_instructions: int = 0  # 0: no loop holding tensor-core instructions
+    loop_per_score: float = 0.0
+    program_per_score: float = 0.0
+    sass: str = field(default="", repr=False)
+    launch: dict = field(default_factory=dict)  # grid, num_warps, num_stages, constexprs
     error: str = ""
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.num_warps
 
     def blocks_per_sm(self) -> int:
         regs, smem, warps = SM_LIMITS[self.arch]
-        by_regs = regs // max(1, self.registers * 32 * self.num_warps)
+        by_regs = regs // max(1, self.registers * self.threads)
         by_smem = smem // self.shared_bytes if self.shared_bytes else warps
         return min(by_regs, by_smem, warps // self.num_warps)
 
     def line(self) -> str:
         head = (
-            f"{self.kernel:<8} config={self.config:<4} keys={self.key_path:<4} sm_{self.arch} {self.dtype:<4} "
-            f"d={self.head_dim:<3} "
-            f"warps={self.num_warps}"
+            f"{self.kernel:<8} sm_{self.arch} {self.dtype:<4}{'/' + self.precision if self.precision else ''} "
+            f"d={self.head_dim:<3} N={self.n:<4} "
+            f"{self.block_m:>3}x{self.block_n:<3} w{self.num_warps} s{self.num_stages}"
         )
         if self.error:
             return f"{head}  COMPILE FAILED: {self.error}"
-        occupancy = self.blocks_per_sm() * self.num_warps
         return (
             f"{head}  regs={self.registers:<3} spill={self.spill_bytes:<4} smem={self.shared_bytes:<6} "
-            f"mma={self.mma:<5} blocks/SM={self.blocks_per_sm()} warps/SM={occupancy}"
+            f"mma={self.mma:<5} blocks/SM={self.blocks_per_sm()} "
+            f"loop/sc={self.loop_per_score:6.2f} prog/sc={self.program_per_score:6.2f}"
         )
 
 
@@ -82,7 +118,62 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def _launch_spec(jit_fn, dtype, head_dim, config, one_key_block):
+# ---------------------------------------------------------------- SASS counting
+
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_PREDICATE = re.compile(r"^@!?U?P(?:T|\d+)\s+")
+
+
+def _instructions(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of each SASS instruction, without NOPs and the trap loop after EXIT."""
+    out = []
+    for line in sass.splitlines():
+        match = _SASS_LINE.match(line)
+        if not match:
+            continue
+        body = _PREDICATE.sub("", match.group(2).strip()).split(None, 1)
+        if body:
+            out.append((int(match.group(1), 16), body[0], body[1] if len(body) > 1 else ""))
+
+    def target(ins):
+        hits = re.findall(r"0x([0-9a-f]+)", ins[2]) if ins[1].split(".")[0] == "BRA" else []
+        return int(hits[-1], 16) if hits else None
+
+    return [(a, op, ops, target((a, op, ops))) for a, op, ops in out if op != "NOP" and target((a, op, ops)) != a]
+
+
+def count_instructions(sass: str) -> tuple[int, int, str]:
+    """(kernel instructions, main-loop body instructions, MMA kind) of a kernel's SASS.
+
+    The body is the union of the outermost loops (a backward branch to its target) that hold a
+    tensor-core instruction; 0 when there is none.
+    """
+    instrs = _instructions(sass)
+    regions = []
+    for start, end in sorted((t, a) for a, _, _, t in instrs if t is not None and t < a):
+        if regions and start <= regions[-1][1]:
+            regions[-1][1] = max(regions[-1][1], end)
+        else:
+            regions.append([start, end])
+    mma = [a for a, op, _, _ in instrs if op.split(".")[0] in ("HMMA", "HGMMA")]
+    regions = [r for r in regions if any(r[0] <= a <= r[1] for a in mma)]
+    body = sum(1 for a, *_ in instrs if any(r[0] <= a <= r[1] for r in regions))
+    kind = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else "none"
+    return len(instrs), body, kind
+
+
+def _per_score(report: KernelReport, step: int, rows_owned: int) -> None:
+    """Fill loop/sc and prog/sc: a loop iteration covers BLOCK_M x BLOCK_N scores; a program rows_owned x N."""
+    report.loop_per_score = report.loop_instructions * report.threads / (report.block_m * report.block_n)
+    full_iterations = report.n // step if report.loop_instructions else 0
+    executed = report.kernel_instructions - report.loop_instructions + report.loop_instructions * full_iterations
+    report.program_per_score = executed * report.threads / (rows_owned * report.n)
+
+
+# ---------------------------------------------------------------- compiling
+
+
+def _launch_spec(jit_fn, dtype, head_dim, config, extra, fp32_precision=None):
     """(signature, constexprs, attrs) of one launch, specialised as the runtime does for projection views."""
     from .backends import triton_gpsa as tg
 
@@ -92,9 +183,10 @@ def _launch_spec(jit_fn, dtype, head_dim, config, one_key_block):
         "HEAD_DIM": head_dim,
         "BLOCK_D": block_d,
         "DOT_DTYPE": tg.dot_dtype(dtype),
-        "USE_ATOMICS": False,
-        "ONE_KEY_BLOCK": one_key_block,
+        "PRECISION": fp32_precision if fp32_precision and dtype == torch.float32 else tg.dot_precision(dtype),
+        "ARCH": 0,
         **config,
+        **extra,
     }
     signature, attrs = {}, {}
     for index, name in enumerate(jit_fn.arg_names):
@@ -115,72 +207,103 @@ def _launch_spec(jit_fn, dtype, head_dim, config, one_key_block):
     return signature, constexprs, attrs
 
 
-def _key_paths(jit_fn, config_name):
-    """The key paths a fixed configuration runs: a "tile" one only N <= BLOCK_N; a "loop" one both
-    (N <= BLOCK_N takes the one-tile code with the loop's tiles), where the kernel has the two."""
-    if "ONE_KEY_BLOCK" not in jit_fn.arg_names:
-        return ("loop",)
-    return ("tile",) if config_name == "tile" else ("loop", "tile")
-
-
 def _inspect(compiled, report: KernelReport) -> None:
     """Fill the report from the cubin (registers, spills, static shared memory, SASS) and Triton's metadata."""
-    cubin = compiled.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
-            f.write(cubin)
+            f.write(compiled.asm["cubin"])
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+        report.sass = subprocess.run(
+            [_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
+        ).stdout
 
-    def field(key):
+    def field_of(key):
         match = re.search(rf"\b{key}:(\d+)", usage.stdout)
         return int(match.group(1)) if match else 0
 
     # ptxas puts spilled registers in the stack frame (STACK); LOCAL counts other local arrays.
-    report.registers, report.spill_bytes = field("REG"), field("STACK") + field("LOCAL")
-    report.shared_bytes = field("SHARED") + compiled.metadata.shared  # static + Triton's dynamic allocation
-    report.mma = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else "none"
+    report.registers, report.spill_bytes = field_of("REG"), field_of("STACK") + field_of("LOCAL")
+    report.shared_bytes = field_of("SHARED") + compiled.metadata.shared  # static + Triton's dynamic allocation
+    report.kernel_instructions, report.loop_instructions, report.mma = count_instructions(report.sass)
 
 
-def compile_report(archs=(80, 90), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS):
-    """Compile every kernel for every arch, dtype and head dim; yield one KernelReport each."""
+def compile_report(
+    archs=(80, 90), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS, n=CONVIT_N, kernels=tuple(REPORTED), fp32_precision=None
+):
+    """Compile each reported kernel for each arch, dtype and head dim at row length n; yield a KernelReport each.
+
+    fp32_precision: the fp32 dots' input precision ("tf32x3" or "tf32"); default what
+    ``triton_gpsa.dot_precision`` picks under torch's current matmul precision.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
 
     from .backends import triton_gpsa as tg
 
-    for arch in archs:
-        target = GPUTarget("cuda", arch, 32)
-        for kernel_name, kernel in tg.KERNELS.items():
-            jit_fn = kernel
-            while not isinstance(jit_fn, JITFunction):  # unwrap triton.autotune and triton.heuristics
-                jit_fn = jit_fn.fn
-            for dtype_name, (config_name, configs), head_dim in itertools.product(
-                dtypes, tg.FIXED_CONFIGS[kernel_name].items(), head_dims
-            ):
-                config = configs.get(DTYPES[dtype_name].itemsize)
-                if config is None:  # no configuration of this kind for this dtype
-                    continue
-                for key_path in _key_paths(jit_fn, config_name):
-                    report = KernelReport(
-                        kernel_name, arch, dtype_name, head_dim, config.num_warps, config_name, key_path
-                    )
-                    signature, constexprs, attrs = _launch_spec(
-                        jit_fn, DTYPES[dtype_name], head_dim, dict(config.kwargs), key_path == "tile"
-                    )
-                    try:
-                        compiled = triton.compile(
-                            ASTSource(jit_fn, signature, constexprs, attrs),
-                            target=target,
-                            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-                        )
-                        _inspect(compiled, report)
-                    except Exception as exc:  # reported, and the exit status says so
-                        report.error = (str(exc).strip().splitlines() or [repr(exc)])[-1][:300]
-                    yield report
+    for arch, name, dtype_name, head_dim in itertools.product(archs, kernels, dtypes, head_dims):
+        kernel_name, gpsa = REPORTED[name]
+        jit_fn = tg.KERNELS[kernel_name]
+        config = tg.FIXED_CONFIGS[kernel_name][DTYPES[dtype_name].itemsize]
+        bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        extra = {} if gpsa is None else {"GPSA": gpsa}
+        rows_owned, step = (bn, bm) if kernel_name == "bwd_dkdv" else (bm, bn)
+        if kernel_name in tg.EVEN_FLAGS:
+            flag, block = tg.EVEN_FLAGS[kernel_name]
+            extra[flag] = n % config.kwargs[block] == 0
+        report = KernelReport(name, arch, dtype_name, head_dim, n, bm, bn, config.num_warps, config.num_stages)
+        signature, constexprs, attrs = _launch_spec(
+            jit_fn, DTYPES[dtype_name], head_dim, dict(config.kwargs), extra, fp32_precision
+        )
+        report.precision = constexprs.get("PRECISION", "") if dtype_name == "fp32" else ""
+        report.launch = {
+            "grid": f"(cdiv(N, {rows_owned}), B * H)",
+            "num_warps": config.num_warps,
+            "num_stages": config.num_stages,
+            "constexprs": {k: str(v) for k, v in constexprs.items()},
+        }
+        try:
+            compiled = triton.compile(
+                ASTSource(jit_fn, signature, constexprs, attrs),
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+            )
+            _inspect(compiled, report)
+            _per_score(report, step, rows_owned)
+        except Exception as exc:  # reported, and the exit status says so
+            report.error = (str(exc).strip().splitlines() or [repr(exc)])[-1][:300]
+        yield report
+
+
+def summarise(reports) -> list[dict]:
+    """Per (arch, dtype, head dim): the forward's whole-program ratio to its twin and the backward sums."""
+    by_key = {}
+    for r in reports:
+        if not r.error:
+            by_key.setdefault((r.arch, r.dtype, r.head_dim, r.n), {})[r.kernel] = r
+    rows = []
+    for (arch, dtype, head_dim, n), kernels in sorted(by_key.items()):
+        row = {"arch": arch, "dtype": dtype, "head_dim": head_dim, "n": n}
+        if "fwd" in kernels and "fwd_twin" in kernels:
+            row["fwd_to_twin"] = kernels["fwd"].program_per_score / kernels["fwd_twin"].program_per_score
+        if "bwd_dq" in kernels and "bwd_dkdv" in kernels:
+            row["bwd_per_score"] = kernels["bwd_dq"].program_per_score + kernels["bwd_dkdv"].program_per_score
+            if "bwd_pre" in kernels:
+                row["bwd_with_pre_per_score"] = row["bwd_per_score"] + kernels["bwd_pre"].program_per_score
+        rows.append(row)
+    return rows
+
+
+def _summary_line(row: dict) -> str:
+    parts = [f"summary  sm_{row['arch']} {row['dtype']:<4} d={row['head_dim']:<3} N={row['n']:<4}"]
+    if "fwd_to_twin" in row:
+        parts.append(f"fwd/twin={row['fwd_to_twin']:.3f}")
+    if "bwd_per_score" in row:
+        parts.append(f"dq+dkdv prog/sc={row['bwd_per_score']:.2f}")
+    if "bwd_with_pre_per_score" in row:
+        parts.append(f"with preprocess={row['bwd_with_pre_per_score']:.2f}")
+    return "  ".join(parts)
 
 
 def main(argv=None) -> int:
@@ -188,6 +311,13 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SM_LIMITS))
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--head-dim", type=int, nargs="+", default=list(HEAD_DIMS))
+    parser.add_argument("--n", type=int, default=CONVIT_N, help="row length of the per-score figures (default 196)")
+    parser.add_argument("--kernel", nargs="+", default=list(REPORTED), choices=list(REPORTED))
+    parser.add_argument(
+        "--fp32-precision",
+        choices=("highest", "high"),
+        help="fp32 dots as under torch.set_float32_matmul_precision(...): 3xTF32 or TF32 (default: this process's)",
+    )
     args = parser.parse_args(argv)
 
     from .backends import triton_gpsa as tg
@@ -197,10 +327,14 @@ def main(argv=None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         return subprocess.call([sys.executable, "-m", "convit_kernels", "aot", *argv], env=env)
 
-    failed = 0
-    for report in compile_report(args.arch, args.dtype, args.head_dim):
+    failed, reports = 0, []
+    fp32_precision = {"highest": "tf32x3", "high": "tf32", None: None}[args.fp32_precision]
+    for report in compile_report(args.arch, args.dtype, args.head_dim, args.n, args.kernel, fp32_precision):
         print(report.line(), flush=True)
+        reports.append(report)
         failed += bool(report.error or report.spill_bytes)
+    for row in summarise(reports):
+        print(_summary_line(row))
     if failed:
         print(f"{failed} kernel build(s) failed or spilled", file=sys.stderr)
     return 1 if failed else 0

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "aot": ("convit_kernels.aot", "compile the Triton kernels for sm_80/sm_90 without a GPU and report resources"),
     "train": ("convit_kernels.train.cli", "train a ConViT with the fused layer"),
     "backends": ("convit_kernels.check", "list the backends usable here and why the others are not"),
+    "gpu-check": ("convit_kernels.gpu_check", "run every GPU check in one go (<= 8 min on one H100/H200)"),
 }
 
 

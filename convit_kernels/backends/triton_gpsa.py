@@ -1,101 +1,86 @@
-"""The "triton" backend: fused GPSA forward and backward kernels in Triton.
+"""The "triton" backend: GPSA = (1 - g) Attention(q, k, v) + g P v, FlashAttention-2 kernels in Triton.
 
-Layout of the work
-------------------
-* ``_gpsa_fwd_kernel``: one program per (batch, head, block of BLOCK_M queries).
-  It computes the content logits ``scale q k^T`` (``tl.dot``), the content
-  softmax, gathers the positional probabilities P[i, j] = px[h, x_i, x_j] *
-  py[h, y_i, y_j] from the two per-axis softmax tables of
-  ``separable.positional_axis_probs`` (H x (W^2 + H_p^2) floats per call, shared
-  by the whole batch and L1/L2-resident), mixes M = (1 - g) A + g P and does a
-  single product M v per key tile. It stores O (B x N x H x d, input dtype) and
-  ``lse`` (B x H x N, fp32): O(B H N) state, no N x N tensor.
-  Mixing before the product needs A normalised. Where the key row fits one
-  tile (N <= BLOCK_N: ConViT's N = 196 with BLOCK_N = 256, the constexpr
-  ONE_KEY_BLOCK) the softmax is exact in registers and Q K^T is done once.
-  Longer rows take two passes over the keys: row max and sum first (Q K^T
-  only), then the mix and M v.
-  The positional probabilities come from the per-call tables rather than from
-  ``exp(w . r - lse_pos)`` generated in-kernel: the tables are real softmaxes,
-  so P keeps softmax accuracy for peaked heads (locality strength 10), where a
-  separately computed log-sum-exp loses ~30x in d pos_weight; and a gather
-  costs one multiply per element instead of an exp.
-* ``_gpsa_bwd_dq_kernel``: one program per (batch, head, block of queries)
-  walks the keys, recomputes A from lse and gathers P, computes T = dO v^T once
-  per tile for both branches and takes the row deltas of the design page as
-  delta_c = sum_j A_ij T_ij and delta_p = sum_j P_ij T_ij (reference.py says
-  why). With the key row in one tile it forms dS = (1 - g) A o (T - delta_c)
-  and dq = scale dS k in registers; over several tiles a first pass takes the
-  deltas and a second forms dS and dq. It stores dq, both deltas (B x H x N)
-  and its partial sum of g (1 - g) (delta_p - delta_c) for d gating_param.
-* ``_gpsa_bwd_dkdv_kernel``: one program per (batch, head, block of keys) walks
-  the queries after the dq kernel: recomputes A and P, T = dO v^T once per tile
-  for both branches (dS for dk, ds for d pos_weight), dv = M^T dO,
-  dk = scale dS^T q, and its partial sums of ds * (dx, dy, dx^2 + dy^2).
-  Keeping dq apart from dk/dv is flash-attention 2's choice: no atomics on dq.
-* The per-head reductions (d pos_weight, d gating_param) are per-program partial
-  sums reduced by a second, fixed-order ``torch.sum``: deterministic. With
-  ``atomic_reductions=True`` (argument of :func:`gpsa_backward`) the programs
-  add into one H-sized buffer with ``tl.atomic_add`` instead (last-bit
-  run-to-run differences). d pos_bias is exactly zero (the op returns zeros).
+The positional branch is separable (:mod:`convit_kernels.separable`, docs/design.md): ``g P v``
+is two small contractions per head, shared by nothing per score. So the kernels are plain
+FlashAttention-2 kernels for the content branch, and the positional branch joins in their
+epilogues, computed before them by the separable unit in fp32:
 
-Registration: the launchers are the "triton" backend of the project's op
-(``convit_kernels::gpsa_fwd`` / ``gpsa_bwd``, torch.library custom ops with
-fake functions and autograd), so ``torch.compile(fullgraph=True)`` traces the
-layer with the kernels as one opaque node and no graph break, on a GPU as under
-the interpreter. They are plain launchers rather than ``triton_op`` +
-``wrap_triton``: torch 2.14's wrapper rebuilds autotuned kernels without their
-``reset_to_zero`` (torch/_higher_order_ops/triton_kernel_wrap.py), and the
-per-program partial sums of dq and dk/dv rely on it: a benchmarked finer tile
-would leave partials that the chosen one does not overwrite. Under
-TRITON_INTERPRET=1 wrap_triton cannot be traced either.
+* ``_attn_fwd_kernel``: one program per (block of BLOCK_M queries, batch x head); each warp
+  owns rows of the block. It walks the keys BLOCK_N at a time (online softmax in exp2, K / V
+  tiles software-pipelined over ``num_stages``), full tiles without masks and the last, partial
+  one (constexpr EVEN_N) masked. With the constexpr GPSA the epilogue reads ``g P v`` (fp32)
+  and writes ``out = (1 - g) O_c + g P v`` and O_c itself (for the backward); without it the
+  kernel is plain attention, the yardstick `convit-kernels aot` compares it with. It stores lse
+  in log2 units (the logits are scaled by ``scale log2(e)``), which the backward reads as it
+  is: p = 2^(s - lse) is then exactly what the forward normalised, with no conversion to
+  round.
+* ``_bwd_preprocess_kernel``: delta_c = dO . O_c per row, from the O_c the forward saved.
+  O_c cannot be recovered from out where g is near 1 ((out - g P v) / (1 - g) cancels), and
+  taking delta_c as sum_j A_ij T_ij from recomputed probabilities loses everything where the
+  content softmax saturates (an ulp of lse moves A_ij* = 1 by ~1e-3, and T - delta_c is meant
+  to cancel to ~0): dO . O_c is the FlashAttention-2 statistic, exact at both ends.
+* ``_bwd_dkdv_kernel``: one program per block of BLOCK_N keys (k, v resident), walking the
+  queries BLOCK_M at a time; ``_bwd_dq_kernel``: one program per block of BLOCK_M queries,
+  walking the keys. Both are FlashAttention-2's content-only loops (p from lse, dp = dO v^T,
+  ds = p (dp - delta_c)); the gate is a factor of their epilogues (the content branch sees
+  (1 - g) dO), and the dk/dv epilogue adds the positional ``g P^T dO``. No atomics: dq has
+  its own kernel.
+* The positional gradients (P^T dO, the tables' gradients to pos_weight, sum dO . O_p) come
+  from :func:`separable.positional_backward` and :func:`separable.pos_weight_grad`;
+  d lambda = g (1 - g) sum (delta_p - delta_c), with both sums fixed-order torch reductions:
+  the backward is deterministic.
 
-Every tensor is addressed through explicit strides: q, k, v are taken as the
-strided views the qk and v projections give (no copies), out/dq/dk/dv are
-written in B x N x H x d order. Head dims up to 128 are padded to a power of
-two (BLOCK_D) with masks, N to the block sizes with masks. Inputs fp32, fp16,
-bf16; accumulation, softmax, mixing and the reductions in fp32; dot operands in
-the input dtype, fp32 ones as 3xTF32 (``input_precision="tf32x3"``: tensor
-cores at fp32-level accuracy; IEEE fp32 dots fall back to FMAs and spill on
-sm_80). Under the interpreter (TRITON_INTERPRET=1),
-whose bf16 ``tl.dot`` is wrong, the constexpr DOT_DTYPE upcasts bf16 operands
-to fp32; compiled GPU code keeps bf16 operands for the tensor cores.
+The backend is a composite (``Backend.attention``) with its own custom-op pair,
+``convit_kernels::triton_gpsa_fwd`` / ``triton_gpsa_bwd``, rather than the project op pair of
+op.py: its saved state is its own (O_c and a log2-unit lse), which the op pair's interface
+(out, natural-log lse) cannot carry without changing every backend. Autograd and fake functions
+are registered here, so ``torch.compile(fullgraph=True)`` sees one opaque node per direction.
 
-Cost and resources
-------------------
-docs/design.md ("Cost model") counts the FLOPs and bytes of each kernel. The
-fixed configurations (``FIXED_CONFIGS``) are the tiles that compile without
-spills for sm_80 and sm_90 in every dtype and key path they serve;
-``convit-kernels aot --arch 80 90`` prints registers, spills, shared memory and
-the tensor-core instructions of each, and tests/test_aot.py asserts no spill and
-tensor-core SASS. On a GPU ``triton.autotune`` picks among a few tile shapes and
-the fixed configurations, keyed on (N, HEAD_DIM) and the dtypes; the pruning
-(``_autotune``) keeps 256-wide key tiles only where a one-tile fixed
-configuration exists, and smaller tiles for fp32 and d > 64. Set
-CONVIT_KERNELS_TRITON_AUTOTUNE=0 (before import) for the fixed ones.
+Every tensor is addressed through explicit strides (q, k, v as the qk / v projections give
+them; out, O_c, dq, dk, dv written B x N x H x d). Head dims up to 128 are padded to a power of
+two (BLOCK_D) with masks only where HEAD_DIM < BLOCK_D. Accumulation, softmax and the mix in
+fp32; dot operands in the input dtype. fp32 inputs follow PyTorch's matmul precision
+(:func:`dot_precision`): 3xTF32 under ``torch.get_float32_matmul_precision() == "highest"`` (the
+default; three tensor-core products per dot, fp32-level accuracy), one TF32 product under
+"high" / "medium" (``torch.backends.cuda.matmul.allow_tf32 = True``; ~1e-3 relative). Under the
+interpreter (TRITON_INTERPRET=1), whose bf16 ``tl.dot`` is wrong, the constexpr DOT_DTYPE
+upcasts bf16 operands to fp32; compiled code keeps bf16 operands.
+
+Configurations: ``FIXED_CONFIGS`` (by kernel and input element size) compile without spills
+for sm_80 and sm_90 and take wgmma on sm_90 in 16-bit dtypes; ``convit-kernels aot`` reports
+their resources and instruction counts. On a GPU ``triton.autotune`` picks among a few tile
+shapes and the fixed configuration, cached per (N, head dim, dtypes, arch); under
+``torch.use_deterministic_algorithms(True)`` or CONVIT_KERNELS_TRITON_AUTOTUNE=0 the launchers
+run the fixed configuration, so results are bitwise the same in every process and rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..separable import positional_axis_probs
+from ..separable import (
+    AxisTables,
+    apply_positional,
+    bhnd,
+    head_major,
+    pos_weight_grad,
+    positional_axis_probs,
+    positional_backward,
+)
 from . import HALF_AND_FLOAT, Backend, register_backend
 
-__all__ = ["gpsa_forward", "gpsa_backward", "INTERPRET", "KERNELS"]
+__all__ = ["gpsa_forward", "gpsa_backward", "attention_forward", "triton_gpsa", "dot_precision", "INTERPRET"]
 
 # Read once, as triton.jit reads it when decorating the kernels below.
 INTERPRET = bool(triton.knobs.runtime.interpret)
 AUTOTUNE = not INTERPRET and os.environ.get("CONVIT_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 MAX_HEAD_DIM = 128
-LOG2E = 1.4426950408889634  # host side: logits are scaled by scale * log2(e) to use exp2
-LOG2E_IN_KERNEL = tl.constexpr(LOG2E)  # the same constant, as kernels may read it
-# Smallest key/query block any configuration uses: sizes the partial-sum buffers.
-MIN_BLOCK = 16
+LOG2E = 1.4426950408889634  # logits are scaled by scale * log2(e) so that the kernels use exp2
 
 
 # ---------------------------------------------------------------- configurations
@@ -105,372 +90,360 @@ def _config(block_m, block_n, num_warps, num_stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-# The fixed configurations, by key path and input element size (2: fp16/bf16, 4: fp32): tiles that
-# compile without spills for sm_80 and sm_90 (`convit-kernels aot`). "tile" configurations hold a
-# whole key row (N <= BLOCK_N, N = 196 for ConViT) and serve head dims up to 64; "loop" ones the
-# rest. fp32 tiles are smaller (the 3xTF32 dots hold a high and a low part of each operand), and
-# fp32 dq has no one-tile configuration: 16 x 256 spills.
+# The fixed configurations, by kernel and input element size (2: fp16 / bf16, 4: fp32). BLOCK_M
+# is the query block, BLOCK_N the key block, for every kernel (dk/dv owns BLOCK_N keys and walks
+# BLOCK_M queries a step; dq and the forward own BLOCK_M queries and walk BLOCK_N keys). 16-bit
+# tiles are 64 rows per warpgroup (wgmma's M) on the operand each warp owns. fp32 tiles are
+# small: fp32 dot operands held in registers take twice the room of 16-bit ones (and 3xTF32
+# keeps a high and a low part of each), so these are the largest that compile without spills
+# under TF32; `convit-kernels aot --fp32-precision highest` reports what 3xTF32 costs.
 FIXED_CONFIGS = {
-    "fwd": {
-        "tile": {2: _config(32, 256, 8, 2), 4: _config(16, 256, 8, 1)},
-        "loop": {2: _config(32, 64, 4, 2), 4: _config(32, 32, 8, 1)},
-    },
-    "bwd_dq": {"tile": {2: _config(32, 256, 8, 2)}, "loop": {2: _config(32, 64, 8, 2), 4: _config(32, 32, 8, 1)}},
-    "bwd_dkdv": {"loop": {2: _config(32, 32, 4, 2), 4: _config(16, 32, 4, 1)}},
+    "fwd": {2: _config(128, 64, 8, 3), 4: _config(16, 32, 4, 1)},
+    "bwd_pre": {2: _config(128, 16, 4, 1), 4: _config(128, 16, 4, 1)},
+    "bwd_dkdv": {2: _config(32, 128, 8, 2), 4: _config(16, 32, 4, 1)},
+    "bwd_dq": {2: _config(128, 32, 8, 2), 4: _config(16, 32, 4, 1)},
 }
-# The interpreter's cost is per program and loop step, nearly independent of the tile: few, large
-# tiles for every dtype. Key rows up to 256 (N = 196) take the forward's and dq's one-key-block
-# path, longer ones (tested at N = 257, 289 and 576) the two-pass one; dk/dv walks N = 196 in 4 blocks.
+# The interpreter's cost is per program and loop step, nearly independent of the tile: few,
+# large tiles. 64-wide key and query steps give N = 196 three full steps and a partial one,
+# N <= 64 a partial one only.
 INTERPRETER_CONFIGS = {
-    "fwd": _config(64, 256, 4, 1),
-    "bwd_dq": _config(64, 256, 4, 1),
+    "fwd": _config(64, 64, 4, 1),
+    "bwd_pre": _config(64, 16, 4, 1),
     "bwd_dkdv": _config(64, 64, 4, 1),
+    "bwd_dq": _config(64, 64, 4, 1),
+}
+# Autotuning candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) of the 16-bit kernels; fp32
+# runs its fixed configuration.
+TUNING_SPACE = {
+    "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    "bwd_pre": [],
+    "bwd_dkdv": [(32, 128, 8, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
+    "bwd_dq": [(128, 32, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
 }
 
 
-def fixed_config(kernel_name: str, element_size: int, N: int, block_d: int) -> triton.Config:
-    """The fixed configuration of a kernel for inputs of this element size, N and BLOCK_D."""
-    paths = FIXED_CONFIGS[kernel_name]
-    tile = paths.get("tile", {}).get(element_size)
-    if tile is not None and N <= tile.kwargs["BLOCK_N"] and block_d <= 64:
-        return tile
-    return paths["loop"][element_size]
-
-
-def _config_space(*tiles):
-    """Autotuning candidates: each (BLOCK_M, BLOCK_N) with 4 or 8 warps and 1 or 2 stages."""
-    return [_config(bm, bn, w, s) for bm, bn in tiles for w in (4, 8) for s in (1, 2)]
-
-
-def _config_key(config):
-    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
-
-
-def _autotune(kernel_name, space, reset_to_zero=None):
-    """triton.autotune over ``space`` keyed on (N, HEAD_DIM) (and the dtypes), or the fixed configuration.
-
-    Without autotuning the candidates are the fixed configurations and the pruning keeps the one for
-    the input: a single candidate, so nothing is benchmarked.
-    """
-    fixed_configs = [c for path in FIXED_CONFIGS[kernel_name].values() for c in path.values()]
+def fixed_config(kernel_name: str, element_size: int) -> triton.Config:
+    """The configuration a kernel runs without autotuning (and under the interpreter, its own)."""
     if INTERPRET:
-        configs = [INTERPRETER_CONFIGS[kernel_name]]
-    elif AUTOTUNE:  # the space, plus the fixed configurations it lacks
-        seen = {_config_key(c) for c in space}
-        configs = space + [c for c in fixed_configs if _config_key(c) not in seen]
-    else:
-        configs = fixed_configs
+        return INTERPRETER_CONFIGS[kernel_name]
+    return FIXED_CONFIGS[kernel_name][element_size]
+
+
+def _tuned(kernel_name):
+    """triton.autotune over the kernel's space, keyed on (N, HEAD_DIM, ARCH) and the dtypes of the arguments.
+
+    fp32 inputs keep their fixed configuration (the 16-bit tiles spill with 3xTF32 operands);
+    16-bit ones drop tiles wider than N needs.
+    """
+    space = [_config(*c) for c in TUNING_SPACE[kernel_name]]
+    fp32 = FIXED_CONFIGS[kernel_name][4]
 
     def prune(configs, named_args, **kwargs):
-        elem, N = named_args["Q"].element_size(), named_args["N"]
-        fixed = fixed_config(kernel_name, elem, N, kwargs["BLOCK_D"])
-        if not AUTOTUNE:
-            return [fixed]
-        n_cap = max(MIN_BLOCK, triton.next_power_of_2(N))
-        max_tile = 64 * 64 if elem == 4 or kwargs["BLOCK_D"] > 64 else 128 * 64
-        # 256-wide key tiles only where a fixed one-tile configuration compiles without spills.
-        max_block_n = 256 if elem in FIXED_CONFIGS[kernel_name].get("tile", {}) else 128
-        kept = [
-            c
-            for c in configs
-            if c.kwargs["BLOCK_M"] <= n_cap
-            and c.kwargs["BLOCK_N"] <= min(n_cap, max_block_n)
-            and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
-        ]
-        return kept or [fixed]
+        if named_args["Q"].element_size() == 4:
+            return [fp32]
+        cap = max(64, triton.next_power_of_2(named_args["N"]))
+        return [c for c in space if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= cap] or space[:1]
 
     return triton.autotune(
-        configs=configs,
-        key=["N", "HEAD_DIM"],
-        prune_configs_by={"early_config_prune": prune},
-        reset_to_zero=reset_to_zero,
+        configs=space + [fp32], key=["N", "HEAD_DIM", "ARCH"], prune_configs_by={"early_config_prune": prune}
     )
-
-
-# The constexpr that picks the forward's and dq's key path: the whole key row fits one BLOCK_N tile.
-_one_key_block = triton.heuristics({"ONE_KEY_BLOCK": lambda args: args["N"] <= args["BLOCK_N"]})
 
 
 # ---------------------------------------------------------------- shared device code
 
 
 @triton.jit
-def _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h):
-    """P[i, j] = px[h, x_i, x_j] * py[h, y_i, y_j] for a BLOCK_M x BLOCK_N tile, 0 outside N x N."""
-    valid = (offs_m < N)[:, None] & (offs_n < N)[None, :]
-    x_i, y_i = offs_m % grid_w, offs_m // grid_w
-    x_j, y_j = offs_n % grid_w, offs_n // grid_w
-    px = tl.load(PX + (h * grid_w + x_i[:, None]) * grid_w + x_j[None, :], mask=valid, other=0.0)
-    py = tl.load(PY + (h * grid_h + y_i[:, None]) * grid_h + y_j[None, :], mask=valid, other=0.0)
-    return px * py
+def _load(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """A 2-D tile, zero where a masked row or column is out of range; the unmasked forms vectorise."""
+    if MASK_ROWS and MASK_COLS:
+        return tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+    elif MASK_ROWS:
+        return tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    elif MASK_COLS:
+        return tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
 
 
 @triton.jit
-def _load_tile(BASE, stride_n, stride_d, offs_n, offs_d, N, HEAD_DIM: tl.constexpr):
-    """A rows x BLOCK_D tile of one (batch, head) slice, zero outside N x HEAD_DIM."""
-    mask = (offs_n < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    return tl.load(BASE + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_tile(BASE, value, stride_n, stride_d, offs_n, offs_d, N, HEAD_DIM: tl.constexpr):
-    mask = (offs_n < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tl.store(BASE + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, value.to(BASE.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _content_logits(q, k, qk_scale, offs_n, N):
-    """scale q k^T of a tile in log2 units (qk_scale = scale log2(e)), -inf at keys past N."""
-    s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
-    return tl.where((offs_n < N)[None, :], s, float("-inf"))
-
-
-@triton.jit
-def _gates(GATE, h):
-    """(g, 1 - g) with 1 - g = sigmoid(-lambda): exact where g rounds to 1."""
-    lam = tl.load(GATE + h).to(tl.float32)
-    return tl.sigmoid(lam), tl.sigmoid(-lam)
+def _store(ptrs, value, rows_ok, cols_ok, MASK_COLS: tl.constexpr):
+    if MASK_COLS:
+        tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :])
+    else:
+        tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=rows_ok[:, None])
 
 
 # ---------------------------------------------------------------- forward
 
 
-@_autotune("fwd", _config_space((32, 64), (64, 64), (16, 256), (32, 256)))
-@_one_key_block
 @triton.jit
-def _gpsa_fwd_kernel(
-    Q, K, V, PX, PY, GATE, OUT, LSE,
+def _fwd_key_step(
+    acc, m_i, l_i, q, kt_ptrs, v_ptrs, offs_n, offs_d, N, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the online softmax; MASKED for the last, partial tile (keys past N get -inf)."""
+    keys_ok = offs_n < N
+    dims_ok = offs_d < HEAD_DIM
+    kt = _load(kt_ptrs, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED).to(DOT_DTYPE)
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # log2 units
+    if MASKED:
+        s = tl.where(keys_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load(v_ptrs, keys_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+    acc = tl.dot(p.to(DOT_DTYPE), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, POS, GATES, OUT, OUT_C, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_ph, stride_pn, stride_pd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, N, grid_w, grid_h, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
+    H, N, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    GPSA: tl.constexpr, ARCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0)
-    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """O_c = softmax(scale q k^T) v for BLOCK_M queries; with GPSA, out = (1 - g) O_c + POS (= g P v)."""
+    pid_bh = tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qn, stride_qd, offs_m, offs_d, N, HEAD_DIM)
-    q = q.to(DOT_DTYPE)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    g, one_minus_g = _gates(GATE, h)
+    rows_ok = offs_m < N
+    dims_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = _load(q_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+    # K^T (BLOCK_D x BLOCK_N) and V (BLOCK_N x BLOCK_D) tiles, advanced BLOCK_N keys a step.
+    kt_ptrs = K + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
-    if ONE_KEY_BLOCK:
-        # The whole key row in one tile: exact softmax, then the mix and one product with v.
-        offs_n = tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        s = _content_logits(q, k, qk_scale, offs_n, N)
-        m_i = tl.max(s, 1)
-        e = tl.exp2(s - m_i[:, None])
-        l_i = tl.sum(e, 1)
-        lse = m_i + tl.log2(l_i)  # log2 units
-        pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
-        mix = (one_minus_g / l_i)[:, None] * e + g * pos
-        v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        acc = tl.dot(mix.to(DOT_DTYPE), v, input_precision="tf32x3")
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max, log2 units
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_key_step(acc, m_i, l_i, q, kt_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn,
+                                      start_n + offs_n, offs_d, N, qk_scale,
+                                      HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, False)  # fmt: skip
+    if not EVEN_N:
+        acc, m_i, l_i = _fwd_key_step(acc, m_i, l_i, q, kt_ptrs + n_full * stride_kn, v_ptrs + n_full * stride_vn,
+                                      n_full + offs_n, offs_d, N, qk_scale,
+                                      HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, True)  # fmt: skip
+
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=rows_ok)  # log2 units
+    o_c = acc / l_i[:, None]
+    o_offs = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    if GPSA:
+        one_minus_g = tl.load(GATES + 2 * h + 1)
+        p_ptrs = POS + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pn + offs_d[None, :] * stride_pd
+        pos = _load(p_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
+        _store(OUT_C + o_offs, o_c, rows_ok, dims_ok, HEAD_DIM != BLOCK_D)
+        _store(OUT + o_offs, one_minus_g * o_c + pos, rows_ok, dims_ok, HEAD_DIM != BLOCK_D)
     else:
-        # Mixing before the product needs A normalised, so a first pass over the keys takes the
-        # row statistics (Q K^T only) and a second one mixes and multiplies by v.
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
-        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(logit - m_i)
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-            s = _content_logits(q, k, qk_scale, offs_n, N)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-            m_i = m_new
-        lse = m_i + tl.log2(l_i)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-            s = _content_logits(q, k, qk_scale, offs_n, N)
-            pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
-            mix = one_minus_g * tl.exp2(s - lse[:, None]) + g * pos
-            v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-            acc += tl.dot(mix.to(DOT_DTYPE), v, input_precision="tf32x3")
-
-    _store_tile(OUT + b * stride_ob + h * stride_oh, acc, stride_on, stride_od, offs_m, offs_d, N, HEAD_DIM)
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse / LOG2E_IN_KERNEL, mask=offs_m < N)  # natural log
+        _store(OUT + o_offs, o_c, rows_ok, dims_ok, HEAD_DIM != BLOCK_D)
 
 
 # ---------------------------------------------------------------- backward
 
 
 @triton.jit
-def _key_tile_terms(
-    q,
-    dout,
-    lse,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    offs_n,
-    offs_d,
-    N,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-):
-    """For the query block (q, dO, lse) and one key tile: k, A = 2^(logit - lse) (0 past N) and T = dO v^T."""
-    k = _load_tile(k_base, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-    v = _load_tile(v_base, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-    a = tl.exp2(_content_logits(q, k, qk_scale, offs_n, N) - lse[:, None])
-    return k, a, tl.dot(dout, tl.trans(v), input_precision="tf32x3")
-
-
-@_autotune("bwd_dq", _config_space((32, 64), (64, 64), (16, 256), (32, 256)), reset_to_zero=["GATE_PARTIAL"])
-@_one_key_block
-@triton.jit
-def _gpsa_bwd_dq_kernel(
-    Q, K, V, DOUT, PX, PY, GATE, LSE, DELTA_C, DELTA_P, DQ, GATE_PARTIAL,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
+def _bwd_preprocess_kernel(
+    OUT_C, DOUT, DELTA,
+    stride_ob, stride_oh, stride_on, stride_od,
     stride_gb, stride_gh, stride_gn, stride_gd,
-    stride_db, stride_dh, stride_dn, stride_dd,
-    H, N, grid_w, grid_h, scale, qk_scale, partials_per_head,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, USE_ATOMICS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
-):  # fmt: skip
-    """dq and the row deltas of a block of queries; runs before the dk/dv kernel, which reads the deltas.
-
-    delta_c = sum_j A_ij T_ij and delta_p = sum_j P_ij T_ij need the whole key row before
-    dS = (1 - g) A o (T - delta_c) can be formed: in registers where the row is one tile, else in a
-    first pass over the key blocks (Q K^T and dO v^T only) before the pass that forms dS and dq.
-    """
-    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qn, stride_qd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-    dout_base = DOUT + b * stride_gb + h * stride_gh
-    dout = _load_tile(dout_base, stride_gn, stride_gd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-    rows = pid_bh.to(tl.int64) * N + offs_m
-    lse = tl.load(LSE + rows, mask=offs_m < N, other=0.0) * LOG2E_IN_KERNEL
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    g, one_minus_g = _gates(GATE, h)
-
-    if ONE_KEY_BLOCK:
-        offs_n = tl.arange(0, BLOCK_N)
-        k, a, t = _key_tile_terms(q, dout, lse, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  offs_n, offs_d, N, qk_scale, HEAD_DIM, DOT_DTYPE)  # fmt: skip
-        pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
-        delta_c = tl.sum(a * t, 1)
-        delta_p = tl.sum(pos * t, 1)
-        ds_c = one_minus_g * a * (t - delta_c[:, None])
-        dq = tl.dot(ds_c.to(DOT_DTYPE), k, input_precision="tf32x3")
-    else:
-        delta_c = tl.zeros([BLOCK_M], tl.float32)
-        delta_p = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            _, a, t = _key_tile_terms(q, dout, lse, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                      offs_n, offs_d, N, qk_scale, HEAD_DIM, DOT_DTYPE)  # fmt: skip
-            pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
-            delta_c += tl.sum(a * t, 1)
-            delta_p += tl.sum(pos * t, 1)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k, a, t = _key_tile_terms(q, dout, lse, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                      offs_n, offs_d, N, qk_scale, HEAD_DIM, DOT_DTYPE)  # fmt: skip
-            ds_c = one_minus_g * a * (t - delta_c[:, None])
-            dq += tl.dot(ds_c.to(DOT_DTYPE), k, input_precision="tf32x3")
-
-    _store_tile(DQ + b * stride_db + h * stride_dh, dq * scale, stride_dn, stride_dd, offs_m, offs_d, N, HEAD_DIM)
-    tl.store(DELTA_C + rows, delta_c, mask=offs_m < N)
-    tl.store(DELTA_P + rows, delta_p, mask=offs_m < N)
-    d_gate = g * one_minus_g * tl.sum(delta_p - delta_c, 0)  # rows past N have dO = 0: deltas 0
-    if USE_ATOMICS:
-        tl.atomic_add(GATE_PARTIAL + h, d_gate)
-    else:
-        tl.store(GATE_PARTIAL + pid_bh * partials_per_head + pid_m, d_gate)
-
-
-@_autotune("bwd_dkdv", _config_space((16, 32), (32, 32), (32, 64), (64, 64)), reset_to_zero=["DW_PARTIAL"])
-@triton.jit
-def _gpsa_bwd_dkdv_kernel(
-    Q, K, V, DOUT, PX, PY, GATE, LSE, DELTA_C, DELTA_P, DK, DV, DW_PARTIAL,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_gb, stride_gh, stride_gn, stride_gd,
-    stride_db, stride_dh, stride_dn, stride_dd,
-    H, N, grid_w, grid_h, scale, qk_scale, partials_per_head,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, USE_ATOMICS: tl.constexpr,
+    H, N,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ARCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """delta_c = dO . O_c for BLOCK_M rows (BLOCK_N unused: the configurations share one form)."""
+    pid_bh = tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + b * stride_kb + h * stride_kh, stride_kn, stride_kd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-    v = _load_tile(V + b * stride_vb + h * stride_vh, stride_vn, stride_vd, offs_n, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-    q_base = Q + b * stride_qb + h * stride_qh
-    dout_base = DOUT + b * stride_gb + h * stride_gh
-    rows_base = pid_bh.to(tl.int64) * N
-    g, one_minus_g = _gates(GATE, h)
-    x_j = (offs_n % grid_w).to(tl.float32)
-    y_j = (offs_n // grid_w).to(tl.float32)
+    rows_ok = offs_m < N
+    dims_ok = offs_d < HEAD_DIM
+    o_ptrs = OUT_C + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    g_ptrs = DOUT + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd
+    o_c = _load(o_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(tl.float32)
+    dout = _load(g_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, tl.sum(o_c * dout, 1), mask=rows_ok)
+
+
+@triton.jit
+def _dkdv_query_step(
+    dk, dv, k, v, qt_ptrs, dout_ptrs, LSE_ROWS, DELTA_ROWS, offs_m, offs_d, N, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """One query tile for a block of keys; MASKED for the last, partial tile (lse = +inf there: p = 0)."""
+    rows_ok = offs_m < N
+    dims_ok = offs_d < HEAD_DIM
+    qt = _load(qt_ptrs, dims_ok, rows_ok, HEAD_DIM != BLOCK_D, MASKED).to(DOT_DTYPE)
+    if MASKED:
+        lse = tl.load(LSE_ROWS + offs_m, mask=rows_ok, other=float("inf"))
+        delta = tl.load(DELTA_ROWS + offs_m, mask=rows_ok, other=0.0)
+    else:
+        lse = tl.load(LSE_ROWS + offs_m)
+        delta = tl.load(DELTA_ROWS + offs_m)
+    pt = tl.exp2(tl.dot(k, qt, input_precision=PRECISION) * qk_scale - lse[None, :])  # P^T, keys x queries
+    dout = _load(dout_ptrs, rows_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+    dv = tl.dot(pt.to(DOT_DTYPE), dout, dv, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(dout), input_precision=PRECISION)  # (dO v^T)^T
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(DOT_DTYPE), tl.trans(qt), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DOUT, LSE, DELTA, PT_DOUT, GATES, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_pb, stride_ph, stride_pn, stride_pd,
+    stride_db, stride_dh, stride_dn, stride_dd,
+    H, N, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ARCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
+):  # fmt: skip
+    """dk = scale (1 - g) dS^T q and dv = (1 - g) A^T dO + g P^T dO (PT_DOUT) for BLOCK_N keys."""
+    pid_bh = tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    keys_ok = offs_n < N
+    dims_ok = offs_d < HEAD_DIM
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    # Keys past N load as zeros; their rows of dk / dv are never stored, and no other row reads them.
+    k = _load(k_ptrs, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+    v = _load(v_ptrs, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+    # Q^T (BLOCK_D x BLOCK_M) and dO (BLOCK_M x BLOCK_D) tiles, advanced BLOCK_M queries a step.
+    qt_ptrs = Q + b * stride_qb + h * stride_qh + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qn
+    dout_ptrs = DOUT + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd
+    lse_rows = LSE + pid_bh.to(tl.int64) * N
+    delta_rows = DELTA + pid_bh.to(tl.int64) * N
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dw_x = tl.zeros([BLOCK_N], tl.float32)  # d pos_weight partials, kept per key until the end
-    dw_y = tl.zeros([BLOCK_N], tl.float32)
-    dw_r = tl.zeros([BLOCK_N], tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        valid = (offs_m < N)[:, None] & (offs_n < N)[None, :]
-        q = _load_tile(q_base, stride_qn, stride_qd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        dout = _load_tile(dout_base, stride_gn, stride_gd, offs_m, offs_d, N, HEAD_DIM).to(DOT_DTYPE)
-        lse = tl.load(LSE + rows_base + offs_m, mask=offs_m < N, other=0.0) * LOG2E_IN_KERNEL
-        delta_c = tl.load(DELTA_C + rows_base + offs_m, mask=offs_m < N, other=0.0)
-        delta_p = tl.load(DELTA_P + rows_base + offs_m, mask=offs_m < N, other=0.0)
+    m_full = (N // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _dkdv_query_step(dk, dv, k, v, qt_ptrs + start_m * stride_qn, dout_ptrs + start_m * stride_gn,
+                                  lse_rows, delta_rows, start_m + offs_m, offs_d, N, qk_scale,
+                                  HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, False)  # fmt: skip
+    if not EVEN_M:
+        dk, dv = _dkdv_query_step(dk, dv, k, v, qt_ptrs + m_full * stride_qn, dout_ptrs + m_full * stride_gn,
+                                  lse_rows, delta_rows, m_full + offs_m, offs_d, N, qk_scale,
+                                  HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, True)  # fmt: skip
 
-        s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * qk_scale
-        a = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        pos = _positional_probs_tile(PX, PY, h, offs_m, offs_n, N, grid_w, grid_h)
-        t = tl.dot(dout, tl.trans(v), input_precision="tf32x3")  # T = dO v^T, for both branches
-        mix = one_minus_g * a + g * pos
-        dv += tl.dot(tl.trans(mix.to(DOT_DTYPE)), dout, input_precision="tf32x3")
-        ds_c = one_minus_g * a * (t - delta_c[:, None])
-        dk += tl.dot(tl.trans(ds_c.to(DOT_DTYPE)), q, input_precision="tf32x3")
-        ds_p = g * pos * (t - delta_p[:, None])
-        x_i = (offs_m % grid_w).to(tl.float32)
-        y_i = (offs_m // grid_w).to(tl.float32)
-        dx = x_j[None, :] - x_i[:, None]
-        dy = y_j[None, :] - y_i[:, None]
-        dw_x += tl.sum(ds_p * dx, 0)
-        dw_y += tl.sum(ds_p * dy, 0)
-        dw_r += tl.sum(ds_p * (dx * dx + dy * dy), 0)
-
-    dk_base = DK + b * stride_db + h * stride_dh
-    dv_base = DV + b * stride_db + h * stride_dh
-    _store_tile(dk_base, dk * scale, stride_dn, stride_dd, offs_n, offs_d, N, HEAD_DIM)
-    _store_tile(dv_base, dv, stride_dn, stride_dd, offs_n, offs_d, N, HEAD_DIM)
-    # (sum ds_p dx, sum ds_p dy, sum ds_p (dx^2 + dy^2)) as one 3-vector (padded to 4 lanes).
-    lane = tl.arange(0, 4)
-    sums = tl.where(lane == 0, tl.sum(dw_x, 0), tl.where(lane == 1, tl.sum(dw_y, 0), tl.sum(dw_r, 0)))
-    if USE_ATOMICS:
-        tl.atomic_add(DW_PARTIAL + h * 3 + lane, sums, mask=lane < 3)
-    else:
-        tl.store(DW_PARTIAL + (pid_bh * partials_per_head + pid_n) * 3 + lane, sums, mask=lane < 3)
+    g = tl.load(GATES + 2 * h)
+    one_minus_g = tl.load(GATES + 2 * h + 1)
+    p_ptrs = PT_DOUT + b * stride_pb + h * stride_ph + offs_n[:, None] * stride_pn + offs_d[None, :] * stride_pd
+    positional = _load(p_ptrs, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
+    d_offs = b * stride_db + h * stride_dh + offs_n[:, None] * stride_dn + offs_d[None, :] * stride_dd
+    _store(DK + d_offs, dk * (scale * one_minus_g), keys_ok, dims_ok, HEAD_DIM != BLOCK_D)
+    _store(DV + d_offs, one_minus_g * dv + g * positional, keys_ok, dims_ok, HEAD_DIM != BLOCK_D)
 
 
+@triton.jit
+def _dq_key_step(
+    dq, q, dout, lse, delta, kt_ptrs, vt_ptrs, offs_n, offs_d, N, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """One key tile for a block of queries; MASKED for the last, partial tile (p = 0 past N)."""
+    keys_ok = offs_n < N
+    dims_ok = offs_d < HEAD_DIM
+    kt = _load(kt_ptrs, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED).to(DOT_DTYPE)
+    vt = _load(vt_ptrs, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED).to(DOT_DTYPE)
+    p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
+    if MASKED:  # zero keys would give p = 2^-lse, which overflows for very negative rows
+        p = tl.where(keys_ok[None, :], p, 0.0)
+    dp = tl.dot(dout, vt, input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(DOT_DTYPE), tl.trans(kt), dq, input_precision=PRECISION)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DOUT, LSE, DELTA, GATES, DQ,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_db, stride_dh, stride_dn, stride_dd,
+    H, N, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ARCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+):  # fmt: skip
+    """dq = scale (1 - g) dS k for BLOCK_M queries."""
+    pid_bh = tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_m < N
+    dims_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    dout_ptrs = DOUT + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd
+    q = _load(q_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+    dout = _load(dout_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+    # Rows past N have q = dO = 0 and are never stored: any finite lse serves them.
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=rows_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=rows_ok, other=0.0)
+    # K^T and V^T tiles (BLOCK_D x BLOCK_N), advanced BLOCK_N keys a step.
+    kt_ptrs = K + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
+    vt_ptrs = V + b * stride_vb + h * stride_vh + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_key_step(dq, q, dout, lse, delta, kt_ptrs + start_n * stride_kn, vt_ptrs + start_n * stride_vn,
+                          start_n + offs_n, offs_d, N, qk_scale,
+                          HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, False)  # fmt: skip
+    if not EVEN_N:
+        dq = _dq_key_step(dq, q, dout, lse, delta, kt_ptrs + n_full * stride_kn, vt_ptrs + n_full * stride_vn,
+                          n_full + offs_n, offs_d, N, qk_scale,
+                          HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, True)  # fmt: skip
+
+    one_minus_g = tl.load(GATES + 2 * h + 1)
+    d_ptrs = DQ + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :] * stride_dd
+    _store(d_ptrs, dq * (scale * one_minus_g), rows_ok, dims_ok, HEAD_DIM != BLOCK_D)
+
+
+# The kernels by name: aot compiles each ("fwd" also as its GPSA-free twin).
 KERNELS = {
-    "fwd": _gpsa_fwd_kernel,
-    "bwd_dq": _gpsa_bwd_dq_kernel,
-    "bwd_dkdv": _gpsa_bwd_dkdv_kernel,
+    "fwd": _attn_fwd_kernel,
+    "bwd_pre": _bwd_preprocess_kernel,
+    "bwd_dkdv": _bwd_dkdv_kernel,
+    "bwd_dq": _bwd_dq_kernel,
 }
+# The even-tile constexpr of each looping kernel and the block it divides N by: set at launch,
+# after autotuning has picked the block.
+EVEN_FLAGS = {"fwd": ("EVEN_N", "BLOCK_N"), "bwd_dkdv": ("EVEN_M", "BLOCK_M"), "bwd_dq": ("EVEN_N", "BLOCK_N")}
+
+
+def _with_even_flag(name, kernel):
+    if name not in EVEN_FLAGS:
+        return kernel
+    flag, block = EVEN_FLAGS[name]
+    return triton.heuristics({flag: lambda args: args["N"] % args[block] == 0})(kernel)
+
+
+_FIXED = {name: _with_even_flag(name, kernel) for name, kernel in KERNELS.items()}
+_TUNED = {name: _tuned(name)(_FIXED[name]) for name in KERNELS if TUNING_SPACE[name]}
 
 
 # ---------------------------------------------------------------- launchers
@@ -483,72 +456,218 @@ def dot_dtype(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: fp32 inputs follow torch's matmul precision; 16-bit ones ignore it.
+
+    "highest" (the default) takes 3xTF32, three tensor-core products per dot with fp32-level
+    accuracy (IEEE fp32 dots would leave the tensor cores and spill); "high" / "medium" (or
+    ``torch.backends.cuda.matmul.allow_tf32 = True``) one TF32 product, about 3x cheaper and
+    ~1e-3 relative.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "tf32x3"
+    return "tf32"
+
+
 def _head_dims(d: int):
+    """(HEAD_DIM, BLOCK_D) of a head dim the registry let through (d <= MAX_HEAD_DIM)."""
     if d > MAX_HEAD_DIM:
         raise ValueError(f"the triton backend takes head dims up to {MAX_HEAD_DIM}, got {d}")
     return d, max(16, triton.next_power_of_2(d))
 
 
-def _axis_tables(pos_weight, N: int, grid_w: int):
-    grid_h = N // grid_w
-    px, py = positional_axis_probs(pos_weight, grid_h, grid_w, torch.float32)
-    return px.contiguous(), py.contiguous(), grid_h
+def _arch(device: torch.device) -> int:
+    """10 major + minor of a CUDA device (0 elsewhere): the autotuning key's architecture."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _launch(kernel_name, grid, q, args, **constexprs):
+    """Run a kernel on q's device: autotuned, or in its fixed configuration.
+
+    The fixed configuration is the same in every process, so under
+    ``torch.use_deterministic_algorithms(True)`` (or CONVIT_KERNELS_TRITON_AUTOTUNE=0) results
+    are bitwise stable across processes and ranks; an autotuned choice depends on timings.
+    """
+    head_dim, block_d = _head_dims(q.shape[-1])
+    constexprs.update(HEAD_DIM=head_dim, BLOCK_D=block_d, ARCH=_arch(q.device))
+    tuned = _TUNED.get(kernel_name)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        if AUTOTUNE and tuned is not None and not torch.are_deterministic_algorithms_enabled():
+            tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+            return
+        config = fixed_config(kernel_name, q.element_size())
+        _FIXED[kernel_name][grid(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])](
+            *args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+        )
+
+
+def _dots(dtype: torch.dtype) -> dict:
+    return dict(DOT_DTYPE=dot_dtype(dtype), PRECISION=dot_precision(dtype))
+
+
+def _gates_table(gating_param: torch.Tensor) -> torch.Tensor:
+    """H x 2 fp32 (g, 1 - g), with 1 - g = sigmoid(-lambda): exact where g rounds to 1."""
+    lam = gating_param.detach().to(torch.float32)
+    return torch.stack((torch.sigmoid(lam), torch.sigmoid(-lam)), -1).contiguous()
+
+
+def attention_forward(q, k, v, scale: float, positional=None, gates=None):
+    """(out, O_c, lse2) of the forward kernel; plain attention (its GPSA-free twin) when positional is None.
+
+    q, k, v: B x H x N x d, any strides. positional: B x H x N x d fp32 ``g P v``, gates: the
+    H x 2 (g, 1 - g) table. out and O_c are B x N x H x d in q's dtype (O_c None for the twin),
+    lse2 is B x H x N fp32 in log2 units.
+    """
+    B, H, N, d = q.shape
+    gpsa = positional is not None
+    out = torch.empty((B, N, H, d), device=q.device, dtype=q.dtype)
+    out_bhnd = out.transpose(1, 2)
+    content = torch.empty_like(out) if gpsa else None
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    if not gpsa:  # the twin reads neither: any tensors of the right kind fill the slots
+        positional, gates = out_bhnd, lse
+    _launch(
+        "fwd", lambda bm, bn: (triton.cdiv(N, bm), B * H), q,
+        (q, k, v, positional, gates, out_bhnd, content.transpose(1, 2) if gpsa else out_bhnd, lse,
+         *q.stride(), *k.stride(), *v.stride(), *positional.stride(), *out_bhnd.stride(),
+         H, N, scale * LOG2E),
+        **_dots(q.dtype), GPSA=gpsa,
+    )  # fmt: skip
+    return out, content, lse
 
 
 def gpsa_forward(q, k, v, pos_weight, gating_param, grid_w: int, scale: float):
-    """The op's forward (see reference.py for the interface); q, k, v read through their strides."""
+    """(out, O_c, lse2): the content branch in the kernel, g P v from the separable unit mixed in its epilogue."""
+    grid_h = q.shape[2] // grid_w
+    gates = _gates_table(gating_param)
+    px, py = positional_axis_probs(pos_weight, grid_h, grid_w, torch.float32)
+    gated = AxisTables(px, py * gates[:, 0].view(-1, 1, 1))  # g P = (g py) (x) px: the gate rides on a small table
+    positional = bhnd(apply_positional(gated, head_major(v, grid_h, torch.float32)))  # g P v, fp32
+    return attention_forward(q, k, v, scale, positional, gates)
+
+
+def gpsa_backward(grad_out, q, k, v, content, lse, pos_weight, gating_param, grid_w: int, scale: float):
+    """(dq, dk, dv in B x N x H x d, d pos_weight, d gating_param); grad_out and content are B x N x H x d."""
     B, H, N, d = q.shape
-    head_dim, block_d = _head_dims(d)
-    px, py, grid_h = _axis_tables(pos_weight, N, grid_w)
-    gating_param = gating_param.contiguous()  # the kernels read it at GATE + h
-    out = torch.empty((B, N, H, d), device=q.device, dtype=q.dtype)
-    out_bhnd = out.transpose(1, 2)
-    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    _gpsa_fwd_kernel[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
-        q, k, v, px, py, gating_param, out_bhnd, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out_bhnd.stride(),
-        H, N, grid_w, grid_h, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype),
+    grid_h = N // grid_w
+    gates = _gates_table(gating_param)
+    g = gates[:, 0]
+    dout = grad_out.transpose(1, 2)  # B x H x N x d views
+    content = content.transpose(1, 2)
+
+    # The positional half on head-major fp32 copies: P^T dO, the tables' gradients, sum dO . P v.
+    tables = positional_axis_probs(pos_weight, grid_h, grid_w, torch.float32)
+    v_hm, dout_hm = head_major(v, grid_h, torch.float32), head_major(dout, grid_h, torch.float32)
+    pt_dout_hm, dpx, dpy = positional_backward(tables, dout_hm, v_hm)
+    d_pos_weight = pos_weight_grad(tables, g.view(H, 1, 1) * dpx, g.view(H, 1, 1) * dpy)
+    sum_delta_p = torch.linalg.vecdot(pt_dout_hm.view(H, -1), v_hm.view(H, -1))  # sum (P^T dO) . v = sum dO . P v
+    pt_dout = bhnd(pt_dout_hm)
+
+    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    _launch(
+        "bwd_pre", lambda bm, bn: (triton.cdiv(N, bm), B * H), q,
+        (content, dout, delta, *content.stride(), *dout.stride(), H, N),
     )  # fmt: skip
-    return out, lse
-
-
-def gpsa_backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w: int, scale: float, atomic_reductions=False):
-    """The op's backward; per-head reductions deterministic unless ``atomic_reductions``."""
-    B, H, N, d = q.shape
-    head_dim, block_d = _head_dims(d)
-    px, py, grid_h = _axis_tables(pos_weight, N, grid_w)
-    gating_param = gating_param.contiguous()  # the kernels read it at GATE + h
-    dout = grad_out.transpose(1, 2)  # B x H x N x d view
-    lse = lse.contiguous()  # a no-op for this backend's own forward
-    delta_c = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    delta_p = torch.empty_like(delta_c)
-    # One partial sum per (batch, head, program): room for the smallest block any configuration uses.
-    partials_per_head = triton.cdiv(N, MIN_BLOCK)
-    partials = dict(device=q.device, dtype=torch.float32)
-    gate_partial = torch.zeros((1, H, 1) if atomic_reductions else (B, H, partials_per_head), **partials)
-    dw_partial = torch.zeros((1, H, 1, 3) if atomic_reductions else (B, H, partials_per_head, 3), **partials)
-
     dq, dk, dv = (torch.empty((B, N, H, d), device=q.device, dtype=q.dtype) for _ in range(3))
     dq_bhnd, dk_bhnd, dv_bhnd = (t.transpose(1, 2) for t in (dq, dk, dv))
-    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk_bhnd.stride())
-    meta_args = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype), USE_ATOMICS=atomic_reductions)
-    _gpsa_bwd_dq_kernel[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
-        q, k, v, dout, px, py, gating_param, lse, delta_c, delta_p, dq_bhnd, gate_partial,
-        *strides,
-        H, N, grid_w, grid_h, scale, scale * LOG2E, partials_per_head,
-        **meta_args,
+    _launch(
+        "bwd_dkdv", lambda bm, bn: (triton.cdiv(N, bn), B * H), q,
+        (q, k, v, dout, lse, delta, pt_dout, gates, dk_bhnd, dv_bhnd,
+         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *pt_dout.stride(), *dk_bhnd.stride(),
+         H, N, scale * LOG2E, scale),
+        **_dots(q.dtype),
     )  # fmt: skip
-    _gpsa_bwd_dkdv_kernel[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
-        q, k, v, dout, px, py, gating_param, lse, delta_c, delta_p, dk_bhnd, dv_bhnd, dw_partial,
-        *strides,
-        H, N, grid_w, grid_h, scale, scale * LOG2E, partials_per_head,
-        **meta_args,
+    _launch(
+        "bwd_dq", lambda bm, bn: (triton.cdiv(N, bm), B * H), q,
+        (q, k, v, dout, lse, delta, gates, dq_bhnd,
+         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq_bhnd.stride(),
+         H, N, scale * LOG2E, scale),
+        **_dots(q.dtype),
     )  # fmt: skip
-    # Second, fixed-order reduction of the per-program partials (a no-op sum for atomics).
-    d_pos_weight = dw_partial.sum(dim=(0, 2))
-    d_gating = gate_partial.sum(dim=(0, 2))
+    # d lambda = g (1 - g) sum_(b, i) (delta_p - delta_c): fixed-order sums, deterministic.
+    d_gating = g * gates[:, 1] * (sum_delta_p - delta.sum((0, 2)))
     return dq, dk, dv, d_pos_weight.to(pos_weight.dtype), d_gating.to(gating_param.dtype)
+
+
+# ---------------------------------------------------------------- the custom-op pair and the backend
+
+
+def _bnhd_like(q: torch.Tensor) -> torch.Tensor:
+    B, H, N, d = q.shape
+    return q.new_empty((B, N, H, d))
+
+
+@torch.library.custom_op("convit_kernels::triton_gpsa_fwd", mutates_args=())
+def triton_gpsa_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos_weight: torch.Tensor,
+    pos_bias: torch.Tensor,
+    gating_param: torch.Tensor,
+    grid_w: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, O_c in B x N x H x d, lse2 B x H x N fp32, log2 units); pos_bias is taken for its (zero) gradient."""
+    return gpsa_forward(q, k, v, pos_weight, gating_param, grid_w, scale)
+
+
+@triton_gpsa_fwd.register_fake
+def _triton_gpsa_fwd_fake(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale):
+    B, H, N, d = q.shape
+    return _bnhd_like(q), _bnhd_like(q), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("convit_kernels::triton_gpsa_bwd", mutates_args=())
+def triton_gpsa_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    content: torch.Tensor,
+    lse: torch.Tensor,
+    pos_weight: torch.Tensor,
+    gating_param: torch.Tensor,
+    grid_w: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
+    return gpsa_backward(grad_out, q, k, v, content, lse, pos_weight, gating_param, grid_w, scale)
+
+
+@triton_gpsa_bwd.register_fake
+def _triton_gpsa_bwd_fake(grad_out, q, k, v, content, lse, pos_weight, gating_param, grid_w, scale):
+    return _bnhd_like(q), _bnhd_like(q), _bnhd_like(q), torch.empty_like(pos_weight), torch.empty_like(gating_param)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale = inputs
+    _, content, lse = output
+    ctx.save_for_backward(q, k, v, content, lse, pos_weight, pos_bias, gating_param)
+    ctx.grid_w, ctx.scale = grid_w, scale
+
+
+def _backward(ctx, grad_out, _grad_content, _grad_lse):
+    q, k, v, content, lse, pos_weight, pos_bias, gating_param = ctx.saved_tensors
+    # dO in the dtype of q (autograd may hand another one, e.g. under AMP).
+    dq, dk, dv, dw, dgate = triton_gpsa_bwd(
+        grad_out.to(q.dtype), q, k, v, content, lse, pos_weight, gating_param, ctx.grid_w, ctx.scale
+    )
+    # The bias is a per-row constant inside the positional softmax: its gradient is exactly zero.
+    db = torch.zeros_like(pos_bias)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dw, db, dgate, None, None
+
+
+triton_gpsa_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_gpsa(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int, int], scale: float):
+    """GPSA through the Triton kernels; B x H x N x d view of a B x N x H x d tensor."""
+    out, _, _ = triton_gpsa_fwd(q, k, v, pos_weight, pos_bias, gating_param, grid_size[1], scale)
+    return out.transpose(1, 2)
 
 
 def _unavailable() -> str | None:
@@ -563,11 +682,11 @@ def _unavailable() -> str | None:
 register_backend(
     Backend(
         "triton",
-        "fused Triton kernels (sm_80+; CPU tensors under TRITON_INTERPRET=1)",
+        "(1 - g) FlashAttention-2 Triton kernels + g separable P v in their epilogues (sm_80+; "
+        "CPU tensors under TRITON_INTERPRET=1)",
         devices=("cuda", "cpu") if INTERPRET else ("cuda",),
         dtypes=HALF_AND_FLOAT,
-        forward=gpsa_forward,
-        backward=gpsa_backward,
+        attention=triton_gpsa,
         max_head_dim=MAX_HEAD_DIM,
         min_cuda_capability=(8, 0),
         unavailable=_unavailable,
