@@ -7,7 +7,6 @@ import copy
 import time
 
 import torch
-from timm.models.convit import GPSA
 
 from .backends import BACKEND_NAMES, BackendError, auto_policy, available_backends, explain_auto, resolve_backend
 from .module import FusedGPSA
@@ -60,8 +59,10 @@ def main(argv=None) -> int:
     except BackendError as exc:
         parser.error(str(exc))
 
+    from .module import _timm_convit
+
     torch.manual_seed(args.seed)
-    stock = GPSA(192, num_heads=4, locality_strength=1.0, device=device)
+    stock = _timm_convit().GPSA(192, num_heads=4, locality_strength=1.0, device=device)
     stock.local_init()
     fused = FusedGPSA.from_gpsa(copy.deepcopy(stock), backend=backend)
     x = torch.randn(args.batch, 196, 192, device=device)
