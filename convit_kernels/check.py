@@ -27,6 +27,11 @@ def main_backends(argv=None) -> int:
     ).parse_args(argv)
     for name, status in available_backends().items():
         print(f"{name:10s} {'yes' if status.available else 'no ':3s}  {status.reason}")
+    from .backends import extension
+
+    print(f"\nC++/CUDA extension (this torch: {torch.__version__}):")
+    for line in extension.describe():
+        print(f"  {line}")
     print(f"\nbackend='auto' (head dim {_AUTO_HEAD_DIM}):")
     for device in _devices():
         print(f"  on {device}: {auto_policy(device.type)}")
