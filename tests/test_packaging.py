@@ -54,7 +54,13 @@ print("forward/backward ok", convit_kernels.__version__, convit_kernels.__file__
 """
 
 
+def _clean_env() -> dict:
+    """This environment without PYTHONPATH, so that the venv runs the installed wheel and not a checkout."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
 def _run(cmd, **kwargs):
+    kwargs.setdefault("env", _clean_env())
     result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
@@ -65,7 +71,7 @@ def dist(tmp_path_factory):
     """sdist and wheel of this checkout, built once (CPU part only)."""
     pytest.importorskip("build", reason="python -m build is needed (requirements.txt pins it)")
     out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, CONVIT_KERNELS_NO_CUDA="1", MAX_JOBS="2")
+    env = dict(_clean_env(), CONVIT_KERNELS_NO_CUDA="1", MAX_JOBS="2")
     _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), ROOT], env=env, cwd=str(out))
     (sdist,) = out.glob("*.tar.gz")
     (wheel,) = out.glob("*.whl")
@@ -81,7 +87,7 @@ def venv(dist, tmp_path_factory):
     venv_site = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
     with open(os.path.join(venv_site, "_reuse_torch.pth"), "w") as f:
         f.write("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
-    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(dist[1])])
+    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(dist[1])])
     return path
 
 
@@ -137,3 +143,23 @@ def test_installed_wheel_lists_backends_and_runs(venv, tmp_path):
     assert "forward/backward ok" in result, result
     assert "timm imported: False" in result, result
     assert f"extension {venv}" in result, result  # the wheel's compiled part, not a JIT build or the checkout's
+
+
+@pytest.mark.parametrize(
+    "tag, clash",
+    [
+        ("abi=stable;torch=2.14.1;min_torch=2.10", None),
+        ("abi=stable;torch=2.14.1;min_torch=99.0", "stable ABI for torch >= 99.0"),
+        ("abi=unstable;torch=2.0.0", "was built for torch 2.0.0"),
+    ],
+)
+def test_build_tag_mismatch_is_refused_before_loading(tmp_path, tag, clash):
+    from convit_kernels.backends import extension
+
+    fake = tmp_path / "_C_fake.so"
+    fake.write_bytes(b"\x7fELF..." + f"CONVIT_KERNELS_BUILD_TAG{{{tag}}}".encode() + b"\0...")
+    problem = extension._mismatch("convit_kernels._C_fake", str(fake))
+    if clash is None:
+        assert problem is None
+    else:
+        assert clash in problem and "this is torch" in problem, problem
