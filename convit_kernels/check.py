@@ -7,7 +7,6 @@ import copy
 import time
 
 import torch
-from timm.models.convit import GPSA
 
 from .backends import BACKEND_NAMES, BackendError, auto_policy, available_backends, explain_auto, resolve_backend
 from .module import FusedGPSA
@@ -28,6 +27,11 @@ def main_backends(argv=None) -> int:
     ).parse_args(argv)
     for name, status in available_backends().items():
         print(f"{name:10s} {'yes' if status.available else 'no ':3s}  {status.reason}")
+    from .backends import extension
+
+    print(f"\nC++/CUDA extension (this torch: {torch.__version__}):")
+    for line in extension.describe():
+        print(f"  {line}")
     print(f"\nbackend='auto' (head dim {_AUTO_HEAD_DIM}):")
     for device in _devices():
         print(f"  on {device}: {auto_policy(device.type)}")
@@ -60,8 +64,10 @@ def main(argv=None) -> int:
     except BackendError as exc:
         parser.error(str(exc))
 
+    from .module import _timm_convit
+
     torch.manual_seed(args.seed)
-    stock = GPSA(192, num_heads=4, locality_strength=1.0, device=device)
+    stock = _timm_convit().GPSA(192, num_heads=4, locality_strength=1.0, device=device)
     stock.local_init()
     fused = FusedGPSA.from_gpsa(copy.deepcopy(stock), backend=backend)
     x = torch.randn(args.batch, 196, 192, device=device)

@@ -12,14 +12,35 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
-from timm.models import convit as timm_convit
 from torch import nn
 
 from .op import gpsa_attention
 from .reference import gpsa_attention_probs, gpsa_reference, relative_positions
 
 __all__ = ["FusedGPSA", "SDPAMHSA"]
+
+
+@torch.no_grad()
+def _trunc_normal_(tensor: torch.Tensor, std: float, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
+    """timm.layers.trunc_normal_ (mean 0), the same draws without importing timm."""
+
+    def norm_cdf(x: float) -> float:
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    low, high = norm_cdf(a / std), norm_cdf(b / std)
+    tensor.uniform_(2 * low - 1, 2 * high - 1)
+    tensor.erfinv_()
+    tensor.mul_(std * math.sqrt(2.0))
+    return tensor.clamp_(min=a, max=b)
+
+
+def _timm_convit():
+    """timm.models.convit, imported on first use: the layers themselves run without timm."""
+    try:
+        from timm.models import convit
+    except ImportError as exc:
+        raise ImportError("this needs timm: pip install 'convit-kernels[timm]' (or pip install timm)") from exc
+    return convit
 
 
 def _split_heads(t: torch.Tensor, parts: int, num_heads: int) -> torch.Tensor:
@@ -81,7 +102,7 @@ class FusedGPSA(nn.Module):
         self._init_fused(grid_size, backend, device=device, dtype=dtype)
         if use_local_init:
             for m in (self.qk, self.v, self.proj, self.pos_proj):
-                trunc_normal_(m.weight, std=0.02)
+                _trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             self.local_init()
@@ -164,8 +185,9 @@ class FusedGPSA(nn.Module):
         )
         return self.attn_drop(attn)
 
-    # timm's nonlocality measure, computed from get_attention and rel_indices exactly as timm does.
-    get_attention_map = timm_convit.GPSA.get_attention_map
+    def get_attention_map(self, *args, **kwargs):
+        """timm's nonlocality measure, computed from get_attention and rel_indices exactly as timm does (needs timm)."""
+        return _timm_convit().GPSA.get_attention_map(self, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -232,7 +254,9 @@ class SDPAMHSA(nn.Module):
         fused.train(module.training)
         return fused
 
-    get_attention_map = timm_convit.MHSA.get_attention_map
+    def get_attention_map(self, *args, **kwargs):
+        """timm's MHSA.get_attention_map on this module (needs timm)."""
+        return _timm_convit().MHSA.get_attention_map(self, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape

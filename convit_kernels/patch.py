@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from timm.models import convit as timm_convit
 from torch import nn
 
-from .module import SDPAMHSA, FusedGPSA
+from .module import SDPAMHSA, FusedGPSA, _timm_convit
+
+
+def _timm_class(name: str):
+    """timm's GPSA or MHSA class, or None without timm (facebookresearch models are matched by layout)."""
+    try:
+        return getattr(_timm_convit(), name)
+    except ImportError:
+        return None
+
 
 __all__ = ["patch_convit"]
 
@@ -16,7 +24,8 @@ def _is_gpsa(module: nn.Module) -> bool:
     """timm's GPSA, or a module shaped like facebookresearch's (same submodules and gate)."""
     if isinstance(module, FusedGPSA):
         return False
-    if isinstance(module, timm_convit.GPSA):
+    timm_gpsa = _timm_class("GPSA")
+    if timm_gpsa is not None and isinstance(module, timm_gpsa):
         return True
     return (
         all(isinstance(getattr(module, name, None), nn.Linear) for name in _GPSA_PARTS)
@@ -29,7 +38,8 @@ def _is_gpsa(module: nn.Module) -> bool:
 
 def _is_mhsa(module: nn.Module) -> bool:
     """timm's MHSA, or facebookresearch's class of the same name and layout."""
-    if isinstance(module, timm_convit.MHSA):
+    timm_mhsa = _timm_class("MHSA")
+    if timm_mhsa is not None and isinstance(module, timm_mhsa):
         return True
     return (
         type(module).__name__ == "MHSA"

@@ -5,6 +5,14 @@ Shared by ``setup.py`` (ahead-of-time build) and ``convit_kernels/extension.py``
 functions with no import of the package, so that setup.py can load this file by
 path before anything is built.
 
+The CPU part is compiled against the LibTorch stable ABI (torch/csrc/stable,
+TORCH_TARGET_VERSION = STABLE_ABI_TARGET): one build loads on every torch from
+that version on. The CUDA part uses torch's C++ API (ATen), whose ABI changes
+with every torch release, so it loads only on the torch it was built with.
+Both carry a build tag (tag_flags) that the loader reads from the file before
+loading it, to refuse a mismatch with a clear message instead of an
+undefined-symbol error.
+
 Environment:
     CONVIT_KERNELS_NO_CUDA=1   skip the CUDA part.
     TORCH_CUDA_ARCH_LIST       architectures of the CUDA part, default DEFAULT_CUDA_ARCHS;
@@ -29,6 +37,44 @@ CSRC = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = [os.path.join(CSRC, "cpu", "gpsa_cpu.cpp")]
 CUDA_SOURCES = [os.path.join(CSRC, "cuda", "gpsa_cuda.cu")]
 DEFAULT_CUDA_ARCHS = "7.0;7.5;8.0;8.6;9.0"
+# The oldest torch the CPU part (stable ABI) loads on: torch::stable::parallel_for and empty() came in 2.10.
+STABLE_ABI_TARGET = (2, 10)
+# Python's limited API for the CPU part's empty module (its file is _C.abi3.so).
+PY_LIMITED_API = "0x030B0000"
+
+
+def torch_version() -> tuple:
+    """(major, minor, patch) of the torch in this process, without the local part (+cu130)."""
+    import torch
+
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)\.(\d+)", torch.__version__).groups())
+
+
+def tag_flags(stable: bool) -> list:
+    """Macros of the build tag: the torch compiled against and, for the stable ABI, the oldest torch it loads on."""
+    major, minor, patch = torch_version()
+    flags = [
+        f"-DCONVIT_KERNELS_TORCH_MAJOR={major}",
+        f"-DCONVIT_KERNELS_TORCH_MINOR={minor}",
+        f"-DCONVIT_KERNELS_TORCH_PATCH={patch}",
+    ]
+    if stable:
+        target_major, target_minor = STABLE_ABI_TARGET
+        flags += [
+            f"-DTORCH_TARGET_VERSION=0x{target_major:02x}{target_minor:02x}000000000000",
+            f"-DCONVIT_KERNELS_TARGET_MAJOR={target_major}",
+            f"-DCONVIT_KERNELS_TARGET_MINOR={target_minor}",
+            f"-DPy_LIMITED_API={PY_LIMITED_API}",
+        ]
+    return flags
+
+
+def why_no_cxx():
+    """None when a C++ compiler is found, else why not (the CPU part needs one)."""
+    cxx = os.environ.get("CXX", "c++").split()[0]
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler found ({cxx!r} is not on PATH; install g++ or set CXX)"
+    return None
 
 
 def cxx_flags() -> list:
@@ -37,7 +83,7 @@ def cxx_flags() -> list:
     flags = ["-O3", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags += ["-mavx2", "-mfma", "-mf16c"]  # every x86-64 CPU since 2013; the BLAS calls dispatch on their own
-    return flags
+    return flags + tag_flags(stable=True)
 
 
 def link_flags() -> list:
@@ -46,7 +92,7 @@ def link_flags() -> list:
 
 def nvcc_flags() -> list:
     # --threads 2: nvcc compiles two architectures at a time (the machine's two cores).
-    return ["-O3", "--threads", "2", "-lineinfo", "--expt-relaxed-constexpr"]
+    return ["-O3", "--threads", "2", "-lineinfo", "--expt-relaxed-constexpr"] + tag_flags(stable=False)
 
 
 def cuda_build_disabled() -> bool:

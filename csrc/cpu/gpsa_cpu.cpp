@@ -17,11 +17,12 @@
 //   element (gpsa_common.h) dS, ds, M; dv += M^T dO, dq = scale dS k, dk += scale dS^T q;
 //   dw and dgating from per-(batch, head) partials summed over the batch in a fixed order.
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <Python.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,7 +32,7 @@
 #include <vector>
 
 #include "../gpsa_common.h"
-#include "../gpsa_ops.h"
+#include "../gpsa_ops_stable.h"
 
 // Fortran BLAS, declared weak: present in libtorch_cpu on x86-64 (MKL), absent elsewhere.
 extern "C" {
@@ -49,6 +50,34 @@ namespace {
 // Query rows per block. At N = 196 one block takes a whole (batch, head): the
 // larger tile products ran fastest, and B x H tasks still keep the cores busy.
 constexpr int64_t kMaxBlockRows = 256;
+
+// A CPU, contiguous copy of t in dtype (t itself when it already is one).
+Tensor cpu_contiguous(const Tensor& t, ScalarType dtype) {
+  const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
+  return torch::stable::contiguous(torch::stable::to(t, dtype, std::nullopt, cpu));
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16, ...) without ATen: body(TypeTag<scalar_t>{}).
+template <typename Body>
+void dispatch_floating(ScalarType dtype, Body&& body) {
+  switch (dtype) {
+    case ScalarType::Float:
+      return body(TypeTag<float>{});
+    case ScalarType::Double:
+      return body(TypeTag<double>{});
+    case ScalarType::Half:
+      return body(TypeTag<torch::headeronly::Half>{});
+    case ScalarType::BFloat16:
+      return body(TypeTag<torch::headeronly::BFloat16>{});
+    default:
+      STD_TORCH_CHECK(false, "gpsa: unsupported dtype ", dtype_name(dtype));
+  }
+}
 
 // ------------------------------------------------------------------ tile products
 
@@ -286,10 +315,11 @@ struct PositionalTables {
   int64_t heads, grid_h, grid_w;
   std::vector<acc_t> px, py, x_of, y_of;
 
-  PositionalTables(const at::Tensor& pos_weight, int64_t grid_h_, int64_t grid_w_)
+  PositionalTables(const Tensor& pos_weight, int64_t grid_h_, int64_t grid_w_)
       : heads(pos_weight.size(0)), grid_h(grid_h_), grid_w(grid_w_) {
-    const auto w = pos_weight.to(at::kCPU, c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    const acc_t* wp = w.template data_ptr<acc_t>();
+    constexpr ScalarType acc_dtype = std::is_same_v<acc_t, double> ? ScalarType::Double : ScalarType::Float;
+    const Tensor w = cpu_contiguous(pos_weight, acc_dtype);
+    const acc_t* wp = static_cast<const acc_t*>(w.data_ptr());
     px.resize(heads * grid_w * grid_w);
     py.resize(heads * grid_h * grid_h);
     for (int64_t t = 0; t < heads * (grid_w + grid_h); ++t)
@@ -317,9 +347,10 @@ void positional_row(const PositionalTables<acc_t>& tables, int64_t h, int64_t i,
   }
 }
 
-std::vector<double> gate_values(const at::Tensor& gating_param) {
-  const auto lam = gating_param.to(at::kCPU, at::kDouble).contiguous();
-  return std::vector<double>(lam.data_ptr<double>(), lam.data_ptr<double>() + lam.numel());
+std::vector<double> gate_values(const Tensor& gating_param) {
+  const Tensor lam = cpu_contiguous(gating_param, ScalarType::Double);
+  const double* p = static_cast<const double*>(lam.data_ptr());
+  return std::vector<double>(p, p + lam.numel());
 }
 
 // Query blocks of at most kMaxBlockRows rows, balanced (N = 576: 3 blocks of 192).
@@ -334,9 +365,9 @@ struct QueryBlocks {
 // ------------------------------------------------------------------ forward
 
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos_weight,
-                    const at::Tensor& gating_param, const GpsaSizes& s, double scale, at::Tensor& out,
-                    at::Tensor& lse) {
+void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pos_weight,
+                    const Tensor& gating_param, const GpsaSizes& s, double scale, Tensor& out,
+                    Tensor& lse) {
   const int64_t N = s.seq_len, d = s.head_dim, H = s.heads;
   const PositionalTables<acc_t> tables(pos_weight, s.grid_h, s.grid_w);
   const std::vector<double> lambdas = gate_values(gating_param);
@@ -344,13 +375,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const bool use_blas = blas_enabled();
   const auto q_s = bhnd_view<const scalar_t>(q), k_s = bhnd_view<const scalar_t>(k),
              v_s = bhnd_view<const scalar_t>(v);
-  scalar_t* out_p = out.data_ptr<scalar_t>();  // B x N x H x d, contiguous
-  acc_t* lse_p = lse.data_ptr<acc_t>();        // B x H x N
+  scalar_t* out_p = static_cast<scalar_t*>(out.data_ptr());  // B x N x H x d, contiguous
+  acc_t* lse_p = static_cast<acc_t*>(lse.data_ptr());        // B x H x N
   // M v is written straight into out's rows when acc_t is the output type, else converted from scratch.
   constexpr bool direct_output = std::is_same_v<scalar_t, acc_t>;
   const int64_t out_ld = H * d;
 
-  at::parallel_for(0, s.batch * H * blocks.count, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, s.batch * H * blocks.count, 1, [&](int64_t begin, int64_t end) {
     const int64_t bm = blocks.rows;
     std::vector<acc_t> scratch(bm * N + N + bm * d + 2 * N * d + (direct_output ? 0 : bm * d));
     acc_t* mixed = scratch.data();  // bm x N: exp(S - rowmax), then M
@@ -402,10 +433,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // ------------------------------------------------------------------ backward
 
 template <typename scalar_t, typename acc_t>
-void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& lse,
-                     const GpsaSizes& s, double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                     at::Tensor& d_pos_weight, at::Tensor& d_gating) {
+void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& pos_weight, const Tensor& gating_param, const Tensor& lse,
+                     const GpsaSizes& s, double scale, Tensor& dq, Tensor& dk, Tensor& dv,
+                     Tensor& d_pos_weight, Tensor& d_gating) {
   const int64_t B = s.batch, N = s.seq_len, d = s.head_dim, H = s.heads;
   const PositionalTables<acc_t> tables(pos_weight, s.grid_h, s.grid_w);
   const std::vector<double> lambdas = gate_values(gating_param);
@@ -413,7 +444,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const bool use_blas = blas_enabled();
   const auto q_s = bhnd_view<const scalar_t>(q), k_s = bhnd_view<const scalar_t>(k),
              v_s = bhnd_view<const scalar_t>(v), do_s = bnhd_view<const scalar_t>(grad_out);
-  const acc_t* lse_p = lse.data_ptr<acc_t>();  // B x H x N, contiguous
+  const acc_t* lse_p = static_cast<const acc_t*>(lse.data_ptr());  // B x H x N, contiguous
   // Per-(batch, head) partial sums, reduced over the batch in a fixed order below.
   std::vector<double> pos_weight_partial(B * H * 3), gating_partial(B * H);
   // Gradients of q, k, v are written in place (B x N x H x d rows) when acc_t is
@@ -421,7 +452,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   constexpr bool direct_output = std::is_same_v<scalar_t, acc_t>;
   const int64_t out_ld = H * d;
 
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const int64_t bm = blocks.rows;
     std::vector<acc_t> scratch(2 * bm * N + N + 4 * N * d + (direct_output ? 0 : 3 * N * d));
     acc_t* mixed = scratch.data();  // bm x N: A, then M = (1 - g) A + g P
@@ -443,9 +474,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
       int64_t grad_ld;
       if constexpr (direct_output) {
         const int64_t offset = b * N * out_ld + h * d;
-        dq_dst = dq.data_ptr<acc_t>() + offset;
-        dk_dst = dk.data_ptr<acc_t>() + offset;
-        dv_dst = dv.data_ptr<acc_t>() + offset;
+        dq_dst = static_cast<acc_t*>(dq.data_ptr()) + offset;
+        dk_dst = static_cast<acc_t*>(dk.data_ptr()) + offset;
+        dv_dst = static_cast<acc_t*>(dv.data_ptr()) + offset;
         grad_ld = out_ld;
       } else {
         dq_dst = grad_buf;
@@ -511,7 +542,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
       if constexpr (!direct_output) {
         const int64_t offset = b * N * out_ld + h * d;
         for (auto [src, dst] : {std::pair{dq_dst, &dq}, {dk_dst, &dk}, {dv_dst, &dv}}) {
-          scalar_t* dst_p = dst->template data_ptr<scalar_t>() + offset;
+          scalar_t* dst_p = static_cast<scalar_t*>(dst->data_ptr()) + offset;
           for (int64_t n = 0; n < N; ++n)
             for (int64_t c = 0; c < d; ++c) dst_p[n * out_ld + c] = scalar_t(src[n * d + c]);
         }
@@ -522,10 +553,13 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   });
 
   // Fixed-order reductions over the batch: the same bits whatever the thread count.
-  auto dw = at::zeros({H, 3}, at::kDouble);
-  auto dgate = at::zeros({H}, at::kDouble);
-  double* dw_p = dw.data_ptr<double>();
-  double* dgate_p = dgate.data_ptr<double>();
+  const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
+  Tensor dw = torch::stable::empty(std::vector<int64_t>{H, 3}, ScalarType::Double, std::nullopt, cpu);
+  Tensor dgate = torch::stable::empty(std::vector<int64_t>{H}, ScalarType::Double, std::nullopt, cpu);
+  double* dw_p = static_cast<double*>(dw.data_ptr());
+  double* dgate_p = static_cast<double*>(dgate.data_ptr());
+  std::fill(dw_p, dw_p + H * 3, 0.0);
+  std::fill(dgate_p, dgate_p + H, 0.0);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       for (int c = 0; c < 3; ++c) dw_p[h * 3 + c] += pos_weight_partial[(b * H + h) * 3 + c];
@@ -535,34 +569,36 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     const Gates<acc_t> gates = gates_from_lambda(acc_t(lambdas[h]));
     dgate_p[h] *= double(gates.pos) * double(gates.content);
   }
-  d_pos_weight.copy_(dw);
-  d_gating.copy_(dgate);
+  torch::stable::copy_(d_pos_weight, dw);
+  torch::stable::copy_(d_gating, dgate);
 }
 
 // ------------------------------------------------------------------ op entry points
 
-std::tuple<at::Tensor, at::Tensor> gpsa_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                const at::Tensor& pos_weight, const at::Tensor& gating_param,
+std::tuple<Tensor, Tensor> gpsa_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                const Tensor& pos_weight, const Tensor& gating_param,
                                                 int64_t grid_w, double scale) {
   const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w);
   auto [out, lse] = empty_forward_outputs(q, s);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gpsa_fwd_cpu", [&] {
+  dispatch_floating(q.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     forward_kernel<scalar_t, acc_t>(q, k, v, pos_weight, gating_param, s, scale, out, lse);
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& lse, int64_t grid_w,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gpsa_bwd_cpu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& pos_weight, const Tensor& gating_param, const Tensor& lse, int64_t grid_w,
     double scale) {
   const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w);
   auto [dq, dk, dv] = empty_input_grads(q, s);
-  auto d_pos_weight = at::empty_like(pos_weight);
-  auto d_gating = at::empty_like(gating_param);
-  const auto lse_c = lse.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gpsa_bwd_cpu", [&] {
+  Tensor d_pos_weight = torch::stable::empty_like(pos_weight);
+  Tensor d_gating = torch::stable::empty_like(gating_param);
+  const Tensor lse_c = torch::stable::contiguous(lse);
+  dispatch_floating(q.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     backward_kernel<scalar_t, acc_t>(grad_out, q, k, v, pos_weight, gating_param, lse_c, s, scale, dq, dk, dv,
                                      d_pos_weight, d_gating);
@@ -573,7 +609,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_
 }  // namespace
 }  // namespace convit_kernels
 
-TORCH_LIBRARY(convit_kernels_ext, m) {
+STABLE_TORCH_LIBRARY(convit_kernels_ext, m) {
   m.def(
       "gpsa_fwd(Tensor q, Tensor k, Tensor v, Tensor pos_weight, Tensor gating_param, int grid_w, float scale)"
       " -> (Tensor, Tensor)");
@@ -582,10 +618,20 @@ TORCH_LIBRARY(convit_kernels_ext, m) {
       " int grid_w, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(convit_kernels_ext, CPU, m) {
-  m.impl("gpsa_fwd", &convit_kernels::gpsa_fwd_cpu);
-  m.impl("gpsa_bwd", &convit_kernels::gpsa_bwd_cpu);
+STABLE_TORCH_LIBRARY_IMPL(convit_kernels_ext, CPU, m) {
+  m.impl("gpsa_fwd", TORCH_BOX(&convit_kernels::gpsa_fwd_cpu));
+  m.impl("gpsa_bwd", TORCH_BOX(&convit_kernels::gpsa_bwd_cpu));
 }
+
+// The build tag, read from this file by convit_kernels/backends/extension.py
+// before it loads it: built on the stable ABI, against which torch, and the
+// oldest torch it loads on (csrc/build_config.py: tag_flags).
+#define CONVIT_KERNELS_STR2(x) #x
+#define CONVIT_KERNELS_STR(x) CONVIT_KERNELS_STR2(x)
+extern "C" __attribute__((used, visibility("default"))) const char convit_kernels_build_tag[] =
+    "CONVIT_KERNELS_BUILD_TAG{abi=stable;torch=" CONVIT_KERNELS_STR(CONVIT_KERNELS_TORCH_MAJOR) "." CONVIT_KERNELS_STR(
+        CONVIT_KERNELS_TORCH_MINOR) "." CONVIT_KERNELS_STR(CONVIT_KERNELS_TORCH_PATCH) ";min_torch="
+        CONVIT_KERNELS_STR(CONVIT_KERNELS_TARGET_MAJOR) "." CONVIT_KERNELS_STR(CONVIT_KERNELS_TARGET_MINOR) "}";
 
 // An empty Python module, so that `import convit_kernels._C` loads the library
 // and runs the registrations above.

@@ -496,3 +496,12 @@ extern "C" PyObject* PyInit__C_cuda(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
   return PyModule_Create(&module);
 }
+
+// The build tag, read from this file by convit_kernels/backends/extension.py
+// before it loads it: this part uses torch's C++ API (ATen), whose ABI is
+// torch's own, so it loads only on the torch it was built with.
+#define CONVIT_KERNELS_STR2(x) #x
+#define CONVIT_KERNELS_STR(x) CONVIT_KERNELS_STR2(x)
+extern "C" __attribute__((used, visibility("default"))) const char convit_kernels_build_tag[] =
+    "CONVIT_KERNELS_BUILD_TAG{abi=unstable;torch=" CONVIT_KERNELS_STR(CONVIT_KERNELS_TORCH_MAJOR) "." CONVIT_KERNELS_STR(
+        CONVIT_KERNELS_TORCH_MINOR) "." CONVIT_KERNELS_STR(CONVIT_KERNELS_TORCH_PATCH) "}";
