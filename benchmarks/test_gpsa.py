@@ -14,7 +14,8 @@ import os
 import pytest
 import torch
 
-from convit_kernels.bench.implementations import BASELINES, REFERENCE, evaluate, fused_backends, gate, implementations
+from convit_kernels.accuracy import gate
+from convit_kernels.bench.implementations import BASELINES, REFERENCE, evaluate, fused_backends, implementations
 from convit_kernels.bench.run import pass_callable
 from convit_kernels.bench.workloads import DTYPES, LEVELS, PASSES, SHAPES, Workload, default_batch, make_problem
 

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from . import self_check
 from .backends import BACKEND_NAMES, BackendError, auto_policy, available_backends, explain_auto, resolve_backend
 from .module import FusedGPSA
 
@@ -38,7 +39,13 @@ def main_backends(argv=None) -> int:
         for dtype in _AUTO_DTYPES:
             name, skipped = explain_auto(device, dtype, _AUTO_HEAD_DIM)
             why = f" (skipped {'; '.join(skipped)})" if skipped else ""
+            if name in self_check.CHECKED_BACKENDS:  # what auto runs after the on-device check, at N = 196
+                verified = self_check.checked_backend(name, device, dtype, _AUTO_HEAD_DIM, 196, 14)
+                why += "" if verified == name else f" -> {verified} (failed its on-device check)"
             print(f"    {str(dtype).replace('torch.', ''):9s} -> {name}{why}")
+    print(f"\non-device checks ({self_check.MODE_ENV}={self_check.mode()}):")
+    for line in self_check.describe() or ["none in this process (they run on CUDA devices only)"]:
+        print(f"  {line}")
     return 0
 
 

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "train": ("convit_kernels.train.cli", "train a ConViT with the fused layer"),
     "backends": ("convit_kernels.check", "list the backends usable here and why the others are not"),
     "gpu-check": ("convit_kernels.gpu_check", "run every GPU check in one go (<= 8 min on one H100/H200)"),
+    "self-check": ("convit_kernels.self_check", "check the GPU kernels here and store the verdicts auto reads"),
 }
 
 

@@ -3,6 +3,9 @@
 A GPU may be lent rarely and briefly, so the checks are one prepared script that fits in
 about 8 minutes (each step has its own time limit, ``STEPS``):
 
+0. ``self-check``: the on-device check of the kernels ``auto`` picks, at ConViT's dtypes, head
+   dims and grids, stored in the user's cache folder so later processes trust them
+   (``convit-kernels self-check``, :mod:`convit_kernels.self_check`).
 1. ``tests``: the GPU tests (``pytest -m gpu``: the Triton kernels against the reference at
    every interpreter case, extreme gates, saturated logits, determinism, torch.compile).
 2. ``bench``: layer core and module at ConViT-Ti/S/B (224 px, N = 196, d = 48), B = 256, bf16,
@@ -55,6 +58,7 @@ def steps(out: str) -> list[Step]:
     """The prepared script: each step's command line and time limit (their sum fits BUDGET_S)."""
     cli = (sys.executable, "-m", "convit_kernels")
     return [
+        Step("self-check", (*cli, "self-check"), 30),
         Step(
             "tests",
             (
@@ -96,7 +100,7 @@ def steps(out: str) -> list[Step]:
         Step(
             "models",
             (*cli, "bench", "--models", "--dtypes", "bf16", "--passes", "fwd+bwd", "--out", f"{out}/models"),
-            90,
+            60,
         ),
     ]
 
@@ -155,7 +159,7 @@ def main(argv=None) -> int:
     plan = steps(args.out)
     if args.dry_run:
         for step in plan:
-            print(f"{step.name:<7} limit {step.limit_s:>3} s: {' '.join(step.argv)}")
+            print(f"{step.name:<10} limit {step.limit_s:>3} s: {' '.join(step.argv)}")
         return 0
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU here, nothing run (--dry-run lists the steps)", file=sys.stderr)

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import self_check
 from .backends import FLOAT_DTYPES, get_backend, resolve_backend
 from .separable import compute_dtype
 
@@ -240,6 +241,8 @@ def gpsa_attention(
     grid_h, grid_w = check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    if backend == "auto" and name in self_check.CHECKED_BACKENDS:  # verified on this device before it is trusted
+        name = self_check.checked_backend(name, q.device, q.dtype, q.shape[-1], q.shape[2], grid_w)
     impl = get_backend(name)
     if impl.attention is not None:
         return impl.attention(q, k, v, pos_weight, pos_bias, gating_param, (grid_h, grid_w), scale)

@@ -164,11 +164,6 @@ def implementations(device_type: str, dtype: torch.dtype) -> dict[str, Implement
 
 # ---------------------------------------------------------------- correctness gate
 
-# Floor of the gate's bound, relative to each tensor's largest value: about an ulp for the half
-# types (every result, a bf16 parameter's gradient included, is rounded to the dtype), and room for
-# another summation order in float32.
-GATE_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-
 
 def evaluate(fn: Callable[[], torch.Tensor], problem: Problem, backward: bool) -> list[torch.Tensor]:
     """[output, grads of problem.leaves for problem.grad_out (when backward)] as float64 tensors."""
@@ -178,27 +173,3 @@ def evaluate(fn: Callable[[], torch.Tensor], problem: Problem, backward: bool) -
         grads = torch.autograd.grad(out, problem.leaves, problem.grad_out, allow_unused=True)
         results += [torch.zeros_like(t) if g is None else g for t, g in zip(problem.leaves, grads)]
     return [t.detach().double() for t in results]
-
-
-def gate(
-    candidate: list[torch.Tensor],
-    exact: list[torch.Tensor],
-    same_precision: list[torch.Tensor],
-    names: list[str],
-    dtype: torch.dtype,
-) -> str | None:
-    """None when ``candidate`` matches the float64 ``exact`` results, else what is wrong.
-
-    flash-attention's rule: each tensor's error may be at most 3x the error of
-    the reference computed in the same precision, plus a small floor.
-    """
-    for name, have, want, ref in zip(names, candidate, exact, same_precision):
-        if have.shape != want.shape:
-            return f"{name}: shape {tuple(have.shape)}, expected {tuple(want.shape)}"
-        if not torch.isfinite(have).all():
-            return f"{name}: non-finite values"
-        error = (have - want).abs().max().item()
-        bound = 3 * (ref - want).abs().max().item() + GATE_FLOOR[dtype] * want.abs().max().item()
-        if error > bound:
-            return f"{name}: max error {error:.3g} > bound {bound:.3g} (3x the same-precision reference's + floor)"
-    return None

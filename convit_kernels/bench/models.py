@@ -11,8 +11,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from ..accuracy import gate
 from ..patch import patch_convit
-from .implementations import evaluate, gate
+from .implementations import evaluate
 from .timing import time_side_by_side
 from .workloads import DTYPES
 

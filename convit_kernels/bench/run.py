@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .implementations import BASELINES, FLOOR, REFERENCE, Implementation, evaluate, gate, implementations
+from ..accuracy import gate
+from .implementations import BASELINES, FLOOR, REFERENCE, Implementation, evaluate, implementations
 from .timing import matmul_gflops, peak_memory_bytes, time_side_by_side
 from .workloads import Problem, Workload, make_problem
 
