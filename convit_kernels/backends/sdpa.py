@@ -87,8 +87,9 @@ def positional_mix_bwd(
     tables = positional_axis_probs(pos_weight, grid_h, grid_w, acc)
     v_hm, dout_hm = head_major(v, grid_h, acc), head_major(grad_out, grid_h, acc)
     pt_dout, dpx, dpy = positional_backward(tables, dout_hm, v_hm)
-    # d lambda = g (1 - g) sum dO . (P v - O_c) per head, with sum dO . P v = sum (P^T dO) . v
-    dout_dot_positional = torch.linalg.vecdot(pt_dout.view(H, -1), v_hm.view(H, -1))
+    # d lambda = g (1 - g) sum dO . (P v - O_c) per head, where sum dO . P v = sum over (y, Y) of py o dpy
+    # (dpy's contraction already holds every other sum: no pass over the B x H x N x d tensors)
+    dout_dot_positional = (tables.py * dpy).sum((1, 2))
     dout_dot_content = torch.linalg.vecdot(grad_out.to(acc), content.to(acc)).sum((0, 2))
     d_gating = (g * one_minus_g).view(H) * (dout_dot_positional - dout_dot_content)
     d_content = _bnhd_like(content, content.dtype)
