@@ -5,7 +5,9 @@ backend (:mod:`convit_kernels.backends`) and runs it: a composite backend
 (``sdpa``, ``reference``) as torch ops under autograd, an op-pair backend
 through ``convit_kernels::gpsa_fwd`` / ``gpsa_bwd``. Autograd and fake (meta)
 functions are registered once here, so ``torch.compile(fullgraph=True)`` traces
-through any backend without a graph break.
+through any backend without a graph break. The op pair also takes
+``backend="auto"`` and resolves it itself (:func:`op_pair_backend`): a scripted
+``FusedGPSA`` calls ``torch.ops.convit_kernels.gpsa_fwd`` directly.
 
 The op-pair interface (``torch``, ``triton``, ``cpu``, ``cuda``)::
 
@@ -40,10 +42,18 @@ from collections.abc import Sequence
 
 import torch
 
-from .backends import FLOAT_DTYPES, get_backend, resolve_backend
+from .backends import FLOAT_DTYPES, Backend, BackendError, get_backend, resolve_backend
 from .separable import compute_dtype
 
-__all__ = ["check_inputs", "gpsa_attention", "gates", "empty_forward_outputs", "empty_backward_outputs"]
+__all__ = [
+    "check_inputs",
+    "square_grid_side",
+    "op_pair_backend",
+    "gpsa_attention",
+    "gates",
+    "empty_forward_outputs",
+    "empty_backward_outputs",
+]
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -55,7 +65,23 @@ def _is_finite_positive(x) -> bool:
         value = float(x)
     except (TypeError, ValueError):
         return False
-    return math.isfinite(value) and value > 0
+    # Comparisons, not math.isfinite: torch.compile traces them on a symbolic float. NaN fails both.
+    return 0 < value < math.inf
+
+
+def square_grid_side(num_patches: int) -> int:
+    """The side of a square grid of ``num_patches`` patches; ValueError when there is none.
+
+    Not ``math.isqrt``: TorchScript cannot compile it and torch.compile cannot trace it on a
+    symbolic N. The float root of a perfect square below 2**52 is exact, and any other N fails
+    the check whatever the rounding.
+    """
+    side = int(num_patches**0.5)
+    if side * side != num_patches:
+        raise ValueError(
+            f"N = {num_patches} patches is not a perfect square: give grid_size=(rows, cols) with rows * cols = N"
+        )
+    return side
 
 
 def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, scale=None) -> tuple[int, int]:
@@ -94,11 +120,7 @@ def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, sc
     if scale is not None and not _is_finite_positive(scale):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if grid_size is None:
-        side = math.isqrt(N)
-        if side * side != N:
-            raise ValueError(
-                f"N = {N} patches is not a perfect square: pass grid_size=(rows, cols) with rows * cols = N"
-            )
+        side = square_grid_side(N)
         return side, side
     if (
         not isinstance(grid_size, Sequence)
@@ -114,6 +136,26 @@ def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, sc
 # ---------------------------------------------------------------- torch.library registration
 
 
+def op_pair_backend(backend: str, q: torch.Tensor) -> Backend:
+    """The op-pair backend that runs the op pair for ``backend`` on inputs like ``q``.
+
+    :func:`gpsa_attention` hands the op a resolved name. A scripted :class:`FusedGPSA` calls
+    ``torch.ops.convit_kernels.gpsa_fwd`` itself with the module's backend, "auto" included, and
+    only an op pair can run there: "auto" becomes auto's choice where that is an op pair, else
+    "torch"; a composite backend named explicitly is an error.
+    """
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    impl = get_backend(name)
+    if impl.forward is not None:
+        return impl
+    if backend == "auto":
+        return get_backend("torch")
+    raise BackendError(
+        f"backend {backend!r} is a composite of torch ops, not an op pair: convit_kernels::gpsa_fwd "
+        "(which a scripted FusedGPSA calls) runs 'auto', 'triton', 'cuda', 'cpu' or 'torch'"
+    )
+
+
 @torch.library.custom_op("convit_kernels::gpsa_fwd", mutates_args=())
 def gpsa_fwd(
     q: torch.Tensor,
@@ -127,7 +169,9 @@ def gpsa_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused GPSA forward; returns (out B x N x H x d, lse B x H x N)."""
-    return get_backend(backend).forward(q, k, v, pos_weight, gating_param, grid_w, scale)
+    if not _is_finite_positive(scale):  # a scripted FusedGPSA calls the op without check_inputs
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    return op_pair_backend(backend, q).forward(q, k, v, pos_weight, gating_param, grid_w, scale)
 
 
 def gates(gating_param: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +214,7 @@ def gpsa_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused GPSA backward; returns (dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
-    return get_backend(backend).backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
+    return op_pair_backend(backend, q).backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
 
 
 @gpsa_bwd.register_fake
