@@ -174,6 +174,13 @@ def gpsa_fwd(
     return op_pair_backend(backend, q).forward(q, k, v, pos_weight, gating_param, grid_w, scale)
 
 
+def _under_functorch_transform() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is tracing this call."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active()
+
+
 def gates(gating_param: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, 1 - g) as 1 x H x 1 x 1 in ``acc``, with 1 - g = sigmoid(-lambda): exact where g rounds to 1."""
     lam = gating_param.to(acc).view(1, -1, 1, 1)
@@ -232,9 +239,14 @@ def _fwd_setup_context(ctx, inputs, output):
 def _fwd_backward(ctx, grad_out, _grad_lse):
     q, k, v, pos_weight, pos_bias, gating_param, lse = ctx.saved_tensors
     # Backends take dO in the dtype of q (autograd may hand another one, e.g. under AMP).
-    dq, dk, dv, dw, dgate = gpsa_bwd(
-        grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, lse, ctx.grid_w, ctx.scale, ctx.backend
-    )
+    args = (grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, lse, ctx.grid_w, ctx.scale)
+    if torch.is_grad_enabled():
+        # create_graph=True: the backward must be differentiable itself, which no kernel is. The
+        # torch backend's backward is tensor ops that recompute the softmax from q and k (lse, an
+        # output whose gradient this op drops, is not read), so autograd differentiates it exactly.
+        dq, dk, dv, dw, dgate = get_backend("torch").backward(*args)
+    else:
+        dq, dk, dv, dw, dgate = gpsa_bwd(*args, ctx.backend)
     # P does not depend on the bias (a per-row constant inside a softmax): its gradient is exactly zero.
     return (
         dq.transpose(1, 2),
@@ -280,10 +292,21 @@ def gpsa_attention(
         B x H x N x d in q's dtype. Every backend but "reference" returns a view of a
         B x N x H x d tensor, so ``out.transpose(1, 2).reshape(B, N, H * d)``
         makes no copy.
+
+    Higher-order autograd: a backward with ``create_graph=True`` through an op-pair
+    backend runs the torch backend's backward, tensor ops autograd differentiates, so
+    double backward works; through "sdpa" it fails in PyTorch's SDPA kernels, which
+    have no double backward. Under torch.func transforms (grad, vjp, jacrev, vmap)
+    every backend but "reference" runs the torch backend's forward as tensor ops
+    (custom ops with autograd reject those transforms). Both paths build N x N tensors.
     """
     grid_h, grid_w = check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    if name != "reference" and _under_functorch_transform():
+        # torch.library custom ops with autograd (the op pair, sdpa's mix) reject torch.func
+        # transforms: run the torch backend's forward as tensor ops, which every transform sees through.
+        return get_backend("torch").forward(q, k, v, pos_weight, gating_param, grid_w, scale)[0].transpose(1, 2)
     impl = get_backend(name)
     if impl.attention is not None:
         return impl.attention(q, k, v, pos_weight, pos_bias, gating_param, (grid_h, grid_w), scale)
