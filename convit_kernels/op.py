@@ -174,6 +174,21 @@ def gpsa_fwd(
     return op_pair_backend(backend, q).forward(q, k, v, pos_weight, gating_param, grid_w, scale)
 
 
+def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k, v in the autocast dtype where autocast is on for their device, else as they are.
+
+    timm's GPSA (and the reference) multiply them under autocast, which casts float16, bfloat16
+    and float32 (never float64) to its dtype: casting here makes every backend return that dtype.
+    """
+    device_type = q.device.type
+    if q.dtype == torch.float64 or not torch.amp.is_autocast_available(device_type):
+        return q, k, v
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def _under_functorch_transform() -> bool:
     """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is tracing this call."""
     if torch.compiler.is_compiling():
@@ -289,7 +304,10 @@ def gpsa_attention(
             :func:`available_backends` and ``convit-kernels backends``.
 
     Returns:
-        B x H x N x d in q's dtype. Every backend but "reference" returns a view of a
+        B x H x N x d in q's dtype; under autocast (on q's device) float16, bfloat16
+        and float32 inputs are cast to the autocast dtype first, as the matmuls of
+        timm's GPSA cast them, so every backend returns timm's dtype there.
+        Every backend but "reference" returns a view of a
         B x N x H x d tensor, so ``out.transpose(1, 2).reshape(B, N, H * d)``
         makes no copy.
 
@@ -302,6 +320,7 @@ def gpsa_attention(
     """
     grid_h, grid_w = check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = _autocast(q, k, v)
     name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     if name != "reference" and _under_functorch_transform():
         # torch.library custom ops with autograd (the op pair, sdpa's mix) reject torch.func

@@ -1,11 +1,11 @@
-"""The op at its edges: higher-order autograd, torch.func, bad scales, on every backend here."""
+"""The op at its edges: higher-order autograd, torch.func, autocast, bad scales, on every backend here."""
 
 import pytest
 import torch
 
 from convit_kernels import available_backends, gpsa_attention
 
-from gpsa_cases import PARAM_NAMES, make_inputs
+from gpsa_cases import PARAM_NAMES, make_inputs, outputs_and_grads, upcast
 
 CPU_BACKENDS = [name for name in ("cpu", "torch", "sdpa", "reference") if available_backends()[name].available]
 OP_PAIRS = [name for name in ("cpu", "torch") if name in CPU_BACKENDS]
@@ -59,6 +59,70 @@ def test_torch_func_vmap_matches_a_loop(backend):
     batched = torch.func.vmap(attention)(q[:, None], k[:, None], v[:, None])
     looped = torch.stack([attention(*(t[i : i + 1] for t in (q, k, v))) for i in range(3)])
     torch.testing.assert_close(batched, looped)
+
+
+# ---------------------------------------------------------------- autocast
+
+
+def _autocast_dtypes(inputs, device_type, autocast_dtype, backend):
+    with torch.autocast(device_type, dtype=autocast_dtype):
+        out = gpsa_attention(*inputs, backend=backend)
+    grads = torch.autograd.grad(out.float().square().sum(), inputs)
+    return out.dtype, [g.dtype for g in grads]
+
+
+def _timm_dtype(inputs, device_type, autocast_dtype):
+    from test_reference import timm_gpsa_core  # timm's GPSA on given q, k, v
+
+    with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype):
+        return timm_gpsa_core(*[t.detach() for t in inputs]).dtype
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cpu_autocast_returns_the_reference_dtype(backend, dtype, autocast_dtype):
+    inputs = make_inputs(2, 2, 16, 8, dtype=dtype)
+    want, _ = _autocast_dtypes(inputs, "cpu", autocast_dtype, "reference")
+    if dtype in (torch.float32, torch.float64, autocast_dtype):  # timm's stack of q and k refuses the others
+        assert want == _timm_dtype(inputs, "cpu", autocast_dtype)
+    out_dtype, grad_dtypes = _autocast_dtypes(inputs, "cpu", autocast_dtype, backend)
+    assert out_dtype == want
+    assert grad_dtypes == [t.dtype for t in inputs]
+
+
+def test_cpu_autocast_output_is_accurate():
+    inputs = make_inputs(2, 4, 49, 16)
+    exact, _ = outputs_and_grads(upcast(inputs), backend="reference")
+    for backend in CPU_BACKENDS:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = gpsa_attention(*inputs, backend=backend)
+        torch.testing.assert_close(out.double(), exact, rtol=0, atol=2e-2 * exact.abs().max().item(), msg=backend)
+
+
+def test_compiled_under_autocast_returns_the_autocast_dtype():
+    torch._dynamo.reset()
+    inputs = [t.detach() for t in make_inputs(2, 2, 16, 8)]
+
+    def attention(*args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return gpsa_attention(*args)
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    assert compiled(*inputs).dtype == attention(*inputs).dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda", "sdpa", "torch", "reference"])
+def test_cuda_autocast_returns_the_reference_dtype(backend, dtype):
+    inputs = [t.detach().cuda().requires_grad_() for t in make_inputs(2, 2, 16, 8, dtype=dtype)]
+    if backend in ("triton", "cuda") and dtype == torch.float64:
+        pytest.skip(f"{backend} takes no float64")
+    want, _ = _autocast_dtypes(inputs, "cuda", torch.float16, "reference")
+    assert want == _timm_dtype(inputs, "cuda", torch.float16)
+    out_dtype, grad_dtypes = _autocast_dtypes(inputs, "cuda", torch.float16, backend)
+    assert out_dtype == want and grad_dtypes == [t.dtype for t in inputs]
 
 
 # ---------------------------------------------------------------- scale
