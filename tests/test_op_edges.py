@@ -7,8 +7,15 @@ from convit_kernels import available_backends, gpsa_attention
 
 from gpsa_cases import PARAM_NAMES, make_inputs, outputs_and_grads, upcast
 
-CPU_BACKENDS = [name for name in ("cpu", "torch", "sdpa", "reference") if available_backends()[name].available]
-OP_PAIRS = [name for name in ("cpu", "torch") if name in CPU_BACKENDS]
+CPU_BACKENDS = ["cpu", "torch", "sdpa", "reference"]
+
+
+@pytest.fixture(autouse=True)
+def _skip_unavailable_backend(request):
+    """A backend that cannot run here skips its cases visibly (the C++ extension may not be built)."""
+    backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
+    if backend in CPU_BACKENDS and not available_backends()[backend].available:
+        pytest.skip(f"backend {backend!r} cannot run here: {available_backends()[backend].reason}")
 
 
 def _small():
@@ -19,7 +26,7 @@ def _small():
 # ---------------------------------------------------------------- double backward, torch.func
 
 
-@pytest.mark.parametrize("backend", OP_PAIRS + ["reference"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", "reference"])
 def test_double_backward_gradgradcheck(backend):
     def f(*args):
         return gpsa_attention(*args, grid_size=(2, 3), backend=backend)
@@ -91,13 +98,13 @@ def test_cpu_autocast_returns_the_reference_dtype(backend, dtype, autocast_dtype
     assert grad_dtypes == [t.dtype for t in inputs]
 
 
-def test_cpu_autocast_output_is_accurate():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cpu_autocast_output_is_accurate(backend):
     inputs = make_inputs(2, 4, 49, 16)
     exact, _ = outputs_and_grads(upcast(inputs), backend="reference")
-    for backend in CPU_BACKENDS:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = gpsa_attention(*inputs, backend=backend)
-        torch.testing.assert_close(out.double(), exact, rtol=0, atol=2e-2 * exact.abs().max().item(), msg=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gpsa_attention(*inputs, backend=backend)
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=2e-2 * exact.abs().max().item())
 
 
 def test_compiled_under_autocast_returns_the_autocast_dtype():
