@@ -144,7 +144,7 @@ class FusedGPSA(nn.Module):
 
     def __prepare_scriptable__(self) -> FusedGPSA:
         """torch.jit.script calls this first: a scripted FusedGPSA runs the op pair, so refuse a composite now."""
-        if self.backend != "auto" and _is_composite(self.backend):
+        if _is_composite(self.backend):
             raise BackendError(
                 f"backend {self.backend!r} is a composite of torch ops, not an op pair: a scripted FusedGPSA "
                 "calls convit_kernels::gpsa_fwd, which runs 'auto', 'triton', 'cuda', 'cpu' or 'torch'"
