@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .op import gpsa_attention
+from .backends import BACKEND_NAMES, BackendError, get_backend
+from .op import gpsa_attention, square_grid_side
 from .reference import gpsa_attention_probs, gpsa_reference, relative_positions
 
 __all__ = ["FusedGPSA", "SDPAMHSA"]
@@ -49,6 +50,26 @@ def _split_heads(t: torch.Tensor, parts: int, num_heads: int) -> torch.Tensor:
     return t.reshape(B, N, parts, num_heads, width // (parts * num_heads)).permute(2, 0, 3, 1, 4)
 
 
+def _is_composite(backend: str) -> bool:
+    """Whether ``backend`` is a composite, not an op pair; False where it does not import (it says why when run)."""
+    if backend not in BACKEND_NAMES:
+        return False
+    try:
+        return get_backend(backend).attention is not None
+    except BackendError:
+        return False
+
+
+try:  # timm's FX registry, where timm is installed (the layers themselves run without it)
+    from timm.layers import register_notrace_module
+except ImportError:
+
+    def register_notrace_module(module):
+        return module
+
+
+# A leaf for torch.fx, as timm registers its own GPSA: FX cannot trace the grid's checks on N.
+@register_notrace_module
 class FusedGPSA(nn.Module):
     """Gated positional self-attention computed by the fused op, never storing an N x N matrix.
 
@@ -64,8 +85,14 @@ class FusedGPSA(nn.Module):
 
     Parameters: ``qk``, ``v``, ``proj``, ``pos_proj`` (Linear 3 -> H) and
     ``gating_param``, as in both reference implementations. ``rel_indices`` is
-    a non-persistent 1 x N x N x 3 buffer, used by the reference path and the
-    attention maps only; it is rebuilt when N changes.
+    timm's non-persistent 1 x N x N x 3 buffer, for the attention maps only:
+    :meth:`get_attention` rebuilds it when N changes, the forward never builds
+    it (an N x N table per layer, and under torch.compile a recompilation for
+    each new N).
+
+    The forward compiles with ``torch.jit.script``: a scripted module calls the op
+    ``convit_kernels::gpsa_fwd`` directly, with an op-pair backend ("auto" picks one
+    at run time; see :func:`convit_kernels.op.op_pair_backend`).
     """
 
     def __init__(
@@ -145,19 +172,25 @@ class FusedGPSA(nn.Module):
                     w[position, 0] = 2 * (h2 - center)
             w.mul_(strength)
 
+    def __prepare_scriptable__(self) -> FusedGPSA:
+        """torch.jit.script calls this first: a scripted FusedGPSA runs the op pair, so refuse a composite now."""
+        if _is_composite(self.backend):
+            raise BackendError(
+                f"backend {self.backend!r} is a composite of torch ops, not an op pair: a scripted FusedGPSA "
+                "calls convit_kernels::gpsa_fwd, which runs 'auto', 'triton', 'cuda', 'cpu' or 'torch'"
+            )
+        return self
+
     def grid(self, num_patches: int) -> tuple[int, int]:
         """(rows, cols) of the patch grid for N patches, with a clear error when none fits."""
-        if self.grid_size is not None:
-            if self.grid_size[0] * self.grid_size[1] != num_patches:
+        grid_size = self.grid_size
+        if grid_size is not None:
+            if grid_size[0] * grid_size[1] != num_patches:
                 raise ValueError(
-                    f"grid_size {self.grid_size} has {math.prod(self.grid_size)} patches, but N = {num_patches}"
+                    f"grid_size {grid_size} has {grid_size[0] * grid_size[1]} patches, but N = {num_patches}"
                 )
-            return self.grid_size
-        side = math.isqrt(num_patches)
-        if side * side != num_patches:
-            raise ValueError(
-                f"N = {num_patches} patches is not a perfect square: construct with grid_size=(rows, cols)"
-            )
+            return grid_size
+        side = square_grid_side(num_patches)
         return side, side
 
     def init_non_persistent_buffers(self) -> None:
@@ -171,7 +204,7 @@ class FusedGPSA(nn.Module):
             self.rel_indices = relative_positions(*grid, device=w.device, dtype=w.dtype)[None]
         return grid
 
-    def _qkv(self, x: torch.Tensor):
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k = _split_heads(self.qk(x), 2, self.num_heads).unbind(0)
         v = _split_heads(self.v(x), 1, self.num_heads)[0]
         return q, k, v
@@ -191,7 +224,15 @@ class FusedGPSA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        grid = self._refresh_rel_indices(N)
+        grid = self.grid(N)
+        if torch.jit.is_scripting():
+            out = self._scripted_attention(x, grid[1])
+        else:
+            out = self._attention(x, grid)
+        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+    def _attention(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """B x N x H x d attention output, through :func:`gpsa_attention` (eager and torch.compile)."""
         q, k, v = self._qkv(x)
         params = (q, k, v, self.pos_proj.weight, self.pos_proj.bias, self.gating_param)
         if self.training and self.attn_drop.p > 0:
@@ -199,8 +240,20 @@ class FusedGPSA(nn.Module):
             out = gpsa_reference(*params, grid, self.scale, attn_drop=self.attn_drop)
         else:
             out = gpsa_attention(*params, grid_size=grid, scale=self.scale, backend=self.backend)
-        x = out.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return out.transpose(1, 2)
+
+    def _scripted_attention(self, x: torch.Tensor, grid_w: int) -> torch.Tensor:
+        """B x N x H x d attention output under TorchScript: the op itself, which picks the backend."""
+        if self.training and self.attn_drop.p > 0:
+            raise RuntimeError(
+                "a scripted FusedGPSA cannot drop attention weights in training (the fused op never "
+                "stores them): script it in eval mode or with attn_drop=0"
+            )
+        q, k, v = self._qkv(x)
+        out, _ = torch.ops.convit_kernels.gpsa_fwd(
+            q, k, v, self.pos_proj.weight, self.pos_proj.bias, self.gating_param, grid_w, self.scale, self.backend
+        )
+        return out
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, grid_size={self.grid_size}, backend={self.backend!r}"

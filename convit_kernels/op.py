@@ -5,7 +5,9 @@ backend (:mod:`convit_kernels.backends`) and runs it: a composite backend
 (``sdpa``, ``reference``) as torch ops under autograd, an op-pair backend
 through ``convit_kernels::gpsa_fwd`` / ``gpsa_bwd``. Autograd and fake (meta)
 functions are registered once here, so ``torch.compile(fullgraph=True)`` traces
-through any backend without a graph break.
+through any backend without a graph break. The op pair also takes
+``backend="auto"`` and resolves it itself (:func:`op_pair_backend`): a scripted
+``FusedGPSA`` calls ``torch.ops.convit_kernels.gpsa_fwd`` directly.
 
 The op-pair interface (``torch``, ``triton``, ``cpu``, ``cuda``)::
 
@@ -41,10 +43,18 @@ from collections.abc import Sequence
 import torch
 
 from . import self_check
-from .backends import FLOAT_DTYPES, get_backend, resolve_backend
+from .backends import FLOAT_DTYPES, Backend, BackendError, get_backend, resolve_backend
 from .separable import compute_dtype
 
-__all__ = ["check_inputs", "gpsa_attention", "gates", "empty_forward_outputs", "empty_backward_outputs"]
+__all__ = [
+    "check_inputs",
+    "square_grid_side",
+    "op_pair_backend",
+    "gpsa_attention",
+    "gates",
+    "empty_forward_outputs",
+    "empty_backward_outputs",
+]
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -56,7 +66,23 @@ def _is_finite_positive(x) -> bool:
         value = float(x)
     except (TypeError, ValueError):
         return False
-    return math.isfinite(value) and value > 0
+    # Comparisons, not math.isfinite: torch.compile traces them on a symbolic float. NaN fails both.
+    return 0 < value < math.inf
+
+
+def square_grid_side(num_patches: int) -> int:
+    """The side of a square grid of ``num_patches`` patches; ValueError when there is none.
+
+    Not ``math.isqrt``: TorchScript cannot compile it and torch.compile cannot trace it on a
+    symbolic N. The float root of a perfect square below 2**52 is exact, and any other N fails
+    the check whatever the rounding.
+    """
+    side = int(num_patches**0.5)
+    if side * side != num_patches:
+        raise ValueError(
+            f"N = {num_patches} patches is not a perfect square: give grid_size=(rows, cols) with rows * cols = N"
+        )
+    return side
 
 
 def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, scale=None) -> tuple[int, int]:
@@ -95,11 +121,7 @@ def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, sc
     if scale is not None and not _is_finite_positive(scale):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if grid_size is None:
-        side = math.isqrt(N)
-        if side * side != N:
-            raise ValueError(
-                f"N = {N} patches is not a perfect square: pass grid_size=(rows, cols) with rows * cols = N"
-            )
+        side = square_grid_side(N)
         return side, side
     if (
         not isinstance(grid_size, Sequence)
@@ -115,6 +137,26 @@ def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, sc
 # ---------------------------------------------------------------- torch.library registration
 
 
+def op_pair_backend(backend: str, q: torch.Tensor) -> Backend:
+    """The op-pair backend that runs the op pair for ``backend`` on inputs like ``q``.
+
+    :func:`gpsa_attention` hands the op a resolved name. A scripted :class:`FusedGPSA` calls
+    ``torch.ops.convit_kernels.gpsa_fwd`` itself with the module's backend, "auto" included, and
+    only an op pair can run there: "auto" becomes auto's choice where that is an op pair, else
+    "torch"; a composite backend named explicitly is an error.
+    """
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    impl = get_backend(name)
+    if impl.forward is not None:
+        return impl
+    if backend == "auto":
+        return get_backend("torch")
+    raise BackendError(
+        f"backend {backend!r} is a composite of torch ops, not an op pair: convit_kernels::gpsa_fwd "
+        "(which a scripted FusedGPSA calls) runs 'auto', 'triton', 'cuda', 'cpu' or 'torch'"
+    )
+
+
 @torch.library.custom_op("convit_kernels::gpsa_fwd", mutates_args=())
 def gpsa_fwd(
     q: torch.Tensor,
@@ -128,7 +170,31 @@ def gpsa_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused GPSA forward; returns (out B x N x H x d, lse B x H x N)."""
-    return get_backend(backend).forward(q, k, v, pos_weight, gating_param, grid_w, scale)
+    if not _is_finite_positive(scale):  # a scripted FusedGPSA calls the op without check_inputs
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    return op_pair_backend(backend, q).forward(q, k, v, pos_weight, gating_param, grid_w, scale)
+
+
+def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k, v in the autocast dtype where autocast is on for their device, else as they are.
+
+    timm's GPSA (and the reference) multiply them under autocast, which casts float16, bfloat16
+    and float32 (never float64) to its dtype: casting here makes every backend return that dtype.
+    """
+    device_type = q.device.type
+    if q.dtype == torch.float64 or not torch.amp.is_autocast_available(device_type):
+        return q, k, v
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _under_functorch_transform() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is tracing this call."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active()
 
 
 def gates(gating_param: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +237,7 @@ def gpsa_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused GPSA backward; returns (dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
-    return get_backend(backend).backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
+    return op_pair_backend(backend, q).backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
 
 
 @gpsa_bwd.register_fake
@@ -189,9 +255,14 @@ def _fwd_setup_context(ctx, inputs, output):
 def _fwd_backward(ctx, grad_out, _grad_lse):
     q, k, v, pos_weight, pos_bias, gating_param, lse = ctx.saved_tensors
     # Backends take dO in the dtype of q (autograd may hand another one, e.g. under AMP).
-    dq, dk, dv, dw, dgate = gpsa_bwd(
-        grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, lse, ctx.grid_w, ctx.scale, ctx.backend
-    )
+    args = (grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, lse, ctx.grid_w, ctx.scale)
+    if torch.is_grad_enabled():
+        # create_graph=True: the backward must be differentiable itself, which no kernel is. The
+        # torch backend's backward is tensor ops that recompute the softmax from q and k (lse, an
+        # output whose gradient this op drops, is not read), so autograd differentiates it exactly.
+        dq, dk, dv, dw, dgate = get_backend("torch").backward(*args)
+    else:
+        dq, dk, dv, dw, dgate = gpsa_bwd(*args, ctx.backend)
     # P does not depend on the bias (a per-row constant inside a softmax): its gradient is exactly zero.
     return (
         dq.transpose(1, 2),
@@ -234,13 +305,28 @@ def gpsa_attention(
             :func:`available_backends` and ``convit-kernels backends``.
 
     Returns:
-        B x H x N x d in q's dtype. Every backend but "reference" returns a view of a
+        B x H x N x d in q's dtype; under autocast (on q's device) float16, bfloat16
+        and float32 inputs are cast to the autocast dtype first, as the matmuls of
+        timm's GPSA cast them, so every backend returns timm's dtype there.
+        Every backend but "reference" returns a view of a
         B x N x H x d tensor, so ``out.transpose(1, 2).reshape(B, N, H * d)``
         makes no copy.
+
+    Higher-order autograd: a backward with ``create_graph=True`` through an op-pair
+    backend runs the torch backend's backward, tensor ops autograd differentiates, so
+    double backward works; through "sdpa" it fails in PyTorch's SDPA kernels, which
+    have no double backward. Under torch.func transforms (grad, vjp, jacrev, vmap)
+    every backend but "reference" runs the torch backend's forward as tensor ops
+    (custom ops with autograd reject those transforms). Both paths build N x N tensors.
     """
     grid_h, grid_w = check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = _autocast(q, k, v)
     name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    if name != "reference" and _under_functorch_transform():
+        # torch.library custom ops with autograd (the op pair, sdpa's mix) reject torch.func
+        # transforms: run the torch backend's forward as tensor ops, which every transform sees through.
+        return get_backend("torch").forward(q, k, v, pos_weight, gating_param, grid_w, scale)[0].transpose(1, 2)
     if backend == "auto" and name in self_check.CHECKED_BACKENDS:  # verified on this device before it is trusted
         name = self_check.checked_backend(name, q.device, q.dtype, q.shape[-1], q.shape[2], grid_w)
     impl = get_backend(name)

@@ -50,17 +50,30 @@ def _is_mhsa(module: nn.Module) -> bool:
     )
 
 
+def _rectangular_grid(model: nn.Module) -> tuple[int, int] | None:
+    """The patch grid where the model's ``patch_embed`` makes a rectangular one (timm's ConVit at
+    img_size=(h, w), h != w; also inside a features_only wrapper), else None: a square grid is
+    found from N, whatever N is."""
+    for name, module in model.named_modules():
+        grid = getattr(module, "grid_size", None)
+        if name.rpartition(".")[2] == "patch_embed" and grid is not None and grid[0] != grid[1]:
+            return int(grid[0]), int(grid[1])
+    return None
+
+
 def patch_convit(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """Replace every GPSA with :class:`FusedGPSA` and every MHSA with :class:`SDPAMHSA`, in place.
 
     The new modules share the old ones' Parameters, so the state_dict keys and
     values are unchanged and an optimizer built before the patch still holds
-    the right tensors. Returns ``model``.
+    the right tensors. A model with a rectangular patch grid (``patch_embed.grid_size``,
+    timm's ConVit at img_size=(h, w)) gives it to every FusedGPSA. Returns ``model``.
     """
+    grid_size = _rectangular_grid(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if _is_gpsa(child):
-                setattr(parent, name, FusedGPSA.from_gpsa(child, backend=backend))
+                setattr(parent, name, FusedGPSA.from_gpsa(child, grid_size=grid_size, backend=backend))
             elif _is_mhsa(child):
                 setattr(parent, name, SDPAMHSA.from_mhsa(child))
     return model

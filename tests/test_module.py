@@ -78,10 +78,12 @@ def test_from_gpsa_shares_parameters():
 def test_to_moves_relative_positions_and_n_change_rebuilds_them():
     fused = FusedGPSA(32, num_heads=2)
     fused(torch.randn(1, 16, 32))
+    assert fused.rel_indices.shape == (1, 1, 1, 3)  # the forward builds no N x N table
+    fused.get_attention(torch.randn(1, 16, 32))
     assert fused.rel_indices.shape == (1, 16, 16, 3)
     fused.to(torch.float64)
     assert fused.rel_indices.dtype == torch.float64
-    fused(torch.randn(1, 25, 32, dtype=torch.float64))
+    fused.get_attention(torch.randn(1, 25, 32, dtype=torch.float64))
     assert torch.equal(fused.rel_indices, relative_positions(5, 5, dtype=torch.float64)[None])
     assert "rel_indices" not in fused.state_dict()
     fused.to("meta")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from convit_kernels import gpsa_attention
-from convit_kernels.backends import triton_gpsa
+from convit_kernels.backends import resolve_backend, triton_gpsa
 
 from gpsa_cases import (
     LARGE_WEIGHT_RTOL,
@@ -88,6 +88,15 @@ def test_gpu_matches_reference(B, H, N, d, grid_size, dtype):
 def test_gpu_gate_extremes_and_large_positional_weights(gate, locality_strength):
     inputs = _cuda(make_inputs(4, 9, 196, 48, gate=gate, locality_strength=locality_strength))
     assert_matches_reference(inputs, rtol_fp32=1e-4, rtol_overrides=LARGE_WEIGHT_RTOL, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_auto_runs_head_dims_above_the_kernels_elsewhere(dtype):
+    """backend="auto" with d = 160 (the Triton kernels take up to 128) runs, on sdpa, instead of raising in Triton."""
+    inputs = _cuda(make_inputs(2, 2, 49, 160, dtype=dtype))
+    assert resolve_backend("auto", inputs[0].device, dtype, 160) == "sdpa"
+    assert_matches_reference(inputs, rtol_fp32=1e-4, backend="auto")
 
 
 @pytest.mark.gpu

@@ -23,6 +23,7 @@ from gpsa_cases import (
     make_inputs,
     max_error,
     outputs_and_grads,
+    saturated_inputs,
     upcast,
 )
 
@@ -48,14 +49,6 @@ def test_gate_extremes_and_large_positional_weights(gate, locality_strength, rto
     assert_matches_reference(inputs, rtol_overrides=rtol_overrides, backend="triton")
 
 
-def _saturated_inputs(dtype, N):
-    """q and k scaled by 100: one key takes the whole content row."""
-    q, k, v, *params = make_inputs(2, 4, N, 16, dtype=dtype)
-    with torch.no_grad():
-        q, k = (t * 100 for t in (q, k))
-    return [t.detach().requires_grad_() for t in (q, k, v, *params)]
-
-
 @pytest.mark.parametrize("N", [49, 196], ids=["one-key-tile", "key-tiles"])
 def test_saturated_content_softmax(N):
     """q, k x 100 (logits ~1e4): the backward keeps PyTorch's own fused attention's fp32 accuracy.
@@ -66,7 +59,7 @@ def test_saturated_content_softmax(N):
     the row is one-hot; the former sum_j A_ij T_ij with a natural-log lse gave dq errors of
     ~0.1 where dq is ~1e-3.
     """
-    inputs = _saturated_inputs(torch.float32, N)
+    inputs = saturated_inputs(torch.float32, N=N)
     exact = outputs_and_grads(upcast(inputs), backend="reference")
     sdpa = outputs_and_grads([t.detach().clone().requires_grad_() for t in inputs], backend="sdpa")
     got = outputs_and_grads(inputs, backend="triton")
@@ -75,6 +68,18 @@ def test_saturated_content_softmax(N):
         scale = exact[1][i].abs().max().item()
         error, sdpa_error = max_error(got[1][i], exact[1][i]), max_error(sdpa[1][i], exact[1][i])
         assert error <= 3 * sdpa_error + 2e-5 * scale + 1e-12, (name, error, sdpa_error, scale)
+
+
+def test_auto_takes_head_dims_above_the_kernels_to_another_backend(monkeypatch):
+    """backend="auto" where triton comes first (CUDA's policy, here on the interpreter's CPU tensors) runs
+    d = 160 on the next backend instead of raising inside Triton, and d = 64 on triton."""
+    from convit_kernels import backends
+
+    monkeypatch.setitem(backends.AUTO_POLICY, "cpu", (("triton", "sdpa"), "CUDA's order, for this test"))
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32, 64) == "triton"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32, 160) == "sdpa"
+    assert_matches_reference(make_inputs(1, 2, 16, 160), backend="auto")
+    assert_matches_reference(make_inputs(1, 2, 16, 64), backend="auto")
 
 
 def test_strided_projection_views_equal_contiguous_copies():

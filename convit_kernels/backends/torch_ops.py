@@ -6,6 +6,14 @@ backward's row deltas from the recomputed tiles, as the kernels do; so it is
 the executable specification of the op interface (:mod:`convit_kernels.op`)
 and the op's implementation where no kernel serves. It builds B x H x N x N
 tensors: ``sdpa`` is the fast composite for such devices.
+
+Its content softmax is normalised from the whole recomputed row (its exact
+maximum), forward and backward, never as ``exp(s - lse)``: where logits reach
+1e4 (q and k scaled by 100) the float32 rounding of lse, about 1e-3, exceeds
+the weights of all but the largest key, and a saturated row would lose its dq
+and dk. A kernel that tiles the row has to keep its maximum and its sum apart
+for the same reason. The backward does not read lse, so autograd can
+differentiate it (the op's double backward runs it).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ def gpsa_forward_torch(q, k, v, pos_weight, gating_param, grid_w: int, scale: fl
     logits = (qf @ kf.transpose(-2, -1)) * scale
     lse = logits.logsumexp(-1)
     g, one_minus_g = gates(gating_param, acc)
-    mixed = one_minus_g * (logits - lse[..., None]).exp() + g * _positional(pos_weight, q.shape[2], grid_w, acc)
+    mixed = one_minus_g * logits.softmax(-1) + g * _positional(pos_weight, q.shape[2], grid_w, acc)
     out = mixed @ vf
     return out.transpose(1, 2).to(q.dtype).contiguous(), lse
 
@@ -44,7 +52,7 @@ def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w
     dout = grad_out.transpose(1, 2).to(acc)
     g, one_minus_g = gates(gating_param, acc)
 
-    attn_c = ((qf @ kf.transpose(-2, -1)) * scale - lse[..., None]).exp()
+    attn_c = ((qf @ kf.transpose(-2, -1)) * scale).softmax(-1)  # not exp(s - lse): see the module docstring
     attn_p = _positional(pos_weight, N, grid_w, acc)
     t = dout @ vf.transpose(-2, -1)  # shared by both branches
     delta_c = (attn_c * t).sum(-1, keepdim=True)

@@ -1,0 +1,132 @@
+"""FusedGPSA where timm's GPSA goes: TorchScript, torch.compile with a changing N, rectangular ConViTs."""
+
+import pytest
+import timm
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from convit_kernels import FusedGPSA, patch_convit
+from convit_kernels.backends import BackendError
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+
+
+def _layer(backend="auto", **kwargs):
+    torch.manual_seed(0)
+    layer = FusedGPSA(32, num_heads=2, qkv_bias=True, backend=backend, **kwargs)
+    with torch.no_grad():
+        layer.gating_param.uniform_(-2, 2)
+    return layer
+
+
+def _forward_backward(layer, x):
+    x = x.detach().clone().requires_grad_()
+    out = layer(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
+@pytest.mark.parametrize("grid_size,N", [(None, 16), ((3, 5), 15)], ids=["square", "rectangular"])
+def test_scripted_layer_matches_eager_forward_and_backward(backend, grid_size, N):
+    layer = _layer(backend, grid_size=grid_size)
+    scripted = torch.jit.script(layer)
+    x = torch.randn(2, N, 32)
+    (out, grads), (want, want_grads) = _forward_backward(scripted, x), _forward_backward(layer, x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scripted_layer_follows_n_and_says_when_no_grid_fits():
+    scripted = torch.jit.script(_layer().eval())
+    for N in (16, 25):
+        assert scripted(torch.randn(1, N, 32)).shape == (1, N, 32)
+    with pytest.raises(torch.jit.Error, match="N = 15 patches is not a perfect square"):
+        scripted(torch.randn(1, 15, 32))
+    rectangular = torch.jit.script(_layer(grid_size=(3, 5)).eval())
+    with pytest.raises(torch.jit.Error, match=r"grid_size \(3, 5\) has 15 patches, but N = 16"):
+        rectangular(torch.randn(1, 16, 32))
+
+
+def test_scripting_a_layer_with_a_composite_backend_says_why_it_cannot_run():
+    for backend in ("sdpa", "reference"):
+        with pytest.raises(BackendError, match=f"backend '{backend}' is a composite of torch ops, not an op pair"):
+            torch.jit.script(_layer(backend))
+
+
+def test_the_op_resolves_auto_and_refuses_a_composite():
+    """What a scripted layer relies on: the op itself takes "auto" (an op pair) and says why it refuses sdpa."""
+    q, k, v = torch.randn(3, 1, 2, 16, 8).unbind(0)
+    params = (torch.randn(2, 3), torch.zeros(2), torch.zeros(2))
+    out, _ = torch.ops.convit_kernels.gpsa_fwd(q, k, v, *params, 4, 0.5, "auto")
+    want, _ = torch.ops.convit_kernels.gpsa_fwd(q, k, v, *params, 4, 0.5, "torch")
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(BackendError, match="backend 'sdpa' is a composite of torch ops"):
+        torch.ops.convit_kernels.gpsa_fwd(q, k, v, *params, 4, 0.5, "sdpa")
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        torch.ops.convit_kernels.gpsa_fwd(q, k, v, *params, 4, float("nan"), "auto")
+
+
+def test_scripted_layer_with_attention_dropout_in_training_says_why_it_cannot_run():
+    scripted = torch.jit.script(_layer(attn_drop=0.1).train())
+    with pytest.raises(torch.jit.Error, match="cannot drop attention weights in training"):
+        scripted(torch.randn(1, 16, 32))
+    scripted.eval()(torch.randn(1, 16, 32))
+
+
+def test_scripted_model_saves_and_loads():
+    scripted = torch.jit.script(_layer().eval())
+    x = torch.randn(1, 16, 32)
+    buffer = __import__("io").BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.jit.load(buffer)(x), scripted(x))
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["dynamic-default", "dynamic-true"])
+def test_compile_fullgraph_follows_a_changing_n(dynamic):
+    """ConViT fine-tuned at a new resolution feeds its layers another N: no error, no graph break."""
+    torch._dynamo.reset()
+    layer = _layer()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=counter, dynamic=dynamic)
+    compiles = []
+    for N in (16, 25, 36, 49):
+        x = torch.randn(2, N, 32)
+        (out, grads), (want, want_grads) = _forward_backward(compiled, x), _forward_backward(layer, x)
+        torch.testing.assert_close(out, want)
+        for got, expected in zip(grads, want_grads):
+            torch.testing.assert_close(got, expected)
+        compiles.append(counter.frame_count)
+    # N stays symbolic: once it is dynamic (from the start, or from the second N by default), no recompilation.
+    first_dynamic = 0 if dynamic else 1
+    assert len(set(compiles[first_dynamic:])) == 1, compiles
+    with pytest.raises(Exception, match="N = 15 patches is not a perfect square"):
+        compiled(torch.randn(2, 15, 32))
+
+
+@pytest.mark.slow
+def test_compile_inductor_follows_a_changing_n():
+    torch._dynamo.reset()
+    layer = _layer()
+    compiled = torch.compile(layer, fullgraph=True)
+    for N in (16, 25):
+        x = torch.randn(2, N, 32)
+        (out, grads), (want, want_grads) = _forward_backward(compiled, x), _forward_backward(layer, x)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        for got, expected in zip(grads, want_grads):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_gives_a_rectangular_convit_its_grid():
+    torch.manual_seed(0)
+    model = timm.create_model("convit_tiny", img_size=(48, 80), num_classes=10).eval()
+    patch_convit(model)
+    assert {m.grid_size for m in model.modules() if isinstance(m, FusedGPSA)} == {(3, 5)}
+    square = patch_convit(timm.create_model("convit_tiny", img_size=64, num_classes=10))
+    assert {m.grid_size for m in square.modules() if isinstance(m, FusedGPSA)} == {None}  # found from N
+    reference = patch_convit(timm.create_model("convit_tiny", img_size=(48, 80), num_classes=10), backend="reference")
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 48, 80)
+    torch.testing.assert_close(model(x), reference.eval()(x), rtol=1e-4, atol=1e-5)
