@@ -1,5 +1,7 @@
 """FusedGPSA where timm's GPSA goes: TorchScript, torch.compile with a changing N, rectangular ConViTs."""
 
+import io
+
 import pytest
 import timm
 import torch
@@ -8,7 +10,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from convit_kernels import FusedGPSA, patch_convit
 from convit_kernels.backends import BackendError
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+# TorchScript is what timm tests here, deprecated or not.
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 
 
 def _layer(backend="auto", **kwargs):
@@ -78,7 +81,7 @@ def test_scripted_layer_with_attention_dropout_in_training_says_why_it_cannot_ru
 def test_scripted_model_saves_and_loads():
     scripted = torch.jit.script(_layer().eval())
     x = torch.randn(1, 16, 32)
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)
     buffer.seek(0)
     torch.testing.assert_close(torch.jit.load(buffer)(x), scripted(x))

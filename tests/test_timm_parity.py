@@ -31,7 +31,8 @@ VARIANTS = [
 VARIANT_IDS = [v[0] for v in VARIANTS]
 NUM_GPSA = 10  # convit_tiny: local_up_to_layer=10
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+# TorchScript is what timm tests here, deprecated or not.
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 
 
 def _create(variant_kwargs, backend="auto", **kwargs):
