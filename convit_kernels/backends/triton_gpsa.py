@@ -1,7 +1,7 @@
 """The "triton" backend: GPSA = (1 - g) Attention(q, k, v) + g P v, FlashAttention-2 kernels in Triton.
 
 The positional branch is separable (:mod:`convit_kernels.separable`, docs/design.md): ``g P v``
-is two small contractions per head, shared by nothing per score. So the kernels are plain
+is two small contractions per head, with no work per score. So the kernels are plain
 FlashAttention-2 kernels for the content branch, and the positional branch joins in their
 epilogues, computed before them by the separable unit in fp32:
 
