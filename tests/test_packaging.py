@@ -1,8 +1,11 @@
 """Packaging: `python -m build` makes an sdist and a wheel, and the wheel works in a fresh virtual environment.
 
 One build per test session (the CPU part only: CONVIT_KERNELS_NO_CUDA=1, about a
-minute on 2 cores): `python -m build --no-isolation` builds the sdist, then the
-wheel from the unpacked sdist, so the wheel also proves the sdist complete. The
+minute on 2 cores): `python -m build` builds the sdist, then the wheel from the
+unpacked sdist, each in an isolated build environment that installs the build
+requirements of pyproject.toml as plain `pip install .` does (torch from the
+package index pip is configured with), so the wheel also proves the sdist
+complete and the isolated build working. The
 wheel is installed with --no-deps into a venv without system site-packages
 that reaches this Python's torch (and everything else installed here) through
 a .pth file, so no torch is downloaded; the console script and the op run from
@@ -72,7 +75,7 @@ def dist(tmp_path_factory):
     pytest.importorskip("build", reason="python -m build is needed (requirements.txt pins it)")
     out = tmp_path_factory.mktemp("dist")
     env = dict(_clean_env(), CONVIT_KERNELS_NO_CUDA="1", MAX_JOBS="2")
-    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), ROOT], env=env, cwd=str(out))
+    _run([sys.executable, "-m", "build", "--outdir", str(out), ROOT], env=env, cwd=str(out))
     (sdist,) = out.glob("*.tar.gz")
     (wheel,) = out.glob("*.whl")
     return sdist, wheel
