@@ -219,6 +219,7 @@ def markdown(args, summary) -> str:
 
 def plot(args, runs, summary, path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -236,6 +237,7 @@ def plot(args, runs, summary, path) -> None:
         )
     ax_acc.set(xscale="log", xlabel="sampling ratio f", ylabel="final top-1 (%)", title="accuracy vs data")
     ax_acc.set_xticks(args.ratios, [f"{f:g}" for f in args.ratios])
+    ax_acc.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_acc.legend()
     colours = plt.cm.viridis([i / max(1, len(args.ratios) - 1) for i in range(len(args.ratios))])
     for ratio, colour in zip(args.ratios, colours):
@@ -261,6 +263,8 @@ def plot(args, runs, summary, path) -> None:
         xlabel="GPSA layer", ylabel="sigmoid(lambda), mean over heads", title="ConViT: final gate (1 = positional)"
     )
     ax_gate.set_ylim(0, 1)
+    for ax in (ax_gate, ax_nl):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax_nl.set(xlabel="block", ylabel="nonlocality (patches)", title="final nonlocality per block (mean over heads)")
     for ax in (ax_gate, ax_nl):
         ax.legend(fontsize=7)
