@@ -12,8 +12,9 @@ v and returns ``(1 - g) O_c + g P v``; its backward gives
     d O_c = (1 - g) dO,   dv += g P^T dO,
     d pos_weight through the per-axis tables,  d lambda = g (1 - g) sum dO . (P v - O_c),
 
-recomputing P v (2 B H N d (W + H_p) multiply-adds) instead of saving it. It
-saves O_c and v, which SDPA's backward keeps anyway: the backend allocates and
+with P v neither saved nor recomputed: sum dO . P v = sum (P^T dO) . v is read off
+the contraction that gives py's gradient. It saves O_c and v, which SDPA's
+backward keeps anyway: the backend allocates and
 saves nothing of size N x N, forward or backward, beyond what the SDPA kernel
 chosen by PyTorch does (the flash and memory-efficient kernels: nothing).
 """
