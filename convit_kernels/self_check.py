@@ -213,10 +213,10 @@ def checked_backend(
     """``name`` if it passed (or needs no) on-device check for this combination, else ``FALLBACK``."""
     if name not in CHECKED_BACKENDS or device.type not in CHECKED_DEVICE_TYPES or mode() == "off":
         return name
-    verdict = _verdict(_combination(name, device, dtype, head_dim, tokens, grid_w), device, dtype)
+    combination = _combination(name, device, dtype, head_dim, tokens, grid_w)
+    verdict = _verdict(combination, device, dtype)
     if verdict.passed:
         return name
-    combination = _combination(name, device, dtype, head_dim, tokens, grid_w)
     message = (
         f"convit-kernels: backend {name!r} disagrees with the float64 reference on {combination.device_name} "
         f"({combination.key()}): {verdict.detail} [verdict from {verdict.source}]"

@@ -19,6 +19,8 @@ from convit_kernels.train import model as recipe
 from convit_kernels.train.model import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One epoch of one step at batch 16: the runs that check what a step or an epoch writes.
+ONE_STEP = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16"]
 TINY = ["--model", "convit_test", "--input-size", "16", "--threads", "1", "--no-progress", "--stat-images", "8"]
 
 
@@ -135,12 +137,7 @@ def test_overwrite_replaces_the_previous_run(tmp_path):
     (out / "gpsa.png").write_bytes(b"previous plot")
     run(
         tmp_path,
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "1",
-        "--batch-size",
-        "16",
+        *ONE_STEP,
         "--stat-images",
         "0",
         "--overwrite",
@@ -572,12 +569,7 @@ def test_accumulation_skips_the_all_reduce_of_non_stepping_micro_batches():
 def test_clip_grad_bounds_the_step(tmp_path):
     # SGD with momentum, no weight decay: the first step is lr x the (clipped) gradient.
     args = (
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "1",
-        "--batch-size",
-        "16",
+        *ONE_STEP,
         "--opt",
         "momentum",
         "--weight-decay",
@@ -602,12 +594,7 @@ def test_clip_grad_bounds_the_step(tmp_path):
 def test_model_ema_averages_every_step_and_is_evaluated(tmp_path):
     result = run(
         tmp_path,
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "1",
-        "--batch-size",
-        "16",
+        *ONE_STEP,
         "--model-ema",
         "--model-ema-decay",
         "0.75",
@@ -626,7 +613,7 @@ def test_model_ema_averages_every_step_and_is_evaluated(tmp_path):
 
 def test_architecture_options(tmp_path):
     arch = ("--embed-dim", "16", "--local-up-to-layer", "2", "--locality-strength", "3")
-    net = run(tmp_path, "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", *arch)["model"]
+    net = run(tmp_path, *ONE_STEP, *arch)["model"]
     assert net.embed_dim == 16 * 4 and net.local_up_to_layer == 2
     assert all(hasattr(block.attn, "gating_param") for block in net.blocks)  # both blocks GPSA
     init = initial_weights(embed_dim=16, local_up_to_layer=2)  # locality strength 1
@@ -645,12 +632,7 @@ def test_finetune_replaces_the_head_and_resamples_pos_embed(tmp_path, capsys):
     torch.save({"model": source.state_dict(), "epoch": 7}, tmp_path / "source.pth")
     # lr 1e-9 x 16 / 512 and no warm-up: the one step leaves the loaded weights as they were, to ~1e-10
     args = (
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "1",
-        "--batch-size",
-        "16",
+        *ONE_STEP,
         "--warmup-epochs",
         "0",
         "--lr",
