@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "bench": ("convit_kernels.bench.cli", "time the backends against timm and the SDPA decomposition"),
     "aot": ("convit_kernels.aot", "compile the Triton kernels for sm_80/sm_90 without a GPU and report resources"),
     "train": ("convit_kernels.train.cli", "train a ConViT with the fused layer"),
+    "experiment": ("convit_kernels.experiments", "run an experiment on the training stack: sample-efficiency"),
     "backends": ("convit_kernels.check", "list the backends usable here and why the others are not"),
     "gpu-check": ("convit_kernels.gpu_check", "run every GPU check in one go (<= 8 min on one H100/H200)"),
     "self-check": ("convit_kernels.self_check", "check the GPU kernels here and store the verdicts auto reads"),
