@@ -2,9 +2,9 @@
 
 ``pip install .`` (isolated build: pip installs setuptools, torch and ninja for
 the build) or ``pip install --no-build-isolation -e .`` (the README's fast path:
-the installed torch builds it). Builds the CPU part (convit_kernels._C, on the
-LibTorch stable ABI) and the CUDA part (convit_kernels._C_cuda) when torch has
-CUDA and nvcc is found, with or without a GPU; CONVIT_KERNELS_NO_CUDA=1 skips
+the installed torch builds it). Builds the CPU part (convit_kernels._C) and the
+CUDA part (convit_kernels._C_cuda), both on the LibTorch stable ABI, the latter
+when torch has CUDA and nvcc is found, with or without a GPU; CONVIT_KERNELS_NO_CUDA=1 skips
 it. A part that cannot be built (no torch at build time, no C++ compiler, no
 nvcc, a failed compile) is skipped with one line saying why: the install goes
 on, the package imports, and ``convit-kernels backends`` says what is missing;
@@ -12,6 +12,7 @@ the part is then built with ninja on first use once a compiler is there.
 See csrc/build_config.py.
 """
 
+import importlib.machinery
 import importlib.util
 import os
 import shutil
@@ -67,6 +68,21 @@ def _extensions_and_commands():
             super().build_extensions()
             self.extensions = [ext for ext in self.extensions if ext.name not in self._skipped]
 
+        def copy_extensions_to_source(self):
+            """--inplace: also remove a part's file with another suffix, which Python would import first.
+
+            The CUDA part was _C_cuda.cpython-3XX-*.so before it moved to the stable ABI (_C_cuda.abi3.so);
+            Python tries the interpreter's own suffix before .abi3.so, so the old file would shadow the new one.
+            """
+            for ext in self.extensions:
+                target = os.path.join(ROOT, self.get_ext_filename(ext.name))
+                stem = os.path.join(os.path.dirname(target), ext.name.rpartition(".")[2])
+                for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                    if stem + suffix != target and os.path.exists(stem + suffix):
+                        _say(f"removing {os.path.relpath(stem + suffix, ROOT)}, an older build of {ext.name}")
+                        os.remove(stem + suffix)
+            super().copy_extensions_to_source()
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
@@ -99,7 +115,8 @@ def _extensions_and_commands():
                 "convit_kernels._C_cuda",
                 relative(config.CUDA_SOURCES),
                 include_dirs=config.nvidia_include_dirs(),
-                extra_compile_args={"cxx": ["-O3"], "nvcc": config.nvcc_flags()},
+                extra_compile_args={"cxx": config.cuda_cxx_flags(), "nvcc": config.nvcc_flags()},
+                py_limited_api=True,
             )
         )
     else:

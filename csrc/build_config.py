@@ -5,13 +5,13 @@ Shared by ``setup.py`` (ahead-of-time build) and ``convit_kernels/extension.py``
 functions with no import of the package, so that setup.py can load this file by
 path before anything is built.
 
-The CPU part is compiled against the LibTorch stable ABI (torch/csrc/stable,
-TORCH_TARGET_VERSION = STABLE_ABI_TARGET): one build loads on every torch from
-that version on. The CUDA part uses torch's C++ API (ATen), whose ABI changes
-with every torch release, so it loads only on the torch it was built with.
+Both parts, CPU and CUDA, are compiled against the LibTorch stable ABI
+(torch/csrc/stable and the C shim, TORCH_TARGET_VERSION = STABLE_ABI_TARGET,
+Python's limited API): one build loads on every torch from that version on.
 Both carry a build tag (tag_flags) that the loader reads from the file before
-loading it, to refuse a mismatch with a clear message instead of an
-undefined-symbol error.
+loading it, to refuse a mismatch (a torch older than the target, or a build
+from before the CUDA part moved to the stable ABI) with a clear message
+instead of an undefined-symbol error.
 
 Environment:
     CONVIT_KERNELS_NO_CUDA=1   skip the CUDA part.
@@ -37,9 +37,10 @@ CSRC = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = [os.path.join(CSRC, "cpu", "gpsa_cpu.cpp")]
 CUDA_SOURCES = [os.path.join(CSRC, "cuda", "gpsa_cuda.cu")]
 DEFAULT_CUDA_ARCHS = "7.0;7.5;8.0;8.6;9.0"
-# The oldest torch the CPU part (stable ABI) loads on: torch::stable::parallel_for and empty() came in 2.10.
+# The oldest torch both parts (stable ABI) load on: torch::stable::parallel_for, empty(), sum() and
+# STD_CUDA_KERNEL_LAUNCH_CHECK came in 2.10.
 STABLE_ABI_TARGET = (2, 10)
-# Python's limited API for the CPU part's empty module (its file is _C.abi3.so).
+# Python's limited API for the parts' empty modules (their files are _C.abi3.so and _C_cuda.abi3.so).
 PY_LIMITED_API = "0x030B0000"
 
 
@@ -50,23 +51,19 @@ def torch_version() -> tuple:
     return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)\.(\d+)", torch.__version__).groups())
 
 
-def tag_flags(stable: bool) -> list:
-    """Macros of the build tag: the torch compiled against and, for the stable ABI, the oldest torch it loads on."""
+def tag_flags() -> list:
+    """Macros of the stable ABI build and its tag: the torch compiled against and the oldest torch it loads on."""
     major, minor, patch = torch_version()
-    flags = [
+    target_major, target_minor = STABLE_ABI_TARGET
+    return [
         f"-DCONVIT_KERNELS_TORCH_MAJOR={major}",
         f"-DCONVIT_KERNELS_TORCH_MINOR={minor}",
         f"-DCONVIT_KERNELS_TORCH_PATCH={patch}",
+        f"-DTORCH_TARGET_VERSION=0x{target_major:02x}{target_minor:02x}000000000000",
+        f"-DCONVIT_KERNELS_TARGET_MAJOR={target_major}",
+        f"-DCONVIT_KERNELS_TARGET_MINOR={target_minor}",
+        f"-DPy_LIMITED_API={PY_LIMITED_API}",
     ]
-    if stable:
-        target_major, target_minor = STABLE_ABI_TARGET
-        flags += [
-            f"-DTORCH_TARGET_VERSION=0x{target_major:02x}{target_minor:02x}000000000000",
-            f"-DCONVIT_KERNELS_TARGET_MAJOR={target_major}",
-            f"-DCONVIT_KERNELS_TARGET_MINOR={target_minor}",
-            f"-DPy_LIMITED_API={PY_LIMITED_API}",
-        ]
-    return flags
 
 
 def why_no_cxx():
@@ -83,16 +80,25 @@ def cxx_flags() -> list:
     flags = ["-O3", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags += ["-mavx2", "-mfma", "-mf16c"]  # every x86-64 CPU since 2013; the BLAS calls dispatch on their own
-    return flags + tag_flags(stable=True)
+    return flags + tag_flags()
 
 
 def link_flags() -> list:
     return ["-fopenmp"]
 
 
+# The C shim declares its CUDA functions (current stream, STD_CUDA_KERNEL_LAUNCH_CHECK's) under USE_CUDA.
+CUDA_SHIM_FLAGS = ["-DUSE_CUDA"]
+
+
+def cuda_cxx_flags() -> list:
+    """Host compiler flags of the CUDA part (its sources are .cu files: only used for a .cpp among them)."""
+    return ["-O3"] + CUDA_SHIM_FLAGS + tag_flags()
+
+
 def nvcc_flags() -> list:
     # --threads 2: nvcc compiles two architectures at a time (the machine's two cores).
-    return ["-O3", "--threads", "2", "-lineinfo", "--expt-relaxed-constexpr"] + tag_flags(stable=False)
+    return ["-O3", "--threads", "2", "-lineinfo", "--expt-relaxed-constexpr"] + CUDA_SHIM_FLAGS + tag_flags()
 
 
 def cuda_build_disabled() -> bool:

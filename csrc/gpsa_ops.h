@@ -1,53 +1,116 @@
 // Host-side argument checks and output allocation of the extension's op pair,
-// shared by the CPU and CUDA implementations (header-only: each shared object
-// compiles its own copy). The public op checks its inputs in Python
-// (op.check_inputs); these checks guard callers that reach the extension
-// directly, so that bad input raises a RuntimeError naming the argument.
+// shared by the CPU and CUDA implementations, on the LibTorch stable ABI
+// (torch/csrc/stable, torch/headeronly; header-only: each shared object compiles
+// its own copy). The public op checks its inputs in Python (op.check_inputs);
+// these checks guard callers that reach the extension directly, so that bad
+// input raises a RuntimeError naming the argument.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <initializer_list>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include "gpsa_common.h"
 
-#include <tuple>
-#include <vector>
-
 namespace convit_kernels {
+
+using Tensor = torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+// A dtype dispatch hands its body a TypeTag<scalar_t>{} (AT_DISPATCH without ATen).
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
 
 struct GpsaSizes {
   int64_t batch, heads, seq_len, head_dim, grid_h, grid_w;
 };
 
-inline at::ScalarType accumulation_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+inline ScalarType accumulation_type(ScalarType dtype) {
+  return dtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
 
-inline void check_floating(const at::Tensor& t, const char* name) {
+// The names torch gives dtypes in its C++ messages ("Float", "Half", ...).
+inline const char* dtype_name(ScalarType dtype) {
+  switch (dtype) {
+    case ScalarType::Float:
+      return "Float";
+    case ScalarType::Double:
+      return "Double";
+    case ScalarType::Half:
+      return "Half";
+    case ScalarType::BFloat16:
+      return "BFloat16";
+    default:
+      return torch::headeronly::toString(dtype);
+  }
+}
+
+template <typename Sizes>
+std::string shape_str(const Sizes& sizes) {
+  std::ostringstream out;
+  out << "[";
+  bool first = true;
+  for (int64_t s : sizes) {
+    out << (first ? "" : ", ") << s;
+    first = false;
+  }
+  out << "]";
+  return out.str();
+}
+
+inline std::string device_str(const Tensor& t) {
+  std::ostringstream out;
+  out << (t.is_cpu() ? "cpu" : t.is_cuda() ? "cuda" : "device");
+  if (!t.is_cpu()) out << ":" << int(t.get_device());
+  return out.str();
+}
+
+inline void check_floating(const Tensor& t, const char* name) {
   const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "gpsa: ", name, " must be float16, bfloat16, float32 or float64, got ", dtype);
+  STD_TORCH_CHECK(dtype == ScalarType::Float || dtype == ScalarType::Double || dtype == ScalarType::Half ||
+                      dtype == ScalarType::BFloat16,
+                  "gpsa: ", name, " must be float16, bfloat16, float32 or float64, got ", dtype_name(dtype));
 }
 
-inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
-  TORCH_CHECK(t.sizes() == expected, "gpsa: ", name, " must have shape ", expected, ", got ", t.sizes());
+inline bool same_sizes(const Tensor& t, std::initializer_list<int64_t> expected) {
+  if (t.dim() != int64_t(expected.size())) return false;
+  int64_t i = 0;
+  for (int64_t e : expected)
+    if (t.size(i++) != e) return false;
+  return true;
 }
 
-inline void check_same_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.device() == q.device(), "gpsa: ", name, " must be on the device of q (", q.device(), "), got ",
-              t.device());
+inline void check_shape(const Tensor& t, std::initializer_list<int64_t> expected, const char* name) {
+  STD_TORCH_CHECK(same_sizes(t, expected), "gpsa: ", name, " must have shape ", shape_str(expected), ", got ",
+                  shape_str(t.sizes()));
 }
 
-// Checks of the forward's arguments, also run by the backward; returns the sizes.
-inline GpsaSizes check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& pos_weight, const at::Tensor& gating_param, int64_t grid_w) {
-  TORCH_CHECK(q.dim() == 4, "gpsa: q must have 4 dimensions (B, H, N, d), got shape ", q.sizes());
+inline void check_same_device(const Tensor& t, const Tensor& q, const char* name) {
+  STD_TORCH_CHECK(t.is_cpu() == q.is_cpu() && t.get_device() == q.get_device(), "gpsa: ", name,
+                  " must be on the device of q (", device_str(q), "), got ", device_str(t));
+}
+
+inline GpsaSizes check_forward_args(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pos_weight,
+                                    const Tensor& gating_param, int64_t grid_w) {
+  STD_TORCH_CHECK(q.dim() == 4, "gpsa: q must have 4 dimensions (B, H, N, d), got shape ", shape_str(q.sizes()));
   check_floating(q, "q");
-  check_shape(k, q.sizes(), "k");
-  check_shape(v, q.sizes(), "v");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "gpsa: k must have the dtype of q (", q.scalar_type(), "), got ",
-              k.scalar_type());
-  TORCH_CHECK(v.scalar_type() == q.scalar_type(), "gpsa: v must have the dtype of q (", q.scalar_type(), "), got ",
-              v.scalar_type());
+  const std::initializer_list<int64_t> q_shape{q.size(0), q.size(1), q.size(2), q.size(3)};
+  check_shape(k, q_shape, "k");
+  check_shape(v, q_shape, "v");
+  STD_TORCH_CHECK(k.scalar_type() == q.scalar_type(), "gpsa: k must have the dtype of q (",
+                  dtype_name(q.scalar_type()), "), got ", dtype_name(k.scalar_type()));
+  STD_TORCH_CHECK(v.scalar_type() == q.scalar_type(), "gpsa: v must have the dtype of q (",
+                  dtype_name(q.scalar_type()), "), got ", dtype_name(v.scalar_type()));
   const int64_t heads = q.size(1), seq_len = q.size(2);
   check_floating(pos_weight, "pos_weight");
   check_floating(gating_param, "gating_param");
@@ -55,47 +118,54 @@ inline GpsaSizes check_forward_args(const at::Tensor& q, const at::Tensor& k, co
   check_shape(gating_param, {heads}, "gating_param (H, H = heads of q)");
   for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&pos_weight, "pos_weight"}, {&gating_param, "gating_param"}})
     check_same_device(*t, q, name);
-  TORCH_CHECK(seq_len > 0 && q.size(3) > 0, "gpsa: q must have N > 0 patches and d > 0 channels, got shape ",
-              q.sizes());
-  TORCH_CHECK(grid_w > 0 && seq_len % grid_w == 0, "gpsa: grid_w must be a positive divisor of N = ", seq_len,
-              ", got ", grid_w);
+  STD_TORCH_CHECK(seq_len > 0 && q.size(3) > 0, "gpsa: q must have N > 0 patches and d > 0 channels, got shape ",
+                  shape_str(q.sizes()));
+  STD_TORCH_CHECK(grid_w > 0 && seq_len % grid_w == 0, "gpsa: grid_w must be a positive divisor of N = ", seq_len,
+                  ", got ", grid_w);
   return {q.size(0), heads, seq_len, q.size(3), seq_len / grid_w, grid_w};
 }
 
-inline GpsaSizes check_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                     const at::Tensor& v, const at::Tensor& pos_weight,
-                                     const at::Tensor& gating_param, const at::Tensor& lse, int64_t grid_w) {
+inline GpsaSizes check_backward_args(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Tensor& pos_weight, const Tensor& gating_param, const Tensor& lse,
+                                     int64_t grid_w) {
   const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w);
   const auto acc = accumulation_type(q.scalar_type());
   check_shape(grad_out, {s.batch, s.seq_len, s.heads, s.head_dim}, "grad_out (B x N x H x d)");
   check_shape(lse, {s.batch, s.heads, s.seq_len}, "lse (B x H x N)");
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), "gpsa: grad_out must have the dtype of q (",
-              q.scalar_type(), "), got ", grad_out.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == acc, "gpsa: lse must be ", acc, ", got ", lse.scalar_type());
+  STD_TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), "gpsa: grad_out must have the dtype of q (",
+                  dtype_name(q.scalar_type()), "), got ", dtype_name(grad_out.scalar_type()));
+  STD_TORCH_CHECK(lse.scalar_type() == acc, "gpsa: lse must be ", dtype_name(acc), ", got ",
+                  dtype_name(lse.scalar_type()));
   for (auto [t, name] : {std::pair{&grad_out, "grad_out"}, {&lse, "lse"}}) check_same_device(*t, q, name);
   return s;
 }
 
 // Strided4d views: B x H x N x d tensors (q, k, v) and B x N x H x d ones (grad_out).
 template <typename scalar_t>
-Strided4d<scalar_t> bhnd_view(const at::Tensor& t) {
+Strided4d<scalar_t> bhnd_view(const Tensor& t) {
   return {static_cast<scalar_t*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 template <typename scalar_t>
-Strided4d<scalar_t> bnhd_view(const at::Tensor& t) {
+Strided4d<scalar_t> bnhd_view(const Tensor& t) {
   return {static_cast<scalar_t*>(t.data_ptr()), t.stride(0), t.stride(2), t.stride(1), t.stride(3)};
 }
 
+inline Tensor empty_on(std::initializer_list<int64_t> shape, ScalarType dtype, const Tensor& like) {
+  const std::vector<int64_t> sizes(shape);
+  return torch::stable::empty(sizes, dtype, std::nullopt, like.device());
+}
+
 // The forward's outputs: out (B x N x H x d, dtype of q) and lse (B x H x N, accumulation type).
-inline std::tuple<at::Tensor, at::Tensor> empty_forward_outputs(const at::Tensor& q, const GpsaSizes& s) {
-  return {at::empty({s.batch, s.seq_len, s.heads, s.head_dim}, q.options()),
-          at::empty({s.batch, s.heads, s.seq_len}, q.options().dtype(accumulation_type(q.scalar_type())))};
+inline std::tuple<Tensor, Tensor> empty_forward_outputs(const Tensor& q, const GpsaSizes& s) {
+  return {empty_on({s.batch, s.seq_len, s.heads, s.head_dim}, q.scalar_type(), q),
+          empty_on({s.batch, s.heads, s.seq_len}, accumulation_type(q.scalar_type()), q)};
 }
 
 // dq, dk, dv: B x N x H x d in the dtype of q.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_input_grads(const at::Tensor& q, const GpsaSizes& s) {
-  const std::vector<int64_t> shape{s.batch, s.seq_len, s.heads, s.head_dim};
-  return {at::empty(shape, q.options()), at::empty(shape, q.options()), at::empty(shape, q.options())};
+inline std::tuple<Tensor, Tensor, Tensor> empty_input_grads(const Tensor& q, const GpsaSizes& s) {
+  const auto shape = {s.batch, s.seq_len, s.heads, s.head_dim};
+  return {empty_on(shape, q.scalar_type(), q), empty_on(shape, q.scalar_type(), q),
+          empty_on(shape, q.scalar_type(), q)};
 }
 
 }  // namespace convit_kernels

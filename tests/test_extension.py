@@ -1,6 +1,8 @@
 """The C++/CUDA extension: the "cpu" backend against the fp64 reference, its op registration, its CUDA build."""
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import warnings
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from convit_kernels import available_backends, gpsa_attention
-from convit_kernels.backends.extension import _build_config, load_cpu, load_cuda
+from convit_kernels.backends.extension import _build_config, build_tag, load_cpu, load_cuda
 
 from gpsa_cases import PARAM_NAMES, assert_matches_reference, make_inputs, max_error, outputs_and_grads, upcast
 
@@ -206,6 +208,30 @@ def test_cuda_part_built_for_every_architecture():
     usage = subprocess.run([cuobjdump, "-res-usage", cuda_part.__file__], capture_output=True, text=True).stdout
     resources = [line for line in usage.splitlines() if "REG:" in line]
     assert resources and all("STACK:0 " in line and "LOCAL:0" in line for line in resources), usage
+
+
+# A mangled C++ name in torch's own namespaces (c10::, at::, torch::): the ABI that changes with every release.
+_TORCH_CXX_SYMBOL = re.compile(r"(?<![0-9])(?:3c10|2at|5torch)(?=[0-9])")
+
+
+@pytest.mark.parametrize("module", ["convit_kernels._C", "convit_kernels._C_cuda"])
+def test_built_part_is_on_the_stable_abi(module):
+    """Both parts: the stable build tag, an abi3 file, and no undefined symbol of torch's C++ API (only the C shim)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        pytest.skip(f"{module} is not built here")
+    tag = build_tag(spec.origin)
+    target = ".".join(str(part) for part in _build_config().STABLE_ABI_TARGET)
+    assert tag is not None and tag.get("abi") == "stable" and tag.get("min_torch") == target, (spec.origin, tag)
+    assert spec.origin.endswith(".abi3.so"), spec.origin  # Python's limited API, and no older build shadowing it
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm here (binutils) to list the undefined symbols")
+    listing = subprocess.run([nm, "-D", "--undefined-only", spec.origin], capture_output=True, text=True, check=True)
+    undefined = [line.split()[-1] for line in listing.stdout.splitlines() if line.strip()]
+    assert any(name.startswith(("aoti_torch_", "torch_")) for name in undefined), undefined  # it uses the C shim
+    torch_cxx = [name for name in undefined if _TORCH_CXX_SYMBOL.search(name)]
+    assert not torch_cxx, f"{module} needs torch C++ symbols: {torch_cxx[:10]}"
 
 
 @pytest.mark.gpu

@@ -115,7 +115,6 @@ def test_sdist_holds_the_sources(dist):
         "csrc/build_config.py",
         "csrc/gpsa_common.h",
         "csrc/gpsa_ops.h",
-        "csrc/gpsa_ops_stable.h",
         "csrc/cpu/gpsa_cpu.cpp",
         "csrc/cuda/gpsa_cuda.cu",
         "tests/test_packaging.py",

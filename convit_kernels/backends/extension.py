@@ -14,13 +14,13 @@ op's tensors. ``convit_kernels.op`` keeps the public op with its fake and
 autograd registrations; this module registers fake implementations for the ext
 ops themselves (for torch.library.opcheck and direct tracing).
 
-The CPU part is built on the LibTorch stable ABI and loads on every torch from
-the version it targets on; the CUDA part uses torch's C++ API and loads only
-on the torch it was built with. Each file carries a build tag that is read
-before the file is loaded: a part built for another torch is not loaded (no
-undefined-symbol error), it is rebuilt with ninja instead, and when that
-cannot happen the backend's reason says which torch it was built for and how
-to rebuild it.
+Both parts are built on the LibTorch stable ABI and load on every torch from
+the version they target on. Each file carries a build tag that is read before
+the file is loaded: a part that cannot load in this torch (a torch older than
+its target, or an older build on torch's C++ ABI, tagged abi=unstable, made
+for another torch) is not loaded (no undefined-symbol error), it is rebuilt
+with ninja instead, and when that cannot happen the backend's reason says
+which torch it was built for and how to rebuild it.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _jit_build(name: str, cuda: bool) -> None:
     cpp_extension.load(
         name=name,
         sources=config.CUDA_SOURCES if cuda else config.CPU_SOURCES,
-        extra_cflags=["-O3"] if cuda else config.cxx_flags(),
+        extra_cflags=config.cuda_cxx_flags() if cuda else config.cxx_flags(),
         extra_cuda_cflags=config.nvcc_flags() if cuda else None,
         extra_ldflags=[] if cuda else config.link_flags(),
         extra_include_paths=config.nvidia_include_dirs() if cuda else None,

@@ -32,7 +32,7 @@
 #include <vector>
 
 #include "../gpsa_common.h"
-#include "../gpsa_ops_stable.h"
+#include "../gpsa_ops.h"
 
 // Fortran BLAS, declared weak: present in libtorch_cpu on x86-64 (MKL), absent elsewhere.
 extern "C" {
@@ -56,11 +56,6 @@ Tensor cpu_contiguous(const Tensor& t, ScalarType dtype) {
   const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
   return torch::stable::contiguous(torch::stable::to(t, dtype, std::nullopt, cpu));
 }
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
 
 // AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16, ...) without ATen: body(TypeTag<scalar_t>{}).
 template <typename Body>

@@ -18,14 +18,26 @@
 //             dq in a second; then one kernel per key tile accumulates dk, dv
 //             (and d pos_weight partials) over query tiles. No atomics: partial
 //             sums are reduced in a fixed order.
+//
+// Built on the LibTorch stable ABI, like the CPU part (csrc/build_config.py:
+// TORCH_TARGET_VERSION): tensors are torch::stable::Tensor, the device guard is
+// torch::stable::accelerator's, the current stream comes from the C shim
+// (aoti_torch_get_current_cuda_stream: the stable Stream's native handle needs
+// torch 2.13), and the dtype dispatch is a switch.
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <Python.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/macros.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <tuple>
+#include <vector>
 
 #include "../gpsa_common.h"
 #include "../gpsa_ops.h"
@@ -84,23 +96,39 @@ __global__ void axis_tables_kernel(const float* __restrict__ pos_weight, int hea
   if (t < heads * (grid_w + grid_h)) axis_tables_row<float>(pos_weight, heads, grid_h, grid_w, t, px, py);
 }
 
+template <typename T>
+T* ptr(const Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+// A contiguous float32 copy of t (t itself when it already is one).
+Tensor float_contiguous(const Tensor& t) {
+  return torch::stable::contiguous(torch::stable::to(t, ScalarType::Float));
+}
+
 struct PositionalTables {
-  at::Tensor px, py;
-  PositionalTablesView view() const {
-    return {px.data_ptr<float>(), py.data_ptr<float>(), int(py.size(1)), int(px.size(1))};
-  }
+  Tensor px, py;
+  PositionalTablesView view() const { return {ptr<float>(px), ptr<float>(py), int(py.size(1)), int(px.size(1))}; }
 };
 
-PositionalTables positional_tables(const at::Tensor& pos_weight, const GpsaSizes& s, cudaStream_t stream) {
-  const auto w = pos_weight.to(at::kFloat).contiguous();
-  PositionalTables tables{at::empty({s.heads, s.grid_w, s.grid_w}, w.options()),
-                          at::empty({s.heads, s.grid_h, s.grid_h}, w.options())};
+PositionalTables positional_tables(const Tensor& pos_weight, const GpsaSizes& s, cudaStream_t stream) {
+  const Tensor w = float_contiguous(pos_weight);
+  PositionalTables tables{empty_on({s.heads, s.grid_w, s.grid_w}, ScalarType::Float, w),
+                          empty_on({s.heads, s.grid_h, s.grid_h}, ScalarType::Float, w)};
   const int rows = int(s.heads * (s.grid_w + s.grid_h));
   axis_tables_kernel<<<(rows + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-      w.data_ptr<float>(), int(s.heads), int(s.grid_h), int(s.grid_w), tables.px.data_ptr<float>(),
-      tables.py.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      ptr<float>(w), int(s.heads), int(s.grid_h), int(s.grid_w), ptr<float>(tables.px), ptr<float>(tables.py));
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   return tables;
+}
+
+// d gating_param = g (1 - g) sum_{b, i} (delta_p - delta_c), per head; g = sigmoid(lambda).
+__global__ void gating_grad_kernel(const float* __restrict__ lambdas, const float* __restrict__ delta_sum, int heads,
+                                   float* __restrict__ d_gating) {
+  const int h = blockIdx.x * blockDim.x + threadIdx.x;
+  if (h >= heads) return;
+  const Gates<float> gates = gates_from_lambda(lambdas[h]);
+  d_gating[h] = gates.pos * gates.content * delta_sum[h];
 }
 
 // ------------------------------------------------------------------ forward
@@ -393,115 +421,147 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
 
 // ------------------------------------------------------------------ op entry points
 
-void check_cuda_args(const at::Tensor& q, const GpsaSizes& s) {
-  TORCH_CHECK(q.is_cuda(), "gpsa (CUDA): q must be a CUDA tensor, got ", q.device());
-  TORCH_CHECK(q.scalar_type() != at::kDouble,
-              "gpsa (CUDA): float64 is not supported; use float32, float16 or bfloat16");
-  TORCH_CHECK(s.batch <= 65535 && s.heads <= 65535,
-              "gpsa (CUDA): at most 65535 batch elements and heads, got q of shape ", q.sizes());
-  TORCH_CHECK(s.head_dim <= kMaxHeadDim, "gpsa (CUDA): q's head_dim must be at most ", kMaxHeadDim, ", got ",
-              s.head_dim);
+void check_cuda_args(const Tensor& q, const GpsaSizes& s) {
+  STD_TORCH_CHECK(q.is_cuda(), "gpsa (CUDA): q must be a CUDA tensor, got ", device_str(q));
+  STD_TORCH_CHECK(q.scalar_type() != ScalarType::Double,
+                  "gpsa (CUDA): float64 is not supported; use float32, float16 or bfloat16");
+  STD_TORCH_CHECK(s.batch <= 65535 && s.heads <= 65535,
+                  "gpsa (CUDA): at most 65535 batch elements and heads, got q of shape ", shape_str(q.sizes()));
+  STD_TORCH_CHECK(s.head_dim <= kMaxHeadDim, "gpsa (CUDA): q's head_dim must be at most ", kMaxHeadDim, ", got ",
+                  s.head_dim);
 }
 
-// float32, float16 and bfloat16 (float64 is rejected by check_cuda_args).
-#define GPSA_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+// float32, float16 and bfloat16 (float64 is rejected by check_cuda_args): body(TypeTag<scalar_t>{}).
+template <typename Body>
+void dispatch_cuda_types(ScalarType dtype, Body&& body) {
+  switch (dtype) {
+    case ScalarType::Float:
+      return body(TypeTag<float>{});
+    case ScalarType::Half:
+      return body(TypeTag<torch::headeronly::Half>{});
+    case ScalarType::BFloat16:
+      return body(TypeTag<torch::headeronly::BFloat16>{});
+    default:
+      STD_TORCH_CHECK(false, "gpsa (CUDA): unsupported dtype ", dtype_name(dtype));
+  }
+}
 
 dim3 tile_grid(const GpsaSizes& s) {
   return dim3(unsigned((s.seq_len + kTileRows - 1) / kTileRows), unsigned(s.heads), unsigned(s.batch));
 }
 
-std::tuple<at::Tensor, at::Tensor> gpsa_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const at::Tensor& pos_weight, const at::Tensor& gating_param,
-                                                 int64_t grid_w, double scale) {
+// The current CUDA stream of the device of q (the guard has made it the current device).
+cudaStream_t current_stream(const Tensor& q) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(q.get_device_index(), &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+std::tuple<Tensor, Tensor> gpsa_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pos_weight,
+                                         const Tensor& gating_param, int64_t grid_w, double scale) {
   const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w);
   check_cuda_args(q, s);
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const torch::stable::accelerator::DeviceGuard device_guard(q.get_device_index());
+  const cudaStream_t stream = current_stream(q);
   auto [out, lse] = empty_forward_outputs(q, s);
   if (s.batch == 0) return {out, lse};
   const PositionalTables tables = positional_tables(pos_weight, s, stream);
-  const auto lambdas = gating_param.to(at::kFloat).contiguous();
+  const Tensor lambdas = float_contiguous(gating_param);
   const int d = int(s.head_dim);
   const size_t smem = sizeof(float) * ((kTileRows + 2 * kForwardKeys) * d + 2 * kTileRows * kForwardKeys);
-  GPSA_DISPATCH_CUDA_TYPES(q.scalar_type(), "gpsa_fwd_cuda", [&] {
+  dispatch_cuda_types(q.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     forward_kernel<scalar_t><<<tile_grid(s), kThreads, smem, stream>>>(
         bhnd_view<const scalar_t>(q), bhnd_view<const scalar_t>(k), bhnd_view<const scalar_t>(v), tables.view(),
-        lambdas.data_ptr<float>(), int(s.seq_len), d, float(scale), out.data_ptr<scalar_t>(), lse.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        ptr<float>(lambdas), int(s.seq_len), d, float(scale), ptr<scalar_t>(out), ptr<float>(lse));
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& pos_weight, const at::Tensor& gating_param, const at::Tensor& lse, int64_t grid_w,
-    double scale) {
+Tensor zeros_like(const Tensor& t) {
+  Tensor zeros = torch::stable::empty_like(t);
+  torch::stable::zero_(zeros);
+  return zeros;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gpsa_bwd_cuda(const Tensor& grad_out, const Tensor& q,
+                                                                 const Tensor& k, const Tensor& v,
+                                                                 const Tensor& pos_weight, const Tensor& gating_param,
+                                                                 const Tensor& lse, int64_t grid_w, double scale) {
   const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w);
   check_cuda_args(q, s);
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const torch::stable::accelerator::DeviceGuard device_guard(q.get_device_index());
+  const cudaStream_t stream = current_stream(q);
   auto [dq, dk, dv] = empty_input_grads(q, s);
-  if (s.batch == 0) return {dq, dk, dv, at::zeros_like(pos_weight), at::zeros_like(gating_param)};
+  if (s.batch == 0) return {dq, dk, dv, zeros_like(pos_weight), zeros_like(gating_param)};
 
-  const auto lse_c = lse.contiguous();
-  auto delta_content = at::empty_like(lse_c);
-  auto delta_pos = at::empty_like(lse_c);
-  const auto lambdas = gating_param.to(at::kFloat).contiguous();
+  const Tensor lse_c = torch::stable::contiguous(lse);
+  const Tensor delta_content = torch::stable::empty_like(lse_c);
+  const Tensor delta_pos = torch::stable::empty_like(lse_c);
+  const Tensor lambdas = float_contiguous(gating_param);
   const PositionalTables tables = positional_tables(pos_weight, s, stream);
   const dim3 grid = tile_grid(s);
-  auto pos_weight_partial = at::empty({s.batch, s.heads, int64_t(grid.x), 3}, q.options().dtype(at::kFloat));
+  const Tensor pos_weight_partial = empty_on({s.batch, s.heads, int64_t(grid.x), 3}, ScalarType::Float, q);
   const int d = int(s.head_dim);
   const size_t smem_dkdv = sizeof(float) * (2 * (kTileRows + kBackwardCols) * d + 2 * kTileRows * kBackwardCols +
                                             3 * kThreads) +
                            sizeof(RowStats) * kBackwardCols;
   const size_t smem_dq = sizeof(float) * (2 * (kTileRows + kBackwardCols) * d + kTileRows * kBackwardCols);
-  GPSA_DISPATCH_CUDA_TYPES(q.scalar_type(), "gpsa_bwd_cuda", [&] {
+  dispatch_cuda_types(q.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     const BackwardArgs<scalar_t> args{bhnd_view<const scalar_t>(q),
                                       bhnd_view<const scalar_t>(k),
                                       bhnd_view<const scalar_t>(v),
                                       bnhd_view<const scalar_t>(grad_out),
                                       tables.view(),
-                                      lambdas.data_ptr<float>(),
-                                      lse_c.data_ptr<float>(),
-                                      delta_content.data_ptr<float>(),
-                                      delta_pos.data_ptr<float>(),
+                                      ptr<float>(lambdas),
+                                      ptr<float>(lse_c),
+                                      ptr<float>(delta_content),
+                                      ptr<float>(delta_pos),
                                       int(s.seq_len),
                                       d,
                                       float(scale)};
-    backward_dq_kernel<scalar_t><<<grid, kThreads, smem_dq, stream>>>(args, dq.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    backward_dq_kernel<scalar_t><<<grid, kThreads, smem_dq, stream>>>(args, ptr<scalar_t>(dq));
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
     backward_dkdv_kernel<scalar_t><<<grid, kThreads, smem_dkdv, stream>>>(
-        args, dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), pos_weight_partial.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        args, ptr<scalar_t>(dk), ptr<scalar_t>(dv), ptr<float>(pos_weight_partial));
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // Fixed-order reductions of the per-tile and per-row partials: deterministic.
-  const auto d_pos_weight = pos_weight_partial.sum({0, 2}).to(pos_weight.scalar_type());
-  const auto gate_weight = at::sigmoid(lambdas) * at::sigmoid(-lambdas);
-  const auto d_gating = (gate_weight * (delta_pos - delta_content).sum({0, 2})).to(gating_param.scalar_type());
-  return {dq, dk, dv, d_pos_weight, d_gating};
+  const std::vector<int64_t> batch_and_rows{0, 2};
+  const Tensor d_pos_weight =
+      torch::stable::to(torch::stable::sum(pos_weight_partial, batch_and_rows), pos_weight.scalar_type());
+  const Tensor delta_sum = torch::stable::sum(torch::stable::subtract(delta_pos, delta_content), batch_and_rows);
+  const Tensor d_gating = empty_on({s.heads}, ScalarType::Float, q);
+  gating_grad_kernel<<<unsigned((s.heads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      ptr<float>(lambdas), ptr<float>(delta_sum), int(s.heads), ptr<float>(d_gating));
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dq, dk, dv, d_pos_weight, torch::stable::to(d_gating, gating_param.scalar_type())};
 }
 
 }  // namespace
 }  // namespace convit_kernels
 
-TORCH_LIBRARY_IMPL(convit_kernels_ext, CUDA, m) {
-  m.impl("gpsa_fwd", &convit_kernels::gpsa_fwd_cuda);
-  m.impl("gpsa_bwd", &convit_kernels::gpsa_bwd_cuda);
+// The ops are defined (their schemas) by the CPU part, csrc/cpu/gpsa_cpu.cpp, loaded first.
+STABLE_TORCH_LIBRARY_IMPL(convit_kernels_ext, CUDA, m) {
+  m.impl("gpsa_fwd", TORCH_BOX(&convit_kernels::gpsa_fwd_cuda));
+  m.impl("gpsa_bwd", TORCH_BOX(&convit_kernels::gpsa_bwd_cuda));
 }
 
+// The build tag, read from this file by convit_kernels/backends/extension.py
+// before it loads it: built on the stable ABI, against which torch, and the
+// oldest torch it loads on (csrc/build_config.py: tag_flags).
+#define CONVIT_KERNELS_STR2(x) #x
+#define CONVIT_KERNELS_STR(x) CONVIT_KERNELS_STR2(x)
+extern "C" __attribute__((used, visibility("default"))) const char convit_kernels_build_tag[] =
+    "CONVIT_KERNELS_BUILD_TAG{abi=stable;torch=" CONVIT_KERNELS_STR(CONVIT_KERNELS_TORCH_MAJOR) "." CONVIT_KERNELS_STR(
+        CONVIT_KERNELS_TORCH_MINOR) "." CONVIT_KERNELS_STR(CONVIT_KERNELS_TORCH_PATCH) ";min_torch="
+        CONVIT_KERNELS_STR(CONVIT_KERNELS_TARGET_MAJOR) "." CONVIT_KERNELS_STR(CONVIT_KERNELS_TARGET_MINOR) "}";
+
+// An empty Python module, so that `import convit_kernels._C_cuda` loads the
+// library and runs the registration above.
 extern "C" PyObject* PyInit__C_cuda(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
   return PyModule_Create(&module);
 }
-
-// The build tag, read from this file by convit_kernels/backends/extension.py
-// before it loads it: this part uses torch's C++ API (ATen), whose ABI is
-// torch's own, so it loads only on the torch it was built with.
-#define CONVIT_KERNELS_STR2(x) #x
-#define CONVIT_KERNELS_STR(x) CONVIT_KERNELS_STR2(x)
-extern "C" __attribute__((used, visibility("default"))) const char convit_kernels_build_tag[] =
-    "CONVIT_KERNELS_BUILD_TAG{abi=unstable;torch=" CONVIT_KERNELS_STR(CONVIT_KERNELS_TORCH_MAJOR) "." CONVIT_KERNELS_STR(
-        CONVIT_KERNELS_TORCH_MINOR) "." CONVIT_KERNELS_STR(CONVIT_KERNELS_TORCH_PATCH) "}";
