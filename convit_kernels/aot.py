@@ -56,7 +56,7 @@ REPORTED = {
 }
 # Scalar arguments (besides the strides): fp32 ones and i32 ones; every other argument is a pointer.
 FLOAT_ARGS = {"qk_scale", "scale"}
-INT_ARGS = {"H", "N"}
+INT_ARGS = {"H", "N", "LO_OFFSET"}
 # Pointers that are fp32 whatever the input dtype.
 FP32_POINTERS = {"POS", "GATES", "LSE", "DELTA", "PT_DOUT"}
 # The performance targets the report is checked against (tests/test_aot.py), sm_90, 16-bit, d = 64.
@@ -173,17 +173,17 @@ def _per_score(report: KernelReport, step: int, rows_owned: int) -> None:
 # ---------------------------------------------------------------- compiling
 
 
-def _launch_spec(jit_fn, dtype, head_dim, config, extra, fp32_precision=None):
+def _launch_spec(kernel_name, dtype, head_dim, config, extra, fp32_precision=None):
     """(signature, constexprs, attrs) of one launch, specialised as the runtime does for projection views."""
     from .backends import triton_gpsa as tg
 
+    jit_fn = tg.KERNELS[kernel_name]
     elem = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     head_dim, block_d = tg._head_dims(head_dim)
     constexprs = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": block_d,
-        "DOT_DTYPE": tg.dot_dtype(dtype),
-        "PRECISION": fp32_precision if fp32_precision and dtype == torch.float32 else tg.dot_precision(dtype),
+        **tg.dot_constexprs(dtype, fp32_precision),
         "ARCH": 0,
         **config,
         **extra,
@@ -244,7 +244,6 @@ def compile_report(
 
     for arch, name, dtype_name, head_dim in itertools.product(archs, kernels, dtypes, head_dims):
         kernel_name, gpsa = REPORTED[name]
-        jit_fn = tg.KERNELS[kernel_name]
         config = tg.FIXED_CONFIGS[kernel_name][DTYPES[dtype_name].itemsize]
         bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
         extra = {} if gpsa is None else {"GPSA": gpsa}
@@ -254,9 +253,10 @@ def compile_report(
             extra[flag] = n % config.kwargs[block] == 0
         report = KernelReport(name, arch, dtype_name, head_dim, n, bm, bn, config.num_warps, config.num_stages)
         signature, constexprs, attrs = _launch_spec(
-            jit_fn, DTYPES[dtype_name], head_dim, dict(config.kwargs), extra, fp32_precision
+            kernel_name, DTYPES[dtype_name], head_dim, dict(config.kwargs), extra, fp32_precision
         )
-        report.precision = constexprs.get("PRECISION", "") if dtype_name == "fp32" else ""
+        if dtype_name == "fp32" and "PRECISION" in constexprs:  # a split operand's TF32 product is 3xTF32
+            report.precision = "tf32x3" if constexprs.get("SPLIT") else constexprs["PRECISION"]
         report.launch = {
             "grid": f"(cdiv(N, {rows_owned}), B * H)",
             "num_warps": config.num_warps,
@@ -265,7 +265,7 @@ def compile_report(
         }
         try:
             compiled = triton.compile(
-                ASTSource(jit_fn, signature, constexprs, attrs),
+                ASTSource(tg.KERNELS[kernel_name], signature, constexprs, attrs),
                 target=GPUTarget("cuda", arch, 32),
                 options={"num_warps": config.num_warps, "num_stages": config.num_stages},
             )

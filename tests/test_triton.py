@@ -61,6 +61,31 @@ def test_autotune_space_is_pruned_by_n_and_dtype(N, dtype):
             assert any(c.kwargs == fixed.kwargs and c.num_warps == fixed.num_warps for c in kept), name
 
 
+def test_tf32_split_is_exact_with_a_tf32_high_part():
+    """3xTF32's operands (the kernels' SPLIT): high exact in TF32, high + low == x, low within half a TF32 ulp."""
+    x = torch.randn(4, 3, 50, 16) * torch.logspace(-30, 30, 16)
+    x[0, 0, 0, :4] = torch.tensor([0.0, -0.0, 1 + 2**-11, -(1 + 3 * 2**-11)])  # ties round away from zero
+    high, low = triton_gpsa.tf32_split(x.transpose(1, 2))  # any strides in; contiguous parts out
+    assert high.is_contiguous() and low.is_contiguous()
+    high, low = high.transpose(1, 2), low.transpose(1, 2)
+    assert torch.equal(high.view(torch.int32) & 0x1FFF, torch.zeros_like(high, dtype=torch.int32))
+    assert torch.equal(high + low, x)
+    assert (low.abs() <= x.abs() * 2**-11).all()
+    assert high[0, 0, 0, :4].tolist() == [0.0, 0.0, 1 + 2**-10, -(1 + 2 * 2**-10)]
+
+
+@pytest.mark.parametrize("setting,split", [("highest", True), ("high", False), ("medium", False)])
+def test_fp32_dots_follow_torch_matmul_precision(setting, split):
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(setting)
+        assert triton_gpsa.dot_constexprs(torch.float32)["SPLIT"] is split
+        assert triton_gpsa.dot_constexprs(torch.float32)["PRECISION"] == "tf32"
+        assert triton_gpsa.dot_constexprs(torch.bfloat16)["SPLIT"] is False  # 16-bit operands ignore it
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_unavailable_without_gpu_or_interpreter_says_why():
     if torch.cuda.is_available() or triton_gpsa.INTERPRET:
         pytest.skip("the triton backend is available in this process")

@@ -13,6 +13,7 @@ import torch
 
 from convit_kernels import available_backends, gpsa_attention
 from convit_kernels.backends import BackendError, resolve_backend, triton_gpsa
+from convit_kernels.reference import gpsa_reference
 
 from gpsa_cases import (
     LARGE_WEIGHT_RTOL,
@@ -49,6 +50,20 @@ def test_gate_extremes_and_large_positional_weights(gate, locality_strength, rto
     assert_matches_reference(inputs, rtol_overrides=rtol_overrides, backend="triton")
 
 
+def three_tf32_output(inputs):
+    """The fp64 reference output with the logits 3xTF32 makes: q_hi k_hi + q_hi k_lo + q_lo k_hi.
+
+    q and k split as the kernels take them (``triton_gpsa.tf32_split``); the three products are
+    one product of q and k each laid three times along d.
+    """
+    q, k, v, *params = (t.detach().double() for t in inputs)
+    q_hi, q_lo = triton_gpsa.tf32_split(inputs[0].detach()).double()
+    k_hi, k_lo = triton_gpsa.tf32_split(inputs[1].detach()).double()
+    q3, k3 = torch.cat((q_hi, q_hi, q_lo), -1), torch.cat((k_hi, k_lo, k_hi), -1)
+    side = int(q.shape[2] ** 0.5)
+    return gpsa_reference(q3, k3, v, *params, (side, side), q.shape[-1] ** -0.5)
+
+
 @pytest.mark.parametrize("N", [49, 196], ids=["one-key-tile", "key-tiles"])
 def test_saturated_content_softmax(N):
     """q, k x 100 (logits ~1e4): the backward keeps PyTorch's own fused attention's fp32 accuracy.
@@ -63,7 +78,12 @@ def test_saturated_content_softmax(N):
     exact = outputs_and_grads(upcast(inputs), backend="reference")
     sdpa = outputs_and_grads([t.detach().clone().requires_grad_() for t in inputs], backend="sdpa")
     got = outputs_and_grads(inputs, backend="triton")
-    assert max_error(got[0], exact[0]) <= 3 * max_error(sdpa[0], exact[0]) + 2e-5 * exact[0].abs().max().item()
+    # Under "highest" the kernels' logits are 3xTF32's, which leave out q_lo . k_lo (~2^-22 of
+    # |q| |k|, ~1e-3 at these logits): the 3x budget covers that model's own error too.
+    allowed = max_error(sdpa[0], exact[0])
+    if triton_gpsa.dot_constexprs(torch.float32)["SPLIT"]:
+        allowed += max_error(three_tf32_output(inputs), exact[0])
+    assert max_error(got[0], exact[0]) <= 3 * allowed + 2e-5 * exact[0].abs().max().item()
     for i, name in enumerate(PARAM_NAMES):
         scale = exact[1][i].abs().max().item()
         error, sdpa_error = max_error(got[1][i], exact[1][i]), max_error(sdpa[1][i], exact[1][i])

@@ -41,7 +41,8 @@ them; out, O_c, dq, dk, dv written B x N x H x d). Head dims up to 128 are padde
 two (BLOCK_D) with masks only where HEAD_DIM < BLOCK_D. Accumulation, softmax and the mix in
 fp32; dot operands in the input dtype. fp32 inputs follow PyTorch's matmul precision
 (:func:`dot_precision`): 3xTF32 under ``torch.get_float32_matmul_precision() == "highest"`` (the
-default; three tensor-core products per dot, fp32-level accuracy), one TF32 product under
+default; three tensor-core products per dot from operands split by the launchers,
+:func:`dot_constexprs`; fp32-level accuracy), one TF32 product under
 "high" / "medium" (``torch.backends.cuda.matmul.allow_tf32 = True``; ~1e-3 relative). Under the
 interpreter (TRITON_INTERPRET=1), whose bf16 ``tl.dot`` is wrong, the constexpr DOT_DTYPE
 upcasts bf16 operands to fp32; compiled code keeps bf16 operands.
@@ -95,8 +96,8 @@ def _config(block_m, block_n, num_warps, num_stages):
 # BLOCK_M queries a step; dq and the forward own BLOCK_M queries and walk BLOCK_N keys). 16-bit
 # tiles are 64 rows per warpgroup (wgmma's M) on the operand each warp owns. fp32 tiles are
 # small: fp32 dot operands held in registers take twice the room of 16-bit ones (and 3xTF32
-# keeps a high and a low part of each), so these are the largest that compile without spills
-# under TF32; `convit-kernels aot --fp32-precision highest` reports what 3xTF32 costs.
+# reads a high and a low part of each), so these are the largest that compile without spills;
+# `convit-kernels aot --fp32-precision highest` / `high` reports both precisions.
 FIXED_CONFIGS = {
     "fwd": {2: _config(128, 64, 8, 3), 4: _config(16, 32, 4, 1)},
     "bwd_pre": {2: _config(128, 16, 4, 1), 4: _config(128, 16, 4, 1)},
@@ -132,7 +133,7 @@ def fixed_config(kernel_name: str, element_size: int) -> triton.Config:
 def _tuned(kernel_name):
     """triton.autotune over the kernel's space, keyed on (N, HEAD_DIM, ARCH) and the dtypes of the arguments.
 
-    fp32 inputs keep their fixed configuration (the 16-bit tiles spill with 3xTF32 operands);
+    fp32 inputs keep their fixed configuration (the 16-bit tiles spill with fp32 operands);
     16-bit ones drop tiles wider than N needs.
     """
     space = [_config(*c) for c in TUNING_SPACE[kernel_name]]
@@ -173,28 +174,58 @@ def _store(ptrs, value, rows_ok, cols_ok, MASK_COLS: tl.constexpr):
         tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=rows_ok[:, None])
 
 
+@triton.jit
+def _tf32_high(x):
+    """fp32 x rounded to TF32's 10-bit mantissa (nearest, ties away): exact as a TF32 operand, x - it exact too."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma(a, a_lo, b, b_lo, acc, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+    """acc + a b; with SPLIT, 3xTF32 from operands split as a + a_lo, b + b_lo (a, b exact in TF32)."""
+    if SPLIT:
+        acc = tl.dot(a_lo, b, acc, input_precision="tf32")
+        acc = tl.dot(a, b_lo, acc, input_precision="tf32")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _split(x, SPLIT: tl.constexpr):
+    """(high, low) parts of a computed fp32 operand under SPLIT; (x, x) otherwise (the low part unused)."""
+    if SPLIT:
+        high = _tf32_high(x)
+        return high, x - high
+    else:
+        return x, x
+
+
 # ---------------------------------------------------------------- forward
 
 
 @triton.jit
 def _fwd_key_step(
-    acc, m_i, l_i, q, kt_ptrs, v_ptrs, offs_n, offs_d, N, qk_scale,
+    acc, m_i, l_i, q, q_lo, kt_ptrs, v_ptrs, LO_OFFSET, offs_n, offs_d, N, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
+    SPLIT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """One key tile of the online softmax; MASKED for the last, partial tile (keys past N get -inf)."""
     keys_ok = offs_n < N
     dims_ok = offs_d < HEAD_DIM
     kt = _load(kt_ptrs, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED).to(DOT_DTYPE)
-    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # log2 units
+    v = _load(v_ptrs, keys_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+    kt_lo, v_lo = kt, v
+    if SPLIT:
+        kt_lo = _load(kt_ptrs + LO_OFFSET, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED)
+        v_lo = _load(v_ptrs + LO_OFFSET, keys_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D)
+    s = _mma(q, q_lo, kt, kt_lo, None, PRECISION, SPLIT) * qk_scale  # log2 units
     if MASKED:
         s = tl.where(keys_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load(v_ptrs, keys_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
-    acc = tl.dot(p.to(DOT_DTYPE), v, acc * alpha[:, None], input_precision=PRECISION)
+    p_hi, p_lo = _split(p.to(DOT_DTYPE), SPLIT)
+    acc = _mma(p_hi, p_lo, v, v_lo, acc * alpha[:, None], PRECISION, SPLIT)
     return acc, m_new, l_i
 
 
@@ -206,9 +237,9 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pb, stride_ph, stride_pn, stride_pd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, N, qk_scale,
+    H, N, qk_scale, LO_OFFSET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    GPSA: tl.constexpr, ARCH: tl.constexpr,
+    SPLIT: tl.constexpr, GPSA: tl.constexpr, ARCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     """O_c = softmax(scale q k^T) v for BLOCK_M queries; with GPSA, out = (1 - g) O_c + POS (= g P v)."""
@@ -221,6 +252,9 @@ def _attn_fwd_kernel(
     dims_ok = offs_d < HEAD_DIM
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     q = _load(q_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+    q_lo = q
+    if SPLIT:
+        q_lo = _load(q_ptrs + LO_OFFSET, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
     # K^T (BLOCK_D x BLOCK_N) and V (BLOCK_N x BLOCK_D) tiles, advanced BLOCK_N keys a step.
     kt_ptrs = K + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -230,13 +264,13 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_key_step(acc, m_i, l_i, q, kt_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn,
-                                      start_n + offs_n, offs_d, N, qk_scale,
-                                      HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, False)  # fmt: skip
+        acc, m_i, l_i = _fwd_key_step(acc, m_i, l_i, q, q_lo, kt_ptrs + start_n * stride_kn,
+                                      v_ptrs + start_n * stride_vn, LO_OFFSET, start_n + offs_n, offs_d, N, qk_scale,
+                                      HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, SPLIT, False)  # fmt: skip
     if not EVEN_N:
-        acc, m_i, l_i = _fwd_key_step(acc, m_i, l_i, q, kt_ptrs + n_full * stride_kn, v_ptrs + n_full * stride_vn,
-                                      n_full + offs_n, offs_d, N, qk_scale,
-                                      HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, True)  # fmt: skip
+        acc, m_i, l_i = _fwd_key_step(acc, m_i, l_i, q, q_lo, kt_ptrs + n_full * stride_kn,
+                                      v_ptrs + n_full * stride_vn, LO_OFFSET, n_full + offs_n, offs_d, N, qk_scale,
+                                      HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, SPLIT, True)  # fmt: skip
 
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=rows_ok)  # log2 units
     o_c = acc / l_i[:, None]
@@ -279,26 +313,41 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_query_step(
-    dk, dv, k, v, qt_ptrs, dout_ptrs, LSE_ROWS, DELTA_ROWS, offs_m, offs_d, N, qk_scale,
+    dk, dv, k, v, k_ptrs, v_ptrs, keys_ok, qt_ptrs, dout_ptrs, LO_OFFSET, LSE_ROWS, DELTA_ROWS, offs_m, offs_d, N,
+    qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
+    SPLIT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """One query tile for a block of keys; MASKED for the last, partial tile (lse = +inf there: p = 0)."""
+    """One query tile for a block of keys; MASKED for the last, partial tile (lse = +inf there: p = 0).
+
+    k, v: the resident tiles; under SPLIT they are read here, high and low parts, each step.
+    """
     rows_ok = offs_m < N
     dims_ok = offs_d < HEAD_DIM
+    k_lo, v_lo = k, v
+    if SPLIT:
+        k = _load(k_ptrs, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
+        k_lo = _load(k_ptrs + LO_OFFSET, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
+        v = _load(v_ptrs, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
+        v_lo = _load(v_ptrs + LO_OFFSET, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
     qt = _load(qt_ptrs, dims_ok, rows_ok, HEAD_DIM != BLOCK_D, MASKED).to(DOT_DTYPE)
+    dout = _load(dout_ptrs, rows_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+    qt_lo, dout_lo = qt, dout
+    if SPLIT:
+        qt_lo = _load(qt_ptrs + LO_OFFSET, dims_ok, rows_ok, HEAD_DIM != BLOCK_D, MASKED)
+        dout_lo = _load(dout_ptrs + LO_OFFSET, rows_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D)
     if MASKED:
         lse = tl.load(LSE_ROWS + offs_m, mask=rows_ok, other=float("inf"))
         delta = tl.load(DELTA_ROWS + offs_m, mask=rows_ok, other=0.0)
     else:
         lse = tl.load(LSE_ROWS + offs_m)
         delta = tl.load(DELTA_ROWS + offs_m)
-    pt = tl.exp2(tl.dot(k, qt, input_precision=PRECISION) * qk_scale - lse[None, :])  # P^T, keys x queries
-    dout = _load(dout_ptrs, rows_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
-    dv = tl.dot(pt.to(DOT_DTYPE), dout, dv, input_precision=PRECISION)
-    dpt = tl.dot(v, tl.trans(dout), input_precision=PRECISION)  # (dO v^T)^T
-    dst = pt * (dpt - delta[None, :])
-    dk = tl.dot(dst.to(DOT_DTYPE), tl.trans(qt), dk, input_precision=PRECISION)
+    pt = tl.exp2(_mma(k, k_lo, qt, qt_lo, None, PRECISION, SPLIT) * qk_scale - lse[None, :])  # P^T, keys x queries
+    pt_hi, pt_lo = _split(pt.to(DOT_DTYPE), SPLIT)
+    dv = _mma(pt_hi, pt_lo, dout, dout_lo, dv, PRECISION, SPLIT)
+    dpt = _mma(v, v_lo, tl.trans(dout), tl.trans(dout_lo), None, PRECISION, SPLIT)  # (dO v^T)^T
+    dst_hi, dst_lo = _split((pt * (dpt - delta[None, :])).to(DOT_DTYPE), SPLIT)
+    dk = _mma(dst_hi, dst_lo, tl.trans(qt), tl.trans(qt_lo), dk, PRECISION, SPLIT)
     return dk, dv
 
 
@@ -311,9 +360,9 @@ def _bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_pb, stride_ph, stride_pn, stride_pd,
     stride_db, stride_dh, stride_dn, stride_dd,
-    H, N, qk_scale, scale,
+    H, N, qk_scale, scale, LO_OFFSET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    ARCH: tl.constexpr,
+    SPLIT: tl.constexpr, ARCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
 ):  # fmt: skip
     """dk = scale (1 - g) dS^T q and dv = (1 - g) A^T dO + g P^T dO (PT_DOUT) for BLOCK_N keys."""
@@ -327,8 +376,11 @@ def _bwd_dkdv_kernel(
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     # Keys past N load as zeros; their rows of dk / dv are never stored, and no other row reads them.
-    k = _load(k_ptrs, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
-    v = _load(v_ptrs, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+    if SPLIT:  # read by each step, with their low parts: resident split k and v spill
+        k, v = 0.0, 0.0
+    else:
+        k = _load(k_ptrs, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+        v = _load(v_ptrs, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
     # Q^T (BLOCK_D x BLOCK_M) and dO (BLOCK_M x BLOCK_D) tiles, advanced BLOCK_M queries a step.
     qt_ptrs = Q + b * stride_qb + h * stride_qh + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qn
     dout_ptrs = DOUT + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd
@@ -339,13 +391,15 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_query_step(dk, dv, k, v, qt_ptrs + start_m * stride_qn, dout_ptrs + start_m * stride_gn,
-                                  lse_rows, delta_rows, start_m + offs_m, offs_d, N, qk_scale,
-                                  HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, False)  # fmt: skip
+        dk, dv = _dkdv_query_step(dk, dv, k, v, k_ptrs, v_ptrs, keys_ok, qt_ptrs + start_m * stride_qn,
+                                  dout_ptrs + start_m * stride_gn, LO_OFFSET, lse_rows, delta_rows,
+                                  start_m + offs_m, offs_d, N, qk_scale,
+                                  HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, SPLIT, False)  # fmt: skip
     if not EVEN_M:
-        dk, dv = _dkdv_query_step(dk, dv, k, v, qt_ptrs + m_full * stride_qn, dout_ptrs + m_full * stride_gn,
-                                  lse_rows, delta_rows, m_full + offs_m, offs_d, N, qk_scale,
-                                  HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, True)  # fmt: skip
+        dk, dv = _dkdv_query_step(dk, dv, k, v, k_ptrs, v_ptrs, keys_ok, qt_ptrs + m_full * stride_qn,
+                                  dout_ptrs + m_full * stride_gn, LO_OFFSET, lse_rows, delta_rows,
+                                  m_full + offs_m, offs_d, N, qk_scale,
+                                  HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, SPLIT, True)  # fmt: skip
 
     g = tl.load(GATES + 2 * h)
     one_minus_g = tl.load(GATES + 2 * h + 1)
@@ -358,21 +412,34 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_key_step(
-    dq, q, dout, lse, delta, kt_ptrs, vt_ptrs, offs_n, offs_d, N, qk_scale,
+    dq, q, dout, q_ptrs, dout_ptrs, rows_ok, lse, delta, kt_ptrs, vt_ptrs, LO_OFFSET, offs_n, offs_d, N, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
+    SPLIT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """One key tile for a block of queries; MASKED for the last, partial tile (p = 0 past N)."""
+    """One key tile for a block of queries; MASKED for the last, partial tile (p = 0 past N).
+
+    q, dout: the resident tiles; under SPLIT they are read here, high and low parts, each step.
+    """
     keys_ok = offs_n < N
     dims_ok = offs_d < HEAD_DIM
+    q_lo, dout_lo = q, dout
+    if SPLIT:
+        q = _load(q_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
+        q_lo = _load(q_ptrs + LO_OFFSET, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
+        dout = _load(dout_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
+        dout_lo = _load(dout_ptrs + LO_OFFSET, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
     kt = _load(kt_ptrs, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED).to(DOT_DTYPE)
     vt = _load(vt_ptrs, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED).to(DOT_DTYPE)
-    p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
+    kt_lo, vt_lo = kt, vt
+    if SPLIT:
+        kt_lo = _load(kt_ptrs + LO_OFFSET, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED)
+        vt_lo = _load(vt_ptrs + LO_OFFSET, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED)
+    p = tl.exp2(_mma(q, q_lo, kt, kt_lo, None, PRECISION, SPLIT) * qk_scale - lse[:, None])
     if MASKED:  # zero keys would give p = 2^-lse, which overflows for very negative rows
         p = tl.where(keys_ok[None, :], p, 0.0)
-    dp = tl.dot(dout, vt, input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(DOT_DTYPE), tl.trans(kt), dq, input_precision=PRECISION)
+    dp = _mma(dout, dout_lo, vt, vt_lo, None, PRECISION, SPLIT)
+    ds_hi, ds_lo = _split((p * (dp - delta[:, None])).to(DOT_DTYPE), SPLIT)
+    return _mma(ds_hi, ds_lo, tl.trans(kt), tl.trans(kt_lo), dq, PRECISION, SPLIT)
 
 
 @triton.jit
@@ -383,9 +450,9 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_db, stride_dh, stride_dn, stride_dd,
-    H, N, qk_scale, scale,
+    H, N, qk_scale, scale, LO_OFFSET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    ARCH: tl.constexpr,
+    SPLIT: tl.constexpr, ARCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     """dq = scale (1 - g) dS k for BLOCK_M queries."""
@@ -398,8 +465,11 @@ def _bwd_dq_kernel(
     dims_ok = offs_d < HEAD_DIM
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     dout_ptrs = DOUT + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd
-    q = _load(q_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
-    dout = _load(dout_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+    if SPLIT:  # read by each step, with their low parts: resident split q and dO spill
+        q, dout = 0.0, 0.0
+    else:
+        q = _load(q_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
+        dout = _load(dout_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
     # Rows past N have q = dO = 0 and are never stored: any finite lse serves them.
     lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=rows_ok, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=rows_ok, other=0.0)
@@ -410,13 +480,13 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_key_step(dq, q, dout, lse, delta, kt_ptrs + start_n * stride_kn, vt_ptrs + start_n * stride_vn,
-                          start_n + offs_n, offs_d, N, qk_scale,
-                          HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, False)  # fmt: skip
+        dq = _dq_key_step(dq, q, dout, q_ptrs, dout_ptrs, rows_ok, lse, delta, kt_ptrs + start_n * stride_kn,
+                          vt_ptrs + start_n * stride_vn, LO_OFFSET, start_n + offs_n, offs_d, N, qk_scale,
+                          HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, SPLIT, False)  # fmt: skip
     if not EVEN_N:
-        dq = _dq_key_step(dq, q, dout, lse, delta, kt_ptrs + n_full * stride_kn, vt_ptrs + n_full * stride_vn,
-                          n_full + offs_n, offs_d, N, qk_scale,
-                          HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, True)  # fmt: skip
+        dq = _dq_key_step(dq, q, dout, q_ptrs, dout_ptrs, rows_ok, lse, delta, kt_ptrs + n_full * stride_kn,
+                          vt_ptrs + n_full * stride_vn, LO_OFFSET, n_full + offs_n, offs_d, N, qk_scale,
+                          HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, SPLIT, True)  # fmt: skip
 
     one_minus_g = tl.load(GATES + 2 * h + 1)
     d_ptrs = DQ + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :] * stride_dd
@@ -460,7 +530,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: fp32 inputs follow torch's matmul precision; 16-bit ones ignore it.
 
     "highest" (the default) takes 3xTF32, three tensor-core products per dot with fp32-level
-    accuracy (IEEE fp32 dots would leave the tensor cores and spill); "high" / "medium" (or
+    accuracy (IEEE fp32 dots would leave the tensor cores); "high" / "medium" (or
     ``torch.backends.cuda.matmul.allow_tf32 = True``) one TF32 product, about 3x cheaper and
     ~1e-3 relative.
     """
@@ -504,8 +574,34 @@ def _launch(kernel_name, grid, q, args, **constexprs):
         )
 
 
-def _dots(dtype: torch.dtype) -> dict:
-    return dict(DOT_DTYPE=dot_dtype(dtype), PRECISION=dot_precision(dtype))
+def dot_constexprs(dtype: torch.dtype, precision: str | None = None) -> dict:
+    """DOT_DTYPE, PRECISION and SPLIT of the kernels; the fp32 precision defaults to torch's (:func:`dot_precision`).
+
+    3xTF32 is SPLIT: the launchers hand the kernels each fp32 operand as a TF32 high part and
+    its remainder (:func:`tf32_split`) and the kernels make the three TF32 products themselves.
+    Triton's own "tf32x3" splits operands inside the kernel, where the resident ones then spill
+    registers; and the forward and both backward kernels split alike, so the backward's logits
+    are the forward's to the last bit that matters for saturated softmaxes.
+    """
+    if precision is None or dtype != torch.float32:
+        precision = dot_precision(dtype)
+    split = precision == "tf32x3"
+    return dict(DOT_DTYPE=dot_dtype(dtype), PRECISION="tf32" if split else precision, SPLIT=split)
+
+
+def tf32_split(x: torch.Tensor) -> torch.Tensor:
+    """2 x (x's shape) contiguous fp32: x rounded to TF32 (exact as a TF32 operand) and x minus that (exact).
+
+    The operands of the SPLIT kernels: a product of x and y is then three TF32 products,
+    hi hi + hi lo + lo hi, which leaves out only lo lo (~2^-22 relative): 3xTF32.
+    """
+    pair = torch.empty((2, *x.shape), device=x.device, dtype=torch.float32)
+    high = pair[0]
+    high.copy_(x)
+    # The bits as int32: + half an ulp of TF32, then clear the 13 bits TF32 drops (nearest, ties away).
+    high.view(torch.int32).add_(0x1000).bitwise_and_(~0x1FFF)
+    torch.sub(x, high, out=pair[1])
+    return pair
 
 
 def _gates_table(gating_param: torch.Tensor) -> torch.Tensor:
@@ -524,6 +620,10 @@ def attention_forward(q, k, v, scale: float, positional=None, gates=None):
     B, H, N, d = q.shape
     gpsa = positional is not None
     out = torch.empty((B, N, H, d), device=q.device, dtype=q.dtype)
+    dots, lo_offset = dot_constexprs(q.dtype), 0
+    if dots["SPLIT"]:  # each operand's TF32 high part, its low part lo_offset elements further on
+        q, k, v = (tf32_split(t)[0] for t in (q, k, v))
+        lo_offset = q.numel()
     out_bhnd = out.transpose(1, 2)
     content = torch.empty_like(out) if gpsa else None
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
@@ -533,8 +633,8 @@ def attention_forward(q, k, v, scale: float, positional=None, gates=None):
         "fwd", lambda bm, bn: (triton.cdiv(N, bm), B * H), q,
         (q, k, v, positional, gates, out_bhnd, content.transpose(1, 2) if gpsa else out_bhnd, lse,
          *q.stride(), *k.stride(), *v.stride(), *positional.stride(), *out_bhnd.stride(),
-         H, N, scale * LOG2E),
-        **_dots(q.dtype), GPSA=gpsa,
+         H, N, scale * LOG2E, lo_offset),
+        **dots, GPSA=gpsa,
     )  # fmt: skip
     return out, content, lse
 
@@ -573,19 +673,23 @@ def gpsa_backward(grad_out, q, k, v, content, lse, pos_weight, gating_param, gri
     )  # fmt: skip
     dq, dk, dv = (torch.empty((B, N, H, d), device=q.device, dtype=q.dtype) for _ in range(3))
     dq_bhnd, dk_bhnd, dv_bhnd = (t.transpose(1, 2) for t in (dq, dk, dv))
+    dots, lo_offset = dot_constexprs(q.dtype), 0
+    if dots["SPLIT"]:
+        q, k, v, dout = (tf32_split(t)[0] for t in (q, k, v, dout))
+        lo_offset = q.numel()
     _launch(
         "bwd_dkdv", lambda bm, bn: (triton.cdiv(N, bn), B * H), q,
         (q, k, v, dout, lse, delta, pt_dout, gates, dk_bhnd, dv_bhnd,
          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *pt_dout.stride(), *dk_bhnd.stride(),
-         H, N, scale * LOG2E, scale),
-        **_dots(q.dtype),
+         H, N, scale * LOG2E, scale, lo_offset),
+        **dots,
     )  # fmt: skip
     _launch(
         "bwd_dq", lambda bm, bn: (triton.cdiv(N, bm), B * H), q,
         (q, k, v, dout, lse, delta, gates, dq_bhnd,
          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq_bhnd.stride(),
-         H, N, scale * LOG2E, scale),
-        **_dots(q.dtype),
+         H, N, scale * LOG2E, scale, lo_offset),
+        **dots,
     )  # fmt: skip
     # d lambda = g (1 - g) sum_(b, i) (delta_p - delta_c): fixed-order sums, deterministic.
     d_gating = g * gates[:, 1] * (sum_delta_p - delta.sum((0, 2)))
