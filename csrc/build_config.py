@@ -34,7 +34,7 @@ import subprocess
 import warnings
 
 CSRC = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = [os.path.join(CSRC, "cpu", "gpsa_cpu.cpp")]
+CPU_SOURCES = [os.path.join(CSRC, "cpu", "gpsa_cpu.cpp"), os.path.join(CSRC, "cpu", "positional_mix_cpu.cpp")]
 CUDA_SOURCES = [os.path.join(CSRC, "cuda", "gpsa_cuda.cu")]
 DEFAULT_CUDA_ARCHS = "7.0;7.5;8.0;8.6;9.0"
 # The oldest torch both parts (stable ABI) load on: torch::stable::parallel_for, empty(), sum() and

@@ -150,3 +150,131 @@ def test_patched_convit_runs_sdpa_and_matches_stock():
     assert {m.backend for m in patched.modules() if isinstance(m, FusedGPSA)} == {"sdpa"}
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(patched(x), stock(x), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the fused CPU mix (csrc/cpu/positional_mix_cpu.cpp)
+
+
+@pytest.fixture
+def fused_mix():
+    """The extension's CPU part with the mix ops (built on first use when it is not), else a skip."""
+    from convit_kernels.backends.extension import load_cpu
+    from convit_kernels.backends.sdpa import _fused_cpu_mix
+
+    problem = load_cpu()
+    if problem is not None:
+        pytest.skip(f"the extension's CPU part is unavailable: {problem}")
+    assert _fused_cpu_mix(torch.zeros(1)) is not None, "convit_kernels._C predates the mix ops: rebuild it"
+
+
+def _mix_args(B, H, grid, d, dtype, layout, seed=0):
+    """positional_mix's and positional_mix_bwd's arguments; v in a given memory layout.
+
+    layout "qkv": q, k, v views of one projection output as timm makes them;
+    "channels_strided": v's channels not contiguous (stride H); "contiguous".
+    """
+    q, k, v, w, b, lam = (t.detach() for t in make_inputs(B, H, grid[0] * grid[1], d, dtype=dtype, seed=seed))
+    if layout == "channels_strided":
+        v = v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # B x N x d x H storage
+        assert v.stride(3) == H
+    elif layout == "contiguous":
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    content = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    g = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(B, grid[0] * grid[1], H, d, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
+    if layout == "contiguous":
+        grad_out = grad_out.contiguous()
+    return content, v, w, b, lam, grad_out
+
+
+def _run_mix(content, v, w, b, lam, grad_out, grid_w):
+    out = torch.ops.convit_kernels.positional_mix(content, v, w, b, lam, grid_w)
+    return (out, *torch.ops.convit_kernels.positional_mix_bwd(grad_out, content, v, w, lam, grid_w))
+
+
+# (B, H, grid, d): ConViT-S's shape, rectangular grids (both ways), one row or column, N = 1, odd d, B = 1.
+FUSED_CASES = [
+    (2, 9, (14, 14), 48),
+    (1, 3, (5, 7), 1),
+    (2, 2, (7, 5), 3),
+    (2, 3, (1, 6), 64),
+    (2, 2, (4, 1), 128),
+    (2, 2, (1, 1), 48),
+    (1, 4, (3, 4), 17),
+]
+# The fused kernel and the torch path accumulate in the same dtype, in different orders; half
+# outputs are rounded once from it, so they can differ by one unit of the last place.
+FUSED_RTOL = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+@pytest.mark.parametrize("layout", ["qkv", "channels_strided", "contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "B,H,grid,d", FUSED_CASES, ids=[f"B{c[0]}-H{c[1]}-{c[2][0]}x{c[2][1]}-d{c[3]}" for c in FUSED_CASES]
+)
+def test_fused_mix_matches_torch_path(fused_mix, monkeypatch, B, H, grid, d, dtype, layout):
+    args = _mix_args(B, H, grid, d, dtype, layout)
+    fused = _run_mix(*args, grid[1])
+    monkeypatch.setenv("CONVIT_KERNELS_NO_FUSED_MIX", "1")
+    torch_path = _run_mix(*args, grid[1])
+    names = ("out", "d_content", "dv", "d_pos_weight", "d_gating")
+    for name, got, want in zip(names, fused, torch_path):
+        assert got.shape == want.shape and got.dtype == want.dtype and got.is_contiguous(), name
+        # d_gating is a difference of two sums, (dO . P v) - (dO . O_c): its scale is theirs
+        scale = args[-1].double().abs().sum().item() if name == "d_gating" else want.double().abs().max().item()
+        # the parameters' gradients are sums in the accumulation dtype, whatever the inputs' dtype
+        param_sum = name in ("d_pos_weight", "d_gating") and dtype != torch.float64
+        rtol = FUSED_RTOL[torch.float32 if param_sum else dtype]
+        assert max_error(got, want) <= 4 * rtol * max(scale, 1e-30), name
+
+
+def test_fused_mix_deterministic_across_thread_counts(fused_mix):
+    args = _mix_args(4, 9, (14, 14), 48, torch.float32, "qkv")
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (max(2, threads), 1, max(2, threads)):
+            torch.set_num_threads(count)
+            runs.append(_run_mix(*args, 14))
+    finally:
+        torch.set_num_threads(threads)
+    for many, single, again in zip(*runs):
+        assert torch.equal(many, single) and torch.equal(many, again)
+
+
+def test_fused_mix_is_the_cpu_path_and_the_torch_path_still_matches_the_reference(fused_mix, monkeypatch):
+    from convit_kernels.backends.sdpa import _fused_cpu_mix
+
+    x = torch.zeros(2, 3)
+    assert _fused_cpu_mix(x, x) is not None
+    assert _fused_cpu_mix(x, x.double()) is None  # mixed dtypes: the torch path
+    assert _fused_cpu_mix(x, torch.zeros(2, 3, device="meta")) is None  # any other device: the torch path
+    from convit_kernels.separable import positional_axis_probs
+
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-15)):  # the tables the fused path computes in C++
+        w = 3 * torch.randn(4, 3, dtype=dtype)
+        for got, want in zip(torch.ops.convit_kernels_ext.positional_tables(w, 5, 7), positional_axis_probs(w, 5, 7)):
+            assert got.dtype == dtype and got.shape == want.shape and max_error(got, want) <= tol
+    monkeypatch.setenv("CONVIT_KERNELS_NO_FUSED_MIX", "1")
+    assert _fused_cpu_mix(x, x) is None
+    for dtype in (torch.float64, torch.float32):
+        assert_matches_reference(
+            make_inputs(2, 3, 50, 16, dtype=dtype), rtol_fp32=_rtol(dtype), backend="sdpa", grid_size=(5, 10)
+        )
+
+
+def test_fused_mix_rejects_bad_arguments(fused_mix):
+    content, v, w, b, lam, grad_out = _mix_args(1, 2, (3, 4), 8, torch.float32, "qkv")
+    px, py = torch.rand(2, 4, 4), torch.rand(2, 3, 3)
+    ops = torch.ops.convit_kernels_ext
+    ops.positional_mix_fwd(content, v, px, py, torch.rand(2))
+    with pytest.raises(RuntimeError, match="one_minus_g"):
+        ops.positional_mix_fwd(content, v, px, py, torch.rand(3))
+    with pytest.raises(RuntimeError, match="px"):
+        ops.positional_mix_fwd(content, v, px.double(), py, torch.rand(2))
+    with pytest.raises(RuntimeError, match="W x H_p"):
+        ops.positional_mix_fwd(content, v, torch.rand(2, 3, 3), py, torch.rand(2))
+    with pytest.raises(RuntimeError, match="content"):
+        ops.positional_mix_fwd(content.double(), v, px, py, torch.rand(2))
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ops.positional_mix_bwd(grad_out[:, :, :6], content, v, px, py, torch.rand(2))

@@ -17,9 +17,22 @@ the contraction that gives py's gradient. It saves O_c and v, which SDPA's
 backward keeps anyway: the backend allocates and
 saves nothing of size N x N, forward or backward, beyond what the SDPA kernel
 chosen by PyTorch does (the flash and memory-efficient kernels: nothing).
+
+What runs where: Python computes the small per-head tables and the gradients of
+pos_weight and gating_param from the tables' gradients (separable.py). The
+passes over the B x H x N x d tensors (P v and the mix; d O_c, P^T dO, the
+tables' gradients and sum dO . O_c) run as one fused C++ pass per direction
+(csrc/cpu/positional_mix_cpu.cpp, ``convit_kernels_ext::positional_mix_fwd``
+and ``_bwd``, with the tables from ``positional_tables``) for CPU tensors of
+one dtype when the extension's CPU part is built for this torch (it is never
+built from here), and as separable.py's torch contractions otherwise: other
+devices, no extension, or CONVIT_KERNELS_NO_FUSED_MIX=1.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +59,44 @@ def _bnhd_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.new_empty((B, N, H, d), dtype=dtype)
 
 
+def _fused_cpu_mix(*tensors: torch.Tensor):
+    """``torch.ops.convit_kernels_ext``, whose fused CPU mix ops take these tensors, or None.
+
+    Only for CPU tensors of one dtype, and only when the extension's CPU part is
+    built for this torch (never built from here: that is the "cpu" backend's
+    first use, load_cpu) and has the mix ops; CONVIT_KERNELS_NO_FUSED_MIX=1 (read
+    per call) forces the torch path.
+    """
+    if os.environ.get("CONVIT_KERNELS_NO_FUSED_MIX", "0") not in ("", "0"):
+        return None
+    if any(t.device.type != "cpu" or t.dtype != tensors[0].dtype for t in tensors):
+        return None
+    _import_cpu_part()
+    ops = torch.ops.convit_kernels_ext
+    return ops if hasattr(ops, "positional_mix_fwd") else None  # None: not built, or built before the mix ops
+
+
+def _axis_tables(fused, pos_weight: torch.Tensor, grid_h: int, grid_w: int, acc: torch.dtype) -> AxisTables:
+    """:func:`positional_axis_probs`; with the fused ops, their serial C++ twin (the same math, gpsa_common.h).
+
+    On the CPU, torch's exp and softmax on these few hundred numbers call MKL's
+    own thread pool: right after SDPA's parallel region its wake-up cost
+    milliseconds per call on a busy 2-core machine, as much as the mix itself.
+    """
+    if fused is None:
+        return positional_axis_probs(pos_weight, grid_h, grid_w, acc)
+    px, py = fused.positional_tables(pos_weight, grid_h, grid_w)
+    return AxisTables(px.to(acc), py.to(acc))
+
+
+@functools.cache
+def _import_cpu_part() -> None:
+    """Import the extension's CPU part where it is built for this torch; nothing when it is not."""
+    from .extension import _import_built
+
+    _import_built("convit_kernels._C")
+
+
 @torch.library.custom_op("convit_kernels::positional_mix", mutates_args=())
 def positional_mix(
     content: torch.Tensor,
@@ -59,8 +110,11 @@ def positional_mix(
     acc = compute_dtype(v.dtype)
     grid_h = v.shape[2] // grid_w
     g, one_minus_g = gates(gating_param, acc)
-    px, py = positional_axis_probs(pos_weight, grid_h, grid_w, acc)
+    fused = _fused_cpu_mix(content, v)
+    px, py = _axis_tables(fused, pos_weight, grid_h, grid_w, acc)
     gated = AxisTables(px, py * g.view(-1, 1, 1))  # g P = (g py) (x) px: the gate rides on a small table
+    if fused is not None:  # one pass over v and content (csrc/cpu/positional_mix_cpu.cpp)
+        return fused.positional_mix_fwd(content, v, gated.px, gated.py, one_minus_g.view(-1))
     positional = bhnd(apply_positional(gated, head_major(v, grid_h, acc)))  # g P v
     out = _bnhd_like(v, v.dtype)
     torch.addcmul(positional, content, one_minus_g, out=out.transpose(1, 2))
@@ -85,20 +139,27 @@ def positional_mix_bwd(
     acc = compute_dtype(v.dtype)
     H, grid_h = v.shape[1], v.shape[2] // grid_w
     g, one_minus_g = gates(gating_param, acc)
-    tables = positional_axis_probs(pos_weight, grid_h, grid_w, acc)
-    v_hm, dout_hm = head_major(v, grid_h, acc), head_major(grad_out, grid_h, acc)
-    pt_dout, dpx, dpy = positional_backward(tables, dout_hm, v_hm)
+    g_h = g.view(H, 1, 1)
+    fused = _fused_cpu_mix(grad_out, content, v)
+    tables = _axis_tables(fused, pos_weight, grid_h, grid_w, acc)
+    if fused is not None:  # one pass over dO, v and content (csrc/cpu/positional_mix_cpu.cpp)
+        d_content, dv, g_dpx, dpy, dout_dot_content = fused.positional_mix_bwd(
+            grad_out, content, v, tables.px, tables.py * g_h, one_minus_g.view(-1)
+        )
+    else:
+        v_hm, dout_hm = head_major(v, grid_h, acc), head_major(grad_out, grid_h, acc)
+        pt_dout, dpx, dpy = positional_backward(tables, dout_hm, v_hm)
+        g_dpx = g_h * dpx
+        dout_dot_content = torch.linalg.vecdot(grad_out.to(acc), content.to(acc)).sum((0, 2))
+        d_content = _bnhd_like(content, content.dtype)
+        torch.mul(grad_out, one_minus_g, out=d_content.transpose(1, 2))
+        dv = _bnhd_like(v, v.dtype)
+        torch.mul(bhnd(pt_dout), g, out=dv.transpose(1, 2))
     # d lambda = g (1 - g) sum dO . (P v - O_c) per head, where sum dO . P v = sum over (y, Y) of py o dpy
     # (dpy's contraction already holds every other sum: no pass over the B x H x N x d tensors)
     dout_dot_positional = (tables.py * dpy).sum((1, 2))
-    dout_dot_content = torch.linalg.vecdot(grad_out.to(acc), content.to(acc)).sum((0, 2))
     d_gating = (g * one_minus_g).view(H) * (dout_dot_positional - dout_dot_content)
-    d_content = _bnhd_like(content, content.dtype)
-    torch.mul(grad_out, one_minus_g, out=d_content.transpose(1, 2))
-    dv = _bnhd_like(v, v.dtype)
-    torch.mul(bhnd(pt_dout), g, out=dv.transpose(1, 2))
-    g_h = g.view(H, 1, 1)
-    d_pos_weight = pos_weight_grad(tables, g_h * dpx, g_h * dpy)
+    d_pos_weight = pos_weight_grad(tables, g_dpx, g_h * dpy)
     return d_content, dv, d_pos_weight.to(pos_weight.dtype), d_gating.to(gating_param.dtype)
 
 
