@@ -32,7 +32,7 @@
 #include <utility>
 #include <vector>
 
-#include "../gpsa_ops_stable.h"
+#include "../gpsa_ops.h"
 
 namespace convit_kernels {
 namespace {
