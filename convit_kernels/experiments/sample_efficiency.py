@@ -1,6 +1,6 @@
 """ConViT against its DeiT twin on subsets of the training data: the sample-efficiency experiment of the paper.
 
-    convit-kernels experiment sample-efficiency --out se-results         # the default: ~22 minutes on 2 CPU cores
+    convit-kernels experiment sample-efficiency --out se-results         # the default: ~24 minutes on 2 CPU cores
     convit-kernels experiment sample-efficiency --out se-quick --quick   # ratios 0.3 1, 1 seed, 4 epochs: ~1 minute
     python python/sample_efficiency.py --out se-results                  # the same, as a script
 
@@ -17,10 +17,9 @@ On the digits (139 to 146 training images per class), f = 0.05 keeps 6 or 7 imag
 Its epochs are too short to be timed for images/s. Before any training, every ratio is checked on the digits
 to keep at least one image per class and one batch: a ratio that does not is refused (exit 2, one line).
 
-Time: the per-epoch work besides training (evaluating the 360 validation images, the GPSA statistics, the
-checkpoint) dominates the 2-step epochs of the smallest ratios, so a run at f = 0.05 costs about twice one at
-f = 1. The previous default (ratios 0.1 0.25 0.5 1, the README's 912 s run) plus f = 0.05 and with f = 0.3
-for 0.25 comes to about 1300 s, ~22 minutes on 2 CPU cores, the speed runs included.
+Time: every ratio trains on about as many images, but the per-epoch work besides training (evaluating the
+360 validation images, the GPSA statistics, the checkpoint) dominates the 2-step epochs of the smallest
+ratios, so a run at f = 0.05 costs about twice one at f = 1. The README gives the default run's wall time.
 
 Writes into `--out` (refused when that folder is not empty, so no other run's results are overwritten):
   results.json           settings; every run (final and best top-1, final gates and nonlocality, images/s, and
