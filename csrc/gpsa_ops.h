@@ -9,7 +9,9 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <initializer_list>
 #include <sstream>
@@ -52,6 +54,24 @@ inline const char* dtype_name(ScalarType dtype) {
       return "BFloat16";
     default:
       return torch::headeronly::toString(dtype);
+  }
+}
+
+// AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16, ...) without ATen: body(TypeTag<scalar_t>{});
+// another dtype raises "<op>: unsupported dtype ...".
+template <typename Body>
+void dispatch_floating(ScalarType dtype, const char* op, Body&& body) {
+  switch (dtype) {
+    case ScalarType::Float:
+      return body(TypeTag<float>{});
+    case ScalarType::Double:
+      return body(TypeTag<double>{});
+    case ScalarType::Half:
+      return body(TypeTag<torch::headeronly::Half>{});
+    case ScalarType::BFloat16:
+      return body(TypeTag<torch::headeronly::BFloat16>{});
+    default:
+      STD_TORCH_CHECK(false, op, ": unsupported dtype ", dtype_name(dtype));
   }
 }
 

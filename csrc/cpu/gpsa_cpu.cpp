@@ -57,22 +57,6 @@ Tensor cpu_contiguous(const Tensor& t, ScalarType dtype) {
   return torch::stable::contiguous(torch::stable::to(t, dtype, std::nullopt, cpu));
 }
 
-// AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16, ...) without ATen: body(TypeTag<scalar_t>{}).
-template <typename Body>
-void dispatch_floating(ScalarType dtype, Body&& body) {
-  switch (dtype) {
-    case ScalarType::Float:
-      return body(TypeTag<float>{});
-    case ScalarType::Double:
-      return body(TypeTag<double>{});
-    case ScalarType::Half:
-      return body(TypeTag<torch::headeronly::Half>{});
-    case ScalarType::BFloat16:
-      return body(TypeTag<torch::headeronly::BFloat16>{});
-    default:
-      STD_TORCH_CHECK(false, "gpsa: unsupported dtype ", dtype_name(dtype));
-  }
-}
 
 // ------------------------------------------------------------------ tile products
 
@@ -575,7 +559,7 @@ std::tuple<Tensor, Tensor> gpsa_fwd_cpu(const Tensor& q, const Tensor& k, const 
                                                 int64_t grid_w, double scale) {
   const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w);
   auto [out, lse] = empty_forward_outputs(q, s);
-  dispatch_floating(q.scalar_type(), [&](auto tag) {
+  dispatch_floating(q.scalar_type(), "gpsa", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     forward_kernel<scalar_t, acc_t>(q, k, v, pos_weight, gating_param, s, scale, out, lse);
@@ -592,7 +576,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gpsa_bwd_cpu(
   Tensor d_pos_weight = torch::stable::empty_like(pos_weight);
   Tensor d_gating = torch::stable::empty_like(gating_param);
   const Tensor lse_c = torch::stable::contiguous(lse);
-  dispatch_floating(q.scalar_type(), [&](auto tag) {
+  dispatch_floating(q.scalar_type(), "gpsa", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     backward_kernel<scalar_t, acc_t>(grad_out, q, k, v, pos_weight, gating_param, lse_c, s, scale, dq, dk, dv,

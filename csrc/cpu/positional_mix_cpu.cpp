@@ -37,27 +37,6 @@
 namespace convit_kernels {
 namespace {
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename Body>
-void dispatch_mix_dtype(ScalarType dtype, Body&& body) {
-  switch (dtype) {
-    case ScalarType::Float:
-      return body(TypeTag<float>{});
-    case ScalarType::Double:
-      return body(TypeTag<double>{});
-    case ScalarType::Half:
-      return body(TypeTag<torch::headeronly::Half>{});
-    case ScalarType::BFloat16:
-      return body(TypeTag<torch::headeronly::BFloat16>{});
-    default:
-      STD_TORCH_CHECK(false, "positional_mix: unsupported dtype ", dtype_name(dtype));
-  }
-}
-
 // 32-byte GCC/Clang vectors: one AVX register (two SSE/NEON ones).
 template <typename T>
 struct Vec;
@@ -471,7 +450,7 @@ std::tuple<Tensor, Tensor> positional_tables_cpu(const Tensor& pos_weight, int64
   const Tensor w = torch::stable::contiguous(torch::stable::to(pos_weight, acc, std::nullopt, cpu));
   Tensor px = empty_on({H, grid_w, grid_w}, acc, pos_weight);
   Tensor py = empty_on({H, grid_h, grid_h}, acc, pos_weight);
-  dispatch_mix_dtype(acc, [&](auto tag) {
+  dispatch_floating(acc, "positional_mix", [&](auto tag) {
     using acc_t = typename decltype(tag)::type;
     if constexpr (std::is_same_v<acc_t, float> || std::is_same_v<acc_t, double>) {
       for (int64_t t = 0; t < H * (grid_w + grid_h); ++t)
@@ -486,7 +465,7 @@ Tensor positional_mix_fwd_cpu(const Tensor& content, const Tensor& v, const Tens
                               const Tensor& one_minus_g) {
   const MixSizes s = check_mix_args(content, v, px, py_g, one_minus_g);
   Tensor out = empty_on({s.batch, s.seq_len, s.heads, s.head_dim}, v.scalar_type(), v);
-  dispatch_mix_dtype(v.scalar_type(), [&](auto tag) {
+  dispatch_floating(v.scalar_type(), "positional_mix", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const MixTables<acc_t> tables(px, py_g, one_minus_g);
@@ -511,7 +490,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> positional_mix_bwd_cpu(const 
   Tensor dpx = empty_on({s.heads, s.grid_w, s.grid_w}, acc, v);
   Tensor dpy = empty_on({s.heads, s.grid_h, s.grid_h}, acc, v);
   Tensor dot = empty_on({s.heads}, acc, v);
-  dispatch_mix_dtype(v.scalar_type(), [&](auto tag) {
+  dispatch_floating(v.scalar_type(), "positional_mix", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const MixTables<acc_t> tables(px, py_g, one_minus_g);
