@@ -56,7 +56,7 @@ REPORTED = {
 }
 # Scalar arguments (besides the strides): fp32 ones and i32 ones; every other argument is a pointer.
 FLOAT_ARGS = {"qk_scale", "scale"}
-INT_ARGS = {"H", "N", "LO_OFFSET"}
+INT_ARGS = {"H", "N"}
 # Pointers that are fp32 whatever the input dtype.
 FP32_POINTERS = {"POS", "GATES", "LSE", "DELTA", "PT_DOUT"}
 # The performance targets the report is checked against (tests/test_aot.py), sm_90, 16-bit, d = 64.
@@ -194,6 +194,8 @@ def _launch_spec(kernel_name, dtype, head_dim, config, extra, fp32_precision=Non
             signature[name] = "constexpr"
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
+        elif name == "LO_OFFSET":  # B H N d elements: divisible by 16 where d is, as Triton specialises it
+            signature[name], attrs[(index,)] = "i32", [["tt.divisibility", 16]]
         elif name in INT_ARGS:
             signature[name] = "i32"
         elif name.startswith("stride_") and name.endswith("d"):

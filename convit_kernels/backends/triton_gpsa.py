@@ -595,6 +595,7 @@ def tf32_split(x: torch.Tensor) -> torch.Tensor:
     The operands of the SPLIT kernels: a product of x and y is then three TF32 products,
     hi hi + hi lo + lo hi, which leaves out only lo lo (~2^-22 relative): 3xTF32.
     """
+    x = x.detach()  # the kernels' operands: the custom ops' autograd is their own
     pair = torch.empty((2, *x.shape), device=x.device, dtype=torch.float32)
     high = pair[0]
     high.copy_(x)
