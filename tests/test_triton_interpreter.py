@@ -175,6 +175,28 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+def test_backward_keeps_the_forward_fp32_precision():
+    """A change of torch's matmul precision between forward and backward does not reach the backward.
+
+    The backward recomputes the logits; under another split than the forward's its p would no
+    longer be normalised by the saved lse.
+    """
+    previous = torch.get_float32_matmul_precision()
+
+    def grads(backward_precision):
+        inputs = make_inputs(1, 2, 49, 16, seed=3)
+        torch.set_float32_matmul_precision("highest")
+        out = gpsa_attention(*inputs, backend="triton")
+        torch.set_float32_matmul_precision(backward_precision)
+        return torch.autograd.grad(out.square().sum(), inputs[:3])
+
+    try:
+        for same, changed in zip(grads("highest"), grads("high")):
+            assert torch.equal(same, changed)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_backend_registration():
     assert available_backends()["triton"].available
     assert resolve_backend("triton", torch.device("cpu"), torch.bfloat16, 48) == "triton"
@@ -188,7 +210,8 @@ def test_backend_registration():
 def test_custom_ops_opcheck_and_compile_fullgraph():
     q, k, v, w, b, lam = [t.detach().contiguous().requires_grad_() for t in make_inputs(1, 2, 16, 8)]
     checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    result = torch.library.opcheck(triton_gpsa.triton_gpsa_fwd, (q, k, v, w, b, lam, 4, 0.3), test_utils=checks)
+    args = (q, k, v, w, b, lam, 4, 0.3, "tf32x3")
+    result = torch.library.opcheck(triton_gpsa.triton_gpsa_fwd, args, test_utils=checks)
     assert set(result.values()) == {"SUCCESS"}, result
     torch._dynamo.reset()
 

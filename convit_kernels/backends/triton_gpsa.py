@@ -534,9 +534,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     ``torch.backends.cuda.matmul.allow_tf32 = True``) one TF32 product, about 3x cheaper and
     ~1e-3 relative.
     """
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if dtype == torch.float32 and _fp32_matmul_precision() == "highest":
         return "tf32x3"
     return "tf32"
+
+
+@torch.compiler.assume_constant_result
+def _fp32_matmul_precision() -> str:
+    """torch's setting, read when a compiled graph is traced (as Inductor reads it for its own matmuls)."""
+    return torch.get_float32_matmul_precision()
 
 
 def _head_dims(d: int):
@@ -611,17 +617,18 @@ def _gates_table(gating_param: torch.Tensor) -> torch.Tensor:
     return torch.stack((torch.sigmoid(lam), torch.sigmoid(-lam)), -1).contiguous()
 
 
-def attention_forward(q, k, v, scale: float, positional=None, gates=None):
+def attention_forward(q, k, v, scale: float, positional=None, gates=None, precision: str | None = None):
     """(out, O_c, lse2) of the forward kernel; plain attention (its GPSA-free twin) when positional is None.
 
     q, k, v: B x H x N x d, any strides. positional: B x H x N x d fp32 ``g P v``, gates: the
     H x 2 (g, 1 - g) table. out and O_c are B x N x H x d in q's dtype (O_c None for the twin),
-    lse2 is B x H x N fp32 in log2 units.
+    lse2 is B x H x N fp32 in log2 units. precision: fp32's dots (:func:`dot_precision`'s
+    value; default torch's current setting).
     """
     B, H, N, d = q.shape
     gpsa = positional is not None
     out = torch.empty((B, N, H, d), device=q.device, dtype=q.dtype)
-    dots, lo_offset = dot_constexprs(q.dtype), 0
+    dots, lo_offset = dot_constexprs(q.dtype, precision), 0
     if dots["SPLIT"]:  # each operand's TF32 high part, its low part lo_offset elements further on
         q, k, v = (tf32_split(t)[0] for t in (q, k, v))
         lo_offset = q.numel()
@@ -640,18 +647,23 @@ def attention_forward(q, k, v, scale: float, positional=None, gates=None):
     return out, content, lse
 
 
-def gpsa_forward(q, k, v, pos_weight, gating_param, grid_w: int, scale: float):
+def gpsa_forward(q, k, v, pos_weight, gating_param, grid_w: int, scale: float, precision: str | None = None):
     """(out, O_c, lse2): the content branch in the kernel, g P v from the separable unit mixed in its epilogue."""
     grid_h = q.shape[2] // grid_w
     gates = _gates_table(gating_param)
     px, py = positional_axis_probs(pos_weight, grid_h, grid_w, torch.float32)
     gated = AxisTables(px, py * gates[:, 0].view(-1, 1, 1))  # g P = (g py) (x) px: the gate rides on a small table
     positional = bhnd(apply_positional(gated, head_major(v, grid_h, torch.float32)))  # g P v, fp32
-    return attention_forward(q, k, v, scale, positional, gates)
+    return attention_forward(q, k, v, scale, positional, gates, precision)
 
 
-def gpsa_backward(grad_out, q, k, v, content, lse, pos_weight, gating_param, grid_w: int, scale: float):
-    """(dq, dk, dv in B x N x H x d, d pos_weight, d gating_param); grad_out and content are B x N x H x d."""
+def gpsa_backward(
+    grad_out, q, k, v, content, lse, pos_weight, gating_param, grid_w: int, scale: float, precision: str | None = None
+):
+    """(dq, dk, dv in B x N x H x d, d pos_weight, d gating_param); grad_out and content are B x N x H x d.
+
+    precision: the forward's (its logits are recomputed here as the forward made them).
+    """
     B, H, N, d = q.shape
     grid_h = N // grid_w
     gates = _gates_table(gating_param)
@@ -674,7 +686,7 @@ def gpsa_backward(grad_out, q, k, v, content, lse, pos_weight, gating_param, gri
     )  # fmt: skip
     dq, dk, dv = (torch.empty((B, N, H, d), device=q.device, dtype=q.dtype) for _ in range(3))
     dq_bhnd, dk_bhnd, dv_bhnd = (t.transpose(1, 2) for t in (dq, dk, dv))
-    dots, lo_offset = dot_constexprs(q.dtype), 0
+    dots, lo_offset = dot_constexprs(q.dtype, precision), 0
     if dots["SPLIT"]:
         q, k, v, dout = (tf32_split(t)[0] for t in (q, k, v, dout))
         lo_offset = q.numel()
@@ -715,13 +727,18 @@ def triton_gpsa_fwd(
     gating_param: torch.Tensor,
     grid_w: int,
     scale: float,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, O_c in B x N x H x d, lse2 B x H x N fp32, log2 units); pos_bias is taken for its (zero) gradient."""
-    return gpsa_forward(q, k, v, pos_weight, gating_param, grid_w, scale)
+    """(out, O_c in B x N x H x d, lse2 B x H x N fp32, log2 units); pos_bias is taken for its (zero) gradient.
+
+    precision: fp32's dots, "tf32x3" or "tf32" (:func:`dot_precision`), fixed at the call so that
+    the backward recomputes the logits as the forward made them.
+    """
+    return gpsa_forward(q, k, v, pos_weight, gating_param, grid_w, scale, precision)
 
 
 @triton_gpsa_fwd.register_fake
-def _triton_gpsa_fwd_fake(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale):
+def _triton_gpsa_fwd_fake(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, precision):
     B, H, N, d = q.shape
     return _bnhd_like(q), _bnhd_like(q), q.new_empty((B, H, N), dtype=torch.float32)
 
@@ -738,32 +755,33 @@ def triton_gpsa_bwd(
     gating_param: torch.Tensor,
     grid_w: int,
     scale: float,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
-    return gpsa_backward(grad_out, q, k, v, content, lse, pos_weight, gating_param, grid_w, scale)
+    return gpsa_backward(grad_out, q, k, v, content, lse, pos_weight, gating_param, grid_w, scale, precision)
 
 
 @triton_gpsa_bwd.register_fake
-def _triton_gpsa_bwd_fake(grad_out, q, k, v, content, lse, pos_weight, gating_param, grid_w, scale):
+def _triton_gpsa_bwd_fake(grad_out, q, k, v, content, lse, pos_weight, gating_param, grid_w, scale, precision):
     return _bnhd_like(q), _bnhd_like(q), _bnhd_like(q), torch.empty_like(pos_weight), torch.empty_like(gating_param)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale = inputs
+    q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, precision = inputs
     _, content, lse = output
     ctx.save_for_backward(q, k, v, content, lse, pos_weight, pos_bias, gating_param)
-    ctx.grid_w, ctx.scale = grid_w, scale
+    ctx.grid_w, ctx.scale, ctx.precision = grid_w, scale, precision
 
 
 def _backward(ctx, grad_out, _grad_content, _grad_lse):
     q, k, v, content, lse, pos_weight, pos_bias, gating_param = ctx.saved_tensors
     # dO in the dtype of q (autograd may hand another one, e.g. under AMP).
     dq, dk, dv, dw, dgate = triton_gpsa_bwd(
-        grad_out.to(q.dtype), q, k, v, content, lse, pos_weight, gating_param, ctx.grid_w, ctx.scale
+        grad_out.to(q.dtype), q, k, v, content, lse, pos_weight, gating_param, ctx.grid_w, ctx.scale, ctx.precision
     )
     # The bias is a per-row constant inside the positional softmax: its gradient is exactly zero.
     db = torch.zeros_like(pos_bias)
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dw, db, dgate, None, None
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dw, db, dgate, None, None, None
 
 
 triton_gpsa_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -771,7 +789,8 @@ triton_gpsa_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def triton_gpsa(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int, int], scale: float):
     """GPSA through the Triton kernels; B x H x N x d view of a B x N x H x d tensor."""
-    out, _, _ = triton_gpsa_fwd(q, k, v, pos_weight, pos_bias, gating_param, grid_size[1], scale)
+    precision = dot_precision(q.dtype)
+    out, _, _ = triton_gpsa_fwd(q, k, v, pos_weight, pos_bias, gating_param, grid_size[1], scale, precision)
     return out.transpose(1, 2)
 
 
