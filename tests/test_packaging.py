@@ -115,6 +115,7 @@ def test_sdist_holds_the_sources(dist):
         "csrc/build_config.py",
         "csrc/gpsa_common.h",
         "csrc/gpsa_ops.h",
+        "csrc/build_tag.h",
         "csrc/cpu/gpsa_cpu.cpp",
         "csrc/cuda/gpsa_cuda.cu",
         "tests/test_packaging.py",

@@ -549,15 +549,7 @@ STABLE_TORCH_LIBRARY_IMPL(convit_kernels_ext, CUDA, m) {
   m.impl("gpsa_bwd", TORCH_BOX(&convit_kernels::gpsa_bwd_cuda));
 }
 
-// The build tag, read from this file by convit_kernels/backends/extension.py
-// before it loads it: built on the stable ABI, against which torch, and the
-// oldest torch it loads on (csrc/build_config.py: tag_flags).
-#define CONVIT_KERNELS_STR2(x) #x
-#define CONVIT_KERNELS_STR(x) CONVIT_KERNELS_STR2(x)
-extern "C" __attribute__((used, visibility("default"))) const char convit_kernels_build_tag[] =
-    "CONVIT_KERNELS_BUILD_TAG{abi=stable;torch=" CONVIT_KERNELS_STR(CONVIT_KERNELS_TORCH_MAJOR) "." CONVIT_KERNELS_STR(
-        CONVIT_KERNELS_TORCH_MINOR) "." CONVIT_KERNELS_STR(CONVIT_KERNELS_TORCH_PATCH) ";min_torch="
-        CONVIT_KERNELS_STR(CONVIT_KERNELS_TARGET_MAJOR) "." CONVIT_KERNELS_STR(CONVIT_KERNELS_TARGET_MINOR) "}";
+#include "../build_tag.h"
 
 // An empty Python module, so that `import convit_kernels._C_cuda` loads the
 // library and runs the registration above.
