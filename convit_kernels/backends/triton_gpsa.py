@@ -190,6 +190,19 @@ def _mma(a, a_lo, b, b_lo, acc, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _load_operand(
+    ptrs, LO_OFFSET, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """(tile, low part) of a dot operand: under SPLIT the low part is LO_OFFSET elements on; else the tile again."""
+    x = _load(ptrs, rows_ok, cols_ok, MASK_ROWS, MASK_COLS).to(DOT_DTYPE)
+    if SPLIT:
+        return x, _load(ptrs + LO_OFFSET, rows_ok, cols_ok, MASK_ROWS, MASK_COLS)
+    else:
+        return x, x
+
+
+@triton.jit
 def _split(x, SPLIT: tl.constexpr):
     """(high, low) parts of a computed fp32 operand under SPLIT; (x, x) otherwise (the low part unused)."""
     if SPLIT:
@@ -211,12 +224,8 @@ def _fwd_key_step(
     """One key tile of the online softmax; MASKED for the last, partial tile (keys past N get -inf)."""
     keys_ok = offs_n < N
     dims_ok = offs_d < HEAD_DIM
-    kt = _load(kt_ptrs, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED).to(DOT_DTYPE)
-    v = _load(v_ptrs, keys_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
-    kt_lo, v_lo = kt, v
-    if SPLIT:
-        kt_lo = _load(kt_ptrs + LO_OFFSET, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED)
-        v_lo = _load(v_ptrs + LO_OFFSET, keys_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D)
+    kt, kt_lo = _load_operand(kt_ptrs, LO_OFFSET, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED, DOT_DTYPE, SPLIT)
+    v, v_lo = _load_operand(v_ptrs, LO_OFFSET, keys_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D, DOT_DTYPE, SPLIT)
     s = _mma(q, q_lo, kt, kt_lo, None, PRECISION, SPLIT) * qk_scale  # log2 units
     if MASKED:
         s = tl.where(keys_ok[None, :], s, float("-inf"))
@@ -251,10 +260,7 @@ def _attn_fwd_kernel(
     rows_ok = offs_m < N
     dims_ok = offs_d < HEAD_DIM
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q = _load(q_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
-    q_lo = q
-    if SPLIT:
-        q_lo = _load(q_ptrs + LO_OFFSET, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
+    q, q_lo = _load_operand(q_ptrs, LO_OFFSET, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D, DOT_DTYPE, SPLIT)
     # K^T (BLOCK_D x BLOCK_N) and V (BLOCK_N x BLOCK_D) tiles, advanced BLOCK_N keys a step.
     kt_ptrs = K + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -326,16 +332,10 @@ def _dkdv_query_step(
     dims_ok = offs_d < HEAD_DIM
     k_lo, v_lo = k, v
     if SPLIT:
-        k = _load(k_ptrs, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
-        k_lo = _load(k_ptrs + LO_OFFSET, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
-        v = _load(v_ptrs, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
-        v_lo = _load(v_ptrs + LO_OFFSET, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
-    qt = _load(qt_ptrs, dims_ok, rows_ok, HEAD_DIM != BLOCK_D, MASKED).to(DOT_DTYPE)
-    dout = _load(dout_ptrs, rows_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
-    qt_lo, dout_lo = qt, dout
-    if SPLIT:
-        qt_lo = _load(qt_ptrs + LO_OFFSET, dims_ok, rows_ok, HEAD_DIM != BLOCK_D, MASKED)
-        dout_lo = _load(dout_ptrs + LO_OFFSET, rows_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D)
+        k, k_lo = _load_operand(k_ptrs, LO_OFFSET, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D, DOT_DTYPE, SPLIT)
+        v, v_lo = _load_operand(v_ptrs, LO_OFFSET, keys_ok, dims_ok, True, HEAD_DIM != BLOCK_D, DOT_DTYPE, SPLIT)
+    qt, qt_lo = _load_operand(qt_ptrs, LO_OFFSET, dims_ok, rows_ok, HEAD_DIM != BLOCK_D, MASKED, DOT_DTYPE, SPLIT)
+    dout, dout_lo = _load_operand(dout_ptrs, LO_OFFSET, rows_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D, DOT_DTYPE, SPLIT)
     if MASKED:
         lse = tl.load(LSE_ROWS + offs_m, mask=rows_ok, other=float("inf"))
         delta = tl.load(DELTA_ROWS + offs_m, mask=rows_ok, other=0.0)
@@ -424,16 +424,12 @@ def _dq_key_step(
     dims_ok = offs_d < HEAD_DIM
     q_lo, dout_lo = q, dout
     if SPLIT:
-        q = _load(q_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
-        q_lo = _load(q_ptrs + LO_OFFSET, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
-        dout = _load(dout_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
-        dout_lo = _load(dout_ptrs + LO_OFFSET, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D)
-    kt = _load(kt_ptrs, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED).to(DOT_DTYPE)
-    vt = _load(vt_ptrs, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED).to(DOT_DTYPE)
-    kt_lo, vt_lo = kt, vt
-    if SPLIT:
-        kt_lo = _load(kt_ptrs + LO_OFFSET, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED)
-        vt_lo = _load(vt_ptrs + LO_OFFSET, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED)
+        q, q_lo = _load_operand(q_ptrs, LO_OFFSET, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D, DOT_DTYPE, SPLIT)
+        dout, dout_lo = _load_operand(
+            dout_ptrs, LO_OFFSET, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D, DOT_DTYPE, SPLIT
+        )
+    kt, kt_lo = _load_operand(kt_ptrs, LO_OFFSET, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED, DOT_DTYPE, SPLIT)
+    vt, vt_lo = _load_operand(vt_ptrs, LO_OFFSET, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED, DOT_DTYPE, SPLIT)
     p = tl.exp2(_mma(q, q_lo, kt, kt_lo, None, PRECISION, SPLIT) * qk_scale - lse[:, None])
     if MASKED:  # zero keys would give p = 2^-lse, which overflows for very negative rows
         p = tl.where(keys_ok[None, :], p, 0.0)
