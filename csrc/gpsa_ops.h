@@ -17,6 +17,7 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -168,6 +169,37 @@ Strided4d<scalar_t> bhnd_view(const Tensor& t) {
 template <typename scalar_t>
 Strided4d<scalar_t> bnhd_view(const Tensor& t) {
   return {static_cast<scalar_t*>(t.data_ptr()), t.stride(0), t.stride(2), t.stride(1), t.stride(3)};
+}
+
+// A rows x cols matrix of acc_t, row-major with leading dimension ld.
+template <typename acc_t>
+struct Tile {
+  const acc_t* data;
+  int64_t ld;
+  const acc_t* row(int64_t i) const { return data + i * ld; }
+};
+
+// A (rows x cols) slice of a strided view as an acc_t tile: the slice itself when it is acc_t
+// with unit column stride (and, with dense_rows, rows cols apart), else a dense copy in scratch.
+// The fused kernel asks for dense rows: copying the rows of a strided view (q, k, v sliced from
+// one qkv projection) measured faster than handing BLAS and its positional loops strided rows.
+template <typename scalar_t, typename acc_t>
+Tile<acc_t> load_tile(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t cols,
+                      acc_t* scratch, bool dense_rows) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (col_stride == 1 && !dense_rows) return {src, row_stride};
+    if (col_stride == 1 && (row_stride == cols || rows == 1)) return {src, cols};
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* src_row = src + i * row_stride;
+    acc_t* dst_row = scratch + i * cols;
+    if (col_stride == 1) {
+      for (int64_t c = 0; c < cols; ++c) dst_row[c] = acc_t(src_row[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) dst_row[c] = acc_t(src_row[c * col_stride]);
+    }
+  }
+  return {scratch, cols};
 }
 
 inline Tensor empty_on(std::initializer_list<int64_t> shape, ScalarType dtype, const Tensor& like) {

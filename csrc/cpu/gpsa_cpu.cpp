@@ -253,38 +253,6 @@ RowExp<acc_t> exp_row(acc_t* row, int64_t n) {
   return {row_max, exp_sum.total()};
 }
 
-// ------------------------------------------------------------------ tiles
-
-// A rows x cols matrix of acc_t, row-major with leading dimension ld.
-template <typename acc_t>
-struct Tile {
-  const acc_t* data;
-  int64_t ld;
-  const acc_t* row(int64_t i) const { return data + i * ld; }
-};
-
-// A (rows x cols) slice of a strided tensor as an acc_t tile: the slice itself
-// when it is dense and of type acc_t, else a dense copy in scratch. (Copying the
-// rows of a strided view, e.g. q, k, v sliced from one qkv projection, measured
-// faster than handing BLAS and the positional loops the strided rows.)
-template <typename scalar_t, typename acc_t>
-Tile<acc_t> load_tile(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t cols,
-                      acc_t* scratch) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (col_stride == 1 && (row_stride == cols || rows == 1)) return {src, cols};
-  }
-  for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* src_row = src + i * row_stride;
-    acc_t* dst_row = scratch + i * cols;
-    if (col_stride == 1) {
-      for (int64_t c = 0; c < cols; ++c) dst_row[c] = acc_t(src_row[c]);
-    } else {
-      for (int64_t c = 0; c < cols; ++c) dst_row[c] = acc_t(src_row[c * col_stride]);
-    }
-  }
-  return {scratch, cols};
-}
-
 // ------------------------------------------------------------------ positional tables
 
 // Per-axis positional softmaxes px (H x W x W) and py (H x H_p x H_p), and the
@@ -377,11 +345,11 @@ void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
       const int64_t row0 = (task % blocks.count) * bm, rows = std::min(bm, N - row0);
       if (rows <= 0) continue;
       if (bh != loaded_bh) {
-        k_tile = load_tile(k_s.slice(b, h), k_s.row_stride, k_s.col_stride, N, d, k_buf);
-        v_tile = load_tile(v_s.slice(b, h), v_s.row_stride, v_s.col_stride, N, d, v_buf);
+        k_tile = load_tile(k_s.slice(b, h), k_s.row_stride, k_s.col_stride, N, d, k_buf, true);
+        v_tile = load_tile(v_s.slice(b, h), v_s.row_stride, v_s.col_stride, N, d, v_buf, true);
         loaded_bh = bh;
       }
-      const Tile<acc_t> q_tile = load_tile(q_s.slice(b, h, row0), q_s.row_stride, q_s.col_stride, rows, d, q_buf);
+      const Tile<acc_t> q_tile = load_tile(q_s.slice(b, h, row0), q_s.row_stride, q_s.col_stride, rows, d, q_buf, true);
       const Gates<acc_t> gates = gates_from_lambda(acc_t(lambdas[h]));
 
       gemm<acc_t>(use_blas, false, true, rows, N, d, acc_t(scale), q_tile.data, q_tile.ld, k_tile.data, k_tile.ld, 0,
@@ -445,10 +413,10 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
 
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const Tile<acc_t> q_t = load_tile(q_s.slice(b, h), q_s.row_stride, q_s.col_stride, N, d, q_buf);
-      const Tile<acc_t> k_t = load_tile(k_s.slice(b, h), k_s.row_stride, k_s.col_stride, N, d, k_buf);
-      const Tile<acc_t> v_t = load_tile(v_s.slice(b, h), v_s.row_stride, v_s.col_stride, N, d, v_buf);
-      const Tile<acc_t> do_t = load_tile(do_s.slice(b, h), do_s.row_stride, do_s.col_stride, N, d, do_buf);
+      const Tile<acc_t> q_t = load_tile(q_s.slice(b, h), q_s.row_stride, q_s.col_stride, N, d, q_buf, true);
+      const Tile<acc_t> k_t = load_tile(k_s.slice(b, h), k_s.row_stride, k_s.col_stride, N, d, k_buf, true);
+      const Tile<acc_t> v_t = load_tile(v_s.slice(b, h), v_s.row_stride, v_s.col_stride, N, d, v_buf, true);
+      const Tile<acc_t> do_t = load_tile(do_s.slice(b, h), do_s.row_stride, do_s.col_stride, N, d, do_buf, true);
       acc_t *dq_dst, *dk_dst, *dv_dst;
       int64_t grad_ld;
       if constexpr (direct_output) {

@@ -177,33 +177,11 @@ acc_t dot_rows(const acc_t* a, int64_t a_stride, const acc_t* b, int64_t b_strid
   return lane_sum<acc_t>((acc0 + acc1) + (acc2 + acc3)) + tail;
 }
 
-// A (rows x d) slice of a strided tensor as acc_t rows of stride `ld`: the slice
-// itself when its rows are dense acc_t, else a converted copy in `buffer`.
-template <typename acc_t>
-struct Rows {
-  const acc_t* data;
-  int64_t ld;
-  const acc_t* row(int64_t n) const { return data + n * ld; }
-};
-
-template <typename scalar_t, typename acc_t>
-Rows<acc_t> load_rows(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t d,
-                      acc_t* buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (col_stride == 1) return {src, row_stride};
-  }
-  for (int64_t n = 0; n < rows; ++n) {
-    const scalar_t* s = src + n * row_stride;
-    acc_t* dst = buffer + n * d;
-    for (int64_t c = 0; c < d; ++c) dst[c] = acc_t(s[c * col_stride]);
-  }
-  return {buffer, d};
-}
 
 // One d-row of a strided tensor as dense acc_t: itself, or a converted copy in `buffer`.
 template <typename scalar_t, typename acc_t>
 const acc_t* load_row(const scalar_t* src, int64_t col_stride, int64_t d, acc_t* buffer) {
-  return load_rows<scalar_t, acc_t>(src, 0, col_stride, 1, d, buffer).data;
+  return load_tile<scalar_t, acc_t>(src, 0, col_stride, 1, d, buffer, false).data;
 }
 
 // A dense acc_t row into a scalar_t destination row (contiguous).
@@ -275,7 +253,7 @@ void mix_forward_kernel(const Tensor& content, const Tensor& v, const MixTables<
     acc_t* o_rows = c_rows + 2 * d;  // 2 x d: output rows before conversion
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const Rows<acc_t> vr = load_rows(v_s.slice(b, h), v_s.row_stride, v_s.col_stride, N, d, v_buf);
+      const Tile<acc_t> vr = load_tile(v_s.slice(b, h), v_s.row_stride, v_s.col_stride, N, d, v_buf, false);
       const acc_t* px = tables.px + h * W * W;
       const acc_t* py = tables.py + h * Hp * Hp;
       // T[y, x] = sum_x' px[x, x'] v[y, x'], rows x and x + 1 together.
@@ -344,8 +322,8 @@ void mix_backward_kernel(const Tensor& grad_out, const Tensor& content, const Te
       const acc_t* px = tables.px + h * W * W;
       const acc_t* py = tables.py + h * Hp * Hp;
       const acc_t omg = tables.omg[h];
-      const Rows<acc_t> vr = load_rows(v_s.slice(b, h), v_s.row_stride, v_s.col_stride, N, d, v_buf);
-      const Rows<acc_t> gr = load_rows(g_s.slice(b, h), g_s.row_stride, g_s.col_stride, N, d, do_buf);
+      const Tile<acc_t> vr = load_tile(v_s.slice(b, h), v_s.row_stride, v_s.col_stride, N, d, v_buf, false);
+      const Tile<acc_t> gr = load_tile(g_s.slice(b, h), g_s.row_stride, g_s.col_stride, N, d, do_buf, false);
       acc_t* part_p = partial.data() + bh * part;
 
       // d_content = (1 - g) dO and sum dO . content, one row at a time.
