@@ -57,8 +57,12 @@ def _extensions_and_commands():
         _say("not building the C++/CUDA extension: torch is not installed in the build environment")
         return [], cmdclass
     config = _build_config()
-    cuda_home, why_not_cuda = config.configure_cuda()  # before cpp_extension reads CUDA_HOME
+    cuda_home, cuda_archs, why_not_cuda = config.configure_cuda()
+    import torch.utils.cpp_extension as cpp_extension
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    if cuda_home is not None:  # the toolkit torch's helpers use (they found theirs at import, maybe another)
+        cpp_extension.CUDA_HOME = cuda_home
 
     class BuildExtensionOrSkip(BuildExtension.with_options(use_ninja=True)):
         """torch's BuildExtension, but a part that fails to compile is skipped (one line) instead of failing."""
@@ -115,7 +119,7 @@ def _extensions_and_commands():
                 "convit_kernels._C_cuda",
                 relative(config.CUDA_SOURCES),
                 include_dirs=config.nvidia_include_dirs(),
-                extra_compile_args={"cxx": config.cuda_cxx_flags(), "nvcc": config.nvcc_flags()},
+                extra_compile_args={"cxx": config.cuda_cxx_flags(), "nvcc": config.nvcc_flags(cuda_archs)},
                 py_limited_api=True,
             )
         )

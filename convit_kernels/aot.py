@@ -1,29 +1,14 @@
 """`convit-kernels aot`: compile the Triton GPSA kernels for sm_80 / sm_90 without a GPU and report their cost.
 
-Each kernel of ``triton_gpsa.KERNELS`` is compiled with ``triton.compile`` for an explicit
-``GPUTarget("cuda", arch, 32)``, in each input dtype and head dim, in the fixed configuration
-it runs (``triton_gpsa.FIXED_CONFIGS``), with the argument specialisation the runtime applies to
-inputs taken from the qk / v projections (16-byte aligned pointers, strides divisible by 16,
-unit stride along d) and the even-tile flags of the row length N (default ConViT's 196). The
+Each kernel of ``backends.triton.kernels.KERNELS`` is compiled with ``triton.compile`` for an explicit
+``GPUTarget("cuda", arch, 32)`` in each dtype and head dim, in its fixed configuration, with the
+argument specialisation the runtime applies to projection views (16-byte aligned pointers,
+strides divisible by 16, unit stride along d) and the even-tile flags of N (default 196). The
 forward is compiled twice: with its GPSA epilogue (``fwd``) and without (``fwd_twin``, plain
-attention: the yardstick).
-
-From the cubin (``cuobjdump`` of the triton wheel): registers per thread, spills (stack and
-local bytes), shared memory, the tensor-core instruction kind (HGMMA: sm_90 wgmma; HMMA:
-mma.sync) and the SASS thread-instructions per score element, counted statically (each
-instruction once, whatever its predicate):
-
-* ``loop/sc``: the main loop's body (the outermost backward-branch regions that hold the
-  tensor-core instructions) x threads per program / scores one iteration handles
-  (BLOCK_M x BLOCK_N);
-* ``prog/sc``: the whole program at row length N, every instruction once and the body once per
-  full iteration (the masked last tile is straight-line code after the loop), x threads /
-  (rows the program owns x N).
-
-The summary gives, per arch, dtype and head dim, the forward's ratio to its twin and the
-backward's sum (dq + dk/dv, and with the preprocess). The exit status is 1 when a kernel fails
-to compile or spills. ``compile_report`` is the same from Python, with each kernel's SASS and
-launch shape.
+attention: the yardstick). From the cubin (``cuobjdump`` of the triton wheel): registers, spills,
+shared memory, the tensor-core instruction kind and SASS thread-instructions per score (``loop/sc``
+of the main loop, ``prog/sc`` of the whole program; the README defines both). Exit status 1 when
+a kernel fails to compile or spills; ``compile_report`` is the same from Python.
 """
 
 from __future__ import annotations
@@ -46,7 +31,7 @@ HEAD_DIMS = (48, 64)
 CONVIT_N = 196
 # Per-SM limits: registers (32-bit), shared memory usable by blocks, resident warps.
 SM_LIMITS = {80: (65536, 164 * 1024, 64), 90: (65536, 228 * 1024, 64)}
-# The reported kernels: name -> (kernel of triton_gpsa.KERNELS, the GPSA constexpr or None).
+# The reported kernels: name -> (kernel of kernels.KERNELS, the GPSA constexpr or None).
 REPORTED = {
     "fwd": ("fwd", True),
     "fwd_twin": ("fwd", False),
@@ -175,15 +160,15 @@ def _per_score(report: KernelReport, step: int, rows_owned: int) -> None:
 
 def _launch_spec(kernel_name, dtype, head_dim, config, extra, fp32_precision=None):
     """(signature, constexprs, attrs) of one launch, specialised as the runtime does for projection views."""
-    from .backends import triton_gpsa as tg
+    from .backends.triton import kernels, launch
 
-    jit_fn = tg.KERNELS[kernel_name]
+    jit_fn = kernels.KERNELS[kernel_name]
     elem = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    head_dim, block_d = tg._head_dims(head_dim)
+    head_dim, block_d = launch.head_dims(head_dim)
     constexprs = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": block_d,
-        **tg.dot_constexprs(dtype, fp32_precision),
+        **launch.dot_constexprs(dtype, fp32_precision),
         "ARCH": 0,
         **config,
         **extra,
@@ -236,22 +221,23 @@ def compile_report(
     """Compile each reported kernel for each arch, dtype and head dim at row length n; yield a KernelReport each.
 
     fp32_precision: the fp32 dots' input precision ("tf32x3" or "tf32"); default what
-    ``triton_gpsa.dot_precision`` picks under torch's current matmul precision.
+    ``launch.dot_precision`` picks under torch's current matmul precision.
     """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .backends import triton_gpsa as tg
+    from .backends.triton import configs
+    from .backends.triton.kernels import EVEN_FLAGS, KERNELS
 
     for arch, name, dtype_name, head_dim in itertools.product(archs, kernels, dtypes, head_dims):
         kernel_name, gpsa = REPORTED[name]
-        config = tg.FIXED_CONFIGS[kernel_name][DTYPES[dtype_name].itemsize]
+        config = configs.FIXED_CONFIGS[kernel_name][DTYPES[dtype_name].itemsize]
         bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
         extra = {} if gpsa is None else {"GPSA": gpsa}
         rows_owned, step = (bn, bm) if kernel_name == "bwd_dkdv" else (bm, bn)
-        if kernel_name in tg.EVEN_FLAGS:
-            flag, block = tg.EVEN_FLAGS[kernel_name]
+        if kernel_name in EVEN_FLAGS:
+            flag, block = EVEN_FLAGS[kernel_name]
             extra[flag] = n % config.kwargs[block] == 0
         report = KernelReport(name, arch, dtype_name, head_dim, n, bm, bn, config.num_warps, config.num_stages)
         signature, constexprs, attrs = _launch_spec(
@@ -267,7 +253,7 @@ def compile_report(
         }
         try:
             compiled = triton.compile(
-                ASTSource(tg.KERNELS[kernel_name], signature, constexprs, attrs),
+                ASTSource(KERNELS[kernel_name], signature, constexprs, attrs),
                 target=GPUTarget("cuda", arch, 32),
                 options={"num_warps": config.num_warps, "num_stages": config.num_stages},
             )
@@ -310,11 +296,15 @@ def _summary_line(row: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="convit-kernels aot", description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SM_LIMITS))
-    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--head-dim", type=int, nargs="+", default=list(HEAD_DIMS))
-    parser.add_argument("--n", type=int, default=CONVIT_N, help="row length of the per-score figures (default 196)")
-    parser.add_argument("--kernel", nargs="+", default=list(REPORTED), choices=list(REPORTED))
+    parser.add_argument(
+        "--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SM_LIMITS), help="(default: %(default)s)"
+    )
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="(default: all)")
+    parser.add_argument("--head-dim", type=int, nargs="+", default=list(HEAD_DIMS), help="(default: %(default)s)")
+    parser.add_argument(
+        "--n", type=int, default=CONVIT_N, help="row length of the per-score figures (default: %(default)s)"
+    )
+    parser.add_argument("--kernel", nargs="+", default=list(REPORTED), choices=list(REPORTED), help="(default: all)")
     parser.add_argument(
         "--fp32-precision",
         choices=("highest", "high"),
@@ -322,9 +312,9 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from .backends import triton_gpsa as tg
+    from .backends.triton import configs
 
-    if tg.INTERPRET:  # the kernels were decorated as interpreted functions: compile in a clean process
+    if configs.INTERPRET:  # the kernels were decorated as interpreted functions: compile in a clean process
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         argv = sys.argv[1:] if argv is None else list(argv)
         return subprocess.call([sys.executable, "-m", "convit_kernels", "aot", *argv], env=env)

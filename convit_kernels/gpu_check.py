@@ -1,24 +1,13 @@
 """`convit-kernels gpu-check --out DIR`: every GPU check of the project in one command, sized for one H100 / H200.
 
-A GPU may be lent rarely and briefly, so the checks are one prepared script that fits in
-about 8 minutes (each step has its own time limit, ``STEPS``):
-
-0. ``self-check``: the on-device check of the kernels ``auto`` picks, at ConViT's dtypes, head
-   dims and grids, stored in the user's cache folder so later processes trust them
-   (``convit-kernels self-check``, :mod:`convit_kernels.self_check`).
-1. ``tests``: the GPU tests (``pytest -m gpu``: the Triton kernels against the reference at
-   every interpreter case, extreme gates, saturated logits, determinism, torch.compile).
-2. ``bench``: layer core and module at ConViT-Ti/S/B (224 px, N = 196, d = 48), B = 256, bf16,
-   forward and forward + backward: fused triton, fused sdpa, sdpa-dense, timm eager, timm
-   compiled and the attention floor (``convit-kernels bench``).
-3. ``models``: whole-model training-step images/s, stock and patched (``convit-kernels bench
-   --models``).
-
-Then it writes ``gpu-check.json`` and ``gpu-check.md`` under DIR: each step's status and time,
-and the bench's rates as TFLOP/s and as a fraction of the device's nominal dense peak for the
-dtype; each step keeps its own JSON / markdown / PNG (DIR/bench, DIR/models) and the tests a
-JUnit XML. ``--dry-run`` prints the steps without running them (what a GPU would run). Without
-a GPU it exits 2 with one line saying so.
+A GPU may be lent rarely and briefly, so the checks are one prepared script of about 8 minutes
+(each step with its own time limit, ``STEPS``): ``verify-kernels`` (the on-device check behind
+``auto``, stored for later processes), the GPU tests (``pytest -m gpu``, JUnit XML), the layer
+``bench`` at ConViT-Ti/S/B, B = 256, bf16 (triton, sdpa, sdpa-dense, timm eager and compiled, the
+attention floor) and the whole-model ``models`` bench. It writes ``gpu-check.json`` and
+``gpu-check.md`` under DIR (each step's status and time, the bench's rates as TFLOP/s and as a
+fraction of the device's nominal peak); ``--dry-run`` prints the steps. Without a GPU it exits 2
+with one line saying so.
 """
 
 from __future__ import annotations
@@ -58,7 +47,7 @@ def steps(out: str) -> list[Step]:
     """The prepared script: each step's command line and time limit (their sum fits BUDGET_S)."""
     cli = (sys.executable, "-m", "convit_kernels")
     return [
-        Step("self-check", (*cli, "self-check"), 30),
+        Step("verify-kernels", (*cli, "verify-kernels"), 30),
         Step(
             "tests",
             (

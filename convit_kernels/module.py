@@ -35,7 +35,7 @@ def _trunc_normal_(tensor: torch.Tensor, std: float, a: float = -2.0, b: float =
     return tensor.clamp_(min=a, max=b)
 
 
-def _timm_convit():
+def timm_convit():
     """timm.models.convit, imported on first use: the layers themselves run without timm."""
     try:
         from timm.models import convit
@@ -55,9 +55,21 @@ def _is_composite(backend: str) -> bool:
     if backend not in BACKEND_NAMES:
         return False
     try:
-        return get_backend(backend).attention is not None
+        return not get_backend(backend).is_op_pair
     except BackendError:
         return False
+
+
+def _op_pair_names() -> list[str]:
+    """The op-pair backends whose modules import here (what a scripted FusedGPSA can name)."""
+    names = []
+    for name in BACKEND_NAMES:
+        try:
+            if get_backend(name).is_op_pair:
+                names.append(name)
+        except BackendError:
+            continue
+    return names
 
 
 try:  # timm's FX registry, where timm is installed (the layers themselves run without it)
@@ -91,8 +103,9 @@ class FusedGPSA(nn.Module):
     each new N).
 
     The forward compiles with ``torch.jit.script``: a scripted module calls the op
-    ``convit_kernels::gpsa_fwd`` directly, with an op-pair backend ("auto" picks one
-    at run time; see :func:`convit_kernels.op.op_pair_backend`).
+    ``convit_kernels::gpsa_fwd`` directly with its backend, which must be an op pair
+    ("auto" runs what auto picks at run time, or refuses where that is a composite;
+    see :mod:`convit_kernels.fused_op`).
     """
 
     def __init__(
@@ -177,7 +190,7 @@ class FusedGPSA(nn.Module):
         if _is_composite(self.backend):
             raise BackendError(
                 f"backend {self.backend!r} is a composite of torch ops, not an op pair: a scripted FusedGPSA "
-                "calls convit_kernels::gpsa_fwd, which runs 'auto', 'triton', 'cuda', 'cpu' or 'torch'"
+                f"calls convit_kernels::gpsa_fwd, which runs 'auto' or one of {_op_pair_names()}"
             )
         return self
 
@@ -220,7 +233,7 @@ class FusedGPSA(nn.Module):
 
     def get_attention_map(self, *args, **kwargs):
         """timm's nonlocality measure, computed from get_attention and rel_indices exactly as timm does (needs timm)."""
-        return _timm_convit().GPSA.get_attention_map(self, *args, **kwargs)
+        return timm_convit().GPSA.get_attention_map(self, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -251,7 +264,7 @@ class FusedGPSA(nn.Module):
             )
         q, k, v = self._qkv(x)
         out, _ = torch.ops.convit_kernels.gpsa_fwd(
-            q, k, v, self.pos_proj.weight, self.pos_proj.bias, self.gating_param, grid_w, self.scale, self.backend
+            q, k, v, self.pos_proj.weight, self.pos_proj.bias, self.gating_param, grid_w, self.scale, self.backend, ""
         )
         return out
 
@@ -309,7 +322,7 @@ class SDPAMHSA(nn.Module):
 
     def get_attention_map(self, *args, **kwargs):
         """timm's MHSA.get_attention_map on this module (needs timm)."""
-        return _timm_convit().MHSA.get_attention_map(self, *args, **kwargs)
+        return timm_convit().MHSA.get_attention_map(self, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape

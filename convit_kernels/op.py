@@ -1,73 +1,24 @@
-"""The GPSA op: input checks, the op pair every fused backend implements, and dispatch.
+"""The public op, :func:`gpsa_attention`: checks its arguments in one place, then runs the fused op.
 
-``gpsa_attention`` validates its arguments (:func:`check_inputs`), resolves the
-backend (:mod:`convit_kernels.backends`) and runs it: a composite backend
-(``sdpa``, ``reference``) as torch ops under autograd, an op-pair backend
-through ``convit_kernels::gpsa_fwd`` / ``gpsa_bwd``. Autograd and fake (meta)
-functions are registered once here, so ``torch.compile(fullgraph=True)`` traces
-through any backend without a graph break. The op pair also takes
-``backend="auto"`` and resolves it itself (:func:`op_pair_backend`): a scripted
-``FusedGPSA`` calls ``torch.ops.convit_kernels.gpsa_fwd`` directly.
-
-The op-pair interface (``torch``, ``triton``, ``cpu``, ``cuda``)::
-
-    forward(q, k, v, pos_weight, gating_param, grid_w, scale)
-        q, k, v:       B x H x N x d, same dtype, any strides
-        pos_weight:    H x 3, gating_param: H (any float dtype)
-        returns out:   B x N x H x d contiguous, dtype of q
-                lse:   B x H x N float32 (float64 for float64 input),
-                       log-sum-exp of the content logits scale * q k^T
-    backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
-        grad_out:      B x N x H x d, any strides, dtype of q
-        returns dq, dk, dv (B x N x H x d contiguous, dtype of q),
-                d_pos_weight (H x 3), d_gating_param (H) in their own dtypes
-
-The op saves q, k, v and lse (O(B H N)) for the backward, nothing of size N x N.
-The backward needs the row dot products ``delta_c = dO.O_c`` and
-``delta_p = dO.O_p``; backends take them as ``delta_c = sum_j A_ij T_ij`` and
-``delta_p = sum_j P_ij T_ij`` over the recomputed attention and ``T = dO v^T``:
-rounded consistently with the T they are subtracted from, as in softmax's own
-backward, they keep d pos_weight accurate for peaked positional heads and
-bf16 outputs, and need no division by g or 1 - g (O_c cannot be recovered
-stably from O where g is near 1). Then ``dlambda = g (1 - g) sum_i (delta_p - delta_c)``.
-Every backend takes ``1 - g`` as ``sigmoid(-lambda)``, not ``1 - sigmoid(lambda)``:
-at lambda = 20 the latter is 0 in float32 and the content branch's gradients vanish.
-d pos_bias is exactly zero (the bias cancels in the positional softmax); the op returns zeros.
+Which backend runs is :mod:`convit_kernels.dispatch`'s choice; the op pair, its fake and autograd
+registration are :mod:`convit_kernels.fused_op`; the backends keep the contract of
+:mod:`convit_kernels.backends`. docs/design.md has the math and the layers.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
-from . import self_check
-from .backends import FLOAT_DTYPES, Backend, BackendError, get_backend, resolve_backend
-from .separable import compute_dtype
+from . import fused_op
+from .backends import FLOAT_DTYPES
 
-__all__ = [
-    "check_inputs",
-    "square_grid_side",
-    "op_pair_backend",
-    "gpsa_attention",
-    "gates",
-    "empty_forward_outputs",
-    "empty_backward_outputs",
-]
+__all__ = ["check_inputs", "square_grid_side", "gpsa_attention"]
 
 
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
-
-
-def _is_finite_positive(x) -> bool:
-    try:
-        value = float(x)
-    except (TypeError, ValueError):
-        return False
-    # Comparisons, not math.isfinite: torch.compile traces them on a symbolic float. NaN fails both.
-    return 0 < value < math.inf
 
 
 def square_grid_side(num_patches: int) -> int:
@@ -118,7 +69,7 @@ def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, sc
     for name, t in named.items():
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {_describe(t)}")
-    if scale is not None and not _is_finite_positive(scale):
+    if scale is not None and not fused_op.is_finite_positive(scale):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if grid_size is None:
         side = square_grid_side(N)
@@ -134,47 +85,6 @@ def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, sc
     return int(grid_size[0]), int(grid_size[1])
 
 
-# ---------------------------------------------------------------- torch.library registration
-
-
-def op_pair_backend(backend: str, q: torch.Tensor) -> Backend:
-    """The op-pair backend that runs the op pair for ``backend`` on inputs like ``q``.
-
-    :func:`gpsa_attention` hands the op a resolved name. A scripted :class:`FusedGPSA` calls
-    ``torch.ops.convit_kernels.gpsa_fwd`` itself with the module's backend, "auto" included, and
-    only an op pair can run there: "auto" becomes auto's choice where that is an op pair, else
-    "torch"; a composite backend named explicitly is an error.
-    """
-    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
-    impl = get_backend(name)
-    if impl.forward is not None:
-        return impl
-    if backend == "auto":
-        return get_backend("torch")
-    raise BackendError(
-        f"backend {backend!r} is a composite of torch ops, not an op pair: convit_kernels::gpsa_fwd "
-        "(which a scripted FusedGPSA calls) runs 'auto', 'triton', 'cuda', 'cpu' or 'torch'"
-    )
-
-
-@torch.library.custom_op("convit_kernels::gpsa_fwd", mutates_args=())
-def gpsa_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pos_weight: torch.Tensor,
-    pos_bias: torch.Tensor,
-    gating_param: torch.Tensor,
-    grid_w: int,
-    scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused GPSA forward; returns (out B x N x H x d, lse B x H x N)."""
-    if not _is_finite_positive(scale):  # a scripted FusedGPSA calls the op without check_inputs
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-    return op_pair_backend(backend, q).forward(q, k, v, pos_weight, gating_param, grid_w, scale)
-
-
 def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q, k, v in the autocast dtype where autocast is on for their device, else as they are.
 
@@ -188,96 +98,6 @@ def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         return q, k, v
     dtype = torch.get_autocast_dtype(device_type)
     return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def _under_functorch_transform() -> bool:
-    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is tracing this call."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._are_functorch_transforms_active()
-
-
-def gates(gating_param: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, 1 - g) as 1 x H x 1 x 1 in ``acc``, with 1 - g = sigmoid(-lambda): exact where g rounds to 1."""
-    lam = gating_param.to(acc).view(1, -1, 1, 1)
-    return torch.sigmoid(lam), torch.sigmoid(-lam)
-
-
-def empty_forward_outputs(q: torch.Tensor):
-    """Uninitialised (out, lse) of the forward interface; the fake (meta) function of every forward."""
-    B, H, N, d = q.shape
-    return q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=compute_dtype(q.dtype))
-
-
-def empty_backward_outputs(q: torch.Tensor, pos_weight: torch.Tensor, gating_param: torch.Tensor):
-    """Uninitialised (dq, dk, dv, d pos_weight, d gating_param) of the backward interface."""
-    B, H, N, d = q.shape
-    return tuple(q.new_empty((B, N, H, d)) for _ in range(3)) + (
-        torch.empty_like(pos_weight),
-        torch.empty_like(gating_param),
-    )
-
-
-@gpsa_fwd.register_fake
-def _gpsa_fwd_fake(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, backend):
-    return empty_forward_outputs(q)
-
-
-@torch.library.custom_op("convit_kernels::gpsa_bwd", mutates_args=())
-def gpsa_bwd(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pos_weight: torch.Tensor,
-    gating_param: torch.Tensor,
-    lse: torch.Tensor,
-    grid_w: int,
-    scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused GPSA backward; returns (dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
-    return op_pair_backend(backend, q).backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
-
-
-@gpsa_bwd.register_fake
-def _gpsa_bwd_fake(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale, backend):
-    return empty_backward_outputs(q, pos_weight, gating_param)
-
-
-def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, backend = inputs
-    _, lse = output
-    ctx.save_for_backward(q, k, v, pos_weight, pos_bias, gating_param, lse)
-    ctx.grid_w, ctx.scale, ctx.backend = grid_w, scale, backend
-
-
-def _fwd_backward(ctx, grad_out, _grad_lse):
-    q, k, v, pos_weight, pos_bias, gating_param, lse = ctx.saved_tensors
-    # Backends take dO in the dtype of q (autograd may hand another one, e.g. under AMP).
-    args = (grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, lse, ctx.grid_w, ctx.scale)
-    if torch.is_grad_enabled():
-        # create_graph=True: the backward must be differentiable itself, which no kernel is. The
-        # torch backend's backward is tensor ops that recompute the softmax from q and k (lse, an
-        # output whose gradient this op drops, is not read), so autograd differentiates it exactly.
-        dq, dk, dv, dw, dgate = get_backend("torch").backward(*args)
-    else:
-        dq, dk, dv, dw, dgate = gpsa_bwd(*args, ctx.backend)
-    # P does not depend on the bias (a per-row constant inside a softmax): its gradient is exactly zero.
-    return (
-        dq.transpose(1, 2),
-        dk.transpose(1, 2),
-        dv.transpose(1, 2),
-        dw,
-        torch.zeros_like(pos_bias),
-        dgate,
-        None,
-        None,
-        None,
-    )
-
-
-gpsa_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 def gpsa_attention(
@@ -319,18 +139,7 @@ def gpsa_attention(
     every backend but "reference" runs the torch backend's forward as tensor ops
     (custom ops with autograd reject those transforms). Both paths build N x N tensors.
     """
-    grid_h, grid_w = check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
+    grid = check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = _autocast(q, k, v)
-    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
-    if name != "reference" and _under_functorch_transform():
-        # torch.library custom ops with autograd (the op pair, sdpa's mix) reject torch.func
-        # transforms: run the torch backend's forward as tensor ops, which every transform sees through.
-        return get_backend("torch").forward(q, k, v, pos_weight, gating_param, grid_w, scale)[0].transpose(1, 2)
-    if backend == "auto" and name in self_check.CHECKED_BACKENDS:  # verified on this device before it is trusted
-        name = self_check.checked_backend(name, q.device, q.dtype, q.shape[-1], q.shape[2], grid_w)
-    impl = get_backend(name)
-    if impl.attention is not None:
-        return impl.attention(q, k, v, pos_weight, pos_bias, gating_param, (grid_h, grid_w), scale)
-    out, _ = gpsa_fwd(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, name)
-    return out.transpose(1, 2)
+    return fused_op.attention(q, k, v, pos_weight, pos_bias, gating_param, grid, scale, backend)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .module import SDPAMHSA, FusedGPSA, _timm_convit
+from .module import SDPAMHSA, FusedGPSA, timm_convit
 
 
 def _timm_class(name: str):
     """timm's GPSA or MHSA class, or None without timm (facebookresearch models are matched by layout)."""
     try:
-        return getattr(_timm_convit(), name)
+        return getattr(timm_convit(), name)
     except ImportError:
         return None
 

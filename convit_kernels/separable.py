@@ -1,30 +1,12 @@
 """The separable positional branch: P = Py (x) Px, applied and differentiated without an N x N tensor.
 
-The positional logit ``w0 dx + w1 dy + w2 (dx^2 + dy^2) (+ b)`` is a term in dx plus
-a term in dy, so its softmax over the keys of a row is the product of a softmax
-over key columns (``px``, H x W x W) and one over key rows (``py``, H x H_p x H_p):
-
-    P[h, (y_i, x_i), (y_j, x_j)] = py[h, y_i, y_j] * px[h, x_i, x_j]
-
-With v seen on the grid, ``P v`` is two small contractions (along x with px,
-then along y with py): 2 B H N d (W + H_p) multiply-adds instead of
-2 B H N^2 d, and no per-score work. The contractions run on head-major
-H x H_p x W x B x d tensors (:func:`head_major`), where each is one batched GEMM
-with no copy. docs/design.md ("The positional branch is
-separable") derives the backward used here:
-
-* ``P^T x`` is the same two contractions with the transposed tables;
-* the gradient of ``sum(dO . P v)`` reaches the tables as
-  ``dpx[x_i, x_j] = sum dO[y_i, x_i] py[y_i, y_j] . v[y_j, x_j]`` and
-  ``dpy[y_i, y_j] = sum dO[y_i, x_i] px[x_i, x_j] . v[y_j, x_j]`` (sums over the
-  batch, the other axis and d), and then goes through each table's softmax to
-  ``pos_weight``;
-* the bias cancels in the softmax: its gradient is exactly zero.
-
-Everything runs in the accumulation dtype (``compute_dtype``: float32 for half
-inputs), whatever the input dtype. This module is the unit every backend that
-computes the positional branch apart uses: the ``sdpa`` backend here, and the
-kernels that mix it in their epilogue.
+The positional logit is a term in dx plus a term in dy, so each row's softmax over the keys is
+the product of a softmax over key columns (``px``, H x W x W) and one over key rows (``py``,
+H x H_p x H_p). ``P v`` is then two small contractions on head-major H x H_p x W x B x d tensors
+(:func:`head_major`), each one batched GEMM; ``P^T x`` the same with the tables transposed; the
+tables' gradients go through each table's softmax to ``pos_weight`` (the bias cancels). All in
+the accumulation dtype (:func:`compute_dtype`). docs/design.md ("The positional branch is
+separable") derives it; every backend that computes the positional branch apart uses this unit.
 """
 
 from __future__ import annotations

@@ -96,13 +96,37 @@ def cuda_cxx_flags() -> list:
     return ["-O3"] + CUDA_SHIM_FLAGS + tag_flags()
 
 
-def nvcc_flags() -> list:
+def arch_flags(archs: str) -> list:
+    """nvcc's -gencode flags for an arch list such as "8.0;9.0+PTX" (torch then adds none of its own)."""
+    flags = []
+    for arch in archs.split(";"):
+        number = arch.split("+")[0].replace(".", "")
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    return flags
+
+
+def nvcc_flags(archs: str) -> list:
     # --threads 2: nvcc compiles two architectures at a time (the machine's two cores).
-    return ["-O3", "--threads", "2", "-lineinfo", "--expt-relaxed-constexpr"] + CUDA_SHIM_FLAGS + tag_flags()
+    base = ["-O3", "--threads", "2", "-lineinfo", "--expt-relaxed-constexpr"]
+    return base + arch_flags(archs) + CUDA_SHIM_FLAGS + tag_flags()
+
+
+def _settings():
+    """convit_kernels/settings.py, loaded by path (the package may not be importable while it is being built)."""
+    for candidate in (os.path.join(CSRC, "..", "convit_kernels"), os.path.join(CSRC, "..")):
+        path = os.path.join(candidate, "settings.py")
+        if os.path.exists(path):
+            spec = importlib.util.spec_from_file_location("convit_kernels_settings", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    raise FileNotFoundError(f"convit_kernels/settings.py not found next to {CSRC}")
 
 
 def cuda_build_disabled() -> bool:
-    return os.environ.get("CONVIT_KERNELS_NO_CUDA", "0") not in ("", "0")
+    return _settings().enabled("CONVIT_KERNELS_NO_CUDA")
 
 
 def find_cuda_home():
@@ -161,23 +185,21 @@ def cuda_arch_list(cuda_home: str) -> str:
 
 
 def configure_cuda():
-    """Set CUDA_HOME and TORCH_CUDA_ARCH_LIST for torch's build helpers; return the toolkit root or a reason string.
+    """(toolkit root, arch list, None) when the CUDA part can be built here, else (None, None, reason).
 
-    Call before importing torch.utils.cpp_extension (it reads CUDA_HOME at import).
-    Returns (cuda_home, None) when the CUDA part can be built, else (None, reason).
+    Writes nothing: the caller hands the root to torch.utils.cpp_extension (its CUDA_HOME) and the
+    arch list to :func:`nvcc_flags`.
     """
     import torch
 
     if cuda_build_disabled():
-        return None, "CONVIT_KERNELS_NO_CUDA is set"
+        return None, None, "CONVIT_KERNELS_NO_CUDA is set"
     if torch.version.cuda is None:
-        return None, "this torch build has no CUDA"
+        return None, None, "this torch build has no CUDA"
     home = find_cuda_home()
     if home is None:
-        return None, "no nvcc found (set CUDA_HOME or put nvcc on PATH)"
-    os.environ["CUDA_HOME"] = home
+        return None, None, "no nvcc found (set CUDA_HOME or put nvcc on PATH)"
     archs = cuda_arch_list(home)
     if not archs:
-        return None, f"nvcc in {home} supports none of the requested architectures"
-    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    return home, None
+        return None, None, f"nvcc in {home} supports none of the requested architectures"
+    return home, archs, None

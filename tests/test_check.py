@@ -1,11 +1,11 @@
-"""`convit-kernels check` exits 1 when the fused layer disagrees with timm's, 0 when it agrees."""
+"""`convit-kernels compare-timm` exits 1 when the fused layer disagrees with timm's, 0 when it agrees."""
 
 import dataclasses
 
 import pytest
 
 from convit_kernels import backends
-from convit_kernels.check import main
+from convit_kernels.compare_timm import main
 
 
 def _inject(monkeypatch, forward_error=0.0, backward_error=0.0):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from convit_kernels import available_backends, gpsa_attention
-from convit_kernels.backends.extension import _build_config, build_tag, load_cpu, load_cuda
+from convit_kernels.extension_loader import build_config, build_tag, load_cpu, load_cuda
 
 from gpsa_cases import PARAM_NAMES, assert_matches_reference, make_inputs, max_error, outputs_and_grads, upcast
 
@@ -175,7 +175,7 @@ def test_bad_backward_input_raises_clear_error():
 
 
 def _cuda_toolkit():
-    config = _build_config()
+    config = build_config()
     if config.cuda_build_disabled() or torch.version.cuda is None:
         return None, None
     home = config.find_cuda_home()
@@ -221,7 +221,7 @@ def test_built_part_is_on_the_stable_abi(module):
     if spec is None or spec.origin is None:
         pytest.skip(f"{module} is not built here")
     tag = build_tag(spec.origin)
-    target = ".".join(str(part) for part in _build_config().STABLE_ABI_TARGET)
+    target = ".".join(str(part) for part in build_config().STABLE_ABI_TARGET)
     assert tag is not None and tag.get("abi") == "stable" and tag.get("min_torch") == target, (spec.origin, tag)
     assert spec.origin.endswith(".abi3.so"), spec.origin  # Python's limited API, and no older build shadowing it
     nm = shutil.which("nm")

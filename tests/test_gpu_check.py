@@ -21,14 +21,14 @@ def test_without_a_gpu_exits_2_with_one_line(tmp_path, capsys):
 def test_dry_run_lists_the_prepared_steps(capsys):
     assert gpu_check.main(["--out", "DIR", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["self-check", "tests", "bench", "models"]
+    assert [line.split()[0] for line in lines] == ["verify-kernels", "tests", "bench", "models"]
 
 
 def test_steps_fit_the_budget_and_their_commands_parse():
     plan = gpu_check.steps("OUT")
     assert sum(step.limit_s for step in plan) <= gpu_check.BUDGET_S
-    self_check, tests, bench, models = plan
-    assert self_check.argv[1:] == ("-m", "convit_kernels", "self-check")
+    verify, tests, bench, models = plan
+    assert verify.argv[1:] == ("-m", "convit_kernels", "verify-kernels")
     assert "-m" in tests.argv and "gpu" in tests.argv and "--junitxml=OUT/gpu-tests.xml" in tests.argv
     for step in (bench, models):
         assert step.argv[1:4] == ("-m", "convit_kernels", "bench")

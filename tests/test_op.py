@@ -7,7 +7,8 @@ import torch
 
 import convit_kernels
 from convit_kernels import FusedGPSA, available_backends, gpsa_attention
-from convit_kernels.backends import BACKEND_NAMES, resolve_backend
+from convit_kernels.backends import BACKEND_NAMES
+from convit_kernels.dispatch import resolve_backend
 
 from gpsa_cases import make_inputs
 
@@ -35,7 +36,19 @@ def test_opcheck(dtype):
     with torch.no_grad():
         out, lse = torch.ops.convit_kernels.gpsa_fwd(*fwd_args)
     grad_out = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)  # strided, as autograd may give
-    bwd_args = (grad_out, q.detach(), k.detach(), v.detach(), w.detach(), lam.detach(), lse, 4, 8**-0.5, "torch")
+    bwd_args = (
+        grad_out,
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        w.detach(),
+        lam.detach(),
+        lse,
+        4,
+        8**-0.5,
+        "torch",
+        "highest",
+    )
     torch.library.opcheck(torch.ops.convit_kernels.gpsa_bwd.default, bwd_args)
 
 
@@ -52,6 +65,24 @@ def test_compile_fullgraph_forward_and_backward(backend):
     layer(x).sum().backward()
     torch.testing.assert_close(out, layer(x))
     torch.testing.assert_close(dx_compiled, x.grad)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "sdpa", "torch"])
+def test_compile_fullgraph_with_dynamic_shapes(backend):
+    """dynamic=True: head dim and N are symbolic while tracing; one graph serves every size, forward and backward."""
+    if backend == "cpu" and not available_backends()["cpu"].available:
+        pytest.skip("the C++ extension is not built here")
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda *a: gpsa_attention(*a, backend=backend), dynamic=True, fullgraph=True, backend="aot_eager"
+    )
+    for N, d in [(16, 8), (25, 8), (36, 12)]:
+        inputs = [t.detach().requires_grad_() for t in make_inputs(2, 3, N, d)]
+        got = compiled(*inputs)
+        want = gpsa_attention(*inputs, backend=backend)
+        torch.testing.assert_close(got, want)
+        for g, w in zip(torch.autograd.grad(got.sum(), inputs[:3]), torch.autograd.grad(want.sum(), inputs[:3])):
+            torch.testing.assert_close(g, w)
 
 
 @pytest.mark.slow
@@ -168,11 +199,11 @@ def test_auto_selection_table(gpu_backends_available, monkeypatch, device, capab
 
 
 def test_auto_on_cpu_without_the_extension_is_sdpa(monkeypatch):
-    from convit_kernels import backends
+    from convit_kernels import backends, dispatch
 
     described = backends.get_backend("cpu")
     monkeypatch.setitem(backends._BACKENDS, "cpu", dataclasses.replace(described, unavailable=lambda: "not built"))
-    name, skipped = backends.explain_auto(torch.device("cpu"), torch.float32, 48)
+    name, skipped = dispatch.explain_auto(torch.device("cpu"), torch.float32, 48)
     assert name == "sdpa" and skipped == ["cpu: not built"]
 
 

@@ -32,7 +32,7 @@ FORWARD_BACKWARD = r"""
 import sys
 sys.modules["timm"] = None  # the op and FusedGPSA must not need timm
 import torch, convit_kernels
-from convit_kernels.backends.extension import load_cpu
+from convit_kernels.extension_loader import load_cpu
 assert load_cpu() is None, load_cpu()
 import convit_kernels._C as ext
 print("extension", ext.__file__)
@@ -157,11 +157,11 @@ def test_installed_wheel_lists_backends_and_runs(venv, tmp_path):
     ],
 )
 def test_build_tag_mismatch_is_refused_before_loading(tmp_path, tag, clash):
-    from convit_kernels.backends import extension
+    from convit_kernels import extension_loader
 
     fake = tmp_path / "_C_fake.so"
     fake.write_bytes(b"\x7fELF..." + f"CONVIT_KERNELS_BUILD_TAG{{{tag}}}".encode() + b"\0...")
-    problem = extension._mismatch("convit_kernels._C_fake", str(fake))
+    problem = extension_loader._mismatch("convit_kernels._C_fake", str(fake))
     if clash is None:
         assert problem is None
     else:

@@ -160,8 +160,8 @@ def test_patched_convit_runs_sdpa_and_matches_stock():
 @pytest.fixture
 def fused_mix():
     """The extension's CPU part with the mix ops (built on first use when it is not), else a skip."""
-    from convit_kernels.backends.extension import load_cpu
     from convit_kernels.backends.sdpa import _fused_cpu_mix
+    from convit_kernels.extension_loader import load_cpu
 
     problem = load_cpu()
     if problem is not None:

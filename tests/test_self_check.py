@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from convit_kernels import backends, gpsa_attention, self_check
+from convit_kernels import backends, dispatch, gpsa_attention, verdict_cache
 from convit_kernels.backends import BackendError
 from convit_kernels.backends.sdpa import sdpa_gpsa
 
@@ -27,17 +27,19 @@ def _broken(*args):
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
     """CPU tensors treated as a checked device whose auto choice is a stand-in "triton" backend."""
-    monkeypatch.setattr(self_check, "CHECKED_DEVICE_TYPES", ("cpu",))
-    monkeypatch.setattr(self_check, "device_name", lambda device: "Fake GPU 80GB")
-    monkeypatch.setitem(backends.AUTO_POLICY, "cpu", (("triton", "sdpa"), "the fake GPU's policy"))
+    monkeypatch.setattr(dispatch, "CHECKED_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(dispatch, "device_name", lambda device: "Fake GPU 80GB")
+    monkeypatch.setitem(dispatch.AUTO_POLICY, "cpu", (("triton", "sdpa"), "the fake GPU's policy"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.delenv(self_check.MODE_ENV, raising=False)
-    monkeypatch.setattr(self_check, "_VERDICTS", {})
-    monkeypatch.setattr(self_check, "_WARNED", set())
+    monkeypatch.delenv("CONVIT_KERNELS_SELF_CHECK", raising=False)
+    monkeypatch.setattr(dispatch, "_VERDICTS", {})
+    monkeypatch.setattr(dispatch, "_WARNED", set())
     real = backends.get_backend("triton")
 
     def install(attention):
-        fake = dataclasses.replace(real, devices=None, attention=attention, unavailable=lambda: None)
+        fake = dataclasses.replace(
+            real, devices=None, forward=None, backward=None, attention=attention, unavailable=lambda: None
+        )
         monkeypatch.setitem(backends._BACKENDS, "triton", fake)
 
     return install
@@ -57,7 +59,7 @@ def test_a_wrong_backend_falls_back_to_sdpa_and_warns_once(fake_gpu):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gpsa_attention(*inputs)  # the verdict is kept: no check, no second warning
-    (verdict,) = self_check.verdicts().values()
+    (verdict,) = dispatch.verdicts().values()
     assert not verdict.passed and verdict.detail.startswith("out: max error") and verdict.source == "this process"
 
 
@@ -69,25 +71,25 @@ def test_a_backend_that_raises_falls_back_too(fake_gpu):
 
 def test_strict_mode_raises(fake_gpu, monkeypatch):
     fake_gpu(_wrong)
-    monkeypatch.setenv(self_check.MODE_ENV, "strict")
+    monkeypatch.setenv("CONVIT_KERNELS_SELF_CHECK", "strict")
     with pytest.raises(BackendError, match="backend 'triton' disagrees with the float64 reference"):
         gpsa_attention(*_inputs())
 
 
 def test_off_trusts_the_kernels(fake_gpu, monkeypatch):
     fake_gpu(_wrong)
-    monkeypatch.setenv(self_check.MODE_ENV, "0")
+    monkeypatch.setenv("CONVIT_KERNELS_SELF_CHECK", "0")
     inputs = _inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = gpsa_attention(*inputs)
     torch.testing.assert_close(out, _wrong(*inputs, (4, 4), 8**-0.5))
-    assert not self_check.verdicts()
+    assert not dispatch.verdicts()
 
 
 def test_bad_mode_is_a_clear_error(fake_gpu, monkeypatch):
     fake_gpu(sdpa_gpsa)
-    monkeypatch.setenv(self_check.MODE_ENV, "maybe")
+    monkeypatch.setenv("CONVIT_KERNELS_SELF_CHECK", "maybe")
     with pytest.raises(ValueError, match="CONVIT_KERNELS_SELF_CHECK must be 1, 0 or strict"):
         gpsa_attention(*_inputs())
 
@@ -105,7 +107,7 @@ def test_a_correct_backend_is_used_without_fallback(fake_gpu, monkeypatch):
         gpsa_attention(*_inputs())
         gpsa_attention(*_inputs())
     assert len(calls) == 3  # the check's one call (2 heads), then both calls of the caller (3 heads)
-    (verdict,) = self_check.verdicts().values()
+    (verdict,) = dispatch.verdicts().values()
     assert verdict.passed
 
 
@@ -113,25 +115,25 @@ def test_explicit_backends_are_not_checked(fake_gpu):
     fake_gpu(_wrong)
     inputs = _inputs()
     torch.testing.assert_close(gpsa_attention(*inputs, backend="triton"), _wrong(*inputs, (4, 4), 8**-0.5))
-    assert not self_check.verdicts()
+    assert not dispatch.verdicts()
 
 
 def test_stored_verdicts_are_read_instead_of_checking_again(fake_gpu, monkeypatch):
     fake_gpu(_wrong)
-    combination = self_check._combination("triton", CPU, torch.float32, 8, 16, 4)
-    failed = self_check.Verdict(False, "out: wrong on this device", "gpu-check")
-    path = self_check.store_verdicts("Fake GPU 80GB", {combination: failed})
+    combination = dispatch._combination("triton", CPU, torch.float32, 8, 16, 4)
+    failed = dispatch.Verdict(False, "out: wrong on this device", "gpu-check")
+    path = dispatch.store_verdicts("Fake GPU 80GB", {combination: failed})
     assert path.endswith("convit_kernels/self-check/Fake_GPU_80GB.json")
-    monkeypatch.setattr(self_check, "run_check", lambda *a: pytest.fail("checked again despite a stored verdict"))
+    monkeypatch.setattr(dispatch, "run_check", lambda *a: pytest.fail("checked again despite a stored verdict"))
     with pytest.warns(RuntimeWarning, match="out: wrong on this device"):
         gpsa_attention(*_inputs())
-    assert self_check.verdicts()[combination].source == path
+    assert dispatch.verdicts()[combination].source == path
 
 
 def test_verdicts_of_another_stack_are_ignored(fake_gpu):
     fake_gpu(sdpa_gpsa)
-    combination = self_check._combination("triton", CPU, torch.float32, 8, 16, 4)
-    path = self_check.store_verdicts("Fake GPU 80GB", {combination: self_check.Verdict(False, "old", "gpu-check")})
+    combination = dispatch._combination("triton", CPU, torch.float32, 8, 16, 4)
+    path = dispatch.store_verdicts("Fake GPU 80GB", {combination: dispatch.Verdict(False, "old", "gpu-check")})
     with open(path) as f:
         content = json.load(f)
     content["stack"]["convit_kernels"] = "0.0.1"
@@ -140,19 +142,19 @@ def test_verdicts_of_another_stack_are_ignored(fake_gpu):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gpsa_attention(*_inputs())  # checked afresh: it passes
-    assert self_check.verdicts()[combination].source == "this process"
+    assert dispatch.verdicts()[combination].source == "this process"
 
 
 def test_check_and_store_round_trip(fake_gpu, monkeypatch):
     fake_gpu(sdpa_gpsa)
-    monkeypatch.setattr(self_check, "STORED_GRIDS", ((3, 4),))
-    monkeypatch.setattr(self_check, "STORED_HEAD_DIMS", (8,))
-    found = self_check.check_and_store(CPU)
+    monkeypatch.setattr(dispatch, "STORED_GRIDS", ((3, 4),))
+    monkeypatch.setattr(dispatch, "STORED_HEAD_DIMS", (8,))
+    found = dispatch.check_and_store(CPU)
     assert {c.dtype for c in found} == {"float16", "bfloat16", "float32"} and all(v.passed for v in found.values())
-    with open(self_check.cache_path("Fake GPU 80GB")) as f:
+    with open(verdict_cache.cache_path("Fake GPU 80GB")) as f:
         stored = json.load(f)
     assert set(stored["verdicts"]) == {c.key() for c in found}
-    assert stored["stack"]["convit_kernels"] == self_check._version.__version__
+    assert stored["stack"]["convit_kernels"] == dispatch._version.__version__
 
 
 def test_backends_command_lists_the_checks_of_this_process(fake_gpu, capsys):
@@ -167,13 +169,15 @@ def test_backends_command_lists_the_checks_of_this_process(fake_gpu, capsys):
     assert "Fake GPU 80GB: triton sm_00 float32 d=8 N=16 W=4: FAILED, auto uses sdpa" in out
 
 
-def test_self_check_command_without_a_gpu_exits_2(capsys):
+@pytest.mark.parametrize("command", ["verify-kernels", "self-check"])
+def test_verify_kernels_command_without_a_gpu_exits_2(capsys, command):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
     from convit_kernels.cli import main
 
-    assert main(["self-check"]) == 2
-    assert capsys.readouterr().out.strip() == "self-check: no CUDA GPU here, nothing to check"
+    assert main([command]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "verify-kernels: no CUDA GPU here, nothing to check" and not captured.out
 
 
 def test_compile_runs_the_check_outside_the_graph(fake_gpu):

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from convit_kernels import gpsa_attention
-from convit_kernels.backends import resolve_backend, triton_gpsa
+from convit_kernels.backends.triton import configs, launch
+from convit_kernels.dispatch import resolve_backend
 
 from gpsa_cases import (
     LARGE_WEIGHT_RTOL,
@@ -30,7 +31,7 @@ INTERPRETER_TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "te
 
 @pytest.mark.slow
 def test_interpreter_suite_in_its_own_process():
-    if triton_gpsa.INTERPRET:
+    if configs.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1 in this process: test_triton_interpreter.py runs here")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", INTERPRETER_TESTS]
@@ -44,14 +45,14 @@ def test_interpreter_suite_in_its_own_process():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("N", [196, 7, 576])
 def test_autotune_space_is_pruned_by_n_and_dtype(N, dtype):
-    if not triton_gpsa.AUTOTUNE:
+    if not launch.autotune_enabled():
         pytest.skip("CONVIT_KERNELS_TRITON_AUTOTUNE=0 or the interpreter")
     q = torch.empty(0, dtype=dtype)
-    for name, tuner in triton_gpsa._TUNED.items():
+    for name, tuner in launch._TUNED.items():
         assert tuner.keys == ["N", "HEAD_DIM", "ARCH"]
         kept = tuner.early_config_prune(tuner.configs, {"Q": q, "N": N})
         assert kept and all(c in tuner.configs for c in kept)
-        fixed = triton_gpsa.FIXED_CONFIGS[name][q.element_size()]
+        fixed = configs.FIXED_CONFIGS[name][q.element_size()]
         if dtype == torch.float32:  # the fp32 tiles are the largest without spills: nothing to tune
             assert kept == [fixed]
             continue
@@ -65,7 +66,7 @@ def test_tf32_split_is_exact_with_a_tf32_high_part():
     """3xTF32's operands (the kernels' SPLIT): high exact in TF32, high + low == x, low within half a TF32 ulp."""
     x = torch.randn(4, 3, 50, 16) * torch.logspace(-30, 30, 16)
     x[0, 0, 0, :4] = torch.tensor([0.0, -0.0, 1 + 2**-11, -(1 + 3 * 2**-11)])  # ties round away from zero
-    high, low = triton_gpsa.tf32_split(x.transpose(1, 2))  # any strides in; contiguous parts out
+    high, low = launch.tf32_split(x.transpose(1, 2))  # any strides in; contiguous parts out
     assert high.is_contiguous() and low.is_contiguous()
     high, low = high.transpose(1, 2), low.transpose(1, 2)
     assert torch.equal(high.view(torch.int32) & 0x1FFF, torch.zeros_like(high, dtype=torch.int32))
@@ -79,15 +80,15 @@ def test_fp32_dots_follow_torch_matmul_precision(setting, split):
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision(setting)
-        assert triton_gpsa.dot_constexprs(torch.float32)["SPLIT"] is split
-        assert triton_gpsa.dot_constexprs(torch.float32)["PRECISION"] == "tf32"
-        assert triton_gpsa.dot_constexprs(torch.bfloat16)["SPLIT"] is False  # 16-bit operands ignore it
+        assert launch.dot_constexprs(torch.float32)["SPLIT"] is split
+        assert launch.dot_constexprs(torch.float32)["PRECISION"] == "tf32"
+        assert launch.dot_constexprs(torch.bfloat16)["SPLIT"] is False  # 16-bit operands ignore it
     finally:
         torch.set_float32_matmul_precision(previous)
 
 
 def test_unavailable_without_gpu_or_interpreter_says_why():
-    if torch.cuda.is_available() or triton_gpsa.INTERPRET:
+    if torch.cuda.is_available() or configs.INTERPRET:
         pytest.skip("the triton backend is available in this process")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         gpsa_attention(*make_inputs(1, 1, 4, 8), backend="triton")

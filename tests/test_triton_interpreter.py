@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from convit_kernels import available_backends, gpsa_attention
-from convit_kernels.backends import BackendError, resolve_backend, triton_gpsa
+from convit_kernels.backends import BackendError
+from convit_kernels.backends.triton import configs, kernels, launch
+from convit_kernels.dispatch import resolve_backend
 from convit_kernels.reference import gpsa_reference
 
 from gpsa_cases import (
@@ -29,7 +31,7 @@ from gpsa_cases import (
 )
 
 pytestmark = pytest.mark.skipif(
-    not triton_gpsa.INTERPRET,
+    not configs.INTERPRET,
     reason="needs TRITON_INTERPRET=1 before import: tests/test_triton.py runs this module in its own process",
 )
 
@@ -53,12 +55,12 @@ def test_gate_extremes_and_large_positional_weights(gate, locality_strength, rto
 def three_tf32_output(inputs):
     """The fp64 reference output with the logits 3xTF32 makes: q_hi k_hi + q_hi k_lo + q_lo k_hi.
 
-    q and k split as the kernels take them (``triton_gpsa.tf32_split``); the three products are
+    q and k split as the kernels take them (``launch.tf32_split``); the three products are
     one product of q and k each laid three times along d.
     """
     q, k, v, *params = (t.detach().double() for t in inputs)
-    q_hi, q_lo = triton_gpsa.tf32_split(inputs[0].detach()).double()
-    k_hi, k_lo = triton_gpsa.tf32_split(inputs[1].detach()).double()
+    q_hi, q_lo = launch.tf32_split(inputs[0].detach()).double()
+    k_hi, k_lo = launch.tf32_split(inputs[1].detach()).double()
     q3, k3 = torch.cat((q_hi, q_hi, q_lo), -1), torch.cat((k_hi, k_lo, k_hi), -1)
     side = int(q.shape[2] ** 0.5)
     return gpsa_reference(q3, k3, v, *params, (side, side), q.shape[-1] ** -0.5)
@@ -81,7 +83,7 @@ def test_saturated_content_softmax(N):
     # Under "highest" the kernels' logits are 3xTF32's, which leave out q_lo . k_lo (~2^-22 of
     # |q| |k|, ~1e-3 at these logits): the 3x budget covers that model's own error too.
     allowed = max_error(sdpa[0], exact[0])
-    if triton_gpsa.dot_constexprs(torch.float32)["SPLIT"]:
+    if launch.dot_constexprs(torch.float32)["SPLIT"]:
         allowed += max_error(three_tf32_output(inputs), exact[0])
     assert max_error(got[0], exact[0]) <= 3 * allowed + 2e-5 * exact[0].abs().max().item()
     for i, name in enumerate(PARAM_NAMES):
@@ -93,9 +95,9 @@ def test_saturated_content_softmax(N):
 def test_auto_takes_head_dims_above_the_kernels_to_another_backend(monkeypatch):
     """backend="auto" where triton comes first (CUDA's policy, here on the interpreter's CPU tensors) runs
     d = 160 on the next backend instead of raising inside Triton, and d = 64 on triton."""
-    from convit_kernels import backends
+    from convit_kernels import dispatch
 
-    monkeypatch.setitem(backends.AUTO_POLICY, "cpu", (("triton", "sdpa"), "CUDA's order, for this test"))
+    monkeypatch.setitem(dispatch.AUTO_POLICY, "cpu", (("triton", "sdpa"), "CUDA's order, for this test"))
     assert resolve_backend("auto", torch.device("cpu"), torch.float32, 64) == "triton"
     assert resolve_backend("auto", torch.device("cpu"), torch.float32, 160) == "sdpa"
     assert_matches_reference(make_inputs(1, 2, 16, 160), backend="auto")
@@ -122,19 +124,19 @@ def test_strided_projection_views_equal_contiguous_copies():
 
 def test_output_and_saved_state_layout():
     q, k, v, w, _, lam = [t.detach() for t in make_inputs(2, 3, 16, 8)]
-    out, content, lse = triton_gpsa.gpsa_forward(q, k, v, w, lam, 4, 8**-0.5)
+    out, content, lse = launch.gpsa_forward(q, k, v, w, lam, 4, 8**-0.5)
     assert out.shape == content.shape == (2, 16, 3, 8) and out.is_contiguous() and content.is_contiguous()
     assert out.dtype == content.dtype == q.dtype
     logits = q @ k.transpose(-1, -2) * 8**-0.5
     assert lse.shape == (2, 3, 16) and lse.dtype == torch.float32
-    torch.testing.assert_close(lse, logits.logsumexp(-1) * triton_gpsa.LOG2E)  # log2 units
+    torch.testing.assert_close(lse, logits.logsumexp(-1) * kernels.LOG2E)  # log2 units
     torch.testing.assert_close(content.transpose(1, 2), logits.softmax(-1) @ v)
 
 
 @pytest.mark.parametrize("N", [49, 128], ids=["one-key-tile", "even-key-tiles"])
 def test_gpsa_free_twin_is_plain_attention(N):
     q, k, v = [t.detach() for t in make_inputs(2, 3, N, 64)[:3]]
-    out, content, lse = triton_gpsa.attention_forward(q, k, v, 0.125)
+    out, content, lse = launch.attention_forward(q, k, v, 0.125)
     assert content is None
     plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125)
     torch.testing.assert_close(out.transpose(1, 2), plain)
@@ -144,8 +146,8 @@ def test_gpsa_free_twin_is_plain_attention(N):
 def test_fixed_gpu_configurations_match_reference(monkeypatch, dtype):
     # The tiles a GPU runs without autotuning, interpreted at ConViT's N = 196.
     size = torch.empty(0, dtype=dtype).element_size()
-    gpu = {name: configs[size] for name, configs in triton_gpsa.FIXED_CONFIGS.items()}
-    monkeypatch.setattr(triton_gpsa, "INTERPRETER_CONFIGS", gpu)
+    gpu = {name: by_size[size] for name, by_size in configs.FIXED_CONFIGS.items()}
+    monkeypatch.setattr(configs, "INTERPRETER_CONFIGS", gpu)
     assert_matches_reference(make_inputs(1, 2, 196, 48, dtype=dtype, seed=3), backend="triton")
 
 
@@ -154,8 +156,8 @@ def test_deterministic_mode_runs_the_fixed_configurations(monkeypatch):
         def __getitem__(self, grid):
             raise AssertionError("autotuned launch under torch.use_deterministic_algorithms(True)")
 
-    monkeypatch.setattr(triton_gpsa, "AUTOTUNE", True)
-    monkeypatch.setattr(triton_gpsa, "_TUNED", dict.fromkeys(triton_gpsa._TUNED, NotTuned()))
+    monkeypatch.setattr(launch, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(launch, "_TUNED", dict.fromkeys(launch._TUNED, NotTuned()))
     torch.use_deterministic_algorithms(True)
     try:
         first = outputs_and_grads(make_inputs(1, 2, 49, 16), backend="triton")
@@ -168,10 +170,10 @@ def test_deterministic_mode_runs_the_fixed_configurations(monkeypatch):
 
 def test_backward_is_deterministic():
     q, k, v, w, _, lam = [t.detach() for t in make_inputs(2, 3, 50, 16)]
-    out, content, lse = triton_gpsa.gpsa_forward(q, k, v, w, lam, 10, 0.25)
+    out, content, lse = launch.gpsa_forward(q, k, v, w, lam, 10, 0.25)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
     args = (grad_out, q, k, v, content, lse, w, lam, 10, 0.25)
-    for a, b in zip(triton_gpsa.gpsa_backward(*args), triton_gpsa.gpsa_backward(*args)):
+    for a, b in zip(launch.gpsa_backward(*args), launch.gpsa_backward(*args)):
         assert torch.equal(a, b)
 
 
@@ -210,8 +212,8 @@ def test_backend_registration():
 def test_custom_ops_opcheck_and_compile_fullgraph():
     q, k, v, w, b, lam = [t.detach().contiguous().requires_grad_() for t in make_inputs(1, 2, 16, 8)]
     checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    args = (q, k, v, w, b, lam, 4, 0.3, "tf32x3")
-    result = torch.library.opcheck(triton_gpsa.triton_gpsa_fwd, args, test_utils=checks)
+    args = (q, k, v, w, b, lam, 4, 0.3, "triton", "highest")
+    result = torch.library.opcheck(torch.ops.convit_kernels.gpsa_fwd.default, args, test_utils=checks)
     assert set(result.values()) == {"SUCCESS"}, result
     torch._dynamo.reset()
 

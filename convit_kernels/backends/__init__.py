@@ -1,20 +1,17 @@
-"""The backend registry: what each backend can take, which ones run here, and what ``backend="auto"`` picks.
+"""The backend registry and the contract every backend keeps (docs/design.md, "Architecture").
 
 A backend is one implementation of GPSA, of one of two kinds:
 
-* an *op-pair* backend implements the forward / backward interface of the
-  project op (``convit_kernels::gpsa_fwd`` / ``gpsa_bwd``, documented in
-  :mod:`convit_kernels.op`): ``torch``, ``triton``, ``cpu``, ``cuda``;
-* a *composite* backend is a function of torch ops differentiated by autograd:
-  ``sdpa`` ((1 - g) SDPA + g separable positional branch) and ``reference``
-  (timm's math).
+* an *op-pair* backend gives ``forward`` / ``backward`` (:class:`OpForward`, :class:`OpBackward`),
+  run by the one custom-op pair and autograd registration of :mod:`convit_kernels.fused_op`;
+  the tensors it saves between them (``state``) are its own: ``torch``, ``triton``, ``cpu``, ``cuda``;
+* a *composite* backend gives ``attention``, a function of torch ops differentiated by autograd:
+  ``sdpa`` and ``reference``.
 
-Each backend module registers a :class:`Backend` when imported; the registry
-imports them on first use and remembers why one did not import. What a backend
-can take (devices, dtypes, head dims, CUDA capability) are fields of its
-description, checked here in one place, so ``auto`` skips a backend that cannot
-take the input and a backend named explicitly refuses with the same
-:class:`BackendError` whichever it is. docs/design.md says how to add one.
+Each backend module registers a :class:`Backend` when imported; the registry imports them on
+first use and remembers why one did not import. What a backend can take (devices, dtypes, head
+dims, CUDA capability) are fields of its description; :meth:`Backend.not_supported_reasons` lists
+every reason it refuses an input. Which backend runs is :mod:`convit_kernels.dispatch`'s call.
 """
 
 from __future__ import annotations
@@ -26,6 +23,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from ..separable import compute_dtype
+
 __all__ = [
     "Backend",
     "BackendError",
@@ -35,11 +34,12 @@ __all__ = [
     "HALF_AND_FLOAT",
     "register_backend",
     "get_backend",
+    "backend_problem",
     "available_backends",
-    "auto_candidates",
-    "auto_policy",
-    "explain_auto",
-    "resolve_backend",
+    "cuda_capability",
+    "gates",
+    "lse_state_like",
+    "empty_backward_outputs",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,12 +47,12 @@ HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 # Backend name -> the module that registers it (imported on first use).
 _MODULES = {
-    "triton": "convit_kernels.backends.triton_gpsa",
+    "triton": "convit_kernels.backends.triton",
     "cuda": "convit_kernels.backends.extension",
     "cpu": "convit_kernels.backends.extension",
     "sdpa": "convit_kernels.backends.sdpa",
-    "torch": "convit_kernels.backends.torch_ops",
-    "reference": "convit_kernels.backends.reference",
+    "torch": "convit_kernels.backends.eager",
+    "reference": "convit_kernels.backends.eager",
 }
 BACKEND_NAMES = tuple(_MODULES)
 
@@ -63,14 +63,23 @@ class BackendError(RuntimeError):
 
 class OpForward(Protocol):
     def __call__(
-        self, q, k, v, pos_weight, gating_param, grid_w: int, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+        self, q, k, v, pos_weight, gating_param, grid_w: int, scale: float, precision: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(out B x N x H x d contiguous in q's dtype, the state the backward reads).
+
+        q, k, v: B x H x N x d, one dtype, any strides; pos_weight H x 3, gating_param H.
+        precision: torch's float32 matmul precision at the call ("highest", "high", "medium").
+        """
 
 
 class OpBackward(Protocol):
     def __call__(
-        self, grad_out, q, k, v, pos_weight, gating_param, lse, grid_w: int, scale: float
-    ) -> tuple[torch.Tensor, ...]: ...
+        self, grad_out, q, k, v, pos_weight, gating_param, state, grid_w: int, scale: float, precision: str
+    ) -> tuple[torch.Tensor, ...]:
+        """(dq, dk, dv B x N x H x d contiguous in q's dtype, d pos_weight, d gating_param in their dtypes).
+
+        grad_out: B x N x H x d, any strides, q's dtype; state and precision: the forward's.
+        """
 
 
 class Attention(Protocol):
@@ -83,14 +92,34 @@ def _always_available() -> str | None:
     return None
 
 
+def lse_state_like(q: torch.Tensor) -> list[torch.Tensor]:
+    """The state of the backends that save one float per row (B x H x N in the accumulation dtype)."""
+    B, H, N, _ = q.shape
+    return [q.new_empty((B, H, N), dtype=compute_dtype(q.dtype))]
+
+
+def empty_backward_outputs(q: torch.Tensor, pos_weight: torch.Tensor, gating_param: torch.Tensor):
+    """Uninitialised (dq, dk, dv, d pos_weight, d gating_param) of the backward contract (for fakes)."""
+    B, H, N, d = q.shape
+    return tuple(q.new_empty((B, N, H, d)) for _ in range(3)) + (
+        torch.empty_like(pos_weight),
+        torch.empty_like(gating_param),
+    )
+
+
+def gates(gating_param: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, 1 - g) as 1 x H x 1 x 1 in ``acc``; 1 - g = sigmoid(-lambda) (docs/design.md, "The gate")."""
+    lam = gating_param.to(acc).view(1, -1, 1, 1)
+    return torch.sigmoid(lam), torch.sigmoid(-lam)
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of GPSA and the inputs it can take.
 
-    Exactly one of (``forward``, ``backward``) and ``attention`` is set: the
-    op-pair interface, or a composite function of torch ops (B x H x N x d in
-    and out). ``unavailable`` says why the backend cannot run in this process
-    (None when it can).
+    Exactly one of (``forward``, ``backward``) and ``attention`` is set. ``state_like`` gives
+    uninitialised tensors shaped as the forward's state (the op pair's fake). ``unavailable``
+    says why the backend cannot run in this process (None when it can).
     """
 
     name: str
@@ -99,30 +128,38 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     forward: OpForward | None = None
     backward: OpBackward | None = None
+    state_like: Callable[[torch.Tensor], list[torch.Tensor]] = lse_state_like
     attention: Attention | None = None
     max_head_dim: int | None = None
     min_cuda_capability: tuple[int, int] | None = None
+    interpreted: bool = False  # runs in an interpreter here: correct, never fast (the bench does not time it)
     unavailable: Callable[[], str | None] = field(default=_always_available)
 
     def __post_init__(self):
         if (self.forward is None) != (self.backward is None) or (self.forward is None) == (self.attention is None):
             raise TypeError(f"backend {self.name!r}: give forward and backward, or attention")
 
-    def refuses(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-        """Why this backend cannot take inputs of this device, dtype and head dim (None when it can)."""
+    @property
+    def is_op_pair(self) -> bool:
+        return self.forward is not None
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
+        """Every reason this backend cannot take inputs of this device, dtype and head dim (empty when it can)."""
+        reasons = []
         if self.devices is not None and device.type not in self.devices:
-            return f"runs on {'/'.join(self.devices)} tensors, not {device.type}"
+            reasons.append(f"runs on {'/'.join(self.devices)} tensors, not {device.type}")
         if dtype not in self.dtypes:
             names = ", ".join(_dtype_name(d) for d in self.dtypes)
-            return f"takes {names}, not {_dtype_name(dtype)}"
+            reasons.append(f"takes {names}, not {_dtype_name(dtype)}")
         if self.max_head_dim is not None and head_dim > self.max_head_dim:
-            return f"takes head dims up to {self.max_head_dim}, not {head_dim}"
+            reasons.append(f"takes head dims up to {self.max_head_dim}, not {head_dim}")
         if self.min_cuda_capability is not None and device.type == "cuda":
             capability = cuda_capability(device)
             if capability < self.min_cuda_capability:
                 need = "sm_{}{}".format(*self.min_cuda_capability)
-                return f"needs compute capability {need} or newer; {device} is sm_{capability[0]}{capability[1]}"
-        return None
+                have = "sm_{}{}".format(*capability)
+                reasons.append(f"needs compute capability {need} or newer; {device} is {have}")
+        return reasons
 
 
 class BackendStatus(NamedTuple):
@@ -170,7 +207,8 @@ def get_backend(name: str) -> Backend:
     return _BACKENDS[name]
 
 
-def _problem(name: str) -> str | None:
+def backend_problem(name: str) -> str | None:
+    """Why backend ``name`` cannot run in this process at all (None when it can)."""
     _load(name)
     if name not in _BACKENDS:
         return _IMPORT_ERRORS[name]
@@ -181,55 +219,6 @@ def available_backends() -> dict[str, BackendStatus]:
     """Map each backend name to ``BackendStatus(available, reason)`` for this process."""
     result = {}
     for name in BACKEND_NAMES:
-        problem = _problem(name)
+        problem = backend_problem(name)
         result[name] = BackendStatus(problem is None, problem or get_backend(name).summary)
     return result
-
-
-# Device type -> (backends auto tries, best first; why that order). Other device types: _AUTO_ELSEWHERE.
-AUTO_POLICY = {
-    "cuda": (
-        ("triton", "sdpa"),
-        "the Triton kernels where they are built and checked (sm_80+, head dims up to 128), else PyTorch's "
-        "SDPA kernels; the CUDA extension runs only when named",
-    ),
-    "cpu": (("cpu", "sdpa"), "the fused C++ kernel (faster than sdpa in `convit-kernels bench`), else sdpa"),
-}
-_AUTO_ELSEWHERE = (("sdpa",), "PyTorch's own attention kernels for the device (MPS, XPU, ...)")
-
-
-def auto_candidates(device_type: str) -> tuple[str, ...]:
-    """The backends ``auto`` tries on a device type, best first; "reference" is the last resort."""
-    return AUTO_POLICY.get(device_type, _AUTO_ELSEWHERE)[0] + ("reference",)
-
-
-def auto_policy(device_type: str) -> str:
-    """Why ``auto`` tries the backends of :func:`auto_candidates` in that order."""
-    return AUTO_POLICY.get(device_type, _AUTO_ELSEWHERE)[1]
-
-
-def explain_auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, list[str]]:
-    """(the backend ``auto`` picks, why each better candidate was skipped)."""
-    skipped = []
-    for name in auto_candidates(device.type):
-        problem = _problem(name) or get_backend(name).refuses(device, dtype, head_dim)
-        if problem is None:
-            return name, skipped
-        skipped.append(f"{name}: {problem}")
-    raise BackendError(f"no backend takes {_dtype_name(dtype)} inputs on {device}: " + "; ".join(skipped))
-
-
-# A pure function of its constant arguments for the life of the process: torch.compile evaluates
-# it once while tracing instead of tracing the lazy imports inside.
-@torch.compiler.assume_constant_result
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """The concrete backend for ``backend`` ("auto" or a name) on inputs of this device, dtype and head dim."""
-    device = torch.device(device)
-    if backend == "auto":
-        return explain_auto(device, dtype, head_dim)[0]
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
-    problem = _problem(backend) or get_backend(backend).refuses(device, dtype, head_dim)
-    if problem is not None:
-        raise BackendError(f"backend {backend!r} cannot run here: {problem}")
-    return backend

@@ -1,216 +1,34 @@
-"""The C++/CUDA extension's backends: "cpu" (fused CPU kernel) and "cuda" (CUDA fallback kernels).
+"""The "cpu" and "cuda" backends: the extension's ops ``convit_kernels_ext::gpsa_fwd`` / ``gpsa_bwd``.
 
-The extension (csrc/) defines the ops ``convit_kernels_ext::gpsa_fwd`` and
-``gpsa_bwd``, the project op pair's schema without the backend string, with
-CPU and CUDA implementations. ``pip install --no-build-isolation -e .`` builds
-them as ``convit_kernels._C`` and ``convit_kernels._C_cuda``; where a part was
-not built, its first use builds it with ninja (torch.utils.cpp_extension.load,
-cached under ~/.cache/torch_extensions) from the sources next to the package.
-
-The positional softmax tables (per-axis, H x (W^2 + H_p^2)) are computed inside
-the extension from ``pos_weight``, the same way as
-``separable.positional_axis_probs``, so the ext ops take exactly the project
-op's tensors. ``convit_kernels.op`` keeps the public op with its fake and
-autograd registrations; this module registers fake implementations for the ext
-ops themselves (for torch.library.opcheck and direct tracing).
-
-Both parts are built on the LibTorch stable ABI and load on every torch from
-the version they target on. Each file carries a build tag that is read before
-the file is loaded: a part that cannot load in this torch (a torch older than
-its target, or an older build on torch's C++ ABI, tagged abi=unstable, made
-for another torch) is not loaded (no undefined-symbol error), it is rebuilt
-with ninja instead, and when that cannot happen the backend's reason says
-which torch it was built for and how to rebuild it.
+They keep the op-pair contract minus the precision (the kernels accumulate in fp32 / fp64 with
+plain FMA); the per-axis positional tables are computed inside the extension from ``pos_weight``.
+Loading and building the extension is :mod:`convit_kernels.extension_loader`'s job; fakes of the
+ext ops are registered here once the CPU part (which defines them) is loaded, for opcheck.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
-import os
-import re
 
 import torch
 
-from ..op import empty_backward_outputs, empty_forward_outputs
-from . import FLOAT_DTYPES, HALF_AND_FLOAT, Backend, register_backend
+from ..extension_loader import load_cpu, load_cuda
+from . import FLOAT_DTYPES, HALF_AND_FLOAT, Backend, empty_backward_outputs, lse_state_like, register_backend
 
-__all__ = ["load_cpu", "load_cuda"]
-
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _find_csrc() -> str:
-    """The extension's sources: inside the package (an installed wheel) or next to it (a source checkout)."""
-    for candidate in (os.path.join(_PACKAGE, "csrc"), os.path.join(os.path.dirname(_PACKAGE), "csrc")):
-        if os.path.exists(os.path.join(candidate, "build_config.py")):
-            return candidate
-    return os.path.join(os.path.dirname(_PACKAGE), "csrc")
-
-
-_CSRC = _find_csrc()
-_HOW_TO_REBUILD = (
-    "reinstall convit-kernels against this torch (pip install --force-reinstall --no-deps convit-kernels, "
-    "or pip install --no-build-isolation -e . in a checkout), or install a C++ compiler (and nvcc for the "
-    "CUDA part) and it is built with ninja on first use"
-)
-
-
-def _torch_version() -> tuple[int, int, int]:
-    return tuple(int(p) for p in re.match(r"(\d+)\.(\d+)\.(\d+)", torch.__version__).groups())
-
-
-def build_tag(path: str) -> dict | None:
-    """The build tag in a built part's file ({'abi': 'stable', 'torch': '2.14.1', ...}), or None when it has none."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    match = re.search(rb"CONVIT_KERNELS_BUILD_TAG\{([^}]*)\}", data)
-    if match is None:
-        return None
-    return dict(item.split("=", 1) for item in match.group(1).decode().split(";") if "=" in item)
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split("."))
-
-
-def _mismatch(module: str, path: str) -> str | None:
-    """Why the built file of ``module`` cannot load in this torch, or None when it can (read before loading)."""
-    tag = build_tag(path)
-    if tag is None:
-        return None  # a build from before the tag: try it, and explain an undefined symbol (_import_built)
-    here = torch.__version__
-    if tag.get("abi") == "stable":
-        if _torch_version()[:2] < _version_tuple(tag["min_torch"]):
-            return (
-                f"{module} is built on the LibTorch stable ABI for torch >= {tag['min_torch']} "
-                f"(built with torch {tag['torch']}), and this is torch {here}"
-            )
-        return None
-    if _version_tuple(tag["torch"]) != _torch_version():
-        return (
-            f"{module} was built for torch {tag['torch']} (torch's C++ ABI, which changes with every release) "
-            f"and this is torch {here}"
-        )
-    return None
-
-
-def _import_built(module: str) -> str | None:
-    """Import a built part, after checking its build tag; None when imported, else why not."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        return f"{module} is not built"
-    mismatch = _mismatch(module, spec.origin)
-    if mismatch is not None:
-        return mismatch
-    try:
-        importlib.import_module(module)
-        return None
-    except ImportError as exc:
-        if "undefined symbol" in str(exc):
-            return f"{module} ({spec.origin}) was built for another torch than this torch {torch.__version__}"
-        return f"{module} did not load ({exc})"
-
-
-def _build_config():
-    """csrc/build_config.py (the flags setup.py uses), loaded by path."""
-    spec = importlib.util.spec_from_file_location("convit_kernels_build_config", os.path.join(_CSRC, "build_config.py"))
-    config = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(config)
-    return config
-
-
-def _jit_build(name: str, cuda: bool) -> None:
-    """Build and load one part of the extension with ninja; raises when it cannot."""
-    if not os.path.exists(os.path.join(_CSRC, "build_config.py")):
-        raise ImportError(f"the package was installed without its sources ({_CSRC} is missing)")
-    config = _build_config()
-    why_no_cxx = config.why_no_cxx()
-    if why_no_cxx is not None:
-        raise ImportError(why_no_cxx)
-    if cuda:
-        cuda_home, why_not = config.configure_cuda()
-        if cuda_home is None:
-            raise ImportError(why_not)
-    import torch.utils.cpp_extension as cpp_extension
-
-    if cuda:
-        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # read at its import, maybe before configure_cuda
-    cpp_extension.load(
-        name=name,
-        sources=config.CUDA_SOURCES if cuda else config.CPU_SOURCES,
-        extra_cflags=config.cuda_cxx_flags() if cuda else config.cxx_flags(),
-        extra_cuda_cflags=config.nvcc_flags() if cuda else None,
-        extra_ldflags=[] if cuda else config.link_flags(),
-        extra_include_paths=config.nvidia_include_dirs() if cuda else None,
-        is_python_module=False,
-        verbose=False,
-    )
-
-
-def _load(module: str, jit_name: str, cuda: bool) -> str | None:
-    """Import a built part of the extension, or JIT-build it; return None or why it is unavailable."""
-    built_error = _import_built(module)
-    if built_error is None:
-        return None
-    try:
-        _jit_build(jit_name, cuda)
-        return None
-    except Exception as exc:  # a failed build leaves the backend unavailable, with the reason
-        why = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        return f"{built_error}; the build on first use failed: {why}. To get it: {_HOW_TO_REBUILD}"
+__all__ = ["cpu_unavailable", "cuda_unavailable"]
 
 
 @functools.cache
-def load_cpu() -> str | None:
-    """Load the CPU part (defines the ext ops); None when loaded, else why not."""
-    problem = _load("convit_kernels._C", "convit_kernels_ext_cpu", cuda=False)
+def cpu_unavailable() -> str | None:
+    """Why the CPU part cannot run here (None when it can: then the ext ops have their fakes)."""
+    problem = load_cpu()
     if problem is None:
         _register_fakes()
     return problem
 
 
-@functools.cache
-def load_cuda() -> str | None:
-    """Load the CUDA part (the ops' CUDA implementations); None when loaded, else why not."""
-    problem = load_cpu()
-    if problem is not None:
-        return f"the CPU part, which defines the ops, is unavailable: {problem}"
-    if torch.version.cuda is None:
-        return "this torch build has no CUDA"
-    built_error = _import_built("convit_kernels._C_cuda")
-    if built_error is None:
-        return None
-    if not torch.cuda.is_available():  # nothing to run it on: no point compiling it now
-        return built_error
-    problem = _load("convit_kernels._C_cuda", "convit_kernels_ext_cuda", cuda=True)
-    return problem
-
-
-def describe() -> list[str]:
-    """One line per part of the extension: which file, built for which torch and ABI (for `convit-kernels backends`)."""
-    lines = []
-    for module, what in (("convit_kernels._C", "CPU part"), ("convit_kernels._C_cuda", "CUDA part")):
-        spec = importlib.util.find_spec(module)
-        if spec is None or spec.origin is None:
-            lines.append(f"{what}: not built at install; built with ninja on first use (sources: {_CSRC})")
-            continue
-        tag = build_tag(spec.origin) or {}
-        abi = (
-            f"stable ABI, loads on torch >= {tag['min_torch']}"
-            if tag.get("abi") == "stable"
-            else f"torch's C++ ABI, loads on torch {tag.get('torch', '(unknown)')} only"
-        )
-        lines.append(f"{what}: {spec.origin} (built with torch {tag.get('torch', '(unknown)')}; {abi})")
-    return lines
-
-
-def _cuda_unavailable() -> str | None:
-    problem = load_cuda()
+def cuda_unavailable() -> str | None:
+    problem = load_cuda() or cpu_unavailable()
     if problem is None and not torch.cuda.is_available():
         return "the CUDA part is built, but there is no CUDA device"
     return problem
@@ -219,18 +37,21 @@ def _cuda_unavailable() -> str | None:
 def _register_fakes() -> None:
     @torch.library.register_fake("convit_kernels_ext::gpsa_fwd")
     def _fwd_fake(q, k, v, pos_weight, gating_param, grid_w, scale):
-        return empty_forward_outputs(q)
+        B, H, N, d = q.shape
+        return q.new_empty((B, N, H, d)), lse_state_like(q)[0]
 
     @torch.library.register_fake("convit_kernels_ext::gpsa_bwd")
     def _bwd_fake(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale):
         return empty_backward_outputs(q, pos_weight, gating_param)
 
 
-def _forward(q, k, v, pos_weight, gating_param, grid_w, scale):
-    return torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, pos_weight, gating_param, grid_w, scale)
+def _forward(q, k, v, pos_weight, gating_param, grid_w, scale, precision):
+    out, lse = torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, pos_weight, gating_param, grid_w, scale)
+    return out, [lse]
 
 
-def _backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale):
+def _backward(grad_out, q, k, v, pos_weight, gating_param, state, grid_w, scale, precision):
+    (lse,) = state
     return torch.ops.convit_kernels_ext.gpsa_bwd(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
 
 
@@ -242,7 +63,7 @@ register_backend(
         dtypes=FLOAT_DTYPES,
         forward=_forward,
         backward=_backward,
-        unavailable=load_cpu,
+        unavailable=cpu_unavailable,
     )
 )
 register_backend(
@@ -255,6 +76,6 @@ register_backend(
         backward=_backward,
         max_head_dim=128,
         min_cuda_capability=(7, 5),
-        unavailable=_cuda_unavailable,
+        unavailable=cuda_unavailable,
     )
 )

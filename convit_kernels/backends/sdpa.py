@@ -1,43 +1,25 @@
 """The "sdpa" backend: GPSA = (1 - g) SDPA(q, k, v) + g P v, exactly, on PyTorch's own attention kernels.
 
-The content branch is plain attention, so ``F.scaled_dot_product_attention``
-computes it with the best kernel the device has (FlashAttention-2, cuDNN or
-memory-efficient attention on CUDA, the flash kernel on CPU, MPS and XPU
-kernels) and differentiates it with its own backward. The positional branch is
-separable (:mod:`convit_kernels.separable`): ``P v`` is two small contractions.
-
-One custom op, ``convit_kernels::positional_mix``, takes the SDPA output O_c and
-v and returns ``(1 - g) O_c + g P v``; its backward gives
-
-    d O_c = (1 - g) dO,   dv += g P^T dO,
-    d pos_weight through the per-axis tables,  d lambda = g (1 - g) sum dO . (P v - O_c),
-
-with P v neither saved nor recomputed: sum dO . P v = sum (P^T dO) . v is read off
-the contraction that gives py's gradient. It saves O_c and v, which SDPA's
-backward keeps anyway: the backend allocates and
-saves nothing of size N x N, forward or backward, beyond what the SDPA kernel
-chosen by PyTorch does (the flash and memory-efficient kernels: nothing).
-
-What runs where: Python computes the small per-head tables and the gradients of
-pos_weight and gating_param from the tables' gradients (separable.py). The
-passes over the B x H x N x d tensors (P v and the mix; d O_c, P^T dO, the
-tables' gradients and sum dO . O_c) run as one fused C++ pass per direction
-(csrc/cpu/positional_mix_cpu.cpp, ``convit_kernels_ext::positional_mix_fwd``
-and ``_bwd``, with the tables from ``positional_tables``) for CPU tensors of
-one dtype when the extension's CPU part is built for this torch (it is never
-built from here), and as separable.py's torch contractions otherwise: other
-devices, no extension, or CONVIT_KERNELS_NO_FUSED_MIX=1.
+The content branch is ``F.scaled_dot_product_attention`` (the best kernel the device has,
+differentiated by its own backward); the positional branch is separable (:mod:`convit_kernels.separable`).
+One op pair, ``convit_kernels::positional_mix`` / ``positional_mix_bwd``, takes SDPA's output O_c
+and v and returns ``(1 - g) O_c + g P v``; it saves O_c and v, which SDPA keeps anyway, so the
+backend stores nothing of size N x N beyond what PyTorch's chosen kernel does. Its passes over the
+B x H x N x d tensors run as one fused C++ pass per direction for CPU tensors of one dtype where the
+extension's CPU part is built (csrc/cpu/positional_mix_cpu.cpp), else as separable.py's torch
+contractions (CONVIT_KERNELS_NO_FUSED_MIX forces these). docs/design.md has the backward.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
-from ..op import gates
+from .. import settings
+from ..custom_ops import define_op_pair
+from ..extension_loader import import_built
 from ..separable import (
     AxisTables,
     apply_positional,
@@ -48,7 +30,7 @@ from ..separable import (
     positional_axis_probs,
     positional_backward,
 )
-from . import FLOAT_DTYPES, Backend, register_backend
+from . import FLOAT_DTYPES, Backend, gates, register_backend
 
 __all__ = ["sdpa_gpsa", "positional_mix"]
 
@@ -64,10 +46,9 @@ def _fused_cpu_mix(*tensors: torch.Tensor):
 
     Only for CPU tensors of one dtype, and only when the extension's CPU part is
     built for this torch (never built from here: that is the "cpu" backend's
-    first use, load_cpu) and has the mix ops; CONVIT_KERNELS_NO_FUSED_MIX=1 (read
-    per call) forces the torch path.
+    first use, load_cpu) and has the mix ops; CONVIT_KERNELS_NO_FUSED_MIX forces the torch path.
     """
-    if os.environ.get("CONVIT_KERNELS_NO_FUSED_MIX", "0") not in ("", "0"):
+    if settings.enabled("CONVIT_KERNELS_NO_FUSED_MIX"):
         return None
     if any(t.device.type != "cpu" or t.dtype != tensors[0].dtype for t in tensors):
         return None
@@ -92,13 +73,10 @@ def _axis_tables(fused, pos_weight: torch.Tensor, grid_h: int, grid_w: int, acc:
 @functools.cache
 def _import_cpu_part() -> None:
     """Import the extension's CPU part where it is built for this torch; nothing when it is not."""
-    from .extension import _import_built
-
-    _import_built("convit_kernels._C")
+    import_built("convit_kernels._C")
 
 
-@torch.library.custom_op("convit_kernels::positional_mix", mutates_args=())
-def positional_mix(
+def _mix_forward(
     content: torch.Tensor,
     v: torch.Tensor,
     pos_weight: torch.Tensor,
@@ -121,13 +99,11 @@ def positional_mix(
     return out
 
 
-@positional_mix.register_fake
-def _positional_mix_fake(content, v, pos_weight, pos_bias, gating_param, grid_w):
+def _mix_forward_fake(content, v, pos_weight, pos_bias, gating_param, grid_w):
     return _bnhd_like(v, v.dtype)
 
 
-@torch.library.custom_op("convit_kernels::positional_mix_bwd", mutates_args=())
-def positional_mix_bwd(
+def _mix_backward(
     grad_out: torch.Tensor,
     content: torch.Tensor,
     v: torch.Tensor,
@@ -163,8 +139,7 @@ def positional_mix_bwd(
     return d_content, dv, d_pos_weight.to(pos_weight.dtype), d_gating.to(gating_param.dtype)
 
 
-@positional_mix_bwd.register_fake
-def _positional_mix_bwd_fake(grad_out, content, v, pos_weight, gating_param, grid_w):
+def _mix_backward_fake(grad_out, content, v, pos_weight, gating_param, grid_w):
     return (
         _bnhd_like(content, content.dtype),
         _bnhd_like(v, v.dtype),
@@ -179,16 +154,23 @@ def _mix_setup_context(ctx, inputs, output):
     ctx.grid_w = grid_w
 
 
-def _mix_backward(ctx, grad_out):
+def _mix_gradients(ctx, backward_op, grad_out):
     content, v, pos_weight, pos_bias, gating_param = ctx.saved_tensors
-    d_content, dv, dw, dgate = positional_mix_bwd(
-        grad_out.transpose(1, 2), content, v, pos_weight, gating_param, ctx.grid_w
-    )
-    # The bias is a per-row constant inside the positional softmax: its gradient is exactly zero.
+    d_content, dv, dw, dgate = backward_op(grad_out.transpose(1, 2), content, v, pos_weight, gating_param, ctx.grid_w)
+    # The bias gradient is exactly zero (docs/design.md, "The positional bias").
     return d_content.transpose(1, 2), dv.transpose(1, 2), dw, torch.zeros_like(pos_bias), dgate, None
 
 
-positional_mix.register_autograd(_mix_backward, setup_context=_mix_setup_context)
+positional_mix, positional_mix_bwd = define_op_pair(
+    "convit_kernels::positional_mix",
+    "convit_kernels::positional_mix_bwd",
+    _mix_forward,
+    _mix_forward_fake,
+    _mix_backward,
+    _mix_backward_fake,
+    _mix_setup_context,
+    _mix_gradients,
+)
 
 
 def sdpa_gpsa(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int, int], scale: float) -> torch.Tensor:

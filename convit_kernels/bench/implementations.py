@@ -8,7 +8,6 @@ given x: B x N x C). All of them share the Problem's tensors and Parameters.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -16,7 +15,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..backends import BackendError, available_backends, resolve_backend
+from ..backends import available_backends, get_backend
+from ..dispatch import not_supported_reasons
 from ..module import FusedGPSA
 from ..op import gpsa_attention
 from ..reference import gpsa_reference
@@ -142,7 +142,7 @@ def fused_backends(device_type: str) -> dict[str, str]:
             continue
         if not status.available:
             result[name] = status.reason
-        elif name == "triton" and (device_type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        elif get_backend(name).interpreted:
             result[name] = "runs under the Triton interpreter here, which is never timed"
         else:
             result[name] = None
@@ -153,11 +153,7 @@ def implementations(device_type: str, dtype: torch.dtype) -> dict[str, Implement
     """name -> Implementation of everything that can be timed on this device type and dtype."""
     impls = {}
     for name, problem in fused_backends(device_type).items():
-        if problem is None:
-            try:
-                resolve_backend(name, torch.device(device_type), dtype, 48)
-            except BackendError:  # this backend does not take this dtype
-                continue
+        if problem is None and not not_supported_reasons(name, torch.device(device_type), dtype, 48):
             impls[f"fused-{name}"] = fused(name)
     return {**impls, **BASELINES}
 

@@ -88,7 +88,7 @@ def model_depth(name: str) -> int:
 
 def check_backend(backend: str, model: str, device_type: str, dtype: torch.dtype, embed_dim=None) -> None:
     """Before any work: the fused GPSA backend runs on this device and dtype, at this model's head dim."""
-    from convit_kernels.backends import resolve_backend
+    from convit_kernels.dispatch import resolve_backend
 
     try:
         resolve_backend(backend, torch.device(device_type), dtype, head_dim(model, embed_dim))

@@ -1,29 +1,20 @@
-"""The "torch" backend: the op pair's forward and backward in plain tensor ops, any device.
+"""The plain-tensor backends: "torch", the op pair in tensor ops, and "reference", timm's math.
 
-It keeps exactly the state the fused kernels keep (lse), mixes the normalised
-content softmax with a dense P before one product with v, and takes the
-backward's row deltas from the recomputed tiles, as the kernels do; so it is
-the executable specification of the op interface (:mod:`convit_kernels.op`)
-and the op's implementation where no kernel serves. It builds B x H x N x N
-tensors: ``sdpa`` is the fast composite for such devices.
-
-Its content softmax is normalised from the whole recomputed row (its exact
-maximum), forward and backward, never as ``exp(s - lse)``: where logits reach
-1e4 (q and k scaled by 100) the float32 rounding of lse, about 1e-3, exceeds
-the weights of all but the largest key, and a saturated row would lose its dq
-and dk. A kernel that tiles the row has to keep its maximum and its sum apart
-for the same reason. The backward does not read lse, so autograd can
-differentiate it (the op's double backward runs it).
+"torch" keeps the op-pair contract (:mod:`convit_kernels.backends`) with dense N x N tiles: it
+is the contract's executable specification and the op where no kernel serves; its backward
+recomputes both softmaxes from q and k and reads no state, so autograd can differentiate it (the
+fused op's double backward runs it). It normalises each content row from its exact maximum, never
+as ``exp(s - lse)`` (docs/design.md, "Saturated rows"). "reference" is
+:func:`convit_kernels.reference.gpsa_reference` through autograd.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..op import gates
-from ..reference import relative_positions
+from ..reference import gpsa_reference, relative_positions
 from ..separable import compute_dtype, dense_positional_probs, positional_axis_probs
-from . import FLOAT_DTYPES, Backend, register_backend
+from . import FLOAT_DTYPES, Backend, gates, register_backend
 
 __all__ = ["gpsa_forward_torch", "gpsa_backward_torch"]
 
@@ -32,8 +23,8 @@ def _positional(pos_weight: torch.Tensor, N: int, grid_w: int, acc: torch.dtype)
     return dense_positional_probs(positional_axis_probs(pos_weight, N // grid_w, grid_w, acc))
 
 
-def gpsa_forward_torch(q, k, v, pos_weight, gating_param, grid_w: int, scale: float):
-    """The op's forward with tensor ops; see convit_kernels.op for the interface."""
+def gpsa_forward_torch(q, k, v, pos_weight, gating_param, grid_w: int, scale: float, precision: str = "highest"):
+    """The op pair's forward with tensor ops; state: [lse] (B x H x N)."""
     acc = compute_dtype(q.dtype)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     logits = (qf @ kf.transpose(-2, -1)) * scale
@@ -41,11 +32,13 @@ def gpsa_forward_torch(q, k, v, pos_weight, gating_param, grid_w: int, scale: fl
     g, one_minus_g = gates(gating_param, acc)
     mixed = one_minus_g * logits.softmax(-1) + g * _positional(pos_weight, q.shape[2], grid_w, acc)
     out = mixed @ vf
-    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
+    return out.transpose(1, 2).to(q.dtype).contiguous(), [lse]
 
 
-def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w: int, scale: float):
-    """The op's backward with tensor ops, following docs/design.md's derivation."""
+def gpsa_backward_torch(
+    grad_out, q, k, v, pos_weight, gating_param, state, grid_w: int, scale: float, precision: str = "highest"
+):
+    """The op pair's backward with tensor ops, following docs/design.md's derivation; reads no state."""
     acc = compute_dtype(q.dtype)
     N = q.shape[2]
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
@@ -88,5 +81,14 @@ register_backend(
         dtypes=FLOAT_DTYPES,
         forward=gpsa_forward_torch,
         backward=gpsa_backward_torch,
+    )
+)
+register_backend(
+    Backend(
+        "reference",
+        "timm's math through autograd (B x H x N x N tensors; the specification every backend is tested against)",
+        devices=None,
+        dtypes=FLOAT_DTYPES,
+        attention=gpsa_reference,
     )
 )

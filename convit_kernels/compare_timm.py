@@ -1,4 +1,4 @@
-"""`convit-kernels check` and `convit-kernels backends`: what runs here, and does it agree with timm."""
+"""`convit-kernels compare-timm` (alias `check`): FusedGPSA against timm's GPSA on one ConViT-Ti layer."""
 
 from __future__ import annotations
 
@@ -8,48 +8,11 @@ import time
 
 import torch
 
-from . import self_check
-from .backends import BACKEND_NAMES, BackendError, auto_policy, available_backends, explain_auto, resolve_backend
-from .module import FusedGPSA
+from .backends import BACKEND_NAMES, BackendError
+from .dispatch import resolve_backend
+from .module import FusedGPSA, timm_convit
 
-# What `backends` asks auto about: ConViT's head dim, and the dtypes a model trains in.
-_AUTO_HEAD_DIM = 48
-_AUTO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _devices():
-    return [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-
-
-def main_backends(argv=None) -> int:
-    argparse.ArgumentParser(
-        prog="convit-kernels backends",
-        description="List the GPSA backends, which ones run here, and what backend='auto' picks on each device.",
-    ).parse_args(argv)
-    for name, status in available_backends().items():
-        print(f"{name:10s} {'yes' if status.available else 'no ':3s}  {status.reason}")
-    from .backends import extension
-
-    print(f"\nC++/CUDA extension (this torch: {torch.__version__}):")
-    for line in extension.describe():
-        print(f"  {line}")
-    print(f"\nbackend='auto' (head dim {_AUTO_HEAD_DIM}):")
-    for device in _devices():
-        print(f"  on {device}: {auto_policy(device.type)}")
-        for dtype in _AUTO_DTYPES:
-            name, skipped = explain_auto(device, dtype, _AUTO_HEAD_DIM)
-            why = f" (skipped {'; '.join(skipped)})" if skipped else ""
-            if name in self_check.CHECKED_BACKENDS:  # what auto runs after the on-device check, at N = 196
-                verified = self_check.checked_backend(name, device, dtype, _AUTO_HEAD_DIM, 196, 14)
-                why += "" if verified == name else f" -> {verified} (failed its on-device check)"
-            print(f"    {str(dtype).replace('torch.', ''):9s} -> {name}{why}")
-    print(f"\non-device checks ({self_check.MODE_ENV}={self_check.mode()}):")
-    for line in self_check.describe() or ["none in this process (they run on CUDA devices only)"]:
-        print(f"  {line}")
-    return 0
-
-
-# Agreement `check` requires in float32, as a fraction of each tensor's largest value: the tests hold the
+# Agreement `compare-timm` requires in float32, as a fraction of each tensor's largest value: the tests hold the
 # backends to 2e-5 on the CPU and to 1e-4 on GPUs, where Triton's fp32 dots run as 3xTF32.
 TOLERANCE = 1e-4
 
@@ -94,14 +57,19 @@ def _compare(timm_run, fused_run) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="convit-kernels check",
+        prog="convit-kernels compare-timm",
         description="Run timm's GPSA and FusedGPSA on one ConViT-Ti layer (dim 192, 4 heads, 14 x 14 patches), "
         f"print how far apart their outputs and gradients are, and exit 1 if any is beyond {TOLERANCE:g} "
         "of its scale.",
     )
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=8, help="images per batch (default: %(default)s)")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto",) + BACKEND_NAMES,
+        help="FusedGPSA's backend (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be at least 1")
@@ -111,10 +79,8 @@ def main(argv=None) -> int:
     except BackendError as exc:
         parser.error(str(exc))
 
-    from .module import _timm_convit
-
     torch.manual_seed(args.seed)
-    stock = _timm_convit().GPSA(192, num_heads=4, locality_strength=1.0, device=device)
+    stock = timm_convit().GPSA(192, num_heads=4, locality_strength=1.0, device=device)
     stock.local_init()
     fused = FusedGPSA.from_gpsa(copy.deepcopy(stock), backend=backend)
     x = torch.randn(args.batch, 196, 192, device=device)

@@ -1,0 +1,60 @@
+"""The "triton" backend: (1 - g) FlashAttention-2 Triton kernels + g separable P v mixed in their epilogues.
+
+An op-pair backend whose state is [O_c (B x N x H x d), lse2 (B x H x N, fp32, log2 units)]: the
+dk/dv and dq kernels read both (docs/design.md, "Triton kernels"). Runs on CUDA GPUs of sm_80 and
+newer, and on CPU tensors when TRITON_INTERPRET=1 was set before import (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import HALF_AND_FLOAT, Backend, register_backend
+from .configs import INTERPRET, MAX_HEAD_DIM
+from .launch import dot_precision, gpsa_backward, gpsa_forward
+
+__all__ = ["INTERPRET"]
+
+
+def _forward(q, k, v, pos_weight, gating_param, grid_w, scale, precision):
+    dots = dot_precision(q.dtype, precision)
+    out, content, lse2 = gpsa_forward(q, k, v, pos_weight, gating_param, grid_w, scale, dots)
+    return out, [content, lse2]
+
+
+def _backward(grad_out, q, k, v, pos_weight, gating_param, state, grid_w, scale, precision):
+    content, lse2 = state
+    dots = dot_precision(q.dtype, precision)
+    return gpsa_backward(grad_out, q, k, v, content, lse2, pos_weight, gating_param, grid_w, scale, dots)
+
+
+def _state_like(q: torch.Tensor) -> list[torch.Tensor]:
+    B, H, N, d = q.shape
+    return [q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=torch.float32)]
+
+
+def _unavailable() -> str | None:
+    if INTERPRET or torch.cuda.is_available():
+        return None
+    return (
+        "no CUDA GPU here (set TRITON_INTERPRET=1 before import to run the kernels on CPU tensors "
+        "in Triton's interpreter)"
+    )
+
+
+register_backend(
+    Backend(
+        "triton",
+        "(1 - g) FlashAttention-2 Triton kernels + g separable P v in their epilogues (sm_80+; "
+        "CPU tensors under TRITON_INTERPRET=1)",
+        devices=("cuda", "cpu") if INTERPRET else ("cuda",),
+        dtypes=HALF_AND_FLOAT,
+        forward=_forward,
+        backward=_backward,
+        state_like=_state_like,
+        max_head_dim=MAX_HEAD_DIM,
+        min_cuda_capability=(8, 0),
+        interpreted=INTERPRET,
+        unavailable=_unavailable,
+    )
+)

@@ -1,0 +1,166 @@
+"""The fused GPSA op: one custom-op pair and one autograd path over every op-pair backend.
+
+``convit_kernels::gpsa_fwd`` / ``gpsa_bwd`` run the op-pair backend they name; the tensors saved
+between them are that backend's own ``state`` (:mod:`convit_kernels.backends`). A backward with
+``create_graph=True`` runs the torch backend's backward, tensor ops that recompute the softmaxes
+and read no state, so double backward works through every op-pair backend. A scripted
+``FusedGPSA`` calls ``gpsa_fwd`` itself with its backend, "auto" included: the op runs what
+:func:`convit_kernels.dispatch.choose` picks, or refuses in one line where that is a composite.
+:func:`attention` is the path of every :func:`convit_kernels.gpsa_attention` call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import dispatch
+from .backends import Backend, BackendError, empty_backward_outputs, get_backend
+from .custom_ops import define_op_pair
+
+__all__ = ["gpsa_fwd", "gpsa_bwd", "attention", "op_pair_backend", "is_finite_positive"]
+
+
+def is_finite_positive(x) -> bool:
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return False
+    # Comparisons, not math.isfinite: torch.compile traces them on a symbolic float. NaN fails both.
+    return 0 < value < math.inf
+
+
+def op_pair_backend(backend: str, q: torch.Tensor, grid_w: int) -> Backend:
+    """The op-pair backend the op runs for ``backend`` (a name, or "auto" from a scripted FusedGPSA)."""
+    name = dispatch.choose(backend, q.device, q.dtype, q.shape[-1], q.shape[2], grid_w)
+    impl = get_backend(name)
+    if impl.is_op_pair:
+        return impl
+    what = f"backend {name!r} is" if backend == name else f"backend {backend!r} picks {name!r} here, which is"
+    raise BackendError(
+        f"{what} a composite of torch ops, not an op pair: convit_kernels::gpsa_fwd (which a scripted FusedGPSA "
+        "calls) runs op-pair backends only; name one of them, or do not script the layer"
+    )
+
+
+def _precision(precision: str) -> str:
+    """The fp32 matmul precision of a call: given by :func:`attention`, read now when a scripted call gives ""."""
+    return precision or torch.get_float32_matmul_precision()
+
+
+def _check_op_arguments(q: torch.Tensor, grid_w: int, scale: float) -> None:
+    """What a direct call of the op (a scripted FusedGPSA's) skips in gpsa_attention's checks."""
+    if not is_finite_positive(scale):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    if grid_w < 1 or q.shape[2] % grid_w:
+        raise ValueError(f"grid_w = {grid_w} does not divide the N = {q.shape[2]} patches into whole rows")
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos_weight: torch.Tensor,
+    pos_bias: torch.Tensor,
+    gating_param: torch.Tensor,
+    grid_w: int,
+    scale: float,
+    backend: str,
+    precision: str = "",
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Fused GPSA forward; returns (out B x N x H x d, the backend's state). pos_bias: for its (zero) gradient."""
+    _check_op_arguments(q, grid_w, scale)
+    impl = op_pair_backend(backend, q, grid_w)
+    out, state = impl.forward(q, k, v, pos_weight, gating_param, grid_w, scale, _precision(precision))
+    return out, list(state)
+
+
+def _forward_fake(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, backend, precision=""):
+    B, H, N, d = q.shape
+    return q.new_empty((B, N, H, d)), op_pair_backend(backend, q, grid_w).state_like(q)
+
+
+def _backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos_weight: torch.Tensor,
+    gating_param: torch.Tensor,
+    state: list[torch.Tensor],
+    grid_w: int,
+    scale: float,
+    backend: str,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused GPSA backward; returns (dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
+    impl = get_backend(backend)
+    return impl.backward(grad_out, q, k, v, pos_weight, gating_param, state, grid_w, scale, precision)
+
+
+def _backward_fake(grad_out, q, k, v, pos_weight, gating_param, state, grid_w, scale, backend, precision):
+    return empty_backward_outputs(q, pos_weight, gating_param)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, backend, precision = inputs
+    _, state = output
+    ctx.save_for_backward(q, k, v, pos_weight, pos_bias, gating_param, *state)
+    ctx.grid_w, ctx.scale = grid_w, scale
+    ctx.backend = op_pair_backend(backend, q, grid_w).name
+    ctx.precision = _precision(precision)
+
+
+def _gradients(ctx, backward_op, grad_out, _grad_state):
+    q, k, v, pos_weight, pos_bias, gating_param, *state = ctx.saved_tensors
+    # Backends take dO in the dtype of q (autograd may hand another one, e.g. under AMP).
+    args = (grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, state, ctx.grid_w, ctx.scale)
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        dq, dk, dv, dw, dgate = get_backend("torch").backward(*args, ctx.precision)
+    else:
+        dq, dk, dv, dw, dgate = backward_op(*args, ctx.backend, ctx.precision)
+    # The bias gradient is exactly zero (docs/design.md, "The positional bias").
+    db = torch.zeros_like(pos_bias)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dw, db, dgate, None, None, None, None
+
+
+gpsa_fwd, gpsa_bwd = define_op_pair(
+    "convit_kernels::gpsa_fwd",
+    "convit_kernels::gpsa_bwd",
+    _forward,
+    _forward_fake,
+    _backward,
+    _backward_fake,
+    _setup_context,
+    _gradients,
+)
+
+
+@torch.compiler.assume_constant_result
+def _fp32_matmul_precision() -> str:
+    """torch's setting, read when a compiled graph is traced (as Inductor reads it for its own matmuls)."""
+    return torch.get_float32_matmul_precision()
+
+
+def _under_functorch_transform() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is tracing this call."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active()
+
+
+def attention(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int, int], scale: float, backend: str):
+    """GPSA of checked inputs through the backend :func:`dispatch.choose` picks; B x H x N x d."""
+    grid_w = grid_size[1]
+    name = dispatch.choose(backend, q.device, q.dtype, q.shape[-1], q.shape[2], grid_w)
+    impl = get_backend(name)
+    if name != "reference" and _under_functorch_transform():
+        # Custom ops with autograd reject torch.func transforms: the torch backend's forward is
+        # tensor ops, which every transform sees through.
+        out, _ = get_backend("torch").forward(q, k, v, pos_weight, gating_param, grid_w, scale, "highest")
+        return out.transpose(1, 2)
+    if not impl.is_op_pair:
+        return impl.attention(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
+    out, _ = gpsa_fwd(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, name, _fp32_matmul_precision())
+    return out.transpose(1, 2)

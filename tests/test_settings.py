@@ -1,0 +1,81 @@
+"""Every CONVIT_KERNELS_* variable: one module reads it, one rule, one README table, nothing written."""
+
+import pathlib
+import re
+
+import pytest
+
+from convit_kernels import settings
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SOURCES = [
+    p
+    for pattern in (
+        "convit_kernels/**/*.py",
+        "csrc/**/*.py",
+        "csrc/**/*.cpp",
+        "csrc/**/*.cu",
+        "csrc/**/*.h",
+        "setup.py",
+    )
+    for p in ROOT.glob(pattern)
+]
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", " on ", "strict"])
+def test_true_spellings(monkeypatch, value):
+    monkeypatch.setenv("CONVIT_KERNELS_SELF_CHECK", value)
+    assert settings.enabled("CONVIT_KERNELS_SELF_CHECK")
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", "off", ""])
+def test_false_spellings(monkeypatch, value):
+    monkeypatch.setenv("CONVIT_KERNELS_NO_FUSED_MIX", value)
+    assert not settings.enabled("CONVIT_KERNELS_NO_FUSED_MIX")
+    monkeypatch.setenv("CONVIT_KERNELS_SELF_CHECK", value)
+    assert settings.self_check_mode() == "off"
+
+
+@pytest.mark.parametrize("name", sorted(settings.SETTINGS))
+def test_unknown_values_are_refused_in_one_line(monkeypatch, name):
+    monkeypatch.setenv(name, "maybe")
+    with pytest.raises(settings.SettingError, match=f"^{name} must be .* got 'maybe'$"):
+        settings.enabled(name)
+
+
+def test_self_check_modes(monkeypatch):
+    for value, mode in (("1", "on"), ("strict", "strict"), ("0", "off")):
+        monkeypatch.setenv("CONVIT_KERNELS_SELF_CHECK", value)
+        assert settings.self_check_mode() == mode
+    monkeypatch.delenv("CONVIT_KERNELS_SELF_CHECK")
+    assert settings.self_check_mode() == "on"
+
+
+def test_only_the_settings_module_reads_them_and_nothing_writes_the_environment():
+    readers, writers = [], []
+    for path in SOURCES:
+        text = path.read_text()
+        relative = path.relative_to(ROOT)
+        if path.name != "settings.py" and re.search(r"(environ|getenv)[^\n]*CONVIT_KERNELS_", text):
+            readers.append(str(relative))
+        if re.search(r"os\.environ\[[^\]]+\]\s*=|os\.environ\.(setdefault|update)|os\.putenv|setenv\(", text):
+            writers.append(str(relative))
+    assert not readers, f"CONVIT_KERNELS_* read outside convit_kernels/settings.py: {readers}"
+    assert not writers, f"the process environment is written in: {writers}"
+
+
+def test_every_variable_is_in_the_readme_table_and_every_used_one_is_declared():
+    readme = (ROOT / "README.md").read_text()
+    for name in settings.SETTINGS:
+        assert re.search(rf"^\| `{name}` \|", readme, re.MULTILINE), name
+    used = set()
+    for path in SOURCES:
+        used.update(re.findall(r"CONVIT_KERNELS_[A-Z_]+[A-Z]", path.read_text()))
+    build_macros = {  # C++ macros of the build tag, not settings
+        n
+        for n in used
+        if n.startswith(
+            ("CONVIT_KERNELS_TORCH_", "CONVIT_KERNELS_TARGET_", "CONVIT_KERNELS_BUILD", "CONVIT_KERNELS_STR")
+        )
+    }
+    assert used - build_macros <= set(settings.SETTINGS), used - build_macros - set(settings.SETTINGS)
