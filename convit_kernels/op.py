@@ -44,6 +44,7 @@ import torch
 
 from . import self_check
 from .backends import FLOAT_DTYPES, Backend, BackendError, get_backend, resolve_backend
+from .onnx_export import exporting_to_onnx
 from .separable import compute_dtype
 
 __all__ = [
@@ -323,6 +324,10 @@ def gpsa_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = _autocast(q, k, v)
     name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    if exporting_to_onnx():  # ONNX has no custom ops: every backend exports as SDPA and torch contractions
+        from .backends.sdpa import sdpa_gpsa_decomposed  # here, not on top: sdpa.py imports gates from op.py
+
+        return sdpa_gpsa_decomposed(q, k, v, pos_weight, gating_param, (grid_h, grid_w), scale)
     if name != "reference" and _under_functorch_transform():
         # torch.library custom ops with autograd (the op pair, sdpa's mix) reject torch.func
         # transforms: run the torch backend's forward as tensor ops, which every transform sees through.
