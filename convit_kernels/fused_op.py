@@ -17,6 +17,7 @@ import torch
 
 from . import dispatch
 from .backends import Backend, BackendError, empty_backward_outputs, get_backend
+from .backends.sdpa import sdpa_gpsa_decomposed
 from .custom_ops import define_op_pair
 
 __all__ = ["gpsa_fwd", "gpsa_bwd", "attention", "op_pair_backend", "is_finite_positive"]
@@ -155,6 +156,11 @@ def attention(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int,
     grid_w = grid_size[1]
     name = dispatch.choose(backend, q.device, q.dtype, q.shape[-1], q.shape[2], grid_w)
     impl = get_backend(name)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no custom ops: every backend exports as SDPA and the separable contractions. The flag is
+        # set for the whole torch.onnx.export (its non-strict torch.export capture included); under Dynamo
+        # it reads False, so torch.compile and torch.export keep the fused op.
+        return sdpa_gpsa_decomposed(q, k, v, pos_weight, gating_param, grid_size, scale)
     if name != "reference" and _under_functorch_transform():
         # Custom ops with autograd reject torch.func transforms: the torch backend's forward is
         # tensor ops, which every transform sees through.

@@ -84,10 +84,10 @@ def head_major(x: torch.Tensor, grid_h: int, dtype: torch.dtype) -> torch.Tensor
     rest (the other axis, the batch, d) form one wide GEMM operand, so every
     product below is a view of it, no further copy.
     """
-    B, H, N, d = x.shape
-    out = torch.empty((H, grid_h, N // grid_h, B, d), device=x.device, dtype=dtype)
-    out.permute(3, 0, 1, 2, 4).copy_(x.unflatten(2, (grid_h, N // grid_h)))
-    return out
+    grid = x.unflatten(2, (grid_h, x.shape[2] // grid_h)).permute(1, 2, 3, 0, 4)
+    # One copy that casts and lays out; not copy_ into an empty, which torch.jit.trace (so the TorchScript
+    # ONNX exporter) loses. copy=True: without it, to() returns a same-dtype permuted view as it is.
+    return grid.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def bhnd(x_hm: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ backend stores nothing of size N x N beyond what PyTorch's chosen kernel does. I
 B x H x N x d tensors run as one fused C++ pass per direction for CPU tensors of one dtype where the
 extension's CPU part is built (csrc/cpu/positional_mix_cpu.cpp), else as separable.py's torch
 contractions (CONVIT_KERNELS_NO_FUSED_MIX forces these). docs/design.md has the backward.
+:func:`sdpa_gpsa_decomposed` is the same math in standard ops alone, for the ONNX exporters.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..separable import (
 )
 from . import FLOAT_DTYPES, Backend, gates, register_backend
 
-__all__ = ["sdpa_gpsa", "positional_mix"]
+__all__ = ["sdpa_gpsa", "sdpa_gpsa_decomposed", "positional_mix"]
 
 
 def _bnhd_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -76,6 +77,19 @@ def _import_cpu_part() -> None:
     import_built("convit_kernels._C")
 
 
+def _gated_tables(fused, pos_weight: torch.Tensor, gating_param: torch.Tensor, grid_h: int, grid_w: int, acc):
+    """(the axis tables of g P, 1 - g): g P = (g py) (x) px, the gate rides on a small table."""
+    g, one_minus_g = gates(gating_param, acc)
+    px, py = _axis_tables(fused, pos_weight, grid_h, grid_w, acc)
+    return AxisTables(px, py * g.view(-1, 1, 1)), one_minus_g
+
+
+def _mix(content: torch.Tensor, v: torch.Tensor, gated: AxisTables, one_minus_g: torch.Tensor, out=None):
+    """(1 - g) content + g P v by separable.py's torch contractions, B x H x N x d; into ``out`` if given."""
+    positional = bhnd(apply_positional(gated, head_major(v, gated.py.shape[1], gated.py.dtype)))  # g P v
+    return torch.addcmul(positional, content, one_minus_g, out=out)
+
+
 def _mix_forward(
     content: torch.Tensor,
     v: torch.Tensor,
@@ -85,17 +99,14 @@ def _mix_forward(
     grid_w: int,
 ) -> torch.Tensor:
     """(1 - g) content + g P v for B x H x N x d content and v; returns B x N x H x d in v's dtype."""
-    acc = compute_dtype(v.dtype)
-    grid_h = v.shape[2] // grid_w
-    g, one_minus_g = gates(gating_param, acc)
     fused = _fused_cpu_mix(content, v)
-    px, py = _axis_tables(fused, pos_weight, grid_h, grid_w, acc)
-    gated = AxisTables(px, py * g.view(-1, 1, 1))  # g P = (g py) (x) px: the gate rides on a small table
+    gated, one_minus_g = _gated_tables(
+        fused, pos_weight, gating_param, v.shape[2] // grid_w, grid_w, compute_dtype(v.dtype)
+    )
     if fused is not None:  # one pass over v and content (csrc/cpu/positional_mix_cpu.cpp)
         return fused.positional_mix_fwd(content, v, gated.px, gated.py, one_minus_g.view(-1))
-    positional = bhnd(apply_positional(gated, head_major(v, grid_h, acc)))  # g P v
     out = _bnhd_like(v, v.dtype)
-    torch.addcmul(positional, content, one_minus_g, out=out.transpose(1, 2))
+    _mix(content, v, gated, one_minus_g, out=out.transpose(1, 2))
     return out
 
 
@@ -177,6 +188,17 @@ def sdpa_gpsa(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int,
     """GPSA as SDPA's content attention mixed with the separable positional branch; B x H x N x d view."""
     content = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return positional_mix(content, v, pos_weight, pos_bias, gating_param, grid_size[1]).transpose(1, 2)
+
+
+def sdpa_gpsa_decomposed(q, k, v, pos_weight, gating_param, grid_size: tuple[int, int], scale: float) -> torch.Tensor:
+    """GPSA in standard ops alone, no custom op: ``(1 - g) SDPA(q, k, v) + g P v``, B x H x N x d in v's dtype.
+
+    What :func:`gpsa_attention` runs while an ONNX exporter traces it (:func:`convit_kernels.fused_op.attention`):
+    the "sdpa" backend's math with the mix as torch ops that autograd differentiates. pos_bias cancels.
+    """
+    content = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    gated, one_minus_g = _gated_tables(None, pos_weight, gating_param, *grid_size, compute_dtype(v.dtype))
+    return _mix(content, v, gated, one_minus_g).to(v.dtype)
 
 
 register_backend(
