@@ -71,6 +71,20 @@ def test_the_op_resolves_auto_and_refuses_a_composite():
         torch.ops.convit_kernels.gpsa_fwd(q, k, v, *params, 4, float("nan"), "auto")
 
 
+def test_the_op_refuses_auto_where_auto_picks_a_composite(monkeypatch):
+    """Where auto's choice is sdpa (here: no C++ extension), a scripted layer refuses in one line, never runs torch."""
+    import dataclasses
+
+    from convit_kernels import backends
+
+    described = backends.get_backend("cpu")
+    monkeypatch.setitem(backends._BACKENDS, "cpu", dataclasses.replace(described, unavailable=lambda: "not built"))
+    q, k, v = torch.randn(3, 1, 2, 16, 8).unbind(0)
+    params = (torch.randn(2, 3), torch.zeros(2), torch.zeros(2))
+    with pytest.raises(BackendError, match="backend 'auto' picks 'sdpa' here, which is a composite of torch ops"):
+        torch.ops.convit_kernels.gpsa_fwd(q, k, v, *params, 4, 0.5, "auto")
+
+
 def test_scripted_layer_with_attention_dropout_in_training_says_why_it_cannot_run():
     scripted = torch.jit.script(_layer(attn_drop=0.1).train())
     with pytest.raises(torch.jit.Error, match="cannot drop attention weights in training"):
