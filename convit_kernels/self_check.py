@@ -12,7 +12,8 @@ call's own N covers the path the call runs. On a mismatch, or an exception,
 ``auto`` uses ``sdpa`` for that combination from then on and warns once; a
 training step never raises for it. ``convit-kernels gpu-check`` stores its
 verdicts in a JSON file per device name in the user's cache folder
-(:func:`cache_path`), which later processes read instead of checking again.
+(:func:`cache_path`), which later processes read instead of checking again; a file
+they cannot read or write never breaks a call (:mod:`convit_kernels.verdict_cache`).
 
 ``CONVIT_KERNELS_SELF_CHECK``: ``1`` (default) checks, ``0`` trusts the kernels
 (benchmarks), ``strict`` raises :class:`~convit_kernels.backends.BackendError`
@@ -21,15 +22,13 @@ instead of falling back.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from . import _version, backends
+from . import _version, backends, verdict_cache
 from .accuracy import gate
 from .backends import BackendError
 
@@ -98,37 +97,25 @@ def device_name(device: torch.device) -> str:
 
 def cache_path(name: str) -> str:
     """The verdict file of a device name: $XDG_CACHE_HOME (or ~/.cache)/convit_kernels/self-check/<name>.json."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "convit_kernels", "self-check", re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".json")
+    return verdict_cache.cache_path(name)
 
 
 def _stack() -> dict:
     """What a stored verdict is valid for: verdicts of other versions are ignored."""
-    import triton
-
-    return {"convit_kernels": _version.__version__, "torch": torch.__version__, "triton": triton.__version__}
-
-
-def store_verdicts(name: str, found: dict[Combination, Verdict]) -> str:
-    """Merge ``found`` into the device's verdict file (written atomically); returns its path."""
-    path = cache_path(name)
-    stored = _read(path)
-    stored.update({c.key(): {"passed": v.passed, "detail": v.detail} for c, v in found.items()})
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = f"{path}.{os.getpid()}.tmp"
-    with open(partial, "w") as f:
-        json.dump({"stack": _stack(), "verdicts": stored}, f, indent=1, sort_keys=True)
-    os.replace(partial, path)
-    return path
-
-
-def _read(path: str) -> dict:
     try:
-        with open(path) as f:
-            content = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return content.get("verdicts", {}) if content.get("stack") == _stack() else {}
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # the cuda backend is checked where triton is not installed (no aarch64 dependency)
+        triton_version = None
+    return {"convit_kernels": _version.__version__, "torch": torch.__version__, "triton": triton_version}
+
+
+def store_verdicts(name: str, found: dict[Combination, Verdict]) -> str | None:
+    """Merge ``found`` into the device's verdict file (written atomically); its path, or None (and a warning)."""
+    path = cache_path(name)
+    stored = verdict_cache.store_verdicts(path, _stack(), {c.key(): (v.passed, v.detail) for c, v in found.items()})
+    return path if stored else None
 
 
 def verdicts() -> dict[Combination, Verdict]:
@@ -184,9 +171,9 @@ def _verdict(combination: Combination, device: torch.device, dtype: torch.dtype)
     if combination in _VERDICTS:
         return _VERDICTS[combination]
     path = cache_path(combination.device_name)
-    stored = _read(path).get(combination.key())
+    stored = verdict_cache.read_verdicts(path, _stack()).get(combination.key())
     if stored is not None:
-        verdict = Verdict(stored["passed"], stored["detail"], path)
+        verdict = Verdict(*stored, path)
     else:
         c = combination
         try:
@@ -284,6 +271,9 @@ def main(argv=None) -> int:
         device = torch.device("cuda", index)
         found = check_and_store(device)
         failed += sum(not v.passed for v in found.values())
-        print(f"{device_name(device)}: {len(found)} combinations checked, stored in {cache_path(device_name(device))}")
+        path = cache_path(device_name(device))
+        held = verdict_cache.read_verdicts(path, _stack())
+        where = f"stored in {path}" if all(c.key() in held for c in found) else "not stored (see the warning)"
+        print(f"{device_name(device)}: {len(found)} combinations checked, {where}")
     print("\n".join(describe()))
     return 1 if failed else 0
