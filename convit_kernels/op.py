@@ -38,6 +38,7 @@ d pos_bias is exactly zero (the bias cancels in the positional softmax); the op 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -123,15 +124,25 @@ def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, sc
     if grid_size is None:
         side = square_grid_side(N)
         return side, side
-    if (
-        not isinstance(grid_size, Sequence)
-        or len(grid_size) != 2
-        or not all(isinstance(s, int) and s > 0 for s in grid_size)
-    ):
+    if not isinstance(grid_size, Sequence) or len(grid_size) != 2 or not all(map(_is_positive_int, grid_size)):
         raise ValueError(f"grid_size must be a pair of positive ints (rows, cols), got {grid_size!r}")
-    if grid_size[0] * grid_size[1] != N:
-        raise ValueError(f"grid_size {tuple(grid_size)} has {grid_size[0] * grid_size[1]} patches, but N = {N}")
-    return int(grid_size[0]), int(grid_size[1])
+    grid_h, grid_w = int(grid_size[0]), int(grid_size[1])  # int before the product: numpy's uint8 would wrap
+    if grid_h * grid_w != N:
+        raise ValueError(f"grid_size {(grid_h, grid_w)} has {grid_h * grid_w} patches, but N = {N}")
+    return grid_h, grid_w
+
+
+def _is_positive_int(x) -> bool:
+    """An int > 0 of any integer type (numpy's included); not a bool, which would count as a side of 1."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0
+
+
+def _check_op_pair_args(tokens: int, grid_w: int, scale: float) -> None:
+    """What the op pair checks itself: a scripted FusedGPSA calls it without check_inputs."""
+    if not _is_finite_positive(scale):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    if not (grid_w > 0 and tokens % grid_w == 0):
+        raise ValueError(f"grid_w must be a positive divisor of N = {tokens}, got {grid_w}")
 
 
 # ---------------------------------------------------------------- torch.library registration
@@ -170,8 +181,7 @@ def gpsa_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused GPSA forward; returns (out B x N x H x d, lse B x H x N)."""
-    if not _is_finite_positive(scale):  # a scripted FusedGPSA calls the op without check_inputs
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    _check_op_pair_args(q.shape[2], grid_w, scale)
     return op_pair_backend(backend, q).forward(q, k, v, pos_weight, gating_param, grid_w, scale)
 
 
@@ -237,6 +247,7 @@ def gpsa_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused GPSA backward; returns (dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
+    _check_op_pair_args(q.shape[2], grid_w, scale)
     return op_pair_backend(backend, q).backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
 
 
