@@ -186,15 +186,20 @@ def verdicts() -> dict[Combination, Verdict]:
 
 def _stack() -> dict:
     """What a stored verdict is valid for: verdicts of other versions are ignored."""
-    import triton
+    try:
+        import triton
 
-    return {"convit_kernels": _version.__version__, "torch": torch.__version__, "triton": triton.__version__}
+        triton_version = triton.__version__
+    except ImportError:  # the cuda backend is checked where triton is not installed (no aarch64 dependency)
+        triton_version = None
+    return {"convit_kernels": _version.__version__, "torch": torch.__version__, "triton": triton_version}
 
 
-def store_verdicts(name: str, found: dict[Combination, Verdict]) -> str:
-    """Merge ``found`` into the verdict file of device ``name``; returns its path."""
-    entries = {c.key(): {"passed": v.passed, "detail": v.detail} for c, v in found.items()}
-    return verdict_cache.store_verdicts(verdict_cache.cache_path(name), _stack(), entries)
+def store_verdicts(name: str, found: dict[Combination, Verdict]) -> str | None:
+    """Merge ``found`` into the verdict file of device ``name``; its path, or None (it warned) where it could not."""
+    path = verdict_cache.cache_path(name)
+    stored = verdict_cache.store_verdicts(path, _stack(), {c.key(): (v.passed, v.detail) for c, v in found.items()})
+    return path if stored else None
 
 
 def _inputs(device, dtype, head_dim, tokens, seed=0):
@@ -263,7 +268,7 @@ def _verdict(combination: Combination, device: torch.device, dtype: torch.dtype)
     path = verdict_cache.cache_path(combination.device_name)
     stored = verdict_cache.read_verdicts(path, _stack()).get(combination.key())
     if stored is not None:
-        verdict = Verdict(stored["passed"], stored["detail"], path)
+        verdict = Verdict(*stored, path)
     else:
         c = combination
         try:

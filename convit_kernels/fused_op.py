@@ -54,8 +54,8 @@ def _check_op_arguments(q: torch.Tensor, grid_w: int, scale: float) -> None:
     """What a direct call of the op (a scripted FusedGPSA's) skips in gpsa_attention's checks."""
     if not is_finite_positive(scale):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-    if grid_w < 1 or q.shape[2] % grid_w:
-        raise ValueError(f"grid_w = {grid_w} does not divide the N = {q.shape[2]} patches into whole rows")
+    if not (grid_w > 0 and q.shape[2] % grid_w == 0):
+        raise ValueError(f"grid_w must be a positive divisor of N = {q.shape[2]}, got {grid_w}")
 
 
 def _forward(
@@ -93,14 +93,15 @@ def _backward(
     grid_w: int,
     scale: float,
     backend: str,
-    precision: str,
+    precision: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused GPSA backward; returns (dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
-    impl = get_backend(backend)
-    return impl.backward(grad_out, q, k, v, pos_weight, gating_param, state, grid_w, scale, precision)
+    _check_op_arguments(q, grid_w, scale)
+    impl = op_pair_backend(backend, q, grid_w)
+    return impl.backward(grad_out, q, k, v, pos_weight, gating_param, state, grid_w, scale, _precision(precision))
 
 
-def _backward_fake(grad_out, q, k, v, pos_weight, gating_param, state, grid_w, scale, backend, precision):
+def _backward_fake(grad_out, q, k, v, pos_weight, gating_param, state, grid_w, scale, backend, precision=""):
     return empty_backward_outputs(q, pos_weight, gating_param)
 
 

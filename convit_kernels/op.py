@@ -7,6 +7,7 @@ registration are :mod:`convit_kernels.fused_op`; the backends keep the contract 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -74,15 +75,17 @@ def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, sc
     if grid_size is None:
         side = square_grid_side(N)
         return side, side
-    if (
-        not isinstance(grid_size, Sequence)
-        or len(grid_size) != 2
-        or not all(isinstance(s, int) and s > 0 for s in grid_size)
-    ):
+    if not isinstance(grid_size, Sequence) or len(grid_size) != 2 or not all(map(_is_positive_int, grid_size)):
         raise ValueError(f"grid_size must be a pair of positive ints (rows, cols), got {grid_size!r}")
-    if grid_size[0] * grid_size[1] != N:
-        raise ValueError(f"grid_size {tuple(grid_size)} has {grid_size[0] * grid_size[1]} patches, but N = {N}")
-    return int(grid_size[0]), int(grid_size[1])
+    grid_h, grid_w = int(grid_size[0]), int(grid_size[1])  # int before the product: numpy's uint8 would wrap
+    if grid_h * grid_w != N:
+        raise ValueError(f"grid_size {(grid_h, grid_w)} has {grid_h * grid_w} patches, but N = {N}")
+    return grid_h, grid_w
+
+
+def _is_positive_int(x) -> bool:
+    """An int > 0 of any integer type (numpy's included); not a bool, which would count as a side of 1."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0
 
 
 def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

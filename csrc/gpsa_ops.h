@@ -13,6 +13,7 @@
 #include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <sstream>
 #include <string>
@@ -122,7 +123,7 @@ inline void check_same_device(const Tensor& t, const Tensor& q, const char* name
 }
 
 inline GpsaSizes check_forward_args(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pos_weight,
-                                    const Tensor& gating_param, int64_t grid_w) {
+                                    const Tensor& gating_param, int64_t grid_w, double scale) {
   STD_TORCH_CHECK(q.dim() == 4, "gpsa: q must have 4 dimensions (B, H, N, d), got shape ", shape_str(q.sizes()));
   check_floating(q, "q");
   const std::initializer_list<int64_t> q_shape{q.size(0), q.size(1), q.size(2), q.size(3)};
@@ -143,13 +144,14 @@ inline GpsaSizes check_forward_args(const Tensor& q, const Tensor& k, const Tens
                   shape_str(q.sizes()));
   STD_TORCH_CHECK(grid_w > 0 && seq_len % grid_w == 0, "gpsa: grid_w must be a positive divisor of N = ", seq_len,
                   ", got ", grid_w);
+  STD_TORCH_CHECK(std::isfinite(scale) && scale > 0, "gpsa: scale must be a finite number > 0, got ", scale);
   return {q.size(0), heads, seq_len, q.size(3), seq_len / grid_w, grid_w};
 }
 
 inline GpsaSizes check_backward_args(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                                      const Tensor& pos_weight, const Tensor& gating_param, const Tensor& lse,
-                                     int64_t grid_w) {
-  const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w);
+                                     int64_t grid_w, double scale) {
+  const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w, scale);
   const auto acc = accumulation_type(q.scalar_type());
   check_shape(grad_out, {s.batch, s.seq_len, s.heads, s.head_dim}, "grad_out (B x N x H x d)");
   check_shape(lse, {s.batch, s.heads, s.seq_len}, "lse (B x H x N)");

@@ -159,6 +159,16 @@ def test_bad_input_raises_clear_error(args, message):
         torch.ops.convit_kernels_ext.gpsa_fwd(*args)
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -1.0])
+def test_a_bad_scale_is_refused_by_both_ext_ops(scale):
+    q, k, v, w, lam, grid_w, _ = _ext_args()
+    out, lse = torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, w, lam, grid_w, 1.0)
+    with pytest.raises(RuntimeError, match="scale must be a finite number > 0"):
+        torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, w, lam, grid_w, scale)
+    with pytest.raises(RuntimeError, match="scale must be a finite number > 0"):
+        torch.ops.convit_kernels_ext.gpsa_bwd(torch.ones_like(out), q, k, v, w, lam, lse, grid_w, scale)
+
+
 def test_bad_backward_input_raises_clear_error():
     q, k, v, w, lam, grid_w, scale = _ext_args()
     out, lse = torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, w, lam, grid_w, scale)

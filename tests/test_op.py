@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,6 +131,8 @@ BAD_INPUTS = [
         r"grid_size \(3, 4\) has 12 patches, but N = 16",
     ),
     ("grid not a pair", _good(), {"grid_size": 16}, ValueError, "grid_size must be a pair of positive ints"),
+    ("grid of a bool", _good(), {"grid_size": (True, 16)}, ValueError, "grid_size must be a pair of positive ints"),
+    ("grid of floats", _good(), {"grid_size": (4.0, 4.0)}, ValueError, "grid_size must be a pair of positive ints"),
     (
         "N not square",
         [t[:, :, :15] if t.dim() == 4 else t for t in _good()],
@@ -237,6 +240,24 @@ def test_backends_command_says_what_auto_picks(capsys):
         assert out.count(f"\n{name} ") + out.startswith(f"{name} ") == 1, name
     expected = resolve_backend("auto", torch.device("cpu"), torch.float32, 48)
     assert "on cpu: " in out and f"float32   -> {expected}" in out
+
+
+@pytest.mark.parametrize("integer", [np.int64, np.int32, np.uint8], ids=str)
+def test_numpy_integer_grid_sides_are_taken(integer):
+    out = gpsa_attention(*_good(), grid_size=(integer(2), integer(8)), backend="sdpa")
+    torch.testing.assert_close(out, gpsa_attention(*_good(), grid_size=(2, 8), backend="sdpa"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grid_w", [0, -4, 3, 17])
+def test_the_op_pair_refuses_a_grid_width_that_does_not_divide_n(grid_w):
+    """A scripted FusedGPSA calls the op pair without check_inputs: each op checks grid_w itself."""
+    q, k, v, w, b, lam = _good()
+    message = f"grid_w must be a positive divisor of N = 16, got {grid_w}"
+    with pytest.raises(ValueError, match=message):
+        torch.ops.convit_kernels.gpsa_fwd(q, k, v, w, b, lam, grid_w, 8**-0.5, "torch")
+    out, lse = torch.ops.convit_kernels.gpsa_fwd(q, k, v, w, b, lam, 4, 8**-0.5, "torch")
+    with pytest.raises(ValueError, match=message):
+        torch.ops.convit_kernels.gpsa_bwd(torch.ones_like(out), q, k, v, w, lam, lse, grid_w, 8**-0.5, "torch")
 
 
 def test_bad_scale_is_a_clear_error():

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import sys
 import warnings
 
 import pytest
@@ -143,6 +145,68 @@ def test_verdicts_of_another_stack_are_ignored(fake_gpu):
         warnings.simplefilter("error")
         gpsa_attention(*_inputs())  # checked afresh: it passes
     assert dispatch.verdicts()[combination].source == "this process"
+
+
+def _corrupt_files():
+    """Verdict files of the wrong shape, each as a function of (the current stack, the call's combination key)."""
+    return {
+        "a list": lambda stack, key: [],
+        "null": lambda stack, key: None,
+        "verdicts a list": lambda stack, key: {"stack": stack, "verdicts": []},
+        "a verdict that is a string": lambda stack, key: {"stack": stack, "verdicts": {key: "passed"}},
+        "a verdict without detail": lambda stack, key: {"stack": stack, "verdicts": {key: {"passed": True}}},
+        "passed the string false": lambda stack, key: {
+            "stack": stack,
+            "verdicts": {key: {"passed": "false", "detail": ""}},
+        },
+        "passed 1": lambda stack, key: {"stack": stack, "verdicts": {key: {"passed": 1, "detail": ""}}},
+    }
+
+
+@pytest.mark.parametrize("corrupt", _corrupt_files().values(), ids=_corrupt_files().keys())
+def test_a_corrupt_verdict_file_means_check_again(fake_gpu, corrupt):
+    fake_gpu(_wrong)
+    key = dispatch._combination("triton", CPU, torch.float32, 8, 16, 4).key()
+    path = verdict_cache.cache_path("Fake GPU 80GB")
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        json.dump(corrupt(dispatch._stack(), key), f)
+    with pytest.warns(RuntimeWarning, match="disagrees"):  # checked here: it fails and auto falls back
+        out = gpsa_attention(*_inputs())
+    torch.testing.assert_close(out, gpsa_attention(*_inputs(), backend="sdpa"), rtol=0, atol=0)
+    (verdict,) = dispatch.verdicts().values()
+    assert verdict.source == "this process"
+
+
+def test_a_deeply_nested_verdict_file_means_check_again(fake_gpu):
+    fake_gpu(sdpa_gpsa)
+    path = verdict_cache.cache_path("Fake GPU 80GB")
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        f.write("[" * 100_000 + "]" * 100_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpsa_attention(*_inputs())
+    (verdict,) = dispatch.verdicts().values()
+    assert verdict.passed and verdict.source == "this process"
+
+
+def test_an_unwritable_cache_warns_once_and_the_check_still_counts(fake_gpu, monkeypatch, tmp_path):
+    fake_gpu(sdpa_gpsa)
+    monkeypatch.setattr(dispatch, "STORED_GRIDS", ((3, 4),))
+    monkeypatch.setattr(dispatch, "STORED_HEAD_DIMS", (8,))
+    (tmp_path / "convit_kernels").write_text("a file where the cache folder goes")
+    with pytest.warns(RuntimeWarning, match="could not store the self-check verdicts"):
+        found = dispatch.check_and_store(CPU)
+    assert found and all(v.passed for v in found.values())
+    assert dispatch.store_verdicts("Fake GPU 80GB", found) is None
+
+
+def test_the_stack_needs_no_triton(fake_gpu, monkeypatch):
+    fake_gpu(sdpa_gpsa)
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError: the cuda backend's case
+    gpsa_attention(*_inputs())
+    assert dispatch._stack()["triton"] is None
 
 
 def test_check_and_store_round_trip(fake_gpu, monkeypatch):

@@ -525,7 +525,7 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
 std::tuple<Tensor, Tensor> gpsa_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                 const Tensor& pos_weight, const Tensor& gating_param,
                                                 int64_t grid_w, double scale) {
-  const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w);
+  const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w, scale);
   auto [out, lse] = empty_forward_outputs(q, s);
   dispatch_floating(q.scalar_type(), "gpsa", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
@@ -539,7 +539,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gpsa_bwd_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
     const Tensor& pos_weight, const Tensor& gating_param, const Tensor& lse, int64_t grid_w,
     double scale) {
-  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w);
+  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale);
   auto [dq, dk, dv] = empty_input_grads(q, s);
   Tensor d_pos_weight = torch::stable::empty_like(pos_weight);
   Tensor d_gating = torch::stable::empty_like(gating_param);

@@ -459,7 +459,7 @@ cudaStream_t current_stream(const Tensor& q) {
 
 std::tuple<Tensor, Tensor> gpsa_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pos_weight,
                                          const Tensor& gating_param, int64_t grid_w, double scale) {
-  const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w);
+  const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w, scale);
   check_cuda_args(q, s);
   const torch::stable::accelerator::DeviceGuard device_guard(q.get_device_index());
   const cudaStream_t stream = current_stream(q);
@@ -489,7 +489,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gpsa_bwd_cuda(const Tensor& g
                                                                  const Tensor& k, const Tensor& v,
                                                                  const Tensor& pos_weight, const Tensor& gating_param,
                                                                  const Tensor& lse, int64_t grid_w, double scale) {
-  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w);
+  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale);
   check_cuda_args(q, s);
   const torch::stable::accelerator::DeviceGuard device_guard(q.get_device_index());
   const cudaStream_t stream = current_stream(q);
