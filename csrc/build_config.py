@@ -31,6 +31,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import warnings
 
 CSRC = os.path.dirname(os.path.abspath(__file__))
@@ -120,6 +121,7 @@ def _settings():
         if os.path.exists(path):
             spec = importlib.util.spec_from_file_location("convit_kernels_settings", path)
             module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # its dataclass looks its module up there
             spec.loader.exec_module(module)
             return module
     raise FileNotFoundError(f"convit_kernels/settings.py not found next to {CSRC}")
