@@ -44,3 +44,9 @@ def test_injected_disagreement_exits_1(monkeypatch, capsys, errors, named):
 def test_nan_exits_1(monkeypatch, capsys):
     _inject(monkeypatch, forward_error=float("nan"))
     assert main(["--backend", "torch", "--batch", "1"]) == 1
+
+
+def test_the_reference_backend_is_not_reported_as_exactly_zero(capsys):
+    assert main(["--backend", "reference", "--batch", "1"]) == 0
+    bias_line = next(line for line in capsys.readouterr().out.splitlines() if "pos_proj.bias" in line)
+    assert "(exactly 0)" not in bias_line and "fused" in bias_line
