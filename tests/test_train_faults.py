@@ -1,0 +1,74 @@
+"""The training command under faults and hostile input: data-folder links, two runs on one folder, interrupts,
+a full disk, options refused before the first step."""
+
+import os
+
+from PIL import Image
+
+from convit_kernels.train import main, parse_config
+from convit_kernels.train.data import image_folder
+
+TINY = ["--model", "convit_test", "--input-size", "16", "--threads", "1", "--no-progress", "--stat-images", "8"]
+ONE_STEP = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2"]
+FOLDER = ["--workers", "0", "--no-repeated-aug", "--no-aug"]
+
+
+def image_tree(root, classes=("a", "b"), per_class=2):
+    for split in ("train", "val"):
+        for label in classes:
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (16, 16), (40 * i, 100, 200)).save(folder / f"{i}.png")
+    return root
+
+
+def one_error_line(capsys, *parts):
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert all(part in err for part in parts), err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------- data folder links
+
+
+def test_a_link_loop_in_a_class_folder_is_refused(tmp_path, capsys):
+    root = image_tree(tmp_path / "data")
+    os.symlink("..", root / "train" / "a" / "up")  # train/a/up/a/up/... and train/a/up/b: class b as a
+    out = tmp_path / "out"
+    assert main([*TINY, *ONE_STEP, *FOLDER, "--data-path", str(root), "--output-dir", str(out)]) == 2
+    one_error_line(capsys, os.path.join(str(root), "train", "a", "up"), "loop")
+    assert not out.exists()
+
+
+def test_a_folder_reached_through_two_classes_is_refused(tmp_path, capsys):
+    root = image_tree(tmp_path / "data")
+    os.symlink(root / "train" / "b", root / "train" / "a" / "more")  # b's images labelled a too
+    assert main([*TINY, *ONE_STEP, *FOLDER, "--data-path", str(root), "--output-dir", str(tmp_path / "out")]) == 2
+    one_error_line(capsys, "twice", os.path.join(str(root), "train", "a", "more"))
+
+
+def test_a_linked_image_reached_twice_is_refused(tmp_path, capsys):
+    root = image_tree(tmp_path / "data")
+    os.symlink(root / "train" / "b" / "0.png", root / "train" / "a" / "b0.png")
+    assert main([*TINY, *ONE_STEP, *FOLDER, "--data-path", str(root), "--output-dir", str(tmp_path / "out")]) == 2
+    one_error_line(capsys, "twice", "b0.png")
+
+
+def test_linked_class_folders_and_images_are_followed_and_counted_once(tmp_path):
+    root = image_tree(tmp_path / "data")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "c").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (16, 16)).save(elsewhere / "c" / f"{i}.png")
+    os.symlink(elsewhere / "c", root / "train" / "c")  # a class folder kept on another disk
+    (root / "val" / "c").mkdir()
+    Image.new("RGB", (16, 16)).save(root / "val" / "c" / "0.png")
+    Image.new("RGB", (16, 16)).save(elsewhere / "loose.png")
+    os.symlink(elsewhere / "loose.png", root / "train" / "a" / "linked.png")
+    config = parse_config(["--data-path", str(root), *FOLDER])
+    bundle = image_folder(str(root), 16, config)
+    names = [os.path.relpath(path, root / "train") for path, _ in bundle.train.samples]
+    assert names == ["a/0.png", "a/1.png", "a/linked.png", "b/0.png", "b/1.png", "c/0.png", "c/1.png", "c/2.png"]
+    assert bundle.train.targets == [0, 0, 0, 1, 1, 2, 2, 2] and bundle.num_classes == 3
