@@ -2,12 +2,17 @@
 a full disk, options refused before the first step."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 from PIL import Image
 
-from convit_kernels.train import main, parse_config
+from convit_kernels.train import main, output, parse_config
 from convit_kernels.train.data import image_folder
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "convit_test", "--input-size", "16", "--threads", "1", "--no-progress", "--stat-images", "8"]
 ONE_STEP = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2"]
 FOLDER = ["--workers", "0", "--no-repeated-aug", "--no-aug"]
@@ -72,3 +77,49 @@ def test_linked_class_folders_and_images_are_followed_and_counted_once(tmp_path)
     names = [os.path.relpath(path, root / "train") for path, _ in bundle.train.samples]
     assert names == ["a/0.png", "a/1.png", "a/linked.png", "b/0.png", "b/1.png", "c/0.png", "c/1.png", "c/2.png"]
     assert bundle.train.targets == [0, 0, 0, 1, 1, 2, 2, 2] and bundle.num_classes == 3
+
+
+# ---------------------------------------------------------------------------------------------- one run per folder
+
+
+def start_train(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "convit_kernels.train", *TINY, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def wait_for_claim(out, process):
+    """Until `process` holds `out`: its pid is in the folder's lock file."""
+    lock = out / output.LOCK
+    while not (lock.exists() and lock.read_text().strip() == str(process.pid)):
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.1)
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_a_killed_runs_claim_is_not(tmp_path, capsys):
+    out = tmp_path / "out"
+    long_run = ["--epochs", "1000", "--steps-per-epoch", "1", "--batch-size", "2", "--output-dir", str(out)]
+    first = start_train(*long_run)
+    try:
+        wait_for_claim(out, first)
+        assert main([*TINY, *ONE_STEP, "--output-dir", str(out), "--overwrite"]) == 2
+        one_error_line(capsys, f"--output-dir {str(out)!r} is in use by another run (pid {first.pid})")
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)  # a claim left behind, as by a crash or `kill -9`
+        first.wait()
+    assert (out / output.LOCK).exists()
+    assert main([*TINY, *ONE_STEP, "--output-dir", str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["checkpoint-best.pth", "checkpoint.pth", "gpsa.png", "log.jsonl"]
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_nor_claim(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*TINY, *ONE_STEP, "--output-dir", str(out), "--data-path", str(tmp_path / "nowhere")]) == 2
+    one_error_line(capsys, "does not exist")
+    assert not out.exists()

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import checkpoint, data, output, pretrained
 from . import model as recipe
-from .errors import Diverged
+from .errors import Diverged, TrainError
 from .report import JsonLog, TensorBoard, gpsa_statistics, nonlocality_as_convit, plot_gpsa, tensorboard_installed
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -233,13 +233,40 @@ def fit(config) -> dict:
     """Train (or with config.eval only evaluate) as the config says. Returns the per-epoch records and the model.
 
     Raises TrainError for bad input, found before the first epoch where it can be (the CLI: one line, exit
-    code 2), and Diverged when the loss stops being finite (exit code 1).
+    code 2), and Diverged when the loss stops being finite (exit code 1). Rank 0 holds --output-dir throughout.
     """
+    runtime = setup_runtime(config)
+    if config.eval:  # --eval writes nothing
+        return run(config, runtime)
+    output.check(config.output_dir, resume=config.resume, overwrite=config.overwrite)
+    with hold_output(config.output_dir, runtime):
+        return run(config, runtime)
+
+
+@contextlib.contextmanager
+def hold_output(folder: str, runtime: Runtime):
+    """Rank 0 holds `folder` (output.lock); a refusal is raised by every rank alike, as TrainErrors are."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if runtime.is_main:
+            try:
+                held.enter_context(output.lock(folder))
+            except TrainError as error:
+                refusal = error
+        if runtime.world_size > 1:
+            refused = [refusal is not None]
+            dist.broadcast_object_list(refused, src=0)
+            if refused[0] and refusal is None:
+                refusal = TrainError(f"--output-dir {folder!r} is in use by another run")
+        if refusal is not None:
+            raise refusal
+        yield
+
+
+def run(config, runtime: Runtime) -> dict:
+    """fit, once the runtime is set up and the output folder held."""
     from timm.utils import ModelEmaV3
 
-    runtime = setup_runtime(config)
-    if not config.eval:  # --eval writes nothing
-        output.check(config.output_dir, resume=config.resume, overwrite=config.overwrite)
     if config.fused:
         recipe.check_backend(
             config.backend,
