@@ -1,15 +1,19 @@
 """The training command under faults and hostile input: data-folder links, two runs on one folder, interrupts,
 a full disk, options refused before the first step."""
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
+import timm.models.convit as timm_convit
+import torch
 from PIL import Image
 
-from convit_kernels.train import main, output, parse_config
+from convit_kernels.train import checkpoint, fit, main, output, parse_config
 from convit_kernels.train.data import image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,3 +127,110 @@ def test_a_run_that_fails_before_writing_leaves_no_folder_nor_claim(tmp_path, ca
     assert main([*TINY, *ONE_STEP, "--output-dir", str(out), "--data-path", str(tmp_path / "nowhere")]) == 2
     one_error_line(capsys, "does not exist")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- one line, no traceback
+
+
+def test_ctrl_c_stops_with_exit_130_and_names_the_last_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    process = start_train("--epochs", "1000", "--steps-per-epoch", "1", "--batch-size", "2", "--output-dir", str(out))
+    try:
+        while not (out / "log.jsonl").exists():  # an epoch is done: a checkpoint to name
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    last = out / "checkpoint.pth"
+    epoch = torch.load(last, weights_only=True)["epoch"] + 1
+    assert process.returncode == 130, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("interrupted: ") and f"--resume {last} (the checkpoint of epoch {epoch})" in err, err
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_none_was_written(tmp_path, capsys, monkeypatch):
+    from convit_kernels.train import engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
+    assert main([*TINY, *ONE_STEP, "--output-dir", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert err == "interrupted: no checkpoint was written\n", err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_saving_stops_with_exit_1_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = [*TINY, "--epochs", "2", "--steps-per-epoch", "1", "--batch-size", "2", "--output-dir", str(out)]
+    assert main([*args, "--stop-after", "1"]) == 0
+    previous = (out / "checkpoint.pth").read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"the first part of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    capsys.readouterr()
+    assert main([*args, "--resume", str(out / "checkpoint.pth")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"cannot write checkpoint {str(out / 'checkpoint.pth')!r}: No space left on device" in err, err
+    assert "the previous one is kept" in err, err
+    assert (out / "checkpoint.pth").read_bytes() == previous
+    assert sorted(os.listdir(out)) == ["checkpoint-best.pth", "checkpoint.pth", "gpsa.png", "log.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--opt", "bogus"], "--opt bogus: not one of timm's optimizers"),
+        (["--input-size", "3"], "--input-size 3 is smaller than a patch of convit_test (4 x 4 pixels)"),
+        (["--input-size", "8", "--model", "convit_tiny"], "smaller than a patch of convit_tiny (16 x 16 pixels)"),
+    ],
+    ids=["opt", "input below a patch", "timm model"],
+)
+def test_options_refused_before_any_work(tmp_path, capsys, monkeypatch, options, message):
+    from convit_kernels.train import data
+
+    monkeypatch.setattr(data, "build_data", lambda config: pytest.fail("the data was read"))
+    assert main([*TINY, *ONE_STEP, "--output-dir", str(tmp_path / "out"), *options]) == 2
+    one_error_line(capsys, message)
+
+
+def test_a_corrupt_validation_image_is_found_before_training(tmp_path, capsys, monkeypatch):
+    from convit_kernels.train import engine
+
+    root = image_tree(tmp_path / "data")
+    (root / "val" / "b" / "1.png").write_bytes(b"not an image")
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *args, **kwargs: pytest.fail("a training step ran"))
+    args = [*TINY, *ONE_STEP, *FOLDER, "--data-path", str(root), "--output-dir", str(tmp_path / "out")]
+    assert main([*args, "--stat-images", "1"]) == 2  # the statistics' image is not the corrupt one
+    one_error_line(capsys, "cannot read image", os.path.join("val", "b", "1.png"))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "stock"])
+def test_a_one_patch_grid_trains_and_logs_zero_nonlocality(tmp_path, fused):
+    result = fit(
+        parse_config(
+            [*TINY, *ONE_STEP, "--input-size", "4", "--output-dir", str(tmp_path / "out")]
+            + ([] if fused else ["--no-fused"])
+        )
+    )
+    record = result["records"][0]
+    assert record["gpsa"]["blocks.0.attn"]["nonlocality"] == [0.0] * 4
+    assert record["nonlocality_convit"] == {"0": [0.0] * 4, "1": [0.0] * 4}
+
+
+def test_fused_gpsa_attention_map_of_one_patch():
+    from convit_kernels import FusedGPSA
+
+    layer = FusedGPSA(dim=16, num_heads=2)
+    x = torch.randn(3, 1, 16)
+    distance, attention = layer.get_attention_map(x, return_map=True)
+    assert distance.tolist() == [0.0, 0.0] and attention.shape == (2, 1, 1)
+    many = torch.randn(3, 9, 16)
+    torch.testing.assert_close(layer.get_attention_map(many), timm_convit.GPSA.get_attention_map(layer, many))

@@ -14,6 +14,7 @@ bare timm or facebookresearch ConViT state_dict, or one under a ``model`` /
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import random
@@ -24,25 +25,40 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import TrainError
+from .errors import TrainError, WriteFailed
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """A binary file to write in place of `path`: a temporary file beside it, fsynced and renamed over `path`.
+
+    On any error the temporary file goes and `path` stays as it was (os.replace is atomic on POSIX); an OSError
+    (a full disk) becomes a WriteFailed line.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # same file system by construction
+        fsync_folder(folder)
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if not isinstance(error, OSError):
+            raise
+        kept = "the previous one is kept" if os.path.exists(path) else "none was written there"
+        raise WriteFailed(f"cannot write checkpoint {path!r}: {error.strerror or error}; {kept}") from None
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: `path` is always whole."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows, same file system by construction
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_folder(folder)
+    """torch.save through `replacing`: `path` is always whole."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with replacing(path) as f:
+        torch.save(obj, f)
 
 
 def fsync_folder(folder: str) -> None:
@@ -56,20 +72,9 @@ def fsync_folder(folder: str) -> None:
 
 
 def atomic_copy(source: str, path: str) -> None:
-    """Copy `source` to `path` through a temporary file beside `path`, fsync, os.replace: `path` is always whole."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f, open(source, "rb") as src:
-            shutil.copyfileobj(src, f, 1 << 24)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_folder(folder)
+    """Copy `source` to `path` through `replacing`: `path` is always whole."""
+    with replacing(path) as f, open(source, "rb") as src:
+        shutil.copyfileobj(src, f, 1 << 24)
 
 
 def rng_state() -> dict:

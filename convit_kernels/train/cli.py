@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv=None) -> argparse.Namespace:
     """Parse options, fill the data-dependent defaults from the ImageNet or the digits recipe, check combinations."""
-    from .model import mixup_active, model_depth
+    from .model import check_optimizer, mixup_active, model_depth, patch_size
     from .pretrained import check_finetune_source
     from .report import tensorboard_installed
 
@@ -283,6 +283,12 @@ def parse_config(argv=None) -> argparse.Namespace:
         )
     if config.finetune is not None:
         check_finetune_source(config.finetune)
+    check_optimizer(config.opt)
+    patch = patch_size(config.model)
+    if config.input_size < patch:
+        raise TrainError(
+            f"--input-size {config.input_size} is smaller than a patch of {config.model} ({patch} x {patch} pixels)"
+        )
     depth = model_depth(config.model)
     if config.local_up_to_layer is not None and config.local_up_to_layer > depth:
         raise TrainError(f"--local-up-to-layer {config.local_up_to_layer}: {config.model} has {depth} blocks")
@@ -299,6 +305,19 @@ def parse_config(argv=None) -> argparse.Namespace:
     return config
 
 
+def interrupted_note(config) -> str:
+    """After Ctrl-C: how to continue, naming the run's last checkpoint, or that there is none."""
+    if config is None or config.eval:
+        return ""
+    from .output import CHECKPOINT, saved_epoch
+
+    path = os.path.join(config.output_dir, CHECKPOINT)
+    epoch = saved_epoch(path) if os.path.isfile(path) else None
+    if epoch is None:
+        return ": no checkpoint was written"
+    return f": training stopped; continue it with --resume {path} (the checkpoint of epoch {epoch})"
+
+
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -306,11 +325,16 @@ def is_rank_zero() -> bool:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     start = time.perf_counter()
+    config = None
     try:
         config = parse_config(argv)
         from .engine import fit
 
         result = fit(config)
+    except KeyboardInterrupt:
+        if is_rank_zero():
+            print(f"interrupted{interrupted_note(config)}", file=sys.stderr)
+        return 130
     except TrainError as error:
         if error.rank_local and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print(f"error: rank {os.environ['RANK']}: {message_of(error)}", file=sys.stderr)

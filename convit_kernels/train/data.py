@@ -316,6 +316,34 @@ def build_loaders(bundle: DataBundle, config, rank: int, world_size: int, pin_me
     return train, val
 
 
+class DecodedPaths(Dataset):
+    """Image files decoded and dropped: reading them is the check (UnreadableImage for a bad one)."""
+
+    def __init__(self, paths: list):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> int:
+        _load_image(self.paths[index])
+        return 0
+
+
+def check_images(shard: Subset, workers: int) -> None:
+    """Before training: decode every image of a shard of an ImageFolder (this rank's validation images).
+
+    The evaluation reads them only after the first epoch; a corrupt one would cost that epoch. Its own generator:
+    the check draws nothing from the training's random streams.
+    """
+    paths = [shard.dataset.samples[index][0] for index in shard.indices]
+    decoded = DataLoader(
+        DecodedPaths(paths), batch_size=64, num_workers=workers, collate_fn=len, generator=torch.Generator()
+    )
+    for _ in decoded:
+        pass
+
+
 def fixed_batch(dataset: Dataset, count: int) -> torch.Tensor | None:
     """The first `count` validation images, stacked: the input on which GPSA statistics are measured."""
     count = min(count, len(dataset))
@@ -338,6 +366,7 @@ __all__ = [
     "build_data",
     "build_loaders",
     "check_augmentation",
+    "check_images",
     "fixed_batch",
     "steps_per_epoch",
     "subsample_per_class",

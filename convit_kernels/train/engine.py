@@ -307,6 +307,8 @@ def run(config, runtime: Runtime) -> dict:
     train_loader, val_loader = data.build_loaders(
         bundle, config, runtime.rank, runtime.world_size, pin_memory=runtime.device.type == "cuda"
     )
+    if config.data_path is not None and not config.eval:
+        data.check_images(val_loader.dataset, config.workers)
     steps = data.steps_per_epoch(train_loader, config.steps_per_epoch, config.accum_steps)
     lr = recipe.scaled_lr(config, runtime.world_size)
     optimizer = recipe.create_optimizer(net, lr, config)
