@@ -234,3 +234,47 @@ def test_fused_gpsa_attention_map_of_one_patch():
     assert distance.tolist() == [0.0, 0.0] and attention.shape == (2, 1, 1)
     many = torch.randn(3, 9, 16)
     torch.testing.assert_close(layer.get_attention_map(many), timm_convit.GPSA.get_attention_map(layer, many))
+
+
+# ---------------------------------------------------------------------------------------------- smaller ones
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("text", "cannot read checkpoint {path!r}: torch.save writes a zip archive (or a pickle), this file is "),
+        ("folder", "checkpoint {path!r} is a folder, not a checkpoint file"),
+    ],
+)
+def test_resume_of_a_text_file_or_a_folder_says_what_it_is(tmp_path, capsys, kind, message):
+    path = tmp_path / "weights.pth"
+    path.mkdir() if kind == "folder" else path.write_text("not a checkpoint\n")
+    assert main([*TINY, *ONE_STEP, "--output-dir", str(tmp_path / "out"), "--resume", str(path)]) == 2
+    err = one_error_line(capsys, message.format(path=str(path)))
+    assert "could run code" not in err and "does not exist" not in err
+
+
+def test_an_infinite_number_is_refused_with_an_interval_that_excludes_it(capsys):
+    assert main([*TINY, "--lr", "inf"]) == 2
+    one_error_line(capsys, "argument --lr: must be in (0, inf), got 'inf'")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoints_and_log_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        fit(parse_config([*TINY, *ONE_STEP, "--save-every", "1", "--output-dir", str(tmp_path / "out")]))
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "out").iterdir()}
+    assert modes == dict.fromkeys(
+        ["checkpoint.pth", "checkpoint-best.pth", "checkpoint-epoch001.pth", "log.jsonl", "gpsa.png"], 0o666 & ~umask
+    )
+
+
+def test_one_class_warns_that_accuracy_means_nothing(tmp_path, capsys):
+    root = image_tree(tmp_path / "data", classes=("only",))
+    args = [*TINY, *ONE_STEP, *FOLDER, "--data-path", str(root), "--output-dir", str(tmp_path / "out")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "warning: the data set has one class" in err, err

@@ -18,14 +18,25 @@ import contextlib
 import os
 import pickle
 import random
+import secrets
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import TrainError, WriteFailed
+
+
+def create_beside(path: str) -> tuple:
+    """(fd, name) of a new file beside `path`, mode 0666 less the umask as open() makes (mkstemp's is 0600)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    while True:
+        tmp = os.path.join(folder, f".tmp-{name}.{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
@@ -38,7 +49,7 @@ def replacing(path: str):
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
+        fd, tmp = create_beside(path)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -103,6 +114,8 @@ def set_rng_state(state: dict) -> None:
 
 def read(path: str) -> dict:
     """A checkpoint or weights file as a dict, loaded without running any code the file could carry."""
+    if os.path.isdir(path):
+        raise TrainError(f"checkpoint {path!r} is a folder, not a checkpoint file (such as its checkpoint.pth)")
     if not os.path.isfile(path):
         raise TrainError(f"checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
@@ -112,6 +125,12 @@ def read(path: str) -> dict:
             return load_file(path)
         except Exception as error:
             raise TrainError(f"cannot read checkpoint {path!r}: {type(error).__name__}: {error}") from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, its legacy pickle (PROTO)
+        raise TrainError(
+            f"cannot read checkpoint {path!r}: torch.save writes a zip archive (or a pickle), this file is neither"
+        )
     try:
         # argparse.Namespace: facebookresearch's checkpoints keep their options in one; it only holds attributes.
         with torch.serialization.safe_globals([argparse.Namespace]):

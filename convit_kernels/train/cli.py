@@ -63,6 +63,7 @@ class Parser(argparse.ArgumentParser):
 
 def number(kind, *, low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: `kind` (int or float) within [low, high] (open ends where asked), finite."""
+    high_open = high_open or math.isinf(high)  # the value must be finite: inf is never in
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
     def parse(text: str):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 
@@ -361,6 +362,11 @@ def run(config, runtime: Runtime) -> dict:
         runtime,
         f"data: {bundle.name}, {len(bundle.train)} train / {len(bundle.val)} val images, {bundle.num_classes} classes",
     )
+    if bundle.num_classes == 1 and runtime.is_main:
+        print(
+            "warning: the data set has one class: every prediction is right, 100% accuracy says nothing",
+            file=sys.stderr,
+        )
     print_main(
         runtime,
         f"model: {config.model} ({'fused GPSA' if config.fused else 'stock timm'}), "
