@@ -61,6 +61,33 @@ class Parser(argparse.ArgumentParser):
         raise TrainError(f"{message} (see --help)")
 
 
+def shown(value) -> str:
+    """A default as the help states it: on/off, none for '', 1 for 1.0, lists space-separated."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if value != "" else "none"
+
+
+def by_recipe(key: str) -> str:
+    """The default of an option the recipes set: the ImageNet recipe's with --data-path, else the digits'."""
+    return f"(default: {shown(IMAGENET_RECIPE[key])} with --data-path, {shown(DIGITS_RECIPE[key])} on the digits)"
+
+
+class DefaultsOnce(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help where the default is a value and the help states none; not to flags
+    (their default is the value they do not set), nor to None (by_recipe's or the model's, which the help states)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "(default:" in text:
+            return text
+        return f"{text} (default: {shown(action.default)})"
+
+
 def number(kind, *, low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: `kind` (int or float) within [low, high] (open ends where asked), finite."""
     high_open = high_open or math.isinf(high)  # the value must be finite: inf is never in
@@ -100,18 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
             "offline on scikit-learn's 8x8 digits (convit_digits, 16 px, 30 epochs). "
             "Under torchrun it trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnce,
     )
     g = parser.add_argument_group("model")
-    g.add_argument("--model", choices=MODEL_NAMES, help="default convit_tiny, or convit_digits on the digits")
-    g.add_argument("--no-fused", dest="fused", action="store_false", help="train timm's stock GPSA/MHSA instead")
+    g.add_argument("--model", choices=MODEL_NAMES, help="the ConViT to train " + by_recipe("model"))
+    g.add_argument(
+        "--no-fused", dest="fused", action="store_false", help="train timm's stock GPSA/MHSA instead of the fused"
+    )
     g.add_argument(
         "--backend",
         default="auto",
         choices=("auto",) + BACKEND_NAMES,
         help="fused GPSA backend (see `convit-kernels backends`)",
     )
-    g.add_argument("--drop-path", type=PROBABILITY, help="stochastic depth (0.1 ImageNet, 0 digits)")
+    g.add_argument("--drop-path", type=PROBABILITY, help="stochastic depth " + by_recipe("drop_path"))
     g.add_argument(
         "--embed-dim",
         type=POSITIVE_INT,
@@ -141,38 +170,44 @@ def build_parser() -> argparse.ArgumentParser:
         "to the grid of --input-size",
     )
     g = parser.add_argument_group("data")
-    g.add_argument("--data-path", help="ImageFolder root with train/<class>/ and val/<class>/ (default: digits)")
+    g.add_argument(
+        "--data-path", help="ImageFolder root with train/<class>/ and val/<class>/ (default: the embedded digits)"
+    )
     g.add_argument(
         "--sampling-ratio", type=FRACTION, default=1.0, help="keep this deterministic fraction of every training class"
     )
-    g.add_argument("--input-size", type=POSITIVE_INT, help="image side in pixels (224 ImageNet, 16 digits)")
+    g.add_argument("--input-size", type=POSITIVE_INT, help="image side in pixels " + by_recipe("input_size"))
     g.add_argument(
         "--batch-size",
         type=POSITIVE_INT,
         help="per process and micro-batch; the total batch is this x world size x --accum-steps "
-        "(64 ImageNet, 32 digits)",
+        + by_recipe("batch_size"),
     )
-    g.add_argument("--workers", type=COUNT, help="DataLoader workers per process (8 ImageNet, 0 digits)")
+    g.add_argument("--workers", type=COUNT, help="DataLoader workers per process " + by_recipe("workers"))
     g.add_argument("--no-aug", dest="augment", action="store_false", help="no random augmentation at all")
-    g.add_argument("--auto-augment", help="timm RandAugment spec ('' for none)")
-    g.add_argument("--color-jitter", type=NON_NEGATIVE, default=0.4)
-    g.add_argument("--reprob", type=PROBABILITY, help="random erasing probability (0.25 ImageNet)")
+    g.add_argument("--auto-augment", help="timm RandAugment spec ('' for none) " + by_recipe("auto_augment"))
+    g.add_argument("--color-jitter", type=NON_NEGATIVE, default=0.4, help="colour jitter strength")
+    g.add_argument("--reprob", type=PROBABILITY, help="random erasing probability " + by_recipe("reprob"))
     g.add_argument(
         "--repeated-aug",
         action=argparse.BooleanOptionalAction,
-        help="timm's RepeatAugSampler, 3 repeats (on for ImageNet as in ConViT, off for the digits)",
+        help="timm's RepeatAugSampler, 3 repeats, as in ConViT " + by_recipe("repeated_aug"),
     )
-    g.add_argument("--mixup", type=NON_NEGATIVE, help="Mixup alpha (0.8 ImageNet, 0 disables)")
-    g.add_argument("--cutmix", type=NON_NEGATIVE, help="CutMix alpha (1.0 ImageNet, 0 disables)")
-    g.add_argument("--smoothing", type=number(float, low=0, high=1, high_open=True), help="label smoothing (0.1)")
+    g.add_argument("--mixup", type=NON_NEGATIVE, help="Mixup alpha, 0 disables " + by_recipe("mixup"))
+    g.add_argument("--cutmix", type=NON_NEGATIVE, help="CutMix alpha, 0 disables " + by_recipe("cutmix"))
+    g.add_argument(
+        "--smoothing",
+        type=number(float, low=0, high=1, high_open=True),
+        help="label smoothing " + by_recipe("smoothing"),
+    )
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=POSITIVE_INT)
-    g.add_argument("--opt", default="adamw")
+    g.add_argument("--epochs", type=POSITIVE_INT, help="epochs of the schedule " + by_recipe("epochs"))
+    g.add_argument("--opt", default="adamw", help="timm optimizer name")
     g.add_argument(
         "--lr",
         type=POSITIVE,
         help="ConViT's --lr: the lr of a total batch of 512; the run uses lr x total batch / 512, "
-        "total batch = --batch-size x processes x --accum-steps (5e-4 ImageNet, 3.2e-2 digits)",
+        "total batch = --batch-size x processes x --accum-steps " + by_recipe("lr"),
     )
     g.add_argument(
         "--accum-steps",
@@ -203,16 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.99996,
         help="EMA decay per optimiser step (ConViT's)",
     )
-    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.05)
-    g.add_argument("--warmup-epochs", type=COUNT)
-    g.add_argument("--warmup-lr", type=NON_NEGATIVE, default=1e-6)
-    g.add_argument("--min-lr", type=NON_NEGATIVE, default=1e-5)
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.05, help="the optimizer's weight decay")
+    g.add_argument("--warmup-epochs", type=COUNT, help="linear warm-up from --warmup-lr " + by_recipe("warmup_epochs"))
+    g.add_argument("--warmup-lr", type=NON_NEGATIVE, default=1e-6, help="the lr the warm-up starts at")
+    g.add_argument("--min-lr", type=NON_NEGATIVE, default=1e-5, help="the lr the cosine ends at")
     g = parser.add_argument_group("execution")
-    g.add_argument("--amp", choices=("bf16", "fp16", "off"), help="autocast dtype (default bf16 on GPU, off on CPU)")
+    g.add_argument(
+        "--amp", choices=("bf16", "fp16", "off"), help="autocast dtype (default: bf16 on a GPU, off on the CPU)"
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--device", choices=("auto", "cpu"), default="auto")
-    g.add_argument("--threads", type=COUNT, help="CPU threads per process (0: cores / local processes; 1 digits)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=("auto", "cpu"), default="auto", help="auto: the GPU where there is one")
+    g.add_argument(
+        "--threads", type=COUNT, help="CPU threads per process, 0: cores / local processes " + by_recipe("threads")
+    )
+    g.add_argument("--seed", type=int, default=0, help="of the weights, the augmentation and the data order")
     g.add_argument(
         "--steps-per-epoch", type=COUNT, default=0, help="cap the optimiser steps of an epoch (0: whole epoch)"
     )
