@@ -47,7 +47,7 @@ def test_a_link_loop_in_a_class_folder_is_refused(tmp_path, capsys):
     os.symlink("..", root / "train" / "a" / "up")  # train/a/up/a/up/... and train/a/up/b: class b as a
     out = tmp_path / "out"
     assert main([*TINY, *ONE_STEP, *FOLDER, "--data-path", str(root), "--output-dir", str(out)]) == 2
-    one_error_line(capsys, os.path.join(str(root), "train", "a", "up"), "loop")
+    one_error_line(capsys, f"data folder link {os.path.join(str(root), 'train', 'a', 'up')!r} is a loop")
     assert not out.exists()
 
 

@@ -98,16 +98,14 @@ def _image_folders(top: str, folders: dict, links: dict):
     """(folder, its image names) for `top` and every folder below it, links followed, in any order.
 
     `folders`, `links`: the real path of every folder and of every linked image met so far in this split, to the
-    path it was met by. A folder met a second time is refused: a link back up is a loop (ImageFolder would walk
-    it 40 levels deep), a link across classes would give its images two labels, and either inflates the count.
+    path it was met by. Refused: a link back up its own folder, a loop (ImageFolder walks it 40 levels deep), and
+    a folder or linked image met a second time (one image, two labels); either would inflate the count.
     """
     pending = [top]
     while pending:
         folder = pending.pop()
         real = os.path.realpath(folder)
         if real in folders:
-            if (os.path.realpath(os.path.dirname(folder)) + os.sep).startswith(real + os.sep):
-                raise TrainError(f"data folder link {folder!r} is a loop: it leads back to {folders[real]!r}")
             raise TrainError(f"data folder {folders[real]!r} is reached twice, also as {folder!r} (a link)")
         folders[real] = folder
         try:
@@ -117,6 +115,8 @@ def _image_folders(top: str, folders: dict, links: dict):
         images = []
         for entry in entries:
             if entry.is_dir():
+                if entry.is_symlink() and (real + os.sep).startswith(os.path.realpath(entry.path) + os.sep):
+                    raise TrainError(f"data folder link {entry.path!r} is a loop: it leads back up its own folder")
                 pending.append(entry.path)
             elif datasets.folder.has_file_allowed_extension(entry.name, datasets.folder.IMG_EXTENSIONS):
                 if entry.is_symlink():
