@@ -2,8 +2,10 @@
 a full disk, options refused before the first step."""
 
 import errno
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -278,3 +280,50 @@ def test_one_class_warns_that_accuracy_means_nothing(tmp_path, capsys):
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "warning: the data set has one class" in err, err
+
+
+# ---------------------------------------------------------------------------------------------- beyond one machine
+
+
+def torchrun(*options, entry=("-m", "convit_kernels.train"), out, wait=True):
+    args = [*TINY, "--epochs", "3", "--steps-per-epoch", "3", "--batch-size", "4", "--resume", "auto"]
+    command = [sys.executable, "-m", "torch.distributed.run", *options, *entry, *args, "--output-dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if not wait:
+        return process
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_and_a_killed_rank_under_max_restarts_end_with_the_weights_of_one_node(tmp_path):
+    torchrun("--standalone", "--nproc-per-node", "2", out=tmp_path / "one-node")
+    expected = torch.load(tmp_path / "one-node" / "checkpoint.pth", weights_only=True)["model"]
+
+    # 2 nodes x 1 process on localhost, through the c10d rendezvous of the README's multi-node command
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", "test"]
+    nodes = [torchrun("--nnodes", "2", "--nproc-per-node", "1", *rendezvous, out=tmp_path / "two", wait=False)]
+    nodes.append(torchrun("--nnodes", "2", "--nproc-per-node", "1", *rendezvous, out=tmp_path / "two", wait=False))
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    two_nodes = torch.load(tmp_path / "two" / "checkpoint.pth", weights_only=True)["model"]
+    assert all(torch.equal(two_nodes[key], value) for key, value in expected.items())
+
+    # rank 1 killed in epoch 2; torchrun restarts both ranks, which continue from epoch 1's checkpoint by themselves
+    killed = os.path.join(ROOT, "tests", "killed_rank.py")
+    restarts = ("--standalone", "--nproc-per-node", "2", "--max-restarts", "1")
+    stdout = torchrun(*restarts, entry=(killed,), out=tmp_path / "k")
+    assert stdout.count("data: ") == 2 and stdout.count("epoch 1: ") == 1, stdout  # two attempts, epoch 1 once
+    log = [json.loads(line)["epoch"] for line in (tmp_path / "k" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3]
+    restarted = torch.load(tmp_path / "k" / "checkpoint.pth", weights_only=True)["model"]
+    assert all(torch.equal(restarted[key], value) for key, value in expected.items())

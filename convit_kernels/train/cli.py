@@ -269,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint.pth, checkpoint-best.pth, log.jsonl, gpsa.png (and --save-every's checkpoints, "
         "TensorBoard's events)",
     )
-    g.add_argument("--resume", help="checkpoint to continue from (or timm/facebookresearch weights to start from)")
+    g.add_argument(
+        "--resume",
+        help="checkpoint to continue from (or timm/facebookresearch weights to start from); auto: --output-dir's "
+        "checkpoint.pth where there is one, else a new run (so that a torchrun restart continues by itself)",
+    )
     g.add_argument(
         "--overwrite",
         action="store_true",
@@ -307,6 +311,11 @@ def parse_config(argv=None) -> argparse.Namespace:
         import torch
 
         config.amp = "bf16" if torch.cuda.is_available() and config.device != "cpu" else "off"
+    if config.resume == "auto":
+        from .output import CHECKPOINT
+
+        last = os.path.join(config.output_dir, CHECKPOINT)
+        config.resume = last if os.path.isfile(last) else None
     if config.eval and config.resume is None:
         raise TrainError("--eval needs the weights to evaluate: --resume <checkpoint>")
     if config.resume is not None and (config.finetune is not None or config.pretrained):

@@ -350,7 +350,9 @@ def run(config, runtime: Runtime) -> dict:
     model, no_sync = net, None
     if runtime.world_size > 1:
         device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)  # broadcasts rank 0's weights
+        # Broadcasts rank 0's weights. No buffers at each forward: ConViT's only ones are GPSA's rel_indices, a cache
+        # of the grid that rank 0's GPSA statistics resize (a size mismatch in gloo's broadcast from epoch 2 on).
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
         no_sync = model.no_sync
         if ema is not None:  # ranks initialise (and a new head) from their own seeds: rank 0's, as DDP does
             for tensor in ema.module.state_dict().values():
