@@ -231,9 +231,13 @@ class FusedGPSA(nn.Module):
         )
         return self.attn_drop(attn)
 
-    def get_attention_map(self, *args, **kwargs):
-        """timm's nonlocality measure, computed from get_attention and rel_indices exactly as timm does (needs timm)."""
-        return timm_convit().GPSA.get_attention_map(self, *args, **kwargs)
+    def get_attention_map(self, x: torch.Tensor, return_map: bool = False):
+        """timm's nonlocality measure, computed from get_attention and rel_indices as timm does, also for one patch
+        (timm's rel_indices.squeeze() drops the token axes of N = 1)."""
+        attn_map = self.get_attention(x).mean(0)  # over the batch; refreshes rel_indices for x's grid
+        distances = self.rel_indices[0, :, :, -1] ** 0.5
+        dist = torch.einsum("nm,hnm->h", distances, attn_map) / distances.size(0)
+        return (dist, attn_map) if return_map else dist
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape

@@ -38,6 +38,16 @@ QUICK = {"shapes": ["Ti-224"], "dtypes": ["fp32"], "warmup": 1, "repeats": 5}
 FULL = {"shapes": list(CONVIT_SHAPES), "dtypes": list(DTYPES), "warmup": 2, "repeats": 10}
 
 
+def by_preset(key: str) -> str:
+    """The default of an option --quick changes, as the help states it."""
+
+    def shown(value) -> str:
+        return " ".join(value) if isinstance(value, list) else str(value)
+
+    full = "every ConViT shape" if FULL[key] == list(CONVIT_SHAPES) else shown(FULL[key])
+    return f"(default: {full}, {shown(QUICK[key])} with --quick)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convit-kernels bench",
@@ -47,21 +57,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help=f"shapes {' '.join(QUICK['shapes'])}, fp32, fewer repeats")
     parser.add_argument("--models", action="store_true", help="whole-model throughput instead of the microbenchmarks")
-    parser.add_argument("--shapes", nargs="+", metavar="SHAPE", help=f"of {', '.join(SHAPES)}")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="SHAPE",
+        help=f"of {', '.join(SHAPES)} {by_preset('shapes')}",
+    )
     parser.add_argument(
         "--backends",
         nargs="+",
         metavar="IMPL",
         help="implementations to time: fused backends (torch, cpu, triton, cuda, or fused-NAME) "
-        f"and baselines ({', '.join(BASELINES)}); default every one available",
+        f"and baselines ({', '.join(BASELINES)}) (default: every one available)",
     )
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
-    parser.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS))
-    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="dtypes to time " + by_preset("dtypes"))
+    parser.add_argument(
+        "--levels",
+        nargs="+",
+        choices=LEVELS,
+        default=list(LEVELS),
+        help=f"the attention core, the GPSA module (default: {' '.join(LEVELS)})",
+    )
+    parser.add_argument(
+        "--passes",
+        nargs="+",
+        choices=PASSES,
+        default=list(PASSES),
+        help=f"forward, forward and backward (default: {' '.join(PASSES)})",
+    )
     parser.add_argument("--threads", nargs="+", type=int, metavar="N", help="CPU thread counts (default: torch's)")
     parser.add_argument("--batch", type=int, help="batch size for every shape (default: chosen per device and shape)")
-    parser.add_argument("--warmup", type=int, help="untimed calls before timing")
-    parser.add_argument("--repeats", type=int, help="timed calls per implementation (the median is reported)")
+    parser.add_argument("--warmup", type=int, help=f"untimed calls before timing {by_preset('warmup')}")
+    parser.add_argument(
+        "--repeats", type=int, help=f"timed calls per implementation (the median is reported) {by_preset('repeats')}"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
     parser.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
     return parser

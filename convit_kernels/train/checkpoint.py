@@ -14,35 +14,62 @@ bare timm or facebookresearch ConViT state_dict, or one under a ``model`` /
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import random
+import secrets
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import TrainError
+from .errors import TrainError, WriteFailed
+
+
+def create_beside(path: str) -> tuple:
+    """(fd, name) of a new file beside `path`, mode 0666 less the umask as open() makes (mkstemp's is 0600)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    while True:
+        tmp = os.path.join(folder, f".tmp-{name}.{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """A binary file to write in place of `path`: a temporary file beside it, fsynced and renamed over `path`.
+
+    On any error the temporary file goes and `path` stays as it was (os.replace is atomic on POSIX); an OSError
+    (a full disk) becomes a WriteFailed line.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = create_beside(path)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # same file system by construction
+        fsync_folder(folder)
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if not isinstance(error, OSError):
+            raise
+        kept = "the previous one is kept" if os.path.exists(path) else "none was written there"
+        raise WriteFailed(f"cannot write checkpoint {path!r}: {error.strerror or error}; {kept}") from None
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: `path` is always whole."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows, same file system by construction
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_folder(folder)
+    """torch.save through `replacing`: `path` is always whole."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with replacing(path) as f:
+        torch.save(obj, f)
 
 
 def fsync_folder(folder: str) -> None:
@@ -56,20 +83,9 @@ def fsync_folder(folder: str) -> None:
 
 
 def atomic_copy(source: str, path: str) -> None:
-    """Copy `source` to `path` through a temporary file beside `path`, fsync, os.replace: `path` is always whole."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f, open(source, "rb") as src:
-            shutil.copyfileobj(src, f, 1 << 24)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_folder(folder)
+    """Copy `source` to `path` through `replacing`: `path` is always whole."""
+    with replacing(path) as f, open(source, "rb") as src:
+        shutil.copyfileobj(src, f, 1 << 24)
 
 
 def rng_state() -> dict:
@@ -98,6 +114,8 @@ def set_rng_state(state: dict) -> None:
 
 def read(path: str) -> dict:
     """A checkpoint or weights file as a dict, loaded without running any code the file could carry."""
+    if os.path.isdir(path):
+        raise TrainError(f"checkpoint {path!r} is a folder, not a checkpoint file (such as its checkpoint.pth)")
     if not os.path.isfile(path):
         raise TrainError(f"checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
@@ -107,6 +125,12 @@ def read(path: str) -> dict:
             return load_file(path)
         except Exception as error:
             raise TrainError(f"cannot read checkpoint {path!r}: {type(error).__name__}: {error}") from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, its legacy pickle (PROTO)
+        raise TrainError(
+            f"cannot read checkpoint {path!r}: torch.save writes a zip archive (or a pickle), this file is neither"
+        )
     try:
         # argparse.Namespace: facebookresearch's checkpoints keep their options in one; it only holds attributes.
         with torch.serialization.safe_globals([argparse.Namespace]):

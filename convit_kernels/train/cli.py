@@ -61,8 +61,36 @@ class Parser(argparse.ArgumentParser):
         raise TrainError(f"{message} (see --help)")
 
 
+def shown(value) -> str:
+    """A default as the help states it: on/off, none for '', 1 for 1.0, lists space-separated."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if value != "" else "none"
+
+
+def by_recipe(key: str) -> str:
+    """The default of an option the recipes set: the ImageNet recipe's with --data-path, else the digits'."""
+    return f"(default: {shown(IMAGENET_RECIPE[key])} with --data-path, {shown(DIGITS_RECIPE[key])} on the digits)"
+
+
+class DefaultsOnce(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help where the default is a value and the help states none; not to flags
+    (their default is the value they do not set), nor to None (by_recipe's or the model's, which the help states)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "(default:" in text:
+            return text
+        return f"{text} (default: {shown(action.default)})"
+
+
 def number(kind, *, low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: `kind` (int or float) within [low, high] (open ends where asked), finite."""
+    high_open = high_open or math.isinf(high)  # the value must be finite: inf is never in
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
     def parse(text: str):
@@ -99,18 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
             "offline on scikit-learn's 8x8 digits (convit_digits, 16 px, 30 epochs). "
             "Under torchrun it trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnce,
     )
     g = parser.add_argument_group("model")
-    g.add_argument("--model", choices=MODEL_NAMES, help="default convit_tiny, or convit_digits on the digits")
-    g.add_argument("--no-fused", dest="fused", action="store_false", help="train timm's stock GPSA/MHSA instead")
+    g.add_argument("--model", choices=MODEL_NAMES, help="the ConViT to train " + by_recipe("model"))
+    g.add_argument(
+        "--no-fused", dest="fused", action="store_false", help="train timm's stock GPSA/MHSA instead of the fused"
+    )
     g.add_argument(
         "--backend",
         default="auto",
         choices=("auto",) + BACKEND_NAMES,
         help="fused GPSA backend (see `convit-kernels backends`)",
     )
-    g.add_argument("--drop-path", type=PROBABILITY, help="stochastic depth (0.1 ImageNet, 0 digits)")
+    g.add_argument("--drop-path", type=PROBABILITY, help="stochastic depth " + by_recipe("drop_path"))
     g.add_argument(
         "--embed-dim",
         type=POSITIVE_INT,
@@ -140,38 +170,44 @@ def build_parser() -> argparse.ArgumentParser:
         "to the grid of --input-size",
     )
     g = parser.add_argument_group("data")
-    g.add_argument("--data-path", help="ImageFolder root with train/<class>/ and val/<class>/ (default: digits)")
+    g.add_argument(
+        "--data-path", help="ImageFolder root with train/<class>/ and val/<class>/ (default: the embedded digits)"
+    )
     g.add_argument(
         "--sampling-ratio", type=FRACTION, default=1.0, help="keep this deterministic fraction of every training class"
     )
-    g.add_argument("--input-size", type=POSITIVE_INT, help="image side in pixels (224 ImageNet, 16 digits)")
+    g.add_argument("--input-size", type=POSITIVE_INT, help="image side in pixels " + by_recipe("input_size"))
     g.add_argument(
         "--batch-size",
         type=POSITIVE_INT,
         help="per process and micro-batch; the total batch is this x world size x --accum-steps "
-        "(64 ImageNet, 32 digits)",
+        + by_recipe("batch_size"),
     )
-    g.add_argument("--workers", type=COUNT, help="DataLoader workers per process (8 ImageNet, 0 digits)")
+    g.add_argument("--workers", type=COUNT, help="DataLoader workers per process " + by_recipe("workers"))
     g.add_argument("--no-aug", dest="augment", action="store_false", help="no random augmentation at all")
-    g.add_argument("--auto-augment", help="timm RandAugment spec ('' for none)")
-    g.add_argument("--color-jitter", type=NON_NEGATIVE, default=0.4)
-    g.add_argument("--reprob", type=PROBABILITY, help="random erasing probability (0.25 ImageNet)")
+    g.add_argument("--auto-augment", help="timm RandAugment spec ('' for none) " + by_recipe("auto_augment"))
+    g.add_argument("--color-jitter", type=NON_NEGATIVE, default=0.4, help="colour jitter strength")
+    g.add_argument("--reprob", type=PROBABILITY, help="random erasing probability " + by_recipe("reprob"))
     g.add_argument(
         "--repeated-aug",
         action=argparse.BooleanOptionalAction,
-        help="timm's RepeatAugSampler, 3 repeats (on for ImageNet as in ConViT, off for the digits)",
+        help="timm's RepeatAugSampler, 3 repeats, as in ConViT " + by_recipe("repeated_aug"),
     )
-    g.add_argument("--mixup", type=NON_NEGATIVE, help="Mixup alpha (0.8 ImageNet, 0 disables)")
-    g.add_argument("--cutmix", type=NON_NEGATIVE, help="CutMix alpha (1.0 ImageNet, 0 disables)")
-    g.add_argument("--smoothing", type=number(float, low=0, high=1, high_open=True), help="label smoothing (0.1)")
+    g.add_argument("--mixup", type=NON_NEGATIVE, help="Mixup alpha, 0 disables " + by_recipe("mixup"))
+    g.add_argument("--cutmix", type=NON_NEGATIVE, help="CutMix alpha, 0 disables " + by_recipe("cutmix"))
+    g.add_argument(
+        "--smoothing",
+        type=number(float, low=0, high=1, high_open=True),
+        help="label smoothing " + by_recipe("smoothing"),
+    )
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=POSITIVE_INT)
-    g.add_argument("--opt", default="adamw")
+    g.add_argument("--epochs", type=POSITIVE_INT, help="epochs of the schedule " + by_recipe("epochs"))
+    g.add_argument("--opt", default="adamw", help="timm optimizer name")
     g.add_argument(
         "--lr",
         type=POSITIVE,
         help="ConViT's --lr: the lr of a total batch of 512; the run uses lr x total batch / 512, "
-        "total batch = --batch-size x processes x --accum-steps (5e-4 ImageNet, 3.2e-2 digits)",
+        "total batch = --batch-size x processes x --accum-steps " + by_recipe("lr"),
     )
     g.add_argument(
         "--accum-steps",
@@ -202,16 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.99996,
         help="EMA decay per optimiser step (ConViT's)",
     )
-    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.05)
-    g.add_argument("--warmup-epochs", type=COUNT)
-    g.add_argument("--warmup-lr", type=NON_NEGATIVE, default=1e-6)
-    g.add_argument("--min-lr", type=NON_NEGATIVE, default=1e-5)
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.05, help="the optimizer's weight decay")
+    g.add_argument("--warmup-epochs", type=COUNT, help="linear warm-up from --warmup-lr " + by_recipe("warmup_epochs"))
+    g.add_argument("--warmup-lr", type=NON_NEGATIVE, default=1e-6, help="the lr the warm-up starts at")
+    g.add_argument("--min-lr", type=NON_NEGATIVE, default=1e-5, help="the lr the cosine ends at")
     g = parser.add_argument_group("execution")
-    g.add_argument("--amp", choices=("bf16", "fp16", "off"), help="autocast dtype (default bf16 on GPU, off on CPU)")
+    g.add_argument(
+        "--amp", choices=("bf16", "fp16", "off"), help="autocast dtype (default: bf16 on a GPU, off on the CPU)"
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--device", choices=("auto", "cpu"), default="auto")
-    g.add_argument("--threads", type=COUNT, help="CPU threads per process (0: cores / local processes; 1 digits)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=("auto", "cpu"), default="auto", help="auto: the GPU where there is one")
+    g.add_argument(
+        "--threads", type=COUNT, help="CPU threads per process, 0: cores / local processes " + by_recipe("threads")
+    )
+    g.add_argument("--seed", type=int, default=0, help="of the weights, the augmentation and the data order")
     g.add_argument(
         "--steps-per-epoch", type=COUNT, default=0, help="cap the optimiser steps of an epoch (0: whole epoch)"
     )
@@ -229,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint.pth, checkpoint-best.pth, log.jsonl, gpsa.png (and --save-every's checkpoints, "
         "TensorBoard's events)",
     )
-    g.add_argument("--resume", help="checkpoint to continue from (or timm/facebookresearch weights to start from)")
+    g.add_argument(
+        "--resume",
+        help="checkpoint to continue from (or timm/facebookresearch weights to start from); auto: --output-dir's "
+        "checkpoint.pth where there is one, else a new run (so that a torchrun restart continues by itself)",
+    )
     g.add_argument(
         "--overwrite",
         action="store_true",
@@ -254,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv=None) -> argparse.Namespace:
     """Parse options, fill the data-dependent defaults from the ImageNet or the digits recipe, check combinations."""
-    from .model import mixup_active, model_depth
+    from .model import check_optimizer, mixup_active, model_depth, patch_size
     from .pretrained import check_finetune_source
     from .report import tensorboard_installed
 
@@ -267,6 +311,11 @@ def parse_config(argv=None) -> argparse.Namespace:
         import torch
 
         config.amp = "bf16" if torch.cuda.is_available() and config.device != "cpu" else "off"
+    if config.resume == "auto":
+        from .output import CHECKPOINT
+
+        last = os.path.join(config.output_dir, CHECKPOINT)
+        config.resume = last if os.path.isfile(last) else None
     if config.eval and config.resume is None:
         raise TrainError("--eval needs the weights to evaluate: --resume <checkpoint>")
     if config.resume is not None and (config.finetune is not None or config.pretrained):
@@ -283,6 +332,12 @@ def parse_config(argv=None) -> argparse.Namespace:
         )
     if config.finetune is not None:
         check_finetune_source(config.finetune)
+    check_optimizer(config.opt)
+    patch = patch_size(config.model)
+    if config.input_size < patch:
+        raise TrainError(
+            f"--input-size {config.input_size} is smaller than a patch of {config.model} ({patch} x {patch} pixels)"
+        )
     depth = model_depth(config.model)
     if config.local_up_to_layer is not None and config.local_up_to_layer > depth:
         raise TrainError(f"--local-up-to-layer {config.local_up_to_layer}: {config.model} has {depth} blocks")
@@ -299,6 +354,19 @@ def parse_config(argv=None) -> argparse.Namespace:
     return config
 
 
+def interrupted_note(config) -> str:
+    """After Ctrl-C: how to continue, naming the run's last checkpoint, or that there is none."""
+    if config is None or config.eval:
+        return ""
+    from .output import CHECKPOINT, saved_epoch
+
+    path = os.path.join(config.output_dir, CHECKPOINT)
+    epoch = saved_epoch(path) if os.path.isfile(path) else None
+    if epoch is None:
+        return ": no checkpoint was written"
+    return f": training stopped; continue it with --resume {path} (the checkpoint of epoch {epoch})"
+
+
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -306,11 +374,16 @@ def is_rank_zero() -> bool:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     start = time.perf_counter()
+    config = None
     try:
         config = parse_config(argv)
         from .engine import fit
 
         result = fit(config)
+    except KeyboardInterrupt:
+        if is_rank_zero():
+            print(f"interrupted{interrupted_note(config)}", file=sys.stderr)
+        return 130
     except TrainError as error:
         if error.rank_local and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print(f"error: rank {os.environ['RANK']}: {message_of(error)}", file=sys.stderr)

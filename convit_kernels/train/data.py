@@ -84,21 +84,79 @@ def digits(input_size: int, augment: bool) -> DataBundle:
 
 
 def _check_split(root: str, split: str) -> list:
-    """Class names of root/split, after checking that each class folder holds at least one image."""
+    """Class names of root/split (class folders may be links)."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise TrainError(f"data folder {root!r} has no {split}/ folder (expected {root}/{split}/<class>/<image>)")
     classes = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
     if not classes:
         raise TrainError(f"{path!r} has no class folders (expected {path}/<class>/<image>)")
-    for name in classes:
-        files = (f for _, _, names in os.walk(os.path.join(path, name)) for f in names)
-        if not any(datasets.folder.has_file_allowed_extension(f, datasets.folder.IMG_EXTENSIONS) for f in files):
-            raise TrainError(
-                f"class folder {os.path.join(path, name)!r} has no images "
-                f"(extensions {', '.join(datasets.folder.IMG_EXTENSIONS)})"
-            )
     return classes
+
+
+def _image_folders(top: str, folders: dict, links: dict):
+    """(folder, its image names) for `top` and every folder below it, links followed, in any order.
+
+    `folders`, `links`: the real path of every folder and of every linked image met so far in this split, to the
+    path it was met by. Refused: a link back up its own folder, a loop (ImageFolder walks it 40 levels deep), and
+    a folder or linked image met a second time (one image, two labels); either would inflate the count.
+    """
+    pending = [top]
+    while pending:
+        folder = pending.pop()
+        real = os.path.realpath(folder)
+        if real in folders:
+            raise TrainError(f"data folder {folders[real]!r} is reached twice, also as {folder!r} (a link)")
+        folders[real] = folder
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as error:
+            raise TrainError(f"cannot list data folder {folder!r}: {error.strerror}") from None
+        images = []
+        for entry in entries:
+            if entry.is_dir():
+                if entry.is_symlink() and (real + os.sep).startswith(os.path.realpath(entry.path) + os.sep):
+                    raise TrainError(f"data folder link {entry.path!r} is a loop: it leads back up its own folder")
+                pending.append(entry.path)
+            elif datasets.folder.has_file_allowed_extension(entry.name, datasets.folder.IMG_EXTENSIONS):
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if target in links:
+                        raise TrainError(f"image {links[target]!r} is reached twice, also as {entry.path!r} (a link)")
+                    links[target] = entry.path
+                images.append(entry.name)
+        yield folder, images
+
+
+def list_images(split_path: str, classes: list) -> list:
+    """(path, class index) of every image under split_path/<class>/, links followed; a file reached twice refused.
+
+    ImageFolder's order (folders sorted by path, names sorted within one), which --sampling-ratio keeps the
+    first images of.
+    """
+    samples, folders, links = [], {}, {}
+    for index, name in enumerate(classes):
+        top = os.path.join(split_path, name)
+        found = sorted(_image_folders(top, folders, links))
+        if not any(images for _, images in found):
+            extensions = ", ".join(datasets.folder.IMG_EXTENSIONS)
+            raise TrainError(f"class folder {top!r} has no images (extensions {extensions})")
+        samples += [(os.path.join(folder, image), index) for folder, images in found for image in sorted(images)]
+    for target, link in links.items():  # a linked image that is also in a folder of the split
+        folder = folders.get(os.path.dirname(target))
+        if folder is not None:
+            raise TrainError(
+                f"image {os.path.join(folder, os.path.basename(target))!r} is reached twice, also as {link!r} (a link)"
+            )
+    return samples
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """ImageFolder whose file list is list_images': one line for a link loop or a file reached twice."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False) -> list:
+        return list_images(str(directory), sorted(class_to_idx, key=class_to_idx.get))
 
 
 def _load_image(path: str):
@@ -194,8 +252,8 @@ def image_folder(root: str, input_size: int, recipe) -> DataBundle:
         raise TrainError(f"train/ and val/ in {root!r} have different class folders: {', '.join(missing[:5])}")
     train_tf = train_transform(input_size, recipe)
     val_tf = create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
-    train = datasets.ImageFolder(os.path.join(root, "train"), transform=train_tf, loader=_load_image)
-    val = datasets.ImageFolder(os.path.join(root, "val"), transform=val_tf, loader=_load_image)
+    train = CheckedImageFolder(os.path.join(root, "train"), transform=train_tf, loader=_load_image)
+    val = CheckedImageFolder(os.path.join(root, "val"), transform=val_tf, loader=_load_image)
     return DataBundle(train, val, num_classes=len(train_classes), in_chans=3, name=f"ImageFolder {root}")
 
 
@@ -258,6 +316,34 @@ def build_loaders(bundle: DataBundle, config, rank: int, world_size: int, pin_me
     return train, val
 
 
+class DecodedPaths(Dataset):
+    """Image files decoded and dropped: reading them is the check (UnreadableImage for a bad one)."""
+
+    def __init__(self, paths: list):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> int:
+        _load_image(self.paths[index])
+        return 0
+
+
+def check_images(shard: Subset, workers: int) -> None:
+    """Before training: decode every image of a shard of an ImageFolder (this rank's validation images).
+
+    The evaluation reads them only after the first epoch; a corrupt one would cost that epoch. Its own generator:
+    the check draws nothing from the training's random streams.
+    """
+    paths = [shard.dataset.samples[index][0] for index in shard.indices]
+    decoded = DataLoader(
+        DecodedPaths(paths), batch_size=64, num_workers=workers, collate_fn=len, generator=torch.Generator()
+    )
+    for _ in decoded:
+        pass
+
+
 def fixed_batch(dataset: Dataset, count: int) -> torch.Tensor | None:
     """The first `count` validation images, stacked: the input on which GPSA statistics are measured."""
     count = min(count, len(dataset))
@@ -280,6 +366,7 @@ __all__ = [
     "build_data",
     "build_loaders",
     "check_augmentation",
+    "check_images",
     "fixed_batch",
     "steps_per_epoch",
     "subsample_per_class",

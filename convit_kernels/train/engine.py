@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from . import checkpoint, data, output, pretrained
 from . import model as recipe
-from .errors import Diverged
+from .errors import Diverged, TrainError
 from .report import JsonLog, TensorBoard, gpsa_statistics, nonlocality_as_convit, plot_gpsa, tensorboard_installed
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -233,13 +234,40 @@ def fit(config) -> dict:
     """Train (or with config.eval only evaluate) as the config says. Returns the per-epoch records and the model.
 
     Raises TrainError for bad input, found before the first epoch where it can be (the CLI: one line, exit
-    code 2), and Diverged when the loss stops being finite (exit code 1).
+    code 2), and Diverged when the loss stops being finite (exit code 1). Rank 0 holds --output-dir throughout.
     """
+    runtime = setup_runtime(config)
+    if config.eval:  # --eval writes nothing
+        return run(config, runtime)
+    output.check(config.output_dir, resume=config.resume, overwrite=config.overwrite)
+    with hold_output(config.output_dir, runtime):
+        return run(config, runtime)
+
+
+@contextlib.contextmanager
+def hold_output(folder: str, runtime: Runtime):
+    """Rank 0 holds `folder` (output.lock); a refusal is raised by every rank alike, as TrainErrors are."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if runtime.is_main:
+            try:
+                held.enter_context(output.lock(folder))
+            except TrainError as error:
+                refusal = error
+        if runtime.world_size > 1:
+            refused = [refusal is not None]
+            dist.broadcast_object_list(refused, src=0)
+            if refused[0] and refusal is None:
+                refusal = TrainError(f"--output-dir {folder!r} is in use by another run")
+        if refusal is not None:
+            raise refusal
+        yield
+
+
+def run(config, runtime: Runtime) -> dict:
+    """fit, once the runtime is set up and the output folder held."""
     from timm.utils import ModelEmaV3
 
-    runtime = setup_runtime(config)
-    if not config.eval:  # --eval writes nothing
-        output.check(config.output_dir, resume=config.resume, overwrite=config.overwrite)
     if config.fused:
         recipe.check_backend(
             config.backend,
@@ -280,6 +308,8 @@ def fit(config) -> dict:
     train_loader, val_loader = data.build_loaders(
         bundle, config, runtime.rank, runtime.world_size, pin_memory=runtime.device.type == "cuda"
     )
+    if config.data_path is not None and not config.eval:
+        data.check_images(val_loader.dataset, config.workers)
     steps = data.steps_per_epoch(train_loader, config.steps_per_epoch, config.accum_steps)
     lr = recipe.scaled_lr(config, runtime.world_size)
     optimizer = recipe.create_optimizer(net, lr, config)
@@ -320,7 +350,9 @@ def fit(config) -> dict:
     model, no_sync = net, None
     if runtime.world_size > 1:
         device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)  # broadcasts rank 0's weights
+        # Broadcasts rank 0's weights. No buffers at each forward: ConViT's only ones are GPSA's rel_indices, a cache
+        # of the grid that rank 0's GPSA statistics resize (a size mismatch in gloo's broadcast from epoch 2 on).
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
         no_sync = model.no_sync
         if ema is not None:  # ranks initialise (and a new head) from their own seeds: rank 0's, as DDP does
             for tensor in ema.module.state_dict().values():
@@ -332,6 +364,11 @@ def fit(config) -> dict:
         runtime,
         f"data: {bundle.name}, {len(bundle.train)} train / {len(bundle.val)} val images, {bundle.num_classes} classes",
     )
+    if bundle.num_classes == 1 and runtime.is_main:
+        print(
+            "warning: the data set has one class: every prediction is right, 100% accuracy says nothing",
+            file=sys.stderr,
+        )
     print_main(
         runtime,
         f"model: {config.model} ({'fused GPSA' if config.fused else 'stock timm'}), "

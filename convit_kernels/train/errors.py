@@ -23,6 +23,13 @@ class Diverged(TrainError):
     exit_code = 1
 
 
+class WriteFailed(TrainError):
+    """Rank 0 could not write the output folder (a full disk, a lost mount): exit code 1, the last whole files kept."""
+
+    exit_code = 1
+    rank_local = True
+
+
 def message_of(error: BaseException) -> str:
     """The user-facing line of a TrainError, also when a DataLoader worker re-raised it inside its traceback text."""
     text = str(error).strip()

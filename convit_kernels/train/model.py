@@ -81,6 +81,24 @@ def head_dim(name: str, embed_dim=None) -> int:
     return EXTRA_MODELS[name]["embed_dim"] if name in EXTRA_MODELS else 48
 
 
+def patch_size(name: str) -> int:
+    """The patch side in pixels of a model name (timm's ConViTs: 16)."""
+    return EXTRA_MODELS.get(name, {}).get("patch_size", 16)
+
+
+def check_optimizer(name: str) -> None:
+    """Before any work: timm's create_optimizer_v2 knows `name` (its last '_' part; 'lookahead_' may lead)."""
+    from timm.optim import get_optimizer_info, list_optimizers
+
+    try:
+        get_optimizer_info(name.lower().split("_")[-1])
+    except ValueError:
+        raise TrainError(
+            f"--opt {name}: not one of timm's optimizers (e.g. adamw, sgd, momentum, lamb, lion; "
+            f"{len(list_optimizers())} in timm.optim.list_optimizers())"
+        ) from None
+
+
 def model_depth(name: str) -> int:
     """The number of blocks of a model name (timm's ConViTs: 12)."""
     return EXTRA_MODELS.get(name, {}).get("depth", 12)

@@ -6,10 +6,14 @@ checkpoints and replaced only with ``--overwrite``; anything else is refused,
 so a fresh run never overwrites another's checkpoints (the last, the best, the
 every-N ones) nor appends to its log or events. Nothing is written before the
 first epoch ends: a run that fails earlier (bad data, a bad option) leaves the
-folder untouched."""
+folder untouched. For its whole life a run holds an exclusive flock on
+``.train.lock`` in the folder (its pid inside): a second run into the same folder
+is refused, and the claim of a killed run goes with its process."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import os
 import shutil
@@ -22,6 +26,7 @@ EVERY = "checkpoint-epoch{epoch:03d}.pth"  # --save-every, the epoch from 1
 LOG = "log.jsonl"
 PLOT = "gpsa.png"
 TENSORBOARD = "tensorboard"  # a folder
+LOCK = ".train.lock"  # not a run file: it goes when the run ends, and a stale one (kill -9) is free to take
 # Every file a run writes; a replaced run's are removed so that no file of it stays beside the new run's.
 RUN_FILE_PATTERNS = (CHECKPOINT, BEST, "checkpoint-epoch*.pth", LOG, PLOT, TENSORBOARD)
 
@@ -82,6 +87,42 @@ def check(folder: str, *, resume: str | None, overwrite: bool) -> None:
             f"--output-dir {folder!r} already holds a run ({names}): continue it with --resume "
             f"{os.path.join(folder, CHECKPOINT)}, replace it with --overwrite, or choose another --output-dir"
         )
+
+
+@contextlib.contextmanager
+def lock(folder: str):
+    """Hold `folder` for one run: an exclusive flock on its LOCK file, or TrainError naming the holder's pid.
+
+    The kernel releases a flock when its process dies, so a killed run's claim never blocks. A folder created
+    here and still empty at the end (the run failed before writing) is removed again.
+    """
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise TrainError(
+                f"--output-dir {folder!r} is in use by another run (pid {owner}): wait for it to end, or choose "
+                f"another --output-dir"
+            ) from None
+        # The previous holder may have removed the file between our open and flock: then lock the new one.
+        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.unlink(path)  # before the lock goes, so that no other run takes a file about to vanish
+        os.close(fd)
+        if created and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def claim(folder: str, *, continues: bool, start_epoch: int, log) -> None:

@@ -19,12 +19,21 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .errors import WriteFailed
+
 
 def gpsa_layers(model: nn.Module) -> OrderedDict[str, nn.Module]:
     """Every GPSA-like layer (timm's GPSA or FusedGPSA: it has a gate), by module name."""
     return OrderedDict(
         (name, m) for name, m in model.named_modules() if isinstance(getattr(m, "gating_param", None), torch.Tensor)
     )
+
+
+def nonlocality(layer: nn.Module, tokens: torch.Tensor) -> list:
+    """The layer's get_attention_map per head; 0 for a grid of one patch (which timm's GPSA cannot measure)."""
+    if tokens.shape[1] == 1:
+        return [0.0] * layer.num_heads
+    return layer.get_attention_map(tokens).float().tolist()
 
 
 @torch.no_grad()
@@ -43,7 +52,7 @@ def gpsa_statistics(model: nn.Module, images: torch.Tensor) -> dict:
         stats = {
             name: {
                 "gating": torch.sigmoid(m.gating_param.float()).tolist(),
-                "nonlocality": m.get_attention_map(inputs[name]).float().tolist(),
+                "nonlocality": nonlocality(m, inputs[name]),
             }
             for name, m in layers.items()
         }
@@ -61,10 +70,7 @@ def nonlocality_as_convit(model: nn.Module, images: torch.Tensor) -> dict:
     model.eval()
     try:
         tokens = model.patch_embed(images)
-        return {
-            str(index): block.attn.get_attention_map(tokens).float().tolist()
-            for index, block in enumerate(model.blocks)
-        }
+        return {str(index): nonlocality(block.attn, tokens) for index, block in enumerate(model.blocks)}
     finally:
         model.train(was_training)
 
@@ -76,10 +82,19 @@ class JsonLog:
         self.path = path
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one line; an OSError (a full disk) cuts off what it wrote, so the log stays readable."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        start = os.fstat(fd).st_size
+        try:
+            line, written = (json.dumps(record) + "\n").encode(), 0
+            while written < len(line):  # a short write is followed by the error that cut it short
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        except OSError as error:
+            os.ftruncate(fd, start)
+            raise WriteFailed(f"cannot write the log {self.path!r}: {error.strerror or error}") from None
+        finally:
+            os.close(fd)
 
     def records(self) -> list:
         if not os.path.exists(self.path):
