@@ -294,23 +294,33 @@ def _summary_line(row: dict) -> str:
     return "  ".join(parts)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convit-kernels aot", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SM_LIMITS), help="(default: %(default)s)"
+        "--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SM_LIMITS), help="(default: 80 90)"
     )
-    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="(default: all)")
-    parser.add_argument("--head-dim", type=int, nargs="+", default=list(HEAD_DIMS), help="(default: %(default)s)")
+    parser.add_argument(
+        "--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES), help=f"(default: {' '.join(DTYPES)})"
+    )
+    parser.add_argument(
+        "--head-dim", type=int, nargs="+", default=list(HEAD_DIMS), help=f"(default: {' '.join(map(str, HEAD_DIMS))})"
+    )
     parser.add_argument(
         "--n", type=int, default=CONVIT_N, help="row length of the per-score figures (default: %(default)s)"
     )
-    parser.add_argument("--kernel", nargs="+", default=list(REPORTED), choices=list(REPORTED), help="(default: all)")
+    parser.add_argument(
+        "--kernel", nargs="+", default=list(REPORTED), choices=list(REPORTED), help=f"(default: {' '.join(REPORTED)})"
+    )
     parser.add_argument(
         "--fp32-precision",
         choices=("highest", "high"),
         help="fp32 dots as under torch.set_float32_matmul_precision(...): 3xTF32 or TF32 (default: this process's)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     from .backends.triton import configs
 

@@ -57,7 +57,7 @@ def _compare(timm_run, fused_run) -> list[str]:
     return failed
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convit-kernels compare-timm",
         description="Run timm's GPSA and FusedGPSA on one ConViT-Ti layer (dim 192, 4 heads, 14 x 14 patches), "
@@ -72,6 +72,11 @@ def main(argv=None) -> int:
         help="FusedGPSA's backend (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be at least 1")

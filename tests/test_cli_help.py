@@ -5,9 +5,11 @@ import re
 
 import pytest
 
+from convit_kernels.aot import build_parser as aot_parser
 from convit_kernels.bench.cli import FULL, QUICK
 from convit_kernels.bench.cli import build_parser as bench_parser
 from convit_kernels.bench.workloads import CONVIT_SHAPES
+from convit_kernels.compare_timm import build_parser as compare_timm_parser
 from convit_kernels.train.cli import build_parser as train_parser
 from convit_kernels.train.cli import parse_config
 
@@ -42,7 +44,10 @@ def shown(value) -> str:
     return str(value) if value != "" else "none"
 
 
-@pytest.mark.parametrize("name, parser", [("train", train_parser), ("bench", bench_parser)])
+@pytest.mark.parametrize(
+    "name, parser",
+    [("train", train_parser), ("bench", bench_parser), ("compare-timm", compare_timm_parser), ("aot", aot_parser)],
+)
 def test_each_default_stated_once_and_not_none(monkeypatch, name, parser):
     parser = parser()
     for dest, text in option_helps(parser, monkeypatch).items():
