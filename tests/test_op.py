@@ -231,6 +231,17 @@ def test_named_backend_refuses_with_one_error_type(
         resolve_backend(backend, torch.device("cuda"), dtype, head_dim)
 
 
+def test_a_refusal_lists_every_reason(gpu_backends_available, monkeypatch):
+    from convit_kernels.backends import BackendError
+
+    monkeypatch.setattr(gpu_backends_available, "cuda_capability", lambda device: (7, 5))
+    with pytest.raises(BackendError) as refused:
+        resolve_backend("triton", torch.device("cuda"), torch.float64, 256)
+    message = str(refused.value)
+    for reason in ("not float64", "head dims up to 128, not 256", "needs compute capability sm_80"):
+        assert reason in message, message
+
+
 def test_backends_command_says_what_auto_picks(capsys):
     from convit_kernels.cli import main
 

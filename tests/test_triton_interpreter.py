@@ -225,3 +225,16 @@ def test_custom_ops_opcheck_and_compile_fullgraph():
     want = torch.autograd.grad(layer(*inputs), inputs)
     for g, w_ in zip(got, want):
         torch.testing.assert_close(g, w_)
+
+
+def test_double_backward_runs_as_for_every_op_pair():
+    """create_graph=True through triton's op pair differentiates the torch backend's backward, as for cpu and torch."""
+    inputs = make_inputs(1, 2, 16, 8, dtype=torch.float32, seed=5)
+    grads = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out = gpsa_attention(*leaves, backend=backend)
+        (dq,) = torch.autograd.grad(out.square().sum(), leaves[:1], create_graph=True)
+        grads[backend] = torch.autograd.grad(dq.square().sum(), leaves[:3])
+    for got, want in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
