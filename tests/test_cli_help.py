@@ -9,7 +9,7 @@ from convit_kernels.bench.cli import FULL, QUICK
 from convit_kernels.bench.cli import build_parser as bench_parser
 from convit_kernels.bench.workloads import CONVIT_SHAPES
 from convit_kernels.train.cli import build_parser as train_parser
-from convit_kernels.train.cli import parse_config
+from convit_kernels.train.cli import parse_config, shown
 
 DEFAULT = re.compile(r"\(default: ([^()]*(?:\([^()]*\)[^()]*)*)\)")
 
@@ -30,16 +30,6 @@ def option_helps(parser, monkeypatch):
             text.append(line.strip())
         helps[action.dest] = " ".join(text)
     return helps
-
-
-def shown(value) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(str, value))
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value) if value != "" else "none"
 
 
 @pytest.mark.parametrize("name, parser", [("train", train_parser), ("bench", bench_parser)])
