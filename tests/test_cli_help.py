@@ -11,7 +11,7 @@ from convit_kernels.bench.cli import build_parser as bench_parser
 from convit_kernels.bench.workloads import CONVIT_SHAPES
 from convit_kernels.compare_timm import build_parser as compare_timm_parser
 from convit_kernels.train.cli import build_parser as train_parser
-from convit_kernels.train.cli import parse_config
+from convit_kernels.train.cli import parse_config, shown
 
 DEFAULT = re.compile(r"\(default: ([^()]*(?:\([^()]*\)[^()]*)*)\)")
 
@@ -32,16 +32,6 @@ def option_helps(parser, monkeypatch):
             text.append(line.strip())
         helps[action.dest] = " ".join(text)
     return helps
-
-
-def shown(value) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(str, value))
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value) if value != "" else "none"
 
 
 @pytest.mark.parametrize(

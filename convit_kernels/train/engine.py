@@ -238,10 +238,10 @@ def fit(config) -> dict:
     """
     runtime = setup_runtime(config)
     if config.eval:  # --eval writes nothing
-        return run(config, runtime)
+        return train_or_evaluate(config, runtime)
     output.check(config.output_dir, resume=config.resume, overwrite=config.overwrite)
     with hold_output(config.output_dir, runtime):
-        return run(config, runtime)
+        return train_or_evaluate(config, runtime)
 
 
 @contextlib.contextmanager
@@ -264,7 +264,7 @@ def hold_output(folder: str, runtime: Runtime):
         yield
 
 
-def run(config, runtime: Runtime) -> dict:
+def train_or_evaluate(config, runtime: Runtime) -> dict:
     """fit, once the runtime is set up and the output folder held."""
     from timm.utils import ModelEmaV3
 
