@@ -98,14 +98,14 @@ def bhnd(x_hm: torch.Tensor) -> torch.Tensor:
 
 def along_columns(px: torch.Tensor, x_hm: torch.Tensor) -> torch.Tensor:
     """px[h] (W x W) applied along the grid's columns of a head-major tensor."""
-    H, grid_h, grid_w = x_hm.shape[:3]
-    return torch.matmul(px[:, None], x_hm.view(H, grid_h, grid_w, -1)).view(x_hm.shape)
+    H, grid_h, grid_w, B, d = x_hm.shape  # sizes, not -1, in the views: -1 is ambiguous when H = 0
+    return torch.matmul(px[:, None], x_hm.view(H, grid_h, grid_w, B * d)).view(x_hm.shape)
 
 
 def along_rows(py: torch.Tensor, x_hm: torch.Tensor) -> torch.Tensor:
     """py[h] (H_p x H_p) applied along the grid's rows of a head-major tensor."""
-    H, grid_h = x_hm.shape[:2]
-    return torch.bmm(py, x_hm.view(H, grid_h, -1)).view(x_hm.shape)
+    H, grid_h, grid_w, B, d = x_hm.shape
+    return torch.bmm(py, x_hm.view(H, grid_h, grid_w * B * d)).view(x_hm.shape)
 
 
 def apply_positional(tables: AxisTables, x_hm: torch.Tensor, transposed: bool = False) -> torch.Tensor:
@@ -126,11 +126,12 @@ def positional_backward(tables: AxisTables, dout_hm: torch.Tensor, v_hm: torch.T
     ``dpy[y, Y] = sum (px^T dout)[y, X] . v[Y, X]`` over (X, batch, d).
     """
     px_t, py_t = tables.px.transpose(-2, -1), tables.py.transpose(-2, -1)
-    H, grid_h, grid_w = v_hm.shape[:3]
+    H, grid_h, grid_w, B, d = v_hm.shape
     rows_t = along_rows(py_t, dout_hm)
     cols_t = along_columns(px_t, dout_hm)
-    dpx = torch.bmm(rows_t.view(H * grid_h, grid_w, -1), v_hm.view(H * grid_h, grid_w, -1).transpose(1, 2))
-    dpy = torch.bmm(cols_t.view(H, grid_h, -1), v_hm.view(H, grid_h, -1).transpose(1, 2))
+    by_column, by_row = (H * grid_h, grid_w, B * d), (H, grid_h, grid_w * B * d)
+    dpx = torch.bmm(rows_t.view(by_column), v_hm.view(by_column).transpose(1, 2))
+    dpy = torch.bmm(cols_t.view(by_row), v_hm.view(by_row).transpose(1, 2))
     return along_columns(px_t, rows_t), dpx.view(H, grid_h, grid_w, grid_w).sum(1), dpy
 
 

@@ -65,3 +65,13 @@ def test_tables_in_a_requested_dtype():
     tables = positional_axis_probs(torch.randn(2, 3), 3, 4, torch.float64)
     assert tables.px.dtype == tables.py.dtype == torch.float64
     assert tables.px.shape == (2, 4, 4) and tables.py.shape == (2, 3, 3)
+
+
+@pytest.mark.parametrize("B,H", [(2, 0), (0, 3), (0, 0)])
+def test_no_heads_or_an_empty_batch(B, H):
+    tables = positional_axis_probs(torch.randn(H, 3, dtype=torch.float64), 3, 4)
+    v_hm = head_major(torch.randn(B, H, 12, 5, dtype=torch.float64), 3, torch.float64)
+    assert apply_positional(tables, v_hm).shape == v_hm.shape
+    pt_dout, dpx, dpy = positional_backward(tables, v_hm, v_hm)
+    assert pt_dout.shape == v_hm.shape and dpx.shape == (H, 4, 4) and dpy.shape == (H, 3, 3)
+    assert not dpx.any() and not dpy.any()  # sums over an empty batch

@@ -203,7 +203,7 @@ def gpsa_backward(
     v_hm, dout_hm = head_major(v, grid_h, torch.float32), head_major(dout, grid_h, torch.float32)
     pt_dout_hm, dpx, dpy = positional_backward(tables, dout_hm, v_hm)
     d_pos_weight = pos_weight_grad(tables, g.view(H, 1, 1) * dpx, g.view(H, 1, 1) * dpy)
-    sum_delta_p = torch.linalg.vecdot(pt_dout_hm.view(H, -1), v_hm.view(H, -1))  # sum (P^T dO) . v = sum dO . P v
+    sum_delta_p = torch.linalg.vecdot(pt_dout_hm.flatten(1), v_hm.flatten(1))  # sum (P^T dO) . v = sum dO . P v
     pt_dout = bhnd(pt_dout_hm)
 
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
