@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .settings import SettingError
+
 # subcommand -> (module, its function main(argv) -> int, one-line help)
 SUBCOMMANDS = {
     "compare-timm": ("convit_kernels.compare_timm", "main", "compare FusedGPSA with timm's GPSA on a ConViT-Ti layer"),
@@ -39,4 +41,8 @@ def main(argv=None) -> int:
     if command not in SUBCOMMANDS:
         parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
     module, function, _ = SUBCOMMANDS[command]
-    return int(getattr(importlib.import_module(module), function)(rest) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), function)(rest) or 0)
+    except SettingError as error:  # a CONVIT_KERNELS_* variable the command read has a bad value
+        print(f"convit-kernels {command}: {error}", file=sys.stderr)
+        return 2

@@ -110,21 +110,19 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head
 _ANY_HEAD_DIM = 2**31
 
 
-# A pure function of its constant arguments for the life of the process: torch.compile evaluates
-# it once while tracing. The head dim stays out of it: under dynamic shapes it is symbolic, and the
+# A pure function of its constant arguments for the life of the process: torch.compile evaluates it
+# once while tracing. The head dim stays out: with dynamic shapes it is symbolic there, and the
 # caller compares it with each candidate's limit (a guard, not a graph break).
 @torch.compiler.assume_constant_result
 def _candidates(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
     """(name, largest head dim it takes) of each backend that may run the call, best first."""
     device = torch.device(device)
-    names = auto_candidates(device.type) if backend == "auto" else (backend,)
-    if backend != "auto":
-        resolve_backend(backend, device, dtype, 1)  # refuses an unknown name, device or dtype now
-    found = []
-    for name in names:
-        if not not_supported_reasons(name, device, dtype, 1):
-            found.append((name, get_backend(name).max_head_dim or _ANY_HEAD_DIM))
-    return tuple(found)
+    names = auto_candidates(device.type) if backend == "auto" else (resolve_backend(backend, device, dtype, 1),)
+    return tuple(
+        (name, get_backend(name).max_head_dim or _ANY_HEAD_DIM)
+        for name in names
+        if not not_supported_reasons(name, device, dtype, 1)
+    )
 
 
 def choose(backend: str, device: torch.device, dtype: torch.dtype, head_dim, tokens, grid_w) -> str:
@@ -132,14 +130,17 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype, head_dim, tok
 
     Traceable by torch.compile with dynamic shapes: head_dim, tokens and grid_w may be symbolic.
     """
-    fitting = [name for name, max_head_dim in _candidates(backend, device, dtype) if head_dim <= max_head_dim]
-    if not fitting:
-        return resolve_backend(backend, device, dtype, head_dim)  # raises, with every reason
-    name = fitting[0]
+    if not torch.compiler.is_compiling():
+        name = resolve_backend(backend, device, dtype, head_dim)  # a refusal names every reason
+    else:
+        fitting = [name for name, max_head_dim in _candidates(backend, device, dtype) if head_dim <= max_head_dim]
+        if not fitting:  # an explicit backend's head-dim limit
+            raise BackendError(f"backend {backend!r} cannot run here: takes head dims up to its limit, not {head_dim}")
+        name = fitting[0]
     if backend != "auto" or name not in CHECKED_BACKENDS or torch.device(device).type not in CHECKED_DEVICE_TYPES:
         return name
-    if not all(isinstance(x, int) for x in (head_dim, tokens, grid_w)):
-        # Traced with dynamic shapes: the call's size is symbolic, so check at ConViT's.
+    if torch.compiler.is_compiling():
+        # While tracing the call's size may be symbolic (dynamic shapes): check at ConViT's.
         head_dim, tokens, grid_w = VERIFIED_WHEN_SYMBOLIC
     return _verified(name, device, dtype, head_dim, tokens, grid_w)
 

@@ -84,3 +84,12 @@ def test_every_variable_is_in_the_readme_table_and_every_used_one_is_declared():
         )
     }
     assert used - build_macros <= set(settings.SETTINGS), used - build_macros - set(settings.SETTINGS)
+
+
+def test_a_command_reports_a_bad_value_in_one_line(monkeypatch, capsys):
+    from convit_kernels.cli import main
+
+    monkeypatch.setenv("CONVIT_KERNELS_SELF_CHECK", "maybe")
+    assert main(["backends"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("convit-kernels backends: CONVIT_KERNELS_SELF_CHECK must be") and "\n" not in err
