@@ -1,8 +1,9 @@
 """The "triton" backend: (1 - g) FlashAttention-2 Triton kernels + g separable P v mixed in their epilogues.
 
-An op-pair backend whose state is [O_c (B x N x H x d), lse2 (B x H x N, fp32, log2 units)]: the
-dk/dv and dq kernels read both (docs/design.md, "Triton kernels"). Runs on CUDA GPUs of sm_80 and
-newer, and on CPU tensors when TRITON_INTERPRET=1 was set before import (tests).
+An op-pair backend whose state is [O_c (B x N x H x d), row_stats (B x H x N x 2, fp32: each row's
+max of q . k and 1 / its sum of exponentials, apart)]: the dk/dv and dq kernels read both (docs/design.md,
+"Triton kernels"). Runs on CUDA GPUs of sm_80 and newer, and on CPU tensors when TRITON_INTERPRET=1
+was set before import (tests).
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ __all__ = ["INTERPRET"]
 
 def _forward(q, k, v, pos_weight, gating_param, grid_w, scale, precision):
     dots = dot_precision(q.dtype, precision)
-    out, content, lse2 = gpsa_forward(q, k, v, pos_weight, gating_param, grid_w, scale, dots)
-    return out, [content, lse2]
+    out, content, row_stats = gpsa_forward(q, k, v, pos_weight, gating_param, grid_w, scale, dots)
+    return out, [content, row_stats]
 
 
 def _backward(grad_out, q, k, v, pos_weight, gating_param, state, grid_w, scale, precision):
-    content, lse2 = state
+    content, row_stats = state
     dots = dot_precision(q.dtype, precision)
-    return gpsa_backward(grad_out, q, k, v, content, lse2, pos_weight, gating_param, grid_w, scale, dots)
+    return gpsa_backward(grad_out, q, k, v, content, row_stats, pos_weight, gating_param, grid_w, scale, dots)
 
 
 def _state_like(q: torch.Tensor) -> list[torch.Tensor]:
     B, H, N, d = q.shape
-    return [q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=torch.float32)]
+    return [q.new_empty((B, N, H, d)), q.new_empty((B, H, N, 2), dtype=torch.float32)]
 
 
 def _unavailable() -> str | None:

@@ -1,7 +1,7 @@
 """The Triton kernels: FlashAttention-2 forward (GPSA epilogue), backward preprocess, dk/dv and dq.
 
-docs/design.md ("Triton kernels") describes their loops, the saved state (O_c, lse in log2 units),
-3xTF32 from split operands, and why the positional branch joins in the epilogues.
+docs/design.md ("Triton kernels") describes their loops, the saved state (O_c and each row's max and
+sum, apart), 3xTF32 from split operands, and why the positional branch joins in the epilogues.
 """
 
 from __future__ import annotations
@@ -85,17 +85,21 @@ def _fwd_key_step(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """One key tile of the online softmax; MASKED for the last, partial tile (keys past N get -inf)."""
+    """One key tile of the online softmax; MASKED for the last, partial tile (keys past N get -inf).
+
+    The running max is of the unscaled q . k: differences from it are exact near the top of a row,
+    and only then scaled, so no logit is rounded at its full size (~1e-3 in log2 units at 1e4).
+    """
     keys_ok = offs_n < N
     dims_ok = offs_d < HEAD_DIM
     kt, kt_lo = _load_operand(kt_ptrs, LO_OFFSET, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED, DOT_DTYPE, SPLIT)
     v, v_lo = _load_operand(v_ptrs, LO_OFFSET, keys_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D, DOT_DTYPE, SPLIT)
-    s = _mma(q, q_lo, kt, kt_lo, None, PRECISION, SPLIT) * qk_scale  # log2 units
+    dots = _mma(q, q_lo, kt, kt_lo, None, PRECISION, SPLIT)
     if MASKED:
-        s = tl.where(keys_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
+        dots = tl.where(keys_ok[None, :], dots, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(dots, 1))
+    p = tl.exp2((dots - m_new[:, None]) * qk_scale)
+    alpha = tl.exp2((m_i - m_new) * qk_scale)
     l_i = l_i * alpha + tl.sum(p, 1)
     p_hi, p_lo = _split(p.to(DOT_DTYPE), SPLIT)
     acc = _mma(p_hi, p_lo, v, v_lo, acc * alpha[:, None], PRECISION, SPLIT)
@@ -104,7 +108,7 @@ def _fwd_key_step(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, POS, GATES, OUT, OUT_C, LSE,
+    Q, K, V, POS, GATES, OUT, OUT_C, ROW_STATS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -129,8 +133,8 @@ def _attn_fwd_kernel(
     kt_ptrs = K + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max, log2 units
-    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(s - m_i)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of q . k (unscaled)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^((q . k - m_i) qk_scale)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
@@ -142,7 +146,11 @@ def _attn_fwd_kernel(
                                       v_ptrs + n_full * stride_vn, LO_OFFSET, n_full + offs_n, offs_d, N, qk_scale,
                                       HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, SPLIT, True)  # fmt: skip
 
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=rows_ok)  # log2 units
+    # The max and 1 / sum apart (a float32 lse = m + log(l) would round m by ~1e-3 at logits of 1e4);
+    # the reciprocal once here, not in each step of the dk/dv loop.
+    stats_ptrs = ROW_STATS + 2 * (pid_bh.to(tl.int64) * N + offs_m)
+    tl.store(stats_ptrs, m_i, mask=rows_ok)
+    tl.store(stats_ptrs + 1, 1.0 / l_i, mask=rows_ok)
     o_c = acc / l_i[:, None]
     o_offs = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     if GPSA:
@@ -183,12 +191,12 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_query_step(
-    dk, dv, k, v, k_ptrs, v_ptrs, keys_ok, qt_ptrs, dout_ptrs, LO_OFFSET, LSE_ROWS, DELTA_ROWS, offs_m, offs_d, N,
+    dk, dv, k, v, k_ptrs, v_ptrs, keys_ok, qt_ptrs, dout_ptrs, LO_OFFSET, STATS_ROWS, DELTA_ROWS, offs_m, offs_d, N,
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """One query tile for a block of keys; MASKED for the last, partial tile (lse = +inf there: p = 0).
+    """One query tile for a block of keys; MASKED for the last, partial tile (row max +inf there: p = 0).
 
     k, v: the resident tiles; under SPLIT they are read here, high and low parts, each step.
     """
@@ -201,12 +209,15 @@ def _dkdv_query_step(
     qt, qt_lo = _load_operand(qt_ptrs, LO_OFFSET, dims_ok, rows_ok, HEAD_DIM != BLOCK_D, MASKED, DOT_DTYPE, SPLIT)
     dout, dout_lo = _load_operand(dout_ptrs, LO_OFFSET, rows_ok, dims_ok, MASKED, HEAD_DIM != BLOCK_D, DOT_DTYPE, SPLIT)
     if MASKED:
-        lse = tl.load(LSE_ROWS + offs_m, mask=rows_ok, other=float("inf"))
+        row_max = tl.load(STATS_ROWS + 2 * offs_m, mask=rows_ok, other=float("inf"))
+        inv_sum = tl.load(STATS_ROWS + 2 * offs_m + 1, mask=rows_ok, other=1.0)
         delta = tl.load(DELTA_ROWS + offs_m, mask=rows_ok, other=0.0)
     else:
-        lse = tl.load(LSE_ROWS + offs_m)
+        row_max = tl.load(STATS_ROWS + 2 * offs_m)
+        inv_sum = tl.load(STATS_ROWS + 2 * offs_m + 1)
         delta = tl.load(DELTA_ROWS + offs_m)
-    pt = tl.exp2(_mma(k, k_lo, qt, qt_lo, None, PRECISION, SPLIT) * qk_scale - lse[None, :])  # P^T, keys x queries
+    dots = _mma(k, k_lo, qt, qt_lo, None, PRECISION, SPLIT)
+    pt = tl.exp2((dots - row_max[None, :]) * qk_scale) * inv_sum[None, :]  # P^T, keys x queries
     pt_hi, pt_lo = _split(pt.to(DOT_DTYPE), SPLIT)
     dv = _mma(pt_hi, pt_lo, dout, dout_lo, dv, PRECISION, SPLIT)
     dpt = _mma(v, v_lo, tl.trans(dout), tl.trans(dout_lo), None, PRECISION, SPLIT)  # (dO v^T)^T
@@ -217,7 +228,7 @@ def _dkdv_query_step(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOUT, LSE, DELTA, PT_DOUT, GATES, DK, DV,
+    Q, K, V, DOUT, ROW_STATS, DELTA, PT_DOUT, GATES, DK, DV,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -248,7 +259,7 @@ def _bwd_dkdv_kernel(
     # Q^T (BLOCK_D x BLOCK_M) and dO (BLOCK_M x BLOCK_D) tiles, advanced BLOCK_M queries a step.
     qt_ptrs = Q + b * stride_qb + h * stride_qh + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qn
     dout_ptrs = DOUT + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd
-    lse_rows = LSE + pid_bh.to(tl.int64) * N
+    stats_rows = ROW_STATS + 2 * pid_bh.to(tl.int64) * N
     delta_rows = DELTA + pid_bh.to(tl.int64) * N
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -256,12 +267,12 @@ def _bwd_dkdv_kernel(
     m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _dkdv_query_step(dk, dv, k, v, k_ptrs, v_ptrs, keys_ok, qt_ptrs + start_m * stride_qn,
-                                  dout_ptrs + start_m * stride_gn, LO_OFFSET, lse_rows, delta_rows,
+                                  dout_ptrs + start_m * stride_gn, LO_OFFSET, stats_rows, delta_rows,
                                   start_m + offs_m, offs_d, N, qk_scale,
                                   HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, SPLIT, False)  # fmt: skip
     if not EVEN_M:
         dk, dv = _dkdv_query_step(dk, dv, k, v, k_ptrs, v_ptrs, keys_ok, qt_ptrs + m_full * stride_qn,
-                                  dout_ptrs + m_full * stride_gn, LO_OFFSET, lse_rows, delta_rows,
+                                  dout_ptrs + m_full * stride_gn, LO_OFFSET, stats_rows, delta_rows,
                                   m_full + offs_m, offs_d, N, qk_scale,
                                   HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, SPLIT, True)  # fmt: skip
 
@@ -276,11 +287,11 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_key_step(
-    dq, q, dout, q_ptrs, dout_ptrs, rows_ok, lse, delta, kt_ptrs, vt_ptrs, LO_OFFSET, offs_n, offs_d, N, qk_scale,
+    dq, q, dout, q_ptrs, dout_ptrs, rows_ok, row_max, delta, kt_ptrs, vt_ptrs, LO_OFFSET, offs_n, offs_d, N, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """One key tile for a block of queries; MASKED for the last, partial tile (p = 0 past N).
+    """One key tile for a block of queries, p not yet divided by the row sum; MASKED for the last, partial tile.
 
     q, dout: the resident tiles; under SPLIT they are read here, high and low parts, each step.
     """
@@ -294,8 +305,9 @@ def _dq_key_step(
         )
     kt, kt_lo = _load_operand(kt_ptrs, LO_OFFSET, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED, DOT_DTYPE, SPLIT)
     vt, vt_lo = _load_operand(vt_ptrs, LO_OFFSET, dims_ok, keys_ok, HEAD_DIM != BLOCK_D, MASKED, DOT_DTYPE, SPLIT)
-    p = tl.exp2(_mma(q, q_lo, kt, kt_lo, None, PRECISION, SPLIT) * qk_scale - lse[:, None])
-    if MASKED:  # zero keys would give p = 2^-lse, which overflows for very negative rows
+    dots = _mma(q, q_lo, kt, kt_lo, None, PRECISION, SPLIT)
+    p = tl.exp2((dots - row_max[:, None]) * qk_scale)  # the epilogue divides dq's rows by their sums
+    if MASKED:  # zero keys would give p = 2^(-row max qk_scale), which overflows for very negative rows
         p = tl.where(keys_ok[None, :], p, 0.0)
     dp = _mma(dout, dout_lo, vt, vt_lo, None, PRECISION, SPLIT)
     ds_hi, ds_lo = _split((p * (dp - delta[:, None])).to(DOT_DTYPE), SPLIT)
@@ -304,7 +316,7 @@ def _dq_key_step(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DOUT, LSE, DELTA, GATES, DQ,
+    Q, K, V, DOUT, ROW_STATS, DELTA, GATES, DQ,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -330,8 +342,10 @@ def _bwd_dq_kernel(
     else:
         q = _load(q_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
         dout = _load(dout_ptrs, rows_ok, dims_ok, True, HEAD_DIM != BLOCK_D).to(DOT_DTYPE)
-    # Rows past N have q = dO = 0 and are never stored: any finite lse serves them.
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=rows_ok, other=0.0)
+    # Rows past N have q = dO = 0 and are never stored: any finite max and sum serve them.
+    stats_ptrs = ROW_STATS + 2 * (pid_bh.to(tl.int64) * N + offs_m)
+    row_max = tl.load(stats_ptrs, mask=rows_ok, other=0.0)
+    inv_sum = tl.load(stats_ptrs + 1, mask=rows_ok, other=1.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=rows_ok, other=0.0)
     # K^T and V^T tiles (BLOCK_D x BLOCK_N), advanced BLOCK_N keys a step.
     kt_ptrs = K + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
@@ -340,17 +354,19 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_key_step(dq, q, dout, q_ptrs, dout_ptrs, rows_ok, lse, delta, kt_ptrs + start_n * stride_kn,
-                          vt_ptrs + start_n * stride_vn, LO_OFFSET, start_n + offs_n, offs_d, N, qk_scale,
+        dq = _dq_key_step(dq, q, dout, q_ptrs, dout_ptrs, rows_ok, row_max, delta,
+                          kt_ptrs + start_n * stride_kn, vt_ptrs + start_n * stride_vn, LO_OFFSET, start_n + offs_n,
+                          offs_d, N, qk_scale,
                           HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, SPLIT, False)  # fmt: skip
     if not EVEN_N:
-        dq = _dq_key_step(dq, q, dout, q_ptrs, dout_ptrs, rows_ok, lse, delta, kt_ptrs + n_full * stride_kn,
-                          vt_ptrs + n_full * stride_vn, LO_OFFSET, n_full + offs_n, offs_d, N, qk_scale,
+        dq = _dq_key_step(dq, q, dout, q_ptrs, dout_ptrs, rows_ok, row_max, delta,
+                          kt_ptrs + n_full * stride_kn, vt_ptrs + n_full * stride_vn, LO_OFFSET, n_full + offs_n,
+                          offs_d, N, qk_scale,
                           HEAD_DIM, BLOCK_D, DOT_DTYPE, PRECISION, SPLIT, True)  # fmt: skip
 
     one_minus_g = tl.load(GATES + 2 * h + 1)
     d_ptrs = DQ + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :] * stride_dd
-    _store(d_ptrs, dq * (scale * one_minus_g), rows_ok, dims_ok, HEAD_DIM != BLOCK_D)
+    _store(d_ptrs, dq * (inv_sum[:, None] * (scale * one_minus_g)), rows_ok, dims_ok, HEAD_DIM != BLOCK_D)
 
 
 # The kernels by name: aot compiles each ("fwd" also as its GPSA-free twin).

@@ -145,11 +145,13 @@ def _gates_table(gating_param: torch.Tensor) -> torch.Tensor:
 
 
 def attention_forward(q, k, v, scale: float, positional=None, gates=None, precision: str | None = None):
-    """(out, O_c, lse2) of the forward kernel; plain attention (its GPSA-free twin) when positional is None.
+    """(out, O_c, row_stats) of the forward kernel; plain attention (its GPSA-free twin) when positional is None.
 
     q, k, v: B x H x N x d, any strides. positional: B x H x N x d fp32 ``g P v``, gates: the
-    H x 2 (g, 1 - g) table. out and O_c are B x N x H x d in q's dtype (O_c None for the twin),
-    lse2 is B x H x N fp32 in log2 units. precision: fp32's dots (:func:`dot_precision`'s
+    H x 2 (g, 1 - g) table. out and O_c are B x N x H x d in q's dtype (O_c None for the twin).
+    row_stats is B x H x N x 2 fp32: each row's max m of q . k (unscaled) and 1 / l, l the sum of
+    exp((q . k - m) scale), kept apart so that the backward's weights are exp((q . k - m) scale) / l
+    with no float32 lse rounded at the logits' size. precision: fp32's dots (:func:`dot_precision`'s
     value; default torch's current setting).
     """
     B, H, N, d = q.shape
@@ -161,21 +163,21 @@ def attention_forward(q, k, v, scale: float, positional=None, gates=None, precis
         lo_offset = q.numel()
     out_bhnd = out.transpose(1, 2)
     content = torch.empty_like(out) if gpsa else None
-    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    row_stats = torch.empty((B, H, N, 2), device=q.device, dtype=torch.float32)
     if not gpsa:  # the twin reads neither: any tensors of the right kind fill the slots
-        positional, gates = out_bhnd, lse
+        positional, gates = out_bhnd, row_stats
     _launch(
         "fwd", lambda bm, bn: (triton.cdiv(N, bm), B * H), q,
-        (q, k, v, positional, gates, out_bhnd, content.transpose(1, 2) if gpsa else out_bhnd, lse,
+        (q, k, v, positional, gates, out_bhnd, content.transpose(1, 2) if gpsa else out_bhnd, row_stats,
          *q.stride(), *k.stride(), *v.stride(), *positional.stride(), *out_bhnd.stride(),
          H, N, scale * LOG2E, lo_offset),
         **dots, GPSA=gpsa,
     )  # fmt: skip
-    return out, content, lse
+    return out, content, row_stats
 
 
 def gpsa_forward(q, k, v, pos_weight, gating_param, grid_w: int, scale: float, precision: str | None = None):
-    """(out, O_c, lse2): the content branch in the kernel, g P v from the separable unit mixed in its epilogue."""
+    """(out, O_c, row_stats): the content branch in the kernel, g P v from the separable unit mixed in its epilogue."""
     grid_h = q.shape[2] // grid_w
     gates = _gates_table(gating_param)
     px, py = positional_axis_probs(pos_weight, grid_h, grid_w, torch.float32)
@@ -185,9 +187,12 @@ def gpsa_forward(q, k, v, pos_weight, gating_param, grid_w: int, scale: float, p
 
 
 def gpsa_backward(
-    grad_out, q, k, v, content, lse, pos_weight, gating_param, grid_w: int, scale: float, precision: str | None = None
-):
+    grad_out, q, k, v, content, row_stats, pos_weight, gating_param, grid_w: int, scale: float,
+    precision: str | None = None,
+):  # fmt: skip
     """(dq, dk, dv in B x N x H x d, d pos_weight, d gating_param); grad_out and content are B x N x H x d.
+
+    row_stats: the forward's (:func:`attention_forward`).
 
     precision: the forward's (its logits are recomputed here as the forward made them).
     """
@@ -219,14 +224,14 @@ def gpsa_backward(
         lo_offset = q.numel()
     _launch(
         "bwd_dkdv", lambda bm, bn: (triton.cdiv(N, bn), B * H), q,
-        (q, k, v, dout, lse, delta, pt_dout, gates, dk_bhnd, dv_bhnd,
+        (q, k, v, dout, row_stats, delta, pt_dout, gates, dk_bhnd, dv_bhnd,
          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *pt_dout.stride(), *dk_bhnd.stride(),
          H, N, scale * LOG2E, scale, lo_offset),
         **dots,
     )  # fmt: skip
     _launch(
         "bwd_dq", lambda bm, bn: (triton.cdiv(N, bm), B * H), q,
-        (q, k, v, dout, lse, delta, gates, dq_bhnd,
+        (q, k, v, dout, row_stats, delta, gates, dq_bhnd,
          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq_bhnd.stride(),
          H, N, scale * LOG2E, scale, lo_offset),
         **dots,
