@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,18 @@ def test_quick_run_stops_and_continues(tmp_path, fashion, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other settings (steps)" in err
     assert json.loads((out / "results.json").read_text()) == summary
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_experiment_and_its_workers_in_one_line(tmp_path, fashion):
+    out = tmp_path / "se"
+    command = [sys.executable, "-m", "convit_kernels", "experiment", "sample-efficiency", *quick(out, fashion)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "started" not in process.stdout.readline():  # a worker is training
+        assert process.poll() is None, process.stderr.read()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and err.count("\n") == 1 and "the same command continues" in err, err
 
 
 def test_a_foreign_folder_is_refused(tmp_path, fashion, capsys):

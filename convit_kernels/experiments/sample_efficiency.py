@@ -48,7 +48,7 @@ PAIRS = (("convit", "deit"), ("convit", "control"), ("control", "deit"))
 DEFAULTS = dict(
     ratios=[0.05, 1.0],
     seeds=[0, 1, 2, 3, 4],
-    steps=1000,
+    steps=800,
     batch_size=16,
     test_images=0,
     curve_points=10,
@@ -71,13 +71,22 @@ class Diverged(Exception):
     """A run whose loss stopped being finite: one line on stderr, exit code 1 (the runs done so far are kept)."""
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" where the help does not give the default itself, except None and flags' booleans."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
 
 
 def parse_args(argv, prog=None):
-    p = Parser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     p.add_argument("--out", required=True, help="results folder: new, or one of this experiment to continue")
     p.add_argument(
         "--ratios", type=float, nargs="+", help=f"sampling ratios f in (0, 1] (default {DEFAULTS['ratios']})"
@@ -86,11 +95,11 @@ def parse_args(argv, prog=None):
     p.add_argument("--steps", type=int, help=f"optimiser steps of every run (default {DEFAULTS['steps']})")
     p.add_argument("--batch-size", type=int, help=f"images per step (default {DEFAULTS['batch_size']})")
     p.add_argument("--lr", type=float, default=3e-3, help="peak lr of AdamW (cosine schedule)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's, on weights (not biases, norms, gates)")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up, as a fraction of the steps (at most 0.1)")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     p.add_argument("--model", default="convit_fashion", help="a `convit-kernels train --model`")
-    p.add_argument("--embed-dim", type=int, help="channels per head (default: the model's, 8)")
+    p.add_argument("--embed-dim", type=int, help="channels per head (default: the model's, 6)")
     p.add_argument("--input-size", type=int, help="image side in pixels (default: 28, or 32 with --data-path)")
     p.add_argument("--fashion-mnist", default=FASHION_MNIST, help="folder of Fashion-MNIST's 4 idx files")
     p.add_argument("--data-path", help="an ImageFolder root (train/, val/) instead of Fashion-MNIST")
@@ -674,9 +683,14 @@ def work(spec) -> tuple:
     return name, result
 
 
+def stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def start_worker() -> None:
     torch.set_num_threads(1)  # one process per core: these small ops do not pay for a thread pool's barriers
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the experiment in the parent, one line
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's pool.terminate()
 
 
 def run(args) -> int:
@@ -693,6 +707,7 @@ def run(args) -> int:
         flush=True,
     )
     SHARED.update(args=args, data=data)
+    signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the workers stop with the experiment, one line
     start = time.perf_counter()
     jobs = min(args.jobs, len(todo))
     pool = multiprocessing.get_context("fork").Pool(jobs, initializer=start_worker) if jobs > 1 else None
