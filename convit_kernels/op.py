@@ -15,14 +15,18 @@ The op-pair interface (``torch``, ``triton``, ``cpu``, ``cuda``)::
         q, k, v:       B x H x N x d, same dtype, any strides
         pos_weight:    H x 3, gating_param: H (any float dtype)
         returns out:   B x N x H x d contiguous, dtype of q
-                lse:   B x H x N float32 (float64 for float64 input),
-                       log-sum-exp of the content logits scale * q k^T
-    backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
+                stats: B x H x N x 2 float32 (float64 for float64 input): per row of the
+                       content logits s = scale * q k^T, [..., 0] max_j s_ij and
+                       [..., 1] sum_j exp(s_ij - max), kept apart (not as an lse: an ulp
+                       of a float32 lse at logits of 1e4 would be ~1e-3 on every weight)
+    backward(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w, scale)
         grad_out:      B x N x H x d, any strides, dtype of q
         returns dq, dk, dv (B x N x H x d contiguous, dtype of q),
                 d_pos_weight (H x 3), d_gating_param (H) in their own dtypes
 
-The op saves q, k, v and lse (O(B H N)) for the backward, nothing of size N x N.
+The op saves q, k, v and stats (O(B H N)) for the backward, nothing of size N x N. A backward
+takes A = exp(s - max) / sum either from stats, recomputing s bit for bit as its forward made it
+(cuda), or from the recomputed row itself (cpu's max only as the shift; torch reads no stats).
 The backward needs the row dot products ``delta_c = dO.O_c`` and
 ``delta_p = dO.O_p``; backends take them as ``delta_c = sum_j A_ij T_ij`` and
 ``delta_p = sum_j P_ij T_ij`` over the recomputed attention and ``T = dO v^T``:
@@ -169,7 +173,7 @@ def gpsa_fwd(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused GPSA forward; returns (out B x N x H x d, lse B x H x N)."""
+    """Fused GPSA forward; returns (out B x N x H x d, stats B x H x N x 2: the content rows' max and sum)."""
     if not _is_finite_positive(scale):  # a scripted FusedGPSA calls the op without check_inputs
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     return op_pair_backend(backend, q).forward(q, k, v, pos_weight, gating_param, grid_w, scale)
@@ -204,9 +208,9 @@ def gates(gating_param: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, t
 
 
 def empty_forward_outputs(q: torch.Tensor):
-    """Uninitialised (out, lse) of the forward interface; the fake (meta) function of every forward."""
+    """Uninitialised (out, stats) of the forward interface; the fake (meta) function of every forward."""
     B, H, N, d = q.shape
-    return q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=compute_dtype(q.dtype))
+    return q.new_empty((B, N, H, d)), q.new_empty((B, H, N, 2), dtype=compute_dtype(q.dtype))
 
 
 def empty_backward_outputs(q: torch.Tensor, pos_weight: torch.Tensor, gating_param: torch.Tensor):
@@ -231,34 +235,34 @@ def gpsa_bwd(
     v: torch.Tensor,
     pos_weight: torch.Tensor,
     gating_param: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     grid_w: int,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused GPSA backward; returns (dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
-    return op_pair_backend(backend, q).backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
+    return op_pair_backend(backend, q).backward(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w, scale)
 
 
 @gpsa_bwd.register_fake
-def _gpsa_bwd_fake(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale, backend):
+def _gpsa_bwd_fake(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w, scale, backend):
     return empty_backward_outputs(q, pos_weight, gating_param)
 
 
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, backend = inputs
-    _, lse = output
-    ctx.save_for_backward(q, k, v, pos_weight, pos_bias, gating_param, lse)
+    _, stats = output
+    ctx.save_for_backward(q, k, v, pos_weight, pos_bias, gating_param, stats)
     ctx.grid_w, ctx.scale, ctx.backend = grid_w, scale, backend
 
 
-def _fwd_backward(ctx, grad_out, _grad_lse):
-    q, k, v, pos_weight, pos_bias, gating_param, lse = ctx.saved_tensors
+def _fwd_backward(ctx, grad_out, _grad_stats):
+    q, k, v, pos_weight, pos_bias, gating_param, stats = ctx.saved_tensors
     # Backends take dO in the dtype of q (autograd may hand another one, e.g. under AMP).
-    args = (grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, lse, ctx.grid_w, ctx.scale)
+    args = (grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, stats, ctx.grid_w, ctx.scale)
     if torch.is_grad_enabled():
         # create_graph=True: the backward must be differentiable itself, which no kernel is. The
-        # torch backend's backward is tensor ops that recompute the softmax from q and k (lse, an
+        # torch backend's backward is tensor ops that recompute the softmax from q and k (stats, an
         # output whose gradient this op drops, is not read), so autograd differentiates it exactly.
         dq, dk, dv, dw, dgate = get_backend("torch").backward(*args)
     else:

@@ -69,7 +69,7 @@ class OpForward(Protocol):
 
 class OpBackward(Protocol):
     def __call__(
-        self, grad_out, q, k, v, pos_weight, gating_param, lse, grid_w: int, scale: float
+        self, grad_out, q, k, v, pos_weight, gating_param, stats, grid_w: int, scale: float
     ) -> tuple[torch.Tensor, ...]: ...
 
 

@@ -222,7 +222,7 @@ def _register_fakes() -> None:
         return empty_forward_outputs(q)
 
     @torch.library.register_fake("convit_kernels_ext::gpsa_bwd")
-    def _bwd_fake(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale):
+    def _bwd_fake(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w, scale):
         return empty_backward_outputs(q, pos_weight, gating_param)
 
 
@@ -230,8 +230,8 @@ def _forward(q, k, v, pos_weight, gating_param, grid_w, scale):
     return torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, pos_weight, gating_param, grid_w, scale)
 
 
-def _backward(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale):
-    return torch.ops.convit_kernels_ext.gpsa_bwd(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
+def _backward(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w, scale):
+    return torch.ops.convit_kernels_ext.gpsa_bwd(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w, scale)
 
 
 register_backend(

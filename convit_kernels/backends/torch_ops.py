@@ -1,19 +1,19 @@
 """The "torch" backend: the op pair's forward and backward in plain tensor ops, any device.
 
-It keeps exactly the state the fused kernels keep (lse), mixes the normalised
-content softmax with a dense P before one product with v, and takes the
-backward's row deltas from the recomputed tiles, as the kernels do; so it is
-the executable specification of the op interface (:mod:`convit_kernels.op`)
-and the op's implementation where no kernel serves. It builds B x H x N x N
-tensors: ``sdpa`` is the fast composite for such devices.
+It keeps exactly the state the fused kernels keep (stats: each content row's
+maximum and sum), mixes the normalised content softmax with a dense P before one
+product with v, and takes the backward's row deltas from the recomputed tiles,
+as the kernels do; so it is the executable specification of the op interface
+(:mod:`convit_kernels.op`) and the op's implementation where no kernel serves.
+It builds B x H x N x N tensors: ``sdpa`` is the fast composite for such devices.
 
 Its content softmax is normalised from the whole recomputed row (its exact
 maximum), forward and backward, never as ``exp(s - lse)``: where logits reach
-1e4 (q and k scaled by 100) the float32 rounding of lse, about 1e-3, exceeds
+1e4 (q and k scaled by 100) the float32 rounding of an lse, about 1e-3, exceeds
 the weights of all but the largest key, and a saturated row would lose its dq
-and dk. A kernel that tiles the row has to keep its maximum and its sum apart
-for the same reason. The backward does not read lse, so autograd can
-differentiate it (the op's double backward runs it).
+and dk. That is why the op's stats keep the maximum and the sum apart. The
+backward does not read stats, so autograd can differentiate it (the op's
+double backward runs it).
 """
 
 from __future__ import annotations
@@ -37,14 +37,17 @@ def gpsa_forward_torch(q, k, v, pos_weight, gating_param, grid_w: int, scale: fl
     acc = compute_dtype(q.dtype)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     logits = (qf @ kf.transpose(-2, -1)) * scale
-    lse = logits.logsumexp(-1)
+    # A constant to autograd (torch.func transforms differentiate this forward): the softmax does not depend on it.
+    row_max = logits.amax(-1, keepdim=True).detach()
+    unnormalised = (logits - row_max).exp()
+    row_sum = unnormalised.sum(-1, keepdim=True)
     g, one_minus_g = gates(gating_param, acc)
-    mixed = one_minus_g * logits.softmax(-1) + g * _positional(pos_weight, q.shape[2], grid_w, acc)
+    mixed = one_minus_g * (unnormalised / row_sum) + g * _positional(pos_weight, q.shape[2], grid_w, acc)
     out = mixed @ vf
-    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
+    return out.transpose(1, 2).to(q.dtype).contiguous(), torch.cat([row_max, row_sum], -1)
 
 
-def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w: int, scale: float):
+def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w: int, scale: float):
     """The op's backward with tensor ops, following docs/design.md's derivation."""
     acc = compute_dtype(q.dtype)
     N = q.shape[2]
@@ -52,7 +55,7 @@ def gpsa_backward_torch(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w
     dout = grad_out.transpose(1, 2).to(acc)
     g, one_minus_g = gates(gating_param, acc)
 
-    attn_c = ((qf @ kf.transpose(-2, -1)) * scale).softmax(-1)  # not exp(s - lse): see the module docstring
+    attn_c = ((qf @ kf.transpose(-2, -1)) * scale).softmax(-1)  # from the row itself: see the module docstring
     attn_p = _positional(pos_weight, N, grid_w, acc)
     t = dout @ vf.transpose(-2, -1)  # shared by both branches
     delta_c = (attn_c * t).sum(-1, keepdim=True)
