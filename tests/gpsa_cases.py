@@ -125,6 +125,42 @@ def assert_saturated_matches_reference(inputs, **kwargs):
     assert_matches_reference(inputs, rtol_fp32=rtol, same_precision_rule=True, **kwargs)
 
 
+# Logit sizes of the near-tied rows (near_tied_inputs): those of issue 21's table.
+NEAR_TIED_LOGITS = (100.0, 1000.0, 10000.0)
+
+
+def near_tied_inputs(logit: float, dtype=torch.float32, B=2, H=2, grid=(4, 4), d=32, seed=0):
+    """(inputs, options): content rows with two near-tied top logits of size ``logit``.
+
+    Row i's logits: ``logit`` and ``logit - U(0, 1)`` on two random keys, ``logit - U(2, 12)`` on
+    the others. They are exact in float32: k_j is the unit vector e_j in channels < N (random in
+    the others, where q is 0) and scale is 1/4, so q k^T rounds nowhere and the fp32 eager math's
+    error is its softmax's alone. A backend that rounds the row maximum into a float32 lse (an ulp
+    of ~1e-3 at 1e4) puts that error on every weight; one that keeps the maximum and the sum apart
+    stays at the eager math's level. ``options`` are gpsa_attention's grid_size and scale.
+    """
+    N, scale = grid[0] * grid[1], 0.25
+    g = torch.Generator().manual_seed(seed)
+    logits = logit - 2 - 10 * torch.rand(B, H, N, N, generator=g, dtype=torch.float64)
+    top_two = torch.rand(B, H, N, N, generator=g).argsort(-1)[..., :2]
+    gaps = torch.rand(B, H, N, 2, generator=g, dtype=torch.float64) * torch.tensor([0.0, 1.0], dtype=torch.float64)
+    logits.scatter_(-1, top_two, logit - gaps)
+    k = torch.randn(B, H, N, d, generator=g, dtype=torch.float64)
+    k[..., :N] = torch.eye(N, dtype=torch.float64)
+    q = torch.zeros(B, H, N, d, dtype=torch.float64)
+    q[..., :N] = logits.to(dtype).double() / scale
+    _, _, v, *params = (t.detach() for t in make_inputs(B, H, N, d, dtype=dtype, seed=seed))
+    inputs = [q.to(dtype), k.to(dtype), v, *params]
+    return [t.requires_grad_() for t in inputs], {"grid_size": grid, "scale": scale}
+
+
+def dq_dk_relative_errors(inputs, backend: str, **options) -> tuple[float, float]:
+    """Max errors of dq and dk against the float64 reference, each relative to its largest value."""
+    _, exact = outputs_and_grads(upcast(inputs), backend="reference", **options)
+    _, got = outputs_and_grads(inputs, backend=backend, **options)
+    return tuple(max_error(got[i], exact[i]) / exact[i].abs().max().item() for i in (0, 1))
+
+
 # The Triton backend's cases, run under the interpreter and on a GPU: (B, H, N, d, grid_size, dtype).
 # ConViT-Ti/S heads at N = 196, d = 48; uneven N (1, 7, 50, 197)
 # and d (16, 40, 64, 80) with rectangular grids; each dtype on some of them. N = 1 runs in half
