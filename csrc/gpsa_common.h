@@ -19,8 +19,17 @@ namespace convit_kernels {
 // expf for its hot loops.
 GPSA_HOST_DEVICE float gpsa_exp(float x) { return expf(x); }
 GPSA_HOST_DEVICE double gpsa_exp(double x) { return exp(x); }
-GPSA_HOST_DEVICE float gpsa_log(float x) { return logf(x); }
-GPSA_HOST_DEVICE double gpsa_log(double x) { return log(x); }
+
+// What the forward keeps of a content softmax row for the backward (the op's stats, B x H x N x 2):
+// the row maximum of the logits s and the sum of exp(s - max), apart. Not lse = max + log(sum): at
+// logits of 1e4 an ulp of a float32 lse (~1e-3) scales every weight alike, and in a saturated row
+// that error exceeds the weights of all keys but the largest, of which dq and dk are made. The
+// CUDA backward recomputes s bit for bit as its forward made it and takes A = exp(s - max) / sum;
+// the CPU one, which has the whole row, shifts by max and divides by its own row's sum.
+template <typename acc_t>
+struct RowSoftmax {
+  acc_t max, sum;
+};
 
 // (batch, head) slices of a strided 4-D tensor: rows are patches, columns channels
 // (views of B x H x N x d and B x N x H x d tensors: gpsa_ops.h, bhnd_view / bnhd_view).

@@ -149,17 +149,17 @@ inline GpsaSizes check_forward_args(const Tensor& q, const Tensor& k, const Tens
 }
 
 inline GpsaSizes check_backward_args(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
-                                     const Tensor& pos_weight, const Tensor& gating_param, const Tensor& lse,
+                                     const Tensor& pos_weight, const Tensor& gating_param, const Tensor& stats,
                                      int64_t grid_w, double scale) {
   const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w, scale);
   const auto acc = accumulation_type(q.scalar_type());
   check_shape(grad_out, {s.batch, s.seq_len, s.heads, s.head_dim}, "grad_out (B x N x H x d)");
-  check_shape(lse, {s.batch, s.heads, s.seq_len}, "lse (B x H x N)");
+  check_shape(stats, {s.batch, s.heads, s.seq_len, 2}, "stats (B x H x N x 2)");
   STD_TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), "gpsa: grad_out must have the dtype of q (",
                   dtype_name(q.scalar_type()), "), got ", dtype_name(grad_out.scalar_type()));
-  STD_TORCH_CHECK(lse.scalar_type() == acc, "gpsa: lse must be ", dtype_name(acc), ", got ",
-                  dtype_name(lse.scalar_type()));
-  for (auto [t, name] : {std::pair{&grad_out, "grad_out"}, {&lse, "lse"}}) check_same_device(*t, q, name);
+  STD_TORCH_CHECK(stats.scalar_type() == acc, "gpsa: stats must be ", dtype_name(acc), ", got ",
+                  dtype_name(stats.scalar_type()));
+  for (auto [t, name] : {std::pair{&grad_out, "grad_out"}, {&stats, "stats"}}) check_same_device(*t, q, name);
   return s;
 }
 
@@ -209,10 +209,11 @@ inline Tensor empty_on(std::initializer_list<int64_t> shape, ScalarType dtype, c
   return torch::stable::empty(sizes, dtype, std::nullopt, like.device());
 }
 
-// The forward's outputs: out (B x N x H x d, dtype of q) and lse (B x H x N, accumulation type).
+// The forward's outputs: out (B x N x H x d, dtype of q) and stats (B x H x N x 2, accumulation
+// type: each row's RowSoftmax, max then sum).
 inline std::tuple<Tensor, Tensor> empty_forward_outputs(const Tensor& q, const GpsaSizes& s) {
   return {empty_on({s.batch, s.seq_len, s.heads, s.head_dim}, q.scalar_type(), q),
-          empty_on({s.batch, s.heads, s.seq_len}, accumulation_type(q.scalar_type()), q)};
+          empty_on({s.batch, s.heads, s.seq_len, 2}, accumulation_type(q.scalar_type()), q)};
 }
 
 // dq, dk, dv: B x N x H x d in the dtype of q.

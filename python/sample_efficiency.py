@@ -1,7 +1,7 @@
-"""ConViT against its DeiT twin on 5 to 100% of the digits: `convit-kernels experiment sample-efficiency` as a script.
+"""ConViT against its DeiT twin and a control twin on Fashion-MNIST: `convit-kernels experiment sample-efficiency`.
 
-    python python/sample_efficiency.py --out se-results           # the paper's ratios 0.05 0.1 0.3 0.5 1: ~24 minutes
-    python python/sample_efficiency.py --out se-quick --quick     # ratios 0.3 1, seed 0, 4 epochs: about a minute
+    python python/sample_efficiency.py --out se-results           # the default run (the README gives its wall time)
+    python python/sample_efficiency.py --out se-quick --quick     # 2 ratios, 1 seed, 30 steps: a smoke run
 
 The experiment lives in convit_kernels/experiments/sample_efficiency.py (its docstring and --help describe the
 options and what it writes into --out).

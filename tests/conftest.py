@@ -1,5 +1,19 @@
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# Inductor's on-disk cache keys a graph by its code, not by a custom op's fake function: a graph
+# cached while the op's outputs had other shapes (another checkout, an earlier build) would be
+# replayed. Each test session compiles into a folder of its own.
+INDUCTOR_CACHE = tempfile.mkdtemp(prefix="convit-kernels-inductor-")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", INDUCTOR_CACHE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(INDUCTOR_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

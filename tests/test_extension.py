@@ -89,10 +89,10 @@ def _ext_args(dtype=torch.float32, B=2, H=3, N=12, d=8, grid_w=4):
 def test_opcheck_ext_ops(dtype):
     fwd_args = _ext_args(dtype)
     torch.library.opcheck(torch.ops.convit_kernels_ext.gpsa_fwd.default, fwd_args)
-    out, lse = torch.ops.convit_kernels_ext.gpsa_fwd(*fwd_args)
+    out, stats = torch.ops.convit_kernels_ext.gpsa_fwd(*fwd_args)
     q, k, v, w, lam, grid_w, scale = fwd_args
     grad_out = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)  # strided
-    bwd_args = (grad_out, q, k, v, w, lam, lse, grid_w, scale)
+    bwd_args = (grad_out, q, k, v, w, lam, stats, grid_w, scale)
     torch.library.opcheck(torch.ops.convit_kernels_ext.gpsa_bwd.default, bwd_args)
 
 
@@ -112,9 +112,9 @@ def test_compile_fullgraph_through_project_op():
 
 def _run_ext(inputs):
     q, k, v, w, _, lam = inputs
-    out, lse = torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, w, lam, 14, 48**-0.5)
+    out, stats = torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, w, lam, 14, 48**-0.5)
     grad_out = torch.ones_like(out).cumsum(1) / out.shape[1]
-    grads = torch.ops.convit_kernels_ext.gpsa_bwd(grad_out, q, k, v, w, lam, lse, 14, 48**-0.5)
+    grads = torch.ops.convit_kernels_ext.gpsa_bwd(grad_out, q, k, v, w, lam, stats, 14, 48**-0.5)
     return (out,) + tuple(grads)
 
 
@@ -171,14 +171,14 @@ def test_a_bad_scale_is_refused_by_both_ext_ops(scale):
 
 def test_bad_backward_input_raises_clear_error():
     q, k, v, w, lam, grid_w, scale = _ext_args()
-    out, lse = torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, w, lam, grid_w, scale)
+    out, stats = torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, w, lam, grid_w, scale)
     grad_out = torch.randn_like(out)
-    with pytest.raises(RuntimeError, match="lse must be Float"):
-        torch.ops.convit_kernels_ext.gpsa_bwd(grad_out, q, k, v, w, lam, lse.double(), grid_w, scale)
+    with pytest.raises(RuntimeError, match="stats must be Float"):
+        torch.ops.convit_kernels_ext.gpsa_bwd(grad_out, q, k, v, w, lam, stats.double(), grid_w, scale)
     with pytest.raises(RuntimeError, match="grad_out"):
-        torch.ops.convit_kernels_ext.gpsa_bwd(grad_out[:, :3], q, k, v, w, lam, lse, grid_w, scale)
-    with pytest.raises(RuntimeError, match=r"lse \(B x H x N\)"):
-        torch.ops.convit_kernels_ext.gpsa_bwd(grad_out, q, k, v, w, lam, lse[:, :2], grid_w, scale)
+        torch.ops.convit_kernels_ext.gpsa_bwd(grad_out[:, :3], q, k, v, w, lam, stats, grid_w, scale)
+    with pytest.raises(RuntimeError, match=r"stats \(B x H x N x 2\)"):
+        torch.ops.convit_kernels_ext.gpsa_bwd(grad_out, q, k, v, w, lam, stats[:, :2], grid_w, scale)
 
 
 # ---------------------------------------------------------------- the CUDA part

@@ -35,7 +35,7 @@ def test_opcheck(dtype):
     fwd_args = (q, k, v, w, b, lam, 4, 8**-0.5, "torch")
     torch.library.opcheck(torch.ops.convit_kernels.gpsa_fwd.default, fwd_args)
     with torch.no_grad():
-        out, lse = torch.ops.convit_kernels.gpsa_fwd(*fwd_args)
+        out, stats = torch.ops.convit_kernels.gpsa_fwd(*fwd_args)
     grad_out = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)  # strided, as autograd may give
     bwd_args = (
         grad_out,
@@ -44,7 +44,7 @@ def test_opcheck(dtype):
         v.detach(),
         w.detach(),
         lam.detach(),
-        lse,
+        stats,
         4,
         8**-0.5,
         "torch",

@@ -272,9 +272,12 @@ def test_imagenet_recipe_follows_convit():
 
 
 def test_schedule_steps_per_epoch_as_convit_and_resume_refuses_another(tmp_path, capsys):
-    # ConViT steps the scheduler after each epoch with its index: epochs 1 and 2 both train at --warmup-lr.
+    # ConViT steps the scheduler after each epoch with its index: epochs 1 and 2 both train at --warmup-lr (a tenth
+    # of these 20 epochs; the first 3 run).
     args = [
         "--epochs",
+        "20",
+        "--stop-after",
         "3",
         "--steps-per-epoch",
         "1",
@@ -290,11 +293,11 @@ def test_schedule_steps_per_epoch_as_convit_and_resume_refuses_another(tmp_path,
         "1e-6",
     ]  # scaled lr 0.512 x 16 / 512 = 0.016
     records = run(tmp_path, *args)["records"]
-    cosine_at_1_of_3 = 1e-5 + 0.5 * (0.016 - 1e-5) * (1 + math.cos(math.pi / 3))
-    assert [r["lr"] for r in records] == pytest.approx([1e-6, 1e-6, cosine_at_1_of_3])
+    cosine_at_1_of_20 = 1e-5 + 0.5 * (0.016 - 1e-5) * (1 + math.cos(math.pi / 20))
+    assert [r["lr"] for r in records] == pytest.approx([1e-6, 1e-6, cosine_at_1_of_20])
     last = str(tmp_path / "run" / "checkpoint.pth")
     for changed, message, hint in (
-        (["--epochs", "4"], "epochs 3 -> 4", "(--epochs 3)"),
+        (["--epochs", "21"], "epochs 20 -> 21", "(--epochs 20)"),
         (["--lr", "1"], "lr 0.016 -> 0.03125", "(--lr 0.512 --batch-size 16 --accum-steps 1 on 1 process)"),
         (["--accum-steps", "2", "--batch-size", "8"], "accum_steps 1 -> 2", "(--accum-steps 1)"),
         (["--model", "convit_digits"], "model convit_test -> convit_digits", "(--model convit_test)"),
@@ -306,6 +309,22 @@ def test_schedule_steps_per_epoch_as_convit_and_resume_refuses_another(tmp_path,
         # how to proceed: resume with the checkpoint's options, or a new run from its weights
         assert f"resume with the checkpoint's options {hint}" in err, err
         assert f"start a new run with --finetune {last} and another --output-dir" in err, err
+
+
+def test_short_runs_warm_up_per_update_for_a_tenth_of_the_run(tmp_path, capsys):
+    """Where ConViT's per-epoch warm-up would take more than a tenth of the run, the lr steps per update and warms
+    up for a tenth of the updates: `--epochs 3 --stop-after 1` no longer trains its whole epoch at --warmup-lr."""
+    args = ["--epochs", "3", "--steps-per-epoch", "10", "--batch-size", "16", "--warmup-epochs", "1", "--lr", "0.512"]
+    record = run(tmp_path, *args, "--stop-after", "1")["records"][0]  # scaled lr 0.016; warm-up 3 of 30 updates
+    cosine_at_10_of_30 = 1e-5 + 0.5 * (0.016 - 1e-5) * (1 + math.cos(math.pi / 3))
+    assert (record["lr_first"], record["lr"]) == pytest.approx((1e-6, cosine_at_10_of_30))
+    assert f", lr 1e-06 to {cosine_at_10_of_30:.3g}\n" in capsys.readouterr().out  # the epoch's line
+    # `--epochs 1`: the weights move (at --warmup-lr for the whole epoch, Adam moved them by about 1e-5 at most)
+    start = initial_weights()
+    result = run(tmp_path, "--epochs", "1", "--steps-per-epoch", "10", "--batch-size", "16", out="one")
+    moved = max((result["model"].state_dict()[k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3
+    assert recipe.per_update_schedule(300, 5) is False  # the ImageNet recipe keeps ConViT's per-epoch schedule
 
 
 @pytest.mark.parametrize("magnitude", range(11))
@@ -372,6 +391,8 @@ BAD_INPUT = {
     "eval without weights": (["--eval"], "--eval needs the weights"),
     "existing run": ([], "already holds a run"),
     "missing data": (["--data-path", "{tmp}/nowhere"], "does not exist"),
+    # the data path first, before the augmentation: the user fixes what is missing before tuning
+    "missing data and a bad policy": (["--data-path", "{tmp}/nowhere", "--auto-augment", "bogus"], "does not exist"),
     "empty data": (["--data-path", "{tmp}/empty"], "has no train/ folder"),
     "empty class": (["--data-path", "{tmp}/empty-class"], "has no images"),
     "unreadable image": (

@@ -38,7 +38,7 @@ __all__ = [
     "available_backends",
     "cuda_capability",
     "gates",
-    "lse_state_like",
+    "stats_state_like",
     "empty_backward_outputs",
 ]
 
@@ -92,10 +92,13 @@ def _always_available() -> str | None:
     return None
 
 
-def lse_state_like(q: torch.Tensor) -> list[torch.Tensor]:
-    """The state of the backends that save one float per row (B x H x N in the accumulation dtype)."""
+def stats_state_like(q: torch.Tensor) -> list[torch.Tensor]:
+    """The state of the backends that save each content row's maximum and sum (B x H x N x 2, accumulation dtype).
+
+    Kept apart, not as one log-sum-exp: docs/design.md, "Saturated rows".
+    """
     B, H, N, _ = q.shape
-    return [q.new_empty((B, H, N), dtype=compute_dtype(q.dtype))]
+    return [q.new_empty((B, H, N, 2), dtype=compute_dtype(q.dtype))]
 
 
 def empty_backward_outputs(q: torch.Tensor, pos_weight: torch.Tensor, gating_param: torch.Tensor):
@@ -128,7 +131,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     forward: OpForward | None = None
     backward: OpBackward | None = None
-    state_like: Callable[[torch.Tensor], list[torch.Tensor]] = lse_state_like
+    state_like: Callable[[torch.Tensor], list[torch.Tensor]] = stats_state_like
     attention: Attention | None = None
     max_head_dim: int | None = None
     min_cuda_capability: tuple[int, int] | None = None

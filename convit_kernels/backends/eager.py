@@ -24,15 +24,18 @@ def _positional(pos_weight: torch.Tensor, N: int, grid_w: int, acc: torch.dtype)
 
 
 def gpsa_forward_torch(q, k, v, pos_weight, gating_param, grid_w: int, scale: float, precision: str = "highest"):
-    """The op pair's forward with tensor ops; state: [lse] (B x H x N)."""
+    """The op pair's forward with tensor ops; state: [stats], each content row's maximum and sum (B x H x N x 2)."""
     acc = compute_dtype(q.dtype)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     logits = (qf @ kf.transpose(-2, -1)) * scale
-    lse = logits.logsumexp(-1)
+    # A constant to autograd (torch.func transforms differentiate this forward): the softmax does not depend on it.
+    row_max = logits.amax(-1, keepdim=True).detach()
+    unnormalised = (logits - row_max).exp()
+    row_sum = unnormalised.sum(-1, keepdim=True)
     g, one_minus_g = gates(gating_param, acc)
-    mixed = one_minus_g * logits.softmax(-1) + g * _positional(pos_weight, q.shape[2], grid_w, acc)
+    mixed = one_minus_g * (unnormalised / row_sum) + g * _positional(pos_weight, q.shape[2], grid_w, acc)
     out = mixed @ vf
-    return out.transpose(1, 2).to(q.dtype).contiguous(), [lse]
+    return out.transpose(1, 2).to(q.dtype).contiguous(), [torch.cat([row_max, row_sum], -1)]
 
 
 def gpsa_backward_torch(
@@ -45,7 +48,7 @@ def gpsa_backward_torch(
     dout = grad_out.transpose(1, 2).to(acc)
     g, one_minus_g = gates(gating_param, acc)
 
-    attn_c = ((qf @ kf.transpose(-2, -1)) * scale).softmax(-1)  # not exp(s - lse): see the module docstring
+    attn_c = ((qf @ kf.transpose(-2, -1)) * scale).softmax(-1)  # from the row itself: see the module docstring
     attn_p = _positional(pos_weight, N, grid_w, acc)
     t = dout @ vf.transpose(-2, -1)  # shared by both branches
     delta_c = (attn_c * t).sum(-1, keepdim=True)

@@ -12,8 +12,9 @@ import functools
 
 import torch
 
+from .. import settings
 from ..extension_loader import load_cpu, load_cuda
-from . import FLOAT_DTYPES, HALF_AND_FLOAT, Backend, empty_backward_outputs, lse_state_like, register_backend
+from . import FLOAT_DTYPES, HALF_AND_FLOAT, Backend, empty_backward_outputs, register_backend, stats_state_like
 
 __all__ = ["cpu_unavailable", "cuda_unavailable"]
 
@@ -36,23 +37,30 @@ def cuda_unavailable() -> str | None:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("convit_kernels_ext::gpsa_fwd")
-    def _fwd_fake(q, k, v, pos_weight, gating_param, grid_w, scale):
+    def _fwd_fake(q, k, v, pos_weight, gating_param, grid_w, scale, use_blas=True):
         B, H, N, d = q.shape
-        return q.new_empty((B, N, H, d)), lse_state_like(q)[0]
+        return q.new_empty((B, N, H, d)), stats_state_like(q)[0]
 
     @torch.library.register_fake("convit_kernels_ext::gpsa_bwd")
-    def _bwd_fake(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale):
+    def _bwd_fake(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w, scale, use_blas=True):
         return empty_backward_outputs(q, pos_weight, gating_param)
 
 
+def _use_blas(q: torch.Tensor) -> bool:
+    """The CPU kernel's tile products through BLAS unless CONVIT_KERNELS_NO_BLAS (the CUDA kernels ignore it)."""
+    return q.device.type != "cpu" or not settings.enabled("CONVIT_KERNELS_NO_BLAS")
+
+
 def _forward(q, k, v, pos_weight, gating_param, grid_w, scale, precision):
-    out, lse = torch.ops.convit_kernels_ext.gpsa_fwd(q, k, v, pos_weight, gating_param, grid_w, scale)
-    return out, [lse]
+    ops = torch.ops.convit_kernels_ext
+    out, stats = ops.gpsa_fwd(q, k, v, pos_weight, gating_param, grid_w, scale, _use_blas(q))
+    return out, [stats]
 
 
 def _backward(grad_out, q, k, v, pos_weight, gating_param, state, grid_w, scale, precision):
-    (lse,) = state
-    return torch.ops.convit_kernels_ext.gpsa_bwd(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale)
+    (stats,) = state
+    ops = torch.ops.convit_kernels_ext
+    return ops.gpsa_bwd(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w, scale, _use_blas(q))
 
 
 register_backend(

@@ -106,13 +106,15 @@ def train_one_epoch(
     net=None,
     ema=None,
     no_sync=None,
+    on_update=None,
 ) -> dict:
     """`steps` optimiser steps of --accum-steps micro-batches each.
 
     Each micro-batch's loss is scaled by 1 / accum-steps, so the accumulated gradient is that of the mean loss over
     the step's images; `no_sync` (DDP's) skips the gradient all-reduce of all micro-batches but the last. `net`:
     `model` without its DDP / torch.compile wrappers (default `model`), whose gradients are clipped (--clip-grad,
-    after unscaling fp16's) before the step and whose weights `ema` follows after it. images/s is timed from the
+    after unscaling fp16's) before the step and whose weights `ema` follows after it; `on_update(step)` runs after
+    each optimiser step (a per-update lr schedule). images/s is timed from the
     end of the first WARMUP_STEPS steps (data loader start-up, compilation, cuDNN autotuning) to the end of the
     epoch, evaluation excluded: None in epochs of no more steps than that.
     """
@@ -127,6 +129,7 @@ def train_one_epoch(
     losses = []  # detached device tensors, one per optimiser step: no host sync per step
     batches = iter(loader)
     timed_images, timed_from = 0, None
+    first_lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     bar = tqdm(
         total=steps,
@@ -172,6 +175,8 @@ def train_one_epoch(
             optimizer.step()
         if ema is not None:
             ema.update(net)
+        if on_update is not None:
+            on_update(step)
         losses.append(micro_losses[0] if accum == 1 else torch.stack(micro_losses).sum())
         bar.update()
         if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
@@ -191,6 +196,7 @@ def train_one_epoch(
     step_losses = step_losses.tolist()
     return {
         "train_loss": sum(step_losses) / len(step_losses),
+        "lr_first": first_lr,
         "lr": optimizer.param_groups[0]["lr"],
         "images_per_s": timed_images / timed_s if timed_images else None,
         "epoch_time_s": end - start,
@@ -228,6 +234,12 @@ def evaluate(model, loader, runtime, config, num_classes: int) -> dict:
 def evaluate_ema(ema, loader, runtime, config, num_classes: int) -> dict:
     """The EMA weights' metrics, keyed as evaluate's with an _ema suffix."""
     return {f"{key}_ema": value for key, value in evaluate(ema.module, loader, runtime, config, num_classes).items()}
+
+
+def lr_range(record: dict) -> str:
+    """The lr an epoch trained at: one value, or its first and last update's."""
+    first, last = record["lr_first"], record["lr"]
+    return f"{first:.3g}" if f"{first:.3g}" == f"{last:.3g}" else f"{first:.3g} to {last:.3g}"
 
 
 def fit(config) -> dict:
@@ -276,8 +288,6 @@ def train_or_evaluate(config, runtime: Runtime) -> dict:
             AMP_DTYPES[config.amp] or torch.float32,
             embed_dim=config.embed_dim,
         )
-    if config.data_path is not None and not config.eval:
-        data.check_augmentation(config)
     # Before seeding: timm builds a model to load its pretrained weights into, drawing random numbers.
     start_weights = pretrained.fetch(config, announce=lambda line: print_main(runtime, line))
     torch.manual_seed(config.seed + runtime.rank)  # DeiT's seeding: ranks differ in augmentation, DDP syncs weights
@@ -285,6 +295,8 @@ def train_or_evaluate(config, runtime: Runtime) -> dict:
     random.seed(config.seed + runtime.rank)
 
     bundle = data.build_data(config)
+    if config.data_path is not None and not config.eval:  # after the data path's checks: a missing folder first
+        data.check_augmentation(config)
     net = recipe.create_model(
         config.model,
         num_classes=bundle.num_classes,
@@ -313,7 +325,8 @@ def train_or_evaluate(config, runtime: Runtime) -> dict:
     steps = data.steps_per_epoch(train_loader, config.steps_per_epoch, config.accum_steps)
     lr = recipe.scaled_lr(config, runtime.world_size)
     optimizer = recipe.create_optimizer(net, lr, config)
-    scheduler = recipe.create_scheduler(optimizer, config)
+    scheduler = recipe.create_scheduler(optimizer, config, steps)
+    per_update = recipe.per_update_schedule(config.epochs, config.warmup_epochs)
     # What the optimiser and scheduler states of a checkpoint hold, and how its steps were taken: a resume must
     # not change it unseen.
     schedule = dict(
@@ -387,7 +400,8 @@ def train_or_evaluate(config, runtime: Runtime) -> dict:
     print_main(
         runtime,
         f"recipe: lr {config.lr:g} x total batch {total_batch}{accumulation} / 512 = {lr:.4g}, "
-        f"{config.epochs} epochs x {steps} steps, warm-up {config.warmup_epochs}, "
+        f"{config.epochs} epochs x {steps} steps, warm-up {config.warmup_epochs}"
+        f"{' (lr stepped per update, warm-up at most a tenth of the updates)' if per_update else ''}, "
         f"wd {config.weight_decay}, smoothing {config.smoothing}, mixup {config.mixup}, "
         f"cutmix {config.cutmix}, drop path {config.drop_path}, augment {config.augment}, "
         f"repeated augmentation {config.repeated_aug}, clip grad "
@@ -428,13 +442,16 @@ def train_or_evaluate(config, runtime: Runtime) -> dict:
                     net=net,
                     ema=ema,
                     no_sync=no_sync,
+                    # per update: the count of updates done sets the next update's lr
+                    on_update=(lambda step, e=epoch: scheduler.step(e * steps + step + 1)) if per_update else None,
                 )
             )
             images, seconds = record.pop("timed")
             timed_images, timed_s = timed_images + images, timed_s + seconds
             # ConViT's (and DeiT's) schedule: after epoch e, the lr of step e; epoch e + 1 trains with it, so the
             # first two epochs both train at --warmup-lr.
-            scheduler.step(epoch)
+            if not per_update:
+                scheduler.step(epoch)
             record.update(evaluate(model, val_loader, runtime, config, bundle.num_classes))
             if ema is not None:
                 record.update(evaluate_ema(ema, val_loader, runtime, config, bundle.num_classes))
@@ -485,7 +502,8 @@ def train_or_evaluate(config, runtime: Runtime) -> dict:
                 ema_acc = f" (EMA {record['val_acc1_ema']:.2f}%)" if ema is not None else ""
                 print(
                     f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
-                    f"val acc {record['val_acc1']:.2f}%{ema_acc}{', best' if improved else ''}, {rate}",
+                    f"val acc {record['val_acc1']:.2f}%{ema_acc}{', best' if improved else ''}, {rate}, "
+                    f"lr {lr_range(record)}",
                     flush=True,
                 )
             records.append(record)

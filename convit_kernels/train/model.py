@@ -4,7 +4,7 @@ Every piece comes from timm: ``ConVit`` and its registered variants, AdamW
 from ``create_optimizer_v2`` with ``param_groups_weight_decay`` (no decay on
 1-d parameters, i.e. biases, norms and ``gating_param``, nor on
 ``model.no_weight_decay()`` = pos_embed, cls_token), ``create_scheduler_v2``
-(cosine with warm-up, stepped every epoch as in ConViT), ``Mixup`` and its losses.
+(cosine with warm-up, stepped every epoch as in ConViT, or every update in short runs), ``Mixup`` and its losses.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ EXTRA_MODELS = {
     "convit_base_plus": dict(embed_dim=64, num_heads=16, local_up_to_layer=10, locality_strength=1.0),
     # the embedded-digits default: 16 px / patch 4 = a 4 x 4 grid, 4 GPSA + 2 MHSA blocks, 4 x 16-dim heads
     "convit_digits": dict(patch_size=4, embed_dim=16, num_heads=4, depth=6, local_up_to_layer=4, mlp_ratio=2.0),
+    # the sample-efficiency experiment: 28 px / patch 4 = a 7 x 7 grid, 9 x 6-dim heads (a 3 x 3 local kernel, as
+    # ConViT-S's 9 heads), GPSA in all but the last 2 of 5 blocks
+    "convit_fashion": dict(patch_size=4, embed_dim=6, num_heads=9, depth=5, local_up_to_layer=3, mlp_ratio=2.0),
     # tests: 16 px / patch 4 = a 4 x 4 grid, one GPSA and one MHSA block
     "convit_test": dict(patch_size=4, embed_dim=8, num_heads=4, depth=2, local_up_to_layer=1, mlp_ratio=2.0),
 }
@@ -54,11 +57,14 @@ def create_model(
     drop_path: float,
     fused: bool,
     backend: str = "auto",
+    plain_attention: bool = False,
     **arch,
 ) -> nn.Module:
     """A ConViT by name; with ``fused`` its GPSA layers are FusedGPSA and its MHSA layers SDPA (same keys).
 
     ``arch``: embed_dim (per head), local_up_to_layer, locality_strength, replacing the named model's.
+    ``plain_attention``: every GPSA layer becomes timm's MHSA, while the class token still joins after
+    local_up_to_layer blocks: the control that separates where the class token enters from locality.
     """
     kwargs = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, drop_path_rate=drop_path, **arch)
     if name in TIMM_MODELS:
@@ -67,11 +73,24 @@ def create_model(
         model = ConVit(**{**EXTRA_MODELS[name], **kwargs})
     else:
         raise TrainError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+    if plain_attention:
+        replace_gpsa_by_mhsa(model)
     if fused:
         from convit_kernels import patch_convit  # imported here: the lead's modules may change independently
 
         patch_convit(model, backend=backend)
     return model
+
+
+def replace_gpsa_by_mhsa(model: ConVit) -> None:
+    """Every GPSA layer of a timm ConVit becomes a freshly initialised MHSA of the same width and heads."""
+    from timm.models.convit import GPSA, MHSA
+
+    for block in model.blocks:
+        if isinstance(block.attn, GPSA):
+            gpsa = block.attn
+            block.attn = MHSA(gpsa.dim, num_heads=gpsa.num_heads, qkv_bias=gpsa.qk.bias is not None)
+            block.attn.apply(model._init_weights)
 
 
 def head_dim(name: str, embed_dim=None) -> int:
@@ -130,17 +149,30 @@ def create_optimizer(model: nn.Module, lr: float, config) -> torch.optim.Optimiz
     return create_optimizer_v2(groups, opt=config.opt, lr=lr, weight_decay=config.weight_decay)
 
 
-def create_scheduler(optimizer: torch.optim.Optimizer, config):
-    """ConViT's schedule: stepped once per epoch, after it, with the epoch's index (see engine.fit)."""
+def per_update_schedule(epochs: int, warmup_epochs: int) -> bool:
+    """Whether the lr steps after every update instead of every epoch (ConViT's): when the per-epoch warm-up, plus
+    the extra epoch that ConViT's stepping trains at --warmup-lr, would take more than a tenth of the run."""
+    return warmup_epochs > 0 and warmup_epochs + 1 > epochs / 10
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, length: int, warmup: int, warmup_lr: float, min_lr: float):
+    """timm's cosine schedule over `length` steps (epochs or updates), the first `warmup` of them a linear warm-up
+    from `warmup_lr`; `scheduler.step(t)` sets the lr of step t."""
     scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched="cosine",
-        num_epochs=config.epochs,
-        warmup_epochs=config.warmup_epochs,
-        warmup_lr=config.warmup_lr,
-        min_lr=config.min_lr,
+        optimizer, sched="cosine", num_epochs=length, warmup_epochs=warmup, warmup_lr=warmup_lr, min_lr=min_lr
     )
     return scheduler
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, config, steps_per_epoch: int):
+    """ConViT's schedule, stepped once per epoch, after it, with the epoch's index; or, where its warm-up would
+    take more than a tenth of the run (per_update_schedule), stepped after every update with the count of updates
+    done, the warm-up cut to a tenth of the updates (see engine.fit)."""
+    if not per_update_schedule(config.epochs, config.warmup_epochs):
+        return cosine_schedule(optimizer, config.epochs, config.warmup_epochs, config.warmup_lr, config.min_lr)
+    updates = config.epochs * steps_per_epoch
+    warmup = min(config.warmup_epochs * steps_per_epoch, updates // 10)
+    return cosine_schedule(optimizer, updates, warmup, config.warmup_lr, config.min_lr)
 
 
 def mixup_active(config) -> bool:

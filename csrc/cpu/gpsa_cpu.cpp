@@ -6,15 +6,16 @@
 // O(block x N); the positional probabilities are generated a row at a time from
 // the per-axis tables (P_ij = px[x_i, x_j] py[y_i, y_j], H (W^2 + H_p^2) numbers).
 // The products on tiles go to BLAS (sgemm_/dgemm_, which libtorch_cpu exports
-// on x86-64), with a portable loop version where the symbol is missing or
-// CONVIT_KERNELS_NO_BLAS=1.
+// on x86-64), with a portable loop version where the symbol is missing or the
+// op is called with use_blas=False (the backend's reading of its setting).
 //
 // Forward, per (batch, head, query block), the fused form's 4 B H N^2 d FLOPs:
-//   S = scale q k^T; E = exp(S - rowmax) (lse kept);
+//   S = scale q k^T; E = exp(S - rowmax) (the row's max and sum kept: RowSoftmax, gpsa_common.h);
 //   M = ((1 - g) / rowsum(E)) E + g P, mixed in place of E; out = M v (B x N x H x d).
 // Backward, per (batch, head), a loop over query blocks (10 B H N^2 d FLOPs):
-//   recompute A, T = dO v^T, delta_c = rowsum(A o T), delta_p = rowsum(P o T); per
-//   element (gpsa_common.h) dS, ds, M; dv += M^T dO, dq = scale dS k, dk += scale dS^T q;
+//   recompute S, A = exp(S - max) / rowsum(exp(S - max)) (the forward's max, the recomputed
+//   row's sum), T = dO v^T, delta_c = rowsum(A o T), delta_p = rowsum(P o T); per element
+//   (gpsa_common.h) dS, ds, M; dv += M^T dO, dq = scale dS k, dk += scale dS^T q;
 //   dw and dgating from per-(batch, head) partials summed over the batch in a fixed order.
 
 #include <Python.h>
@@ -59,12 +60,6 @@ Tensor cpu_contiguous(const Tensor& t, ScalarType dtype) {
 
 
 // ------------------------------------------------------------------ tile products
-
-// Read once per op call (the tests switch it between calls).
-bool blas_enabled() {
-  const char* off = std::getenv("CONVIT_KERNELS_NO_BLAS");
-  return !(off != nullptr && off[0] == '1');
-}
 
 // C = alpha op(A) op(B) + beta C on row-major matrices; op(A) is m x k, op(B) is k x n.
 template <typename T>
@@ -224,12 +219,7 @@ V fast_exp(V x) {
 // Softmax of one row in place, not normalised: row[j] = exp(row[j] - max). The
 // caller divides the row's product with v by the sum (d values, not N).
 template <typename acc_t>
-struct RowExp {
-  acc_t max, sum;
-};
-
-template <typename acc_t>
-RowExp<acc_t> exp_row(acc_t* row, int64_t n) {
+RowSoftmax<acc_t> exp_row(acc_t* row, int64_t n) {
   using V = typename Simd<acc_t>::type;
   V vec_max = V{} - INFINITY;
   acc_t row_max = -INFINITY;
@@ -313,17 +303,16 @@ struct QueryBlocks {
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pos_weight,
-                    const Tensor& gating_param, const GpsaSizes& s, double scale, Tensor& out,
-                    Tensor& lse) {
+                    const Tensor& gating_param, const GpsaSizes& s, double scale, bool use_blas, Tensor& out,
+                    Tensor& stats) {
   const int64_t N = s.seq_len, d = s.head_dim, H = s.heads;
   const PositionalTables<acc_t> tables(pos_weight, s.grid_h, s.grid_w);
   const std::vector<double> lambdas = gate_values(gating_param);
   const QueryBlocks blocks(N);
-  const bool use_blas = blas_enabled();
   const auto q_s = bhnd_view<const scalar_t>(q), k_s = bhnd_view<const scalar_t>(k),
              v_s = bhnd_view<const scalar_t>(v);
   scalar_t* out_p = static_cast<scalar_t*>(out.data_ptr());  // B x N x H x d, contiguous
-  acc_t* lse_p = static_cast<acc_t*>(lse.data_ptr());        // B x H x N
+  RowSoftmax<acc_t>* stats_p = static_cast<RowSoftmax<acc_t>*>(stats.data_ptr());  // B x H x N
   // M v is written straight into out's rows when acc_t is the output type, else converted from scratch.
   constexpr bool direct_output = std::is_same_v<scalar_t, acc_t>;
   const int64_t out_ld = H * d;
@@ -356,8 +345,8 @@ void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
                   mixed, N);
       for (int64_t r = 0; r < rows; ++r) {
         acc_t* m_row = mixed + r * N;
-        const RowExp<acc_t> row = exp_row(m_row, N);
-        lse_p[bh * N + row0 + r] = row.max + gpsa_log(row.sum);
+        const RowSoftmax<acc_t> row = exp_row(m_row, N);
+        stats_p[bh * N + row0 + r] = row;
         positional_row(tables, h, row0 + r, pos_row);
         const acc_t content_scale = gates.content / row.sum;
         simd_loop<acc_t>(N, [&](auto lane, int64_t j) {
@@ -381,17 +370,16 @@ void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
 
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
-                     const Tensor& pos_weight, const Tensor& gating_param, const Tensor& lse,
-                     const GpsaSizes& s, double scale, Tensor& dq, Tensor& dk, Tensor& dv,
+                     const Tensor& pos_weight, const Tensor& gating_param, const Tensor& stats,
+                     const GpsaSizes& s, double scale, bool use_blas, Tensor& dq, Tensor& dk, Tensor& dv,
                      Tensor& d_pos_weight, Tensor& d_gating) {
   const int64_t B = s.batch, N = s.seq_len, d = s.head_dim, H = s.heads;
   const PositionalTables<acc_t> tables(pos_weight, s.grid_h, s.grid_w);
   const std::vector<double> lambdas = gate_values(gating_param);
   const QueryBlocks blocks(N);
-  const bool use_blas = blas_enabled();
   const auto q_s = bhnd_view<const scalar_t>(q), k_s = bhnd_view<const scalar_t>(k),
              v_s = bhnd_view<const scalar_t>(v), do_s = bnhd_view<const scalar_t>(grad_out);
-  const acc_t* lse_p = static_cast<const acc_t*>(lse.data_ptr());  // B x H x N, contiguous
+  const RowSoftmax<acc_t>* stats_p = static_cast<const RowSoftmax<acc_t>*>(stats.data_ptr());  // B x H x N
   // Per-(batch, head) partial sums, reduced over the batch in a fixed order below.
   std::vector<double> pos_weight_partial(B * H * 3), gating_partial(B * H);
   // Gradients of q, k, v are written in place (B x N x H x d rows) when acc_t is
@@ -443,28 +431,37 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
         gemm<acc_t>(use_blas, false, true, rows, N, d, 1, do_blk, do_t.ld, v_t.data, v_t.ld, 0, dlogits, N);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = row0 + r;
-          const acc_t row_lse = lse_p[bh * N + i];
+          const acc_t row_max = stats_p[bh * N + i].max;
           const acc_t xi = tables.x_of[i], yi = tables.y_of[i];
           const acc_t* x_of = tables.x_of.data();
           const acc_t* y_of = tables.y_of.data();
           acc_t* m_row = mixed + r * N;
           acc_t* ds_row = dlogits + r * N;
           positional_row(tables, h, i, pos_row);
-          SimdSum<acc_t> content_dot, pos_dot;  // delta_c = sum_j A_ij T_ij, delta_p = sum_j P_ij T_ij
+          // A = e / sum_j e_ij, e = exp(S - max), normalised by the sum of this recomputed row, not
+          // the forward's: with BLAS the product need not repeat the forward's bits (MKL's results
+          // depend on the operands' alignment), and an ulp of a logit of 1e4 is ~1e-3 on its
+          // weight, which a saturated row cannot take unless its weights sum to 1. The forward's
+          // max is only the shift. delta_c = sum_j A_ij T_ij, delta_p = sum_j P_ij T_ij.
+          SimdSum<acc_t> exp_sum, content_dot, pos_dot;
           simd_loop<acc_t>(N, [&](auto lane, int64_t j) {
             using L = decltype(lane);
-            const L a = fast_exp(load<L>(m_row + j) - row_lse);
+            const L e = fast_exp(load<L>(m_row + j) - row_max);
             const L t = load<L>(ds_row + j);
-            store(m_row + j, a);
-            content_dot.add(a * t);
+            store(m_row + j, e);
+            exp_sum.add(e);
+            content_dot.add(e * t);
             pos_dot.add(load<L>(pos_row + j) * t);
           });
-          const RowDeltas<acc_t> deltas{content_dot.total(), pos_dot.total()};
+          const acc_t inv_sum = acc_t(1) / exp_sum.total();
+          const RowDeltas<acc_t> deltas{content_dot.total() * inv_sum, pos_dot.total()};
+          // (1 - g) A = ((1 - g) / sum) exp(S - max): the normaliser goes into the gate, as in the forward.
+          const acc_t content_gate = gates.content * inv_sum;
           gating_acc += double(deltas.pos) - double(deltas.content);
           SimdSum<acc_t> grad_dx, grad_dy, grad_dist2;
           simd_loop<acc_t>(N, [&](auto lane, int64_t j) {
             using L = decltype(lane);
-            const Gates<L> lane_gates{L{} + gates.pos, L{} + gates.content};
+            const Gates<L> lane_gates{L{} + gates.pos, L{} + content_gate};
             const RowDeltas<L> lane_deltas{L{} + deltas.content, L{} + deltas.pos};
             const ElementGrads<L> e =
                 element_grads(load<L>(m_row + j), load<L>(pos_row + j), load<L>(ds_row + j), lane_deltas, lane_gates);
@@ -524,31 +521,31 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
 
 std::tuple<Tensor, Tensor> gpsa_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                 const Tensor& pos_weight, const Tensor& gating_param,
-                                                int64_t grid_w, double scale) {
+                                                int64_t grid_w, double scale, bool use_blas) {
   const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w, scale);
-  auto [out, lse] = empty_forward_outputs(q, s);
+  auto [out, stats] = empty_forward_outputs(q, s);
   dispatch_floating(q.scalar_type(), "gpsa", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_kernel<scalar_t, acc_t>(q, k, v, pos_weight, gating_param, s, scale, out, lse);
+    forward_kernel<scalar_t, acc_t>(q, k, v, pos_weight, gating_param, s, scale, use_blas, out, stats);
   });
-  return {out, lse};
+  return {out, stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gpsa_bwd_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
-    const Tensor& pos_weight, const Tensor& gating_param, const Tensor& lse, int64_t grid_w,
-    double scale) {
-  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale);
+    const Tensor& pos_weight, const Tensor& gating_param, const Tensor& stats, int64_t grid_w,
+    double scale, bool use_blas) {
+  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w, scale);
   auto [dq, dk, dv] = empty_input_grads(q, s);
   Tensor d_pos_weight = torch::stable::empty_like(pos_weight);
   Tensor d_gating = torch::stable::empty_like(gating_param);
-  const Tensor lse_c = torch::stable::contiguous(lse);
+  const Tensor stats_c = torch::stable::contiguous(stats);
   dispatch_floating(q.scalar_type(), "gpsa", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward_kernel<scalar_t, acc_t>(grad_out, q, k, v, pos_weight, gating_param, lse_c, s, scale, dq, dk, dv,
-                                     d_pos_weight, d_gating);
+    backward_kernel<scalar_t, acc_t>(grad_out, q, k, v, pos_weight, gating_param, stats_c, s, scale, use_blas, dq,
+                                     dk, dv, d_pos_weight, d_gating);
   });
   return {dq, dk, dv, d_pos_weight, d_gating};
 }
@@ -558,11 +555,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gpsa_bwd_cpu(
 
 STABLE_TORCH_LIBRARY(convit_kernels_ext, m) {
   m.def(
-      "gpsa_fwd(Tensor q, Tensor k, Tensor v, Tensor pos_weight, Tensor gating_param, int grid_w, float scale)"
-      " -> (Tensor, Tensor)");
+      "gpsa_fwd(Tensor q, Tensor k, Tensor v, Tensor pos_weight, Tensor gating_param, int grid_w, float scale,"
+      " bool use_blas=True) -> (Tensor, Tensor)");
   m.def(
-      "gpsa_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor pos_weight, Tensor gating_param, Tensor lse,"
-      " int grid_w, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "gpsa_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor pos_weight, Tensor gating_param, Tensor stats,"
+      " int grid_w, float scale, bool use_blas=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(convit_kernels_ext, CPU, m) {

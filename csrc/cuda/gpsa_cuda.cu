@@ -11,7 +11,9 @@
 //             with an online softmax for the content branch and a second
 //             accumulator for P v (the positional probabilities come from the
 //             per-axis tables, P_ij = px py, and need no normaliser), mixed at
-//             the end: out = (1 - g) O_c + g O_p, and lse. The CPU kernel mixes
+//             the end: out = (1 - g) O_c + g O_p, and the row's max and sum
+//             (RowSoftmax, gpsa_common.h; every kernel takes a content weight as
+//             exp(shifted_logit), alike). The CPU kernel mixes
 //             before one product instead: it has the whole key row at hand.
 //   backward: one kernel per query tile computes delta_c = rowsum(A o T) and
 //             delta_p = rowsum(P o T) in a first pass over the key tiles, then
@@ -74,9 +76,16 @@ __device__ void load_rows(float* dst, const Strided4d<const scalar_t>& src, int 
 
 __device__ float dot_shared(const float* a, const float* b, int d) {
   float sum = 0.f;
-  for (int c = 0; c < d; ++c) sum += a[c] * b[c];
+  for (int c = 0; c < d; ++c) sum = __fmaf_rn(a[c], b[c], sum);
   return sum;
 }
+
+// s_ij - max for the content logit s_ij = scale * dot, dot = q_i . k_j (dot_shared): one fma, of the
+// unrounded product. The backward takes A = exp(s - max) / sum with max and sum from the forward, so
+// every kernel computes the exponent with this function, bit for bit alike: an explicit fma is
+// never split or contracted otherwise by the compiler (an ulp of a logit of 1e4 would be ~1e-3
+// relative on its weight). max itself is the largest rounded scale * dot of the row.
+__device__ float shifted_logit(float scale, float dot, float row_max) { return __fmaf_rn(scale, dot, -row_max); }
 
 __device__ float row_max8(float x) {
   for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
@@ -133,11 +142,13 @@ __global__ void gating_grad_kernel(const float* __restrict__ lambdas, const floa
 
 // ------------------------------------------------------------------ forward
 
+// At least 7 blocks per SM caps the registers at 72, which the kernel needs without spilling; left to
+// itself, ptxas picks 64 for sm_86 and spills 16 bytes.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) forward_kernel(
+__global__ void __launch_bounds__(kThreads, 7) forward_kernel(
     Strided4d<const scalar_t> q, Strided4d<const scalar_t> k, Strided4d<const scalar_t> v,
     PositionalTablesView tables, const float* __restrict__ lambdas, int N, int d, float scale,
-    scalar_t* __restrict__ out, float* __restrict__ lse) {
+    scalar_t* __restrict__ out, RowSoftmax<float>* __restrict__ stats) {
   extern __shared__ float smem[];
   float* q_tile = smem;                           // kTileRows x d
   float* k_tile = q_tile + kTileRows * d;         // kForwardKeys x d
@@ -161,21 +172,22 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     load_rows(k_tile, k, b, h, key0, kForwardKeys, N, d);
     load_rows(v_tile, v, b, h, key0, kForwardKeys, N, d);
     __syncthreads();
-    float logits[kForwardKeys / kLanesPerRow];
+    float dots[kForwardKeys / kLanesPerRow];  // q_i . k_j of this lane's keys
     float tile_max = -INFINITY;
 #pragma unroll
     for (int u = 0; u < kForwardKeys / kLanesPerRow; ++u) {
       const int jt = lane + u * kLanesPerRow, j = key0 + jt;
-      logits[u] = j < N ? scale * dot_shared(q_tile + r * d, k_tile + jt * d, d) : -INFINITY;
-      tile_max = fmaxf(tile_max, logits[u]);
+      dots[u] = j < N ? dot_shared(q_tile + r * d, k_tile + jt * d, d) : -INFINITY;
+      tile_max = fmaxf(tile_max, dots[u]);
       p_tile[r * kForwardKeys + jt] = j < N ? tables.prob(h, i_clamped, j) : 0.f;
     }
-    const float new_max = fmaxf(running_max, row_max8(tile_max));
+    // scale > 0 and rounding is monotone: the largest rounded scale * dot is scale * the largest dot.
+    const float new_max = fmaxf(running_max, scale * row_max8(tile_max));
     const float rescale = gpsa_exp(running_max - new_max);  // 0 on the first tile
     float tile_sum = 0.f;
 #pragma unroll
     for (int u = 0; u < kForwardKeys / kLanesPerRow; ++u) {
-      const float e = gpsa_exp(logits[u] - new_max);
+      const float e = gpsa_exp(shifted_logit(scale, dots[u], new_max));
       a_tile[r * kForwardKeys + lane + u * kLanesPerRow] = e;
       tile_sum += e;
     }
@@ -198,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   }
   if (i >= N) return;
   const int64_t bh_row = (int64_t(b) * H + h) * N + i;
-  if (lane == 0) lse[bh_row] = running_max + gpsa_log(running_sum);
+  if (lane == 0) stats[bh_row] = {running_max, running_sum};
   const float inv_sum = 1.f / running_sum;
 #pragma unroll
   for (int u = 0; u < kChannelsPerLane; ++u) {
@@ -217,27 +229,29 @@ struct BackwardArgs {
   Strided4d<const scalar_t> q, k, v, grad_out;
   PositionalTablesView tables;
   const float* lambdas;
-  const float* lse;     // B x H x N
+  const RowSoftmax<float>* stats;  // B x H x N, the forward's
   float* delta_content;  // B x H x N, dO . O_c = rowsum(A o T): written by the dq kernel, read by dk/dv's
   float* delta_pos;      // B x H x N, dO . O_p = rowsum(P o T): likewise
   int N, d;
   float scale;
 };
 
-// The content probability A_ij (logit recomputed from the row's lse) and T_ij = dO_i . v_j of
-// one (b, h), from rows of q, k, dO and v in shared memory.
+// The content probability A_ij = exp(s_ij - max) / sum (the logit recomputed as the forward made
+// it; inv_sum = 1 / sum of the row) and T_ij = dO_i . v_j of one (b, h), from rows of q, k, dO and
+// v in shared memory.
 struct ContentAndT {
   float a, t;
 };
 
-__device__ ContentAndT content_and_t(float scale, float row_lse, const float* q_row, const float* k_row,
-                                     const float* do_row, const float* v_row, int d) {
-  return {gpsa_exp(scale * dot_shared(q_row, k_row, d) - row_lse), dot_shared(do_row, v_row, d)};
+__device__ ContentAndT content_and_t(float scale, float row_max, float inv_sum, const float* q_row,
+                                     const float* k_row, const float* do_row, const float* v_row, int d) {
+  const float a = gpsa_exp(shifted_logit(scale, dot_shared(q_row, k_row, d), row_max)) * inv_sum;
+  return {a, dot_shared(do_row, v_row, d)};
 }
 
-// The per-row constants of the backward: the content lse and both row deltas.
+// The per-row constants of the backward: the content softmax's max and 1 / sum, and both row deltas.
 struct RowStats {
-  float lse;
+  float max, inv_sum;
   RowDeltas<float> deltas;
 };
 
@@ -276,7 +290,8 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(BackwardArgs<sc
     load_rows(do_tile, args.grad_out, b, h, query0, kBackwardCols, N, d);
     if (threadIdx.x < kBackwardCols && query0 + threadIdx.x < N) {  // the query rows' constants, read once
       const int64_t row = bh * N + query0 + threadIdx.x;
-      row_stats[threadIdx.x] = {args.lse[row], {args.delta_content[row], args.delta_pos[row]}};
+      const RowSoftmax<float> softmax = args.stats[row];
+      row_stats[threadIdx.x] = {softmax.max, 1.f / softmax.sum, {args.delta_content[row], args.delta_pos[row]}};
     }
     __syncthreads();
 #pragma unroll
@@ -286,7 +301,8 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(BackwardArgs<sc
       if (i < N && j < N) {
         const RowStats stats = row_stats[it];
         const ContentAndT at =
-            content_and_t(args.scale, stats.lse, q_tile + it * d, k_tile + r * d, do_tile + it * d, v_tile + r * d, d);
+            content_and_t(args.scale, stats.max, stats.inv_sum, q_tile + it * d, k_tile + r * d, do_tile + it * d,
+                          v_tile + r * d, d);
         e = element_grads(at.a, args.tables.prob(h, i, j), at.t, stats.deltas, gates);
         const PosWeightGrad<float> w =
             pos_weight_grad_terms(e.pos, xj - float(i % args.tables.grid_w), yj - float(i / args.tables.grid_w));
@@ -359,7 +375,9 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
   const int i = query0 + r;
   const int64_t row = bh * N + i;
   const Gates<float> gates = gates_from_lambda(args.lambdas[h]);
-  const float row_lse = i < N ? args.lse[row] : 0.f;
+  // Rows past N are never stored: any finite max and sum serve them.
+  const RowSoftmax<float> softmax = i < N ? args.stats[row] : RowSoftmax<float>{0.f, 1.f};
+  const float inv_sum = 1.f / softmax.sum;
 
   load_rows(q_tile, args.q, b, h, query0, kTileRows, N, d);
   load_rows(do_tile, args.grad_out, b, h, query0, kTileRows, N, d);
@@ -372,7 +390,8 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
       const int jt = lane + u * kLanesPerRow, j = key0 + jt;
       if (i < N && j < N) {
         const ContentAndT at =
-            content_and_t(args.scale, row_lse, q_tile + r * d, k_tile + jt * d, do_tile + r * d, v_tile + jt * d, d);
+            content_and_t(args.scale, softmax.max, inv_sum, q_tile + r * d, k_tile + jt * d, do_tile + r * d,
+                          v_tile + jt * d, d);
         content_dot += at.a * at.t;
         pos_dot += args.tables.prob(h, i, j) * at.t;
       }
@@ -395,7 +414,8 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(BackwardArgs<scal
       float ds = 0.f;
       if (i < N && j < N) {
         const ContentAndT at =
-            content_and_t(args.scale, row_lse, q_tile + r * d, k_tile + jt * d, do_tile + r * d, v_tile + jt * d, d);
+            content_and_t(args.scale, softmax.max, inv_sum, q_tile + r * d, k_tile + jt * d, do_tile + r * d,
+                          v_tile + jt * d, d);
         ds = element_grads(at.a, 0.f, at.t, deltas, gates).content;  // the content branch only: P is not needed
       }
       dlogits[r * kBackwardCols + jt] = ds;
@@ -458,13 +478,14 @@ cudaStream_t current_stream(const Tensor& q) {
 }
 
 std::tuple<Tensor, Tensor> gpsa_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pos_weight,
-                                         const Tensor& gating_param, int64_t grid_w, double scale) {
+                                         const Tensor& gating_param, int64_t grid_w, double scale,
+                                         bool /*use_blas: the CPU kernel's switch*/) {
   const GpsaSizes s = check_forward_args(q, k, v, pos_weight, gating_param, grid_w, scale);
   check_cuda_args(q, s);
   const torch::stable::accelerator::DeviceGuard device_guard(q.get_device_index());
   const cudaStream_t stream = current_stream(q);
-  auto [out, lse] = empty_forward_outputs(q, s);
-  if (s.batch == 0) return {out, lse};
+  auto [out, stats] = empty_forward_outputs(q, s);
+  if (s.batch == 0) return {out, stats};
   const PositionalTables tables = positional_tables(pos_weight, s, stream);
   const Tensor lambdas = float_contiguous(gating_param);
   const int d = int(s.head_dim);
@@ -473,10 +494,10 @@ std::tuple<Tensor, Tensor> gpsa_fwd_cuda(const Tensor& q, const Tensor& k, const
     using scalar_t = typename decltype(tag)::type;
     forward_kernel<scalar_t><<<tile_grid(s), kThreads, smem, stream>>>(
         bhnd_view<const scalar_t>(q), bhnd_view<const scalar_t>(k), bhnd_view<const scalar_t>(v), tables.view(),
-        ptr<float>(lambdas), int(s.seq_len), d, float(scale), ptr<scalar_t>(out), ptr<float>(lse));
+        ptr<float>(lambdas), int(s.seq_len), d, float(scale), ptr<scalar_t>(out), ptr<RowSoftmax<float>>(stats));
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, lse};
+  return {out, stats};
 }
 
 Tensor zeros_like(const Tensor& t) {
@@ -488,17 +509,18 @@ Tensor zeros_like(const Tensor& t) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gpsa_bwd_cuda(const Tensor& grad_out, const Tensor& q,
                                                                  const Tensor& k, const Tensor& v,
                                                                  const Tensor& pos_weight, const Tensor& gating_param,
-                                                                 const Tensor& lse, int64_t grid_w, double scale) {
-  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, lse, grid_w, scale);
+                                                                 const Tensor& stats, int64_t grid_w, double scale,
+                                                                 bool /*use_blas: the CPU kernel's switch*/) {
+  const GpsaSizes s = check_backward_args(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w, scale);
   check_cuda_args(q, s);
   const torch::stable::accelerator::DeviceGuard device_guard(q.get_device_index());
   const cudaStream_t stream = current_stream(q);
   auto [dq, dk, dv] = empty_input_grads(q, s);
   if (s.batch == 0) return {dq, dk, dv, zeros_like(pos_weight), zeros_like(gating_param)};
 
-  const Tensor lse_c = torch::stable::contiguous(lse);
-  const Tensor delta_content = torch::stable::empty_like(lse_c);
-  const Tensor delta_pos = torch::stable::empty_like(lse_c);
+  const Tensor stats_c = torch::stable::contiguous(stats);
+  const Tensor delta_content = empty_on({s.batch, s.heads, s.seq_len}, ScalarType::Float, q);
+  const Tensor delta_pos = empty_on({s.batch, s.heads, s.seq_len}, ScalarType::Float, q);
   const Tensor lambdas = float_contiguous(gating_param);
   const PositionalTables tables = positional_tables(pos_weight, s, stream);
   const dim3 grid = tile_grid(s);
@@ -516,7 +538,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gpsa_bwd_cuda(const Tensor& g
                                       bnhd_view<const scalar_t>(grad_out),
                                       tables.view(),
                                       ptr<float>(lambdas),
-                                      ptr<float>(lse_c),
+                                      ptr<const RowSoftmax<float>>(stats_c),
                                       ptr<float>(delta_content),
                                       ptr<float>(delta_pos),
                                       int(s.seq_len),
