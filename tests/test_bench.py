@@ -148,3 +148,27 @@ def test_thread_scaling_pairs_the_thread_counts_of_one_measurement():
     ]
     (row,) = thread_scaling(records)
     assert row["scaling"] == 1.6 and row["median_ms"] == {1: 4.0, 2: 2.5}
+
+
+def test_the_matmul_yardstick_is_timed_in_the_same_rounds_and_taken_at_its_best(monkeypatch):
+    """A share of the roofline cannot pass 1 by load alone: the yardstick shares the implementations' rounds
+    (the same load) and counts at its fastest run, the implementations at their median."""
+    from convit_kernels.bench import run
+    from convit_kernels.bench.timing import Timing
+
+    rounds = []
+
+    def fake_side_by_side(fns, device, warmup, repeats, on_round=lambda: None):
+        rounds.append(set(fns))
+        # A loaded machine: every median 10 ms, the fastest run 1 ms.
+        return {name: Timing(10.0, 9.0, 11.0, 1.0, repeats) for name in fns}
+
+    monkeypatch.setattr(run, "time_side_by_side", fake_side_by_side)
+    monkeypatch.setattr(run, "matmul_yardstick", lambda dtype, device: (lambda: None, 2e9))
+    bench = Microbench(["fused-sdpa", "attention-floor"], ["fwd"], [1], 0, 3, measure_memory=False)
+    records = bench.run(Workload("core", SHAPES["toy"], 2, torch.float32, CPU))
+    assert rounds and all({"fused-sdpa", "attention-floor", "yardstick float32, 1 threads"} <= r for r in rounds)
+    assert bench.matmul_rates == {"float32, 1 threads": pytest.approx(2e9 / 1.0 / 1e6)}
+    for record in records:
+        assert record["matmul_gflop_per_s"] == pytest.approx(2000.0)
+        assert record["matmul_fraction"] == pytest.approx(record["gflop"] / 10.0 * 1e3 / 2000.0)

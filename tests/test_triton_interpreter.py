@@ -266,3 +266,17 @@ def test_double_backward_runs_as_for_every_op_pair():
         grads[backend] = torch.autograd.grad(dq.square().sum(), leaves[:3])
     for got, want in zip(grads["triton"], grads["torch"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_fullgraph_with_dynamic_shapes():
+    """dynamic=True: one graph through the triton op pair for every N and head dim, forward and backward."""
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda *a: gpsa_attention(*a, backend="triton"), dynamic=True, fullgraph=True, backend="aot_eager"
+    )
+    for N, d in [(16, 8), (25, 8), (36, 12)]:
+        inputs = [t.detach().requires_grad_() for t in make_inputs(1, 2, N, d)]
+        got, want = compiled(*inputs), gpsa_attention(*inputs, backend="triton")
+        torch.testing.assert_close(got, want)
+        for g, w in zip(torch.autograd.grad(got.sum(), inputs[:3]), torch.autograd.grad(want.sum(), inputs[:3])):
+            torch.testing.assert_close(g, w)

@@ -8,7 +8,7 @@ import torch
 
 from ..accuracy import gate
 from .implementations import BASELINES, FLOOR, REFERENCE, Implementation, evaluate, implementations
-from .timing import matmul_gflops, peak_memory_bytes, time_side_by_side
+from .timing import matmul_yardstick, peak_memory_bytes, time_side_by_side
 from .workloads import Problem, Workload, make_problem
 
 
@@ -49,7 +49,8 @@ class Microbench:
         self.names, self.passes, self.threads = list(names), list(passes), list(threads)
         self.warmup, self.repeats, self.measure_memory = warmup, repeats, measure_memory
         self.extra = extra or {}  # implementations beyond the registry's (the tests' deliberately wrong one)
-        self.matmul_rates: dict[str, float] = {}
+        self.matmul_rates: dict[str, float] = {}  # the best rate each yardstick reached, by dtype (and threads)
+        self._yardsticks: dict[str, tuple[Callable[[], object], float]] = {}
 
     def implementations(self, workload: Workload) -> dict[str, Implementation]:
         every = {**implementations(workload.device.type, workload.dtype), **self.extra}
@@ -59,17 +60,17 @@ class Microbench:
         """Progress units of one workload: one per gate check, one per timing round."""
         return len(self.implementations(workload)) + len(self.threads) * len(self.passes) * self.repeats
 
-    def matmul_rate(self, workload: Workload, threads: int) -> float:
-        """The yardstick: the faster of a large matmul in the workload's dtype and in float32 (where a
-        CPU's bf16 GEMM is a slow path, as in this torch build's, float32 is what a kernel can reach)."""
-        rates = []
+    def yardsticks(self, workload: Workload, threads: int) -> dict[str, tuple[Callable[[], object], float]]:
+        """Large matmuls in the workload's dtype and in float32 (where a CPU's bf16 GEMM is a slow path, as in
+        this torch build's, float32 is what a kernel can reach), by key: (one product, its FLOPs)."""
+        found = {}
         for dtype in dict.fromkeys((workload.dtype, torch.float32)):
             name = str(dtype).replace("torch.", "")
             key = f"{name}, {threads} threads" if workload.device.type == "cpu" else name
-            if key not in self.matmul_rates:
-                self.matmul_rates[key] = matmul_gflops(dtype, workload.device)
-            rates.append(self.matmul_rates[key])
-        return max(rates)
+            if key not in self._yardsticks:
+                self._yardsticks[key] = matmul_yardstick(dtype, workload.device)
+            found[key] = self._yardsticks[key]
+        return found
 
     def run(self, workload: Workload, advance: Callable[[int], None] = lambda n: None) -> list[dict]:
         problem = make_problem(workload)
@@ -97,8 +98,15 @@ class Microbench:
             set_threads(workload.device, threads)
             for pass_ in self.passes:
                 runs = {name: pass_callable(fn, problem, pass_) for name, fn in passing.items()}
-                timings = time_side_by_side(runs, workload.device, self.warmup, self.repeats, lambda: advance(1))
-                matmul = self.matmul_rate(workload, threads)
+                # The yardsticks run in the same rounds, taken at their best: a share of the roofline then
+                # cannot pass 1 by the machine's load alone.
+                sticks = self.yardsticks(workload, threads)
+                timed = {**runs, **{f"yardstick {key}": product for key, (product, _) in sticks.items()}}
+                timings = time_side_by_side(timed, workload.device, self.warmup, self.repeats, lambda: advance(1))
+                for key, (_, product_flops) in sticks.items():
+                    rate = product_flops / timings.pop(f"yardstick {key}").min_ms / 1e6
+                    self.matmul_rates[key] = max(self.matmul_rates.get(key, 0.0), rate)
+                matmul = max(self.matmul_rates[key] for key in sticks)
                 flops = workload.flops(pass_)
                 base = {
                     "level": workload.level,

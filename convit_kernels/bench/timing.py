@@ -101,14 +101,15 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def matmul_gflops(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
-    """This device's large-matmul rate in GFLOP/s, the roofline yardstick: n x n x n products, n doubled
-    from 512 until one takes 50 ms (a GEMM that slow is compute-bound) or n reaches 8192."""
+def matmul_yardstick(dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], object], float]:
+    """(one n x n x n product, its FLOPs): the roofline yardstick, n doubled from 512 until one takes
+    50 ms (a GEMM that slow is compute-bound) or n reaches 8192. Time it beside what it measures."""
     n = 512
     while True:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        timing = time_side_by_side({"matmul": partial(torch.matmul, a, b)}, device, warmup=1, repeats=repeats)["matmul"]
+        product = partial(torch.matmul, a, b)
+        timing = time_side_by_side({"matmul": product}, device, warmup=1, repeats=1)["matmul"]
         if timing.median_ms >= 50 or n >= 8192:
-            return 2 * n**3 / timing.median_ms / 1e6
+            return product, 2.0 * n**3
         n *= 2
