@@ -707,10 +707,12 @@ def run(args) -> int:
         flush=True,
     )
     SHARED.update(args=args, data=data)
-    signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the workers stop with the experiment, one line
     start = time.perf_counter()
     jobs = min(args.jobs, len(todo))
     pool = multiprocessing.get_context("fork").Pool(jobs, initializer=start_worker) if jobs > 1 else None
+    # After the fork: a worker that inherited this handler would raise in its start-up when
+    # pool.terminate() stops it, a traceback instead of the one line.
+    signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the workers stop with the experiment, one line
     try:
         total = len(done) + len(todo)
         for trained, (name, result) in enumerate(pool.imap_unordered(work, todo) if pool else map(work, todo), 1):
