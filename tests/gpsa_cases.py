@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from convit_kernels import gpsa_attention
+from convit_kernels.accuracy import GATE_FLOOR
 
 PARAM_NAMES = ("q", "k", "v", "pos_weight", "pos_bias", "gating_param")
 
@@ -55,11 +60,15 @@ def upcast(inputs):
     return [t.detach().to(torch.float64).requires_grad_() for t in inputs]
 
 
+def projection_weight(shape, grad_seed=1) -> torch.Tensor:
+    """The fixed random projection of the output whose gradients the tests compare (float64)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+
+
 def outputs_and_grads(inputs, grad_seed=1, **kwargs):
     """Forward through gpsa_attention and the gradients of a fixed random projection of the output."""
     out = gpsa_attention(*inputs, **kwargs)
-    g = torch.Generator().manual_seed(grad_seed)
-    weight = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
+    weight = projection_weight(out.shape, grad_seed).to(out.device, out.dtype)
     grads = torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
     return out.detach(), [torch.zeros_like(t) if gr is None else gr for t, gr in zip(inputs, grads)]
 
@@ -68,7 +77,9 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def assert_matches_reference(inputs, rtol_fp32=2e-5, rtol_overrides=None, same_precision_rule=False, **kwargs):
+def assert_matches_reference(
+    inputs, rtol_fp32=2e-5, rtol_overrides=None, same_precision_rule=False, gate_rule=False, magnitudes=None, **kwargs
+):
     """The backend's output and gradients against the fp64 reference.
 
     fp32/fp64 within ``rtol_fp32`` of each tensor's scale (``rtol_overrides``
@@ -76,33 +87,58 @@ def assert_matches_reference(inputs, rtol_fp32=2e-5, rtol_overrides=None, same_p
     flash-attention's rule: error at most 3x the reference computed in the same
     precision, plus a small floor. ``same_precision_rule`` applies that rule to
     fp32 too (with ``rtol_fp32`` of the scale as its floor), where the inputs
-    make fp32 itself inaccurate.
+    make fp32 itself inaccurate. ``gate_rule`` holds every dtype to the on-device
+    check's rule (:func:`convit_kernels.accuracy.gate`): 3x the same-precision
+    reference's error plus GATE_FLOOR of the scale, an ulp for the half types.
+    ``magnitudes`` maps a name to a scale that replaces the tensor's own where
+    larger: the size of the terms summed into it, for inputs where those cancel
+    to (nearly) zero.
     """
     dtype = inputs[0].dtype
-    exact = outputs_and_grads(upcast(inputs), backend="reference", grid_size=kwargs.get("grid_size"))
+    problem = {name: kwargs[name] for name in ("grid_size", "scale") if name in kwargs}
+    exact = outputs_and_grads(upcast(inputs), backend="reference", **problem)
     got = outputs_and_grads(inputs, **kwargs)
-    relative_rule = dtype in (torch.float16, torch.bfloat16) or (same_precision_rule and dtype == torch.float32)
+    relative_rule = (
+        gate_rule or dtype in (torch.float16, torch.bfloat16) or (same_precision_rule and dtype == torch.float32)
+    )
     if relative_rule:
         same_precision = outputs_and_grads(
-            [t.detach().clone().requires_grad_() for t in inputs],
-            backend="reference",
-            grid_size=kwargs.get("grid_size"),
+            [t.detach().clone().requires_grad_() for t in inputs], backend="reference", **problem
         )
     for i, name in enumerate(("out",) + PARAM_NAMES):
         want = exact[0] if i == 0 else exact[1][i - 1]
         have = got[0] if i == 0 else got[1][i - 1]
         assert torch.isfinite(have).all(), f"{name}: non-finite values"
-        scale = want.abs().max().item()
+        if want.numel() == 0:  # B = 0 or H = 0
+            assert have.shape == want.shape, (name, have.shape, want.shape)
+            continue
+        scale = max(want.abs().max().item(), (magnitudes or {}).get(name, 0.0))
         if name == "pos_bias":  # exactly zero in exact arithmetic; the reference shows rounding only
             assert max_error(have, want) <= 1e-6 * max(1.0, exact[1][3].abs().max().item()), name
             continue
         if relative_rule:
             ref_err = max_error(same_precision[0] if i == 0 else same_precision[1][i - 1], want)
-            floor = rtol_fp32 * scale if dtype == torch.float32 else 1e-3 * scale + 1e-5
+            if gate_rule:
+                floor = GATE_FLOOR[dtype] * scale
+            else:
+                floor = rtol_fp32 * scale if dtype == torch.float32 else 1e-3 * scale + 1e-5
             assert max_error(have, want) <= 3 * ref_err + floor, (name, max_error(have, want), ref_err)
         else:
             rtol = (rtol_overrides or {}).get(name, rtol_fp32)
             assert max_error(have, want) <= rtol * scale + 1e-12, (name, max_error(have, want), scale)
+
+
+def pytest_in_interpreter_process(test_file: str, *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Run pytest on ``test_file`` in a child process with TRITON_INTERPRET=1; (its result, its summary line).
+
+    triton reads TRITON_INTERPRET when it is imported, so the interpreter needs a process of its own.
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    print(f"TRITON_INTERPRET=1 {test_file} {' '.join(args)}: {summary}")
+    return result, summary
 
 
 def saturated_inputs(dtype, B=2, H=4, N=49, d=16):

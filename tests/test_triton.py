@@ -6,8 +6,6 @@ set before triton is imported; this module runs them in a child process so one
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,6 +25,7 @@ from gpsa_cases import (
     max_error,
     near_tied_inputs,
     outputs_and_grads,
+    pytest_in_interpreter_process,
 )
 
 INTERPRETER_TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_triton_interpreter.py")
@@ -36,11 +35,7 @@ INTERPRETER_TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "te
 def test_interpreter_suite_in_its_own_process():
     if configs.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1 in this process: test_triton_interpreter.py runs here")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", INTERPRETER_TESTS]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    print(f"TRITON_INTERPRET=1 {INTERPRETER_TESTS}: {summary}")
+    result, summary = pytest_in_interpreter_process(INTERPRETER_TESTS)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
     assert " passed" in summary and " skipped" not in summary, summary
 

@@ -1,0 +1,235 @@
+"""Fuzz: random shapes, grids, dtypes, layouts, scales and gates on every backend a CPU runs, against fp64.
+
+Each example draws B, H (and runs B = 0 and H = 0), a grid (square, rectangular, 1 x n, n x 1), d in 1..160, a
+dtype, a memory layout per tensor (any dimension order, a stride-0 broadcast, a strided slice), the
+scale, the gates (up to +-20) and the locality of pos_weight, and checks the output and every
+gradient with the on-device check's rule (convit_kernels.accuracy: 3x the error of the reference
+computed in the same precision, plus about an ulp), each error measured against the size of the
+terms the result sums (:func:`magnitudes`). Profile "ci" (the default) is derandomised: the same
+examples every run, about a minute on 2 cores. A long, random one for local runs:
+
+    CONVIT_KERNELS_FUZZ=long python -m pytest -q tests/test_fuzz.py
+
+The triton backend needs TRITON_INTERPRET=1 before triton is imported: its test runs in a child
+process (test_triton_fuzz_in_its_own_process), with a smaller budget and smaller sizes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from convit_kernels.backends import triton_gpsa
+from convit_kernels.reference import relative_positions
+from convit_kernels.separable import dense_positional_probs, positional_axis_probs
+
+from gpsa_cases import assert_matches_reference, local_pos_weight, projection_weight, pytest_in_interpreter_process
+
+PROFILE = os.environ.get("CONVIT_KERNELS_FUZZ", "ci")
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow], "print_blob": True}
+# Examples per backend: "ci" sized for about a minute on this project's 2-core CI, triton's interpreter
+# being ~50x slower per example than the others.
+BUDGET = {
+    "ci": {"cpu": 100, "sdpa": 100, "torch": 100, "triton": 12},
+    "long": {"cpu": 2000, "sdpa": 2000, "torch": 2000, "triton": 200},
+}
+if PROFILE not in BUDGET:
+    raise ValueError(f"CONVIT_KERNELS_FUZZ must be one of {sorted(BUDGET)}, got {PROFILE!r}")
+
+
+def _settings(backend: str) -> settings:
+    return settings(max_examples=BUDGET[PROFILE][backend], derandomize=PROFILE == "ci", database=None, **_COMMON)
+
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a B x H x N x d tensor lies in memory: its dimensions stored in ``order``, and ``kind``, one of
+    "dense", "broadcast" (stride 0 along ``dim``: one value repeated) or "sliced" (every other element along ``dim``).
+    """
+
+    order: tuple[int, ...]
+    kind: str
+    dim: int
+
+    def make(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` as a B x H x N x d view in this layout of a leaf that requires grad (broadcast: the first)."""
+        inverse = tuple(self.order.index(i) for i in range(4))
+        shape = values.shape
+        if self.kind == "broadcast":
+            values = values.narrow(self.dim, 0, min(1, values.shape[self.dim]))
+        if self.kind == "sliced":  # the values at the odd indices of a tensor twice as long along dim
+            values = torch.repeat_interleave(values, 2, dim=self.dim)
+        leaf = values.permute(self.order).contiguous().requires_grad_()
+        view = leaf.permute(inverse)
+        if self.kind == "broadcast":
+            return view.expand(shape)
+        if self.kind == "sliced":
+            index = [slice(None)] * 4
+            index[self.dim] = slice(1, None, 2)
+            return view[tuple(index)]
+        return view
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    H: int
+    grid: tuple[int, int]
+    d: int
+    dtype: torch.dtype
+    layouts: tuple[Layout, Layout, Layout]
+    scale: float | None
+    gates: tuple[float, ...]
+    locality: float
+    seed: int
+
+    def inputs(self) -> list[torch.Tensor]:
+        """q, k, v in their layouts and the positional parameters, each requiring grad."""
+        g = torch.Generator().manual_seed(self.seed)
+        shape = (self.B, self.H, self.grid[0] * self.grid[1], self.d)
+        draws = [torch.randn(shape, generator=g, dtype=torch.float64).to(self.dtype) for _ in self.layouts]
+        qkv = [layout.make(values) for layout, values in zip(self.layouts, draws)]
+        noise = 0.1 * torch.randn(self.H, 3, generator=g, dtype=torch.float64)
+        pos_weight = local_pos_weight(self.H, self.locality) + noise
+        pos_bias = torch.randn(self.H, generator=g, dtype=torch.float64)
+        gating = torch.tensor(self.gates, dtype=torch.float64)
+        param_dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype  # as under AMP
+        return qkv + [t.to(param_dtype).requires_grad_() for t in (pos_weight, pos_bias, gating)]
+
+
+@st.composite
+def layouts(draw):
+    kind = draw(st.sampled_from(["dense", "dense", "broadcast", "sliced"]))
+    return Layout(tuple(draw(st.permutations(range(4)))), kind, draw(st.integers(0, 3)))
+
+
+@st.composite
+def grids(draw, max_side: int):
+    shape = draw(st.sampled_from(["square", "rectangle", "row", "column"]))
+    side = st.integers(1, max_side)
+    if shape == "square":
+        return (draw(side),) * 2
+    if shape == "rectangle":
+        return draw(side), draw(side)
+    long = draw(st.integers(1, max_side * 4))
+    return (1, long) if shape == "row" else (long, 1)
+
+
+@st.composite
+def cases(draw, dtypes=DTYPES, max_side=16, max_head_dim=160):
+    H = draw(st.integers(1, 3))  # B = 0 and H = 0 are EMPTY_CASES: drawn, they would take a third of the budget
+    d = draw(st.integers(1, max_head_dim))
+    # The scale as a multiple of the default d**-0.5: logits from ~0 to a few hundred.
+    factor = draw(st.none() | st.floats(0.01, 100.0))
+    return Case(
+        B=draw(st.integers(1, 3)),
+        H=H,
+        grid=draw(grids(max_side)),
+        d=d,
+        dtype=draw(st.sampled_from(dtypes)),
+        layouts=tuple(draw(layouts()) for _ in range(3)),
+        scale=None if factor is None else factor * d**-0.5,
+        gates=tuple(draw(st.lists(st.floats(-20.0, 20.0), min_size=H, max_size=H))),
+        locality=draw(st.floats(0.0, 4.0)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def magnitudes(case: Case, inputs: list[torch.Tensor]) -> dict[str, float]:
+    """For each result, the largest sum of the absolute values of the terms it adds (float64).
+
+    A result's rounding error scales with these sums, not with the result, which cancels to zero
+    for a broadcast v or k (one value for every token) or N = 1. With M = (1 - g) A + g P the
+    attention, t = dO v^T (dO the tests' projection of the output) and the row deltas
+    delta_c = sum_j A t, delta_p = sum_j P t: dq sums (1 - g) A (t - delta_c) scale k over the keys,
+    dk the same over the queries, dv M^T dO, d pos_weight g P (t - delta_p) rel, and d gating
+    g (1 - g) (delta_p - delta_c). The float64 reference (timm's math) takes 1 - g as 1 - sigmoid(lambda),
+    exact to an absolute 1e-16 only, which at lambda = 15 is 3e-10 of 1 - g: so 1 - g counts as at least
+    1e-6 here (1e-16 over float64's floor of 1e-10).
+    """
+    q, k, v, pos_weight, _, gating = (t.detach().double() for t in inputs)
+    B, H, N, d = q.shape
+    if q.numel() == 0:
+        return {}
+    scale = d**-0.5 if case.scale is None else case.scale
+    g, one_minus_g = torch.sigmoid(gating).view(1, H, 1, 1), torch.sigmoid(-gating).clamp(min=1e-6).view(1, H, 1, 1)
+    A = (scale * q @ k.transpose(-2, -1)).softmax(-1)
+    P = dense_positional_probs(positional_axis_probs(pos_weight, *case.grid))
+    d_out = projection_weight(q.shape)
+    t = d_out @ v.transpose(-2, -1)
+    delta_c, delta_p = (A * t).sum(-1, keepdim=True), (P * t).sum(-1, keepdim=True)
+    ds_c = one_minus_g * A * (t.abs() + delta_c.abs())
+    ds_p = (g * P * (t.abs() + delta_p.abs())).sum(0)
+    rel = relative_positions(*case.grid, dtype=torch.float64).abs()
+    return {
+        "out": ((one_minus_g * A + g * P) @ v.abs()).max().item(),
+        "q": scale * (ds_c @ k.abs()).max().item(),
+        "k": scale * (ds_c.transpose(-2, -1) @ q.abs()).max().item(),
+        "v": ((one_minus_g * A + g * P).transpose(-2, -1) @ d_out.abs()).max().item(),
+        "pos_weight": torch.einsum("hij,ijc->hc", ds_p, rel).max().item(),
+        "gating_param": (g * one_minus_g * (delta_p.abs() + delta_c.abs())).sum(dim=(0, 2, 3)).max().item(),
+    }
+
+
+DENSE = Layout((0, 1, 2, 3), "dense", 0)
+EMPTY_CASES = (  # run by every fuzz test as explicit examples
+    Case(0, 2, (2, 3), 8, torch.float32, (DENSE,) * 3, None, (1.0, -1.0), 1.0, 0),
+    Case(2, 0, (2, 3), 8, torch.float32, (DENSE,) * 3, None, (), 1.0, 0),
+)
+
+
+def _with_empty_cases(test):
+    for case in EMPTY_CASES:
+        test = example(case=case)(test)
+    return test
+
+
+def check(case: Case, backend: str):
+    inputs = case.inputs()
+    assert_matches_reference(
+        inputs,
+        gate_rule=True,
+        magnitudes=magnitudes(case, inputs),
+        backend=backend,
+        grid_size=case.grid,
+        scale=case.scale,
+    )
+
+
+@pytest.mark.parametrize("backend", ["cpu", "sdpa", "torch"])
+def test_fuzz_against_the_fp64_reference(backend):
+    @_settings(backend)
+    @_with_empty_cases
+    @given(case=cases())
+    def run(case):
+        check(case, backend)
+
+    run()
+
+
+TRITON_CASES = cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_side=6, max_head_dim=64)
+
+
+@pytest.mark.skipif(not triton_gpsa.INTERPRET, reason="needs TRITON_INTERPRET=1: run by the test below")
+@_settings("triton")
+@_with_empty_cases
+@given(case=TRITON_CASES)
+def test_triton_fuzz_under_the_interpreter(case):
+    check(case, "triton")
+
+
+@pytest.mark.slow
+def test_triton_fuzz_in_its_own_process():
+    if triton_gpsa.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 in this process: the triton fuzz runs here")
+    result, summary = pytest_in_interpreter_process(__file__, "-k", "test_triton_fuzz_under_the_interpreter")
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
+    assert summary.startswith("1 passed"), summary
