@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from convit_kernels.backends import triton_gpsa
+from convit_kernels.backends.triton import configs
 from convit_kernels.reference import relative_positions
 from convit_kernels.separable import dense_positional_probs, positional_axis_probs
 
@@ -218,7 +218,7 @@ def test_fuzz_against_the_fp64_reference(backend):
 TRITON_CASES = cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_side=6, max_head_dim=64)
 
 
-@pytest.mark.skipif(not triton_gpsa.INTERPRET, reason="needs TRITON_INTERPRET=1: run by the test below")
+@pytest.mark.skipif(not configs.INTERPRET, reason="needs TRITON_INTERPRET=1: run by the test below")
 @_settings("triton")
 @_with_empty_cases
 @given(case=TRITON_CASES)
@@ -228,7 +228,7 @@ def test_triton_fuzz_under_the_interpreter(case):
 
 @pytest.mark.slow
 def test_triton_fuzz_in_its_own_process():
-    if triton_gpsa.INTERPRET:
+    if configs.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1 in this process: the triton fuzz runs here")
     result, summary = pytest_in_interpreter_process(__file__, "-k", "test_triton_fuzz_under_the_interpreter")
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
