@@ -147,8 +147,12 @@ class Images:
         self.train_x, self.train_y, self.test_x, self.test_y, self.name = train_x, train_y, test_x, test_y, name
         pixels = train_x.float().div_(255)
         self.mean = pixels.mean(dim=(0, 2, 3), keepdim=True)
-        self.std = pixels.std(dim=(0, 2, 3), keepdim=True)
+        self.std = pixels.std(dim=(0, 2, 3), keepdim=True).clamp_min(1 / 255)  # a constant channel: no division by 0
         self.classes = int(train_y.max()) + 1
+
+    def scored(self, count: int) -> int:
+        """How many test images a run is scored on: the first `count` (0: all)."""
+        return min(count or len(self.test_y), len(self.test_y))
 
     def normalise(self, images_01: torch.Tensor) -> torch.Tensor:
         return (images_01 - self.mean) / self.std
@@ -516,7 +520,7 @@ def summarise(args, data: Images, results: dict, run_s: float) -> dict:
     return {
         "data": data.name,
         "train_images": len(data.train_y),
-        "test_images": args.test_images or len(data.test_y),
+        "test_images": data.scored(args.test_images),
         "seeds_complete": [
             seed for seed in args.seeds if all(run_name(k, f, seed) in results for k in MODELS for f in args.ratios)
         ],
@@ -701,7 +705,7 @@ def run(args) -> int:
     done = open_out(args)
     todo = [spec for spec in plan(args) if run_name(*spec[:3]) not in done and not args.summary_only]
     print(
-        f"data: {data.name}, {len(data.train_y)} train / {args.test_images or len(data.test_y)} test images, "
+        f"data: {data.name}, {len(data.train_y)} train / {data.scored(args.test_images)} test images, "
         f"{data.classes} classes; {len(todo) + len(done)} runs of {args.steps} steps, {len(done)} done before in "
         f"{args.out}, {min(args.jobs, len(todo))} at once",
         flush=True,
