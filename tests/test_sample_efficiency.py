@@ -198,6 +198,9 @@ def test_a_foreign_folder_is_refused(tmp_path, fashion, capsys):
         (["--warmup", "0.2"], "--warmup must be in [0, 0.1]"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["--model", "convit_huge"], "argument --model: invalid choice: 'convit_huge'"),
+        (["--embed-dim", "0"], "--embed-dim must be at least 1"),
+        (["--smoothing", "1"], "--smoothing in [0, 1)"),
     ],
 )
 def test_bad_input(tmp_path, capsys, args, expect):

@@ -86,6 +86,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv, prog=None):
+    from convit_kernels.train.model import MODEL_NAMES
+
     p = Parser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     p.add_argument("--out", required=True, help="results folder: new, or one of this experiment to continue")
     p.add_argument(
@@ -98,7 +100,7 @@ def parse_args(argv, prog=None):
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's, on weights (not biases, norms, gates)")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up, as a fraction of the steps (at most 0.1)")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument("--model", default="convit_fashion", help="a `convit-kernels train --model`")
+    p.add_argument("--model", default="convit_fashion", choices=MODEL_NAMES, help="a `convit-kernels train --model`")
     p.add_argument("--embed-dim", type=int, help="channels per head (default: the model's, 6)")
     p.add_argument("--input-size", type=int, help="image side in pixels (default: 28, or 32 with --data-path)")
     p.add_argument("--fashion-mnist", default=FASHION_MNIST, help="folder of Fashion-MNIST's 4 idx files")
@@ -123,8 +125,8 @@ def parse_args(argv, prog=None):
     bad = [f for f in args.ratios if not 0 < f <= 1]
     if bad:
         p.error(f"--ratios must be in (0, 1], got {' '.join(f'{f:g}' for f in bad)}")
-    for name in ("steps", "batch_size", "curve_points", "curve_images", "jobs"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "batch_size", "curve_points", "curve_images", "jobs", "embed_dim", "input_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.test_images < 0:
         p.error("--test-images must be at least 0")
@@ -132,6 +134,8 @@ def parse_args(argv, prog=None):
         p.error(f"--warmup must be in [0, 0.1] (a fraction of the steps), got {args.warmup:g}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a positive number, got {args.lr:g}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0) or not 0 <= args.smoothing < 1:
+        p.error("--weight-decay must be at least 0 and --smoothing in [0, 1)")
     args.ratios = sorted(set(args.ratios))
     args.seeds = list(dict.fromkeys(args.seeds))
     return args
