@@ -65,6 +65,23 @@ def test_a_bad_idx_file_is_one_line(tmp_path, fashion):
         se.fashion_mnist(str(tmp_path))
 
 
+@pytest.mark.slow
+def test_an_image_folder_instead(tmp_path, capsys):
+    """--data-path: an ImageFolder (train/ and val/, here 2 classes of RGB images) read into memory at --input-size."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (20, 20), colour).save(tmp_path / "data" / split / label / f"{i}.png")
+    options = ["--data-path", str(tmp_path / "data"), "--input-size", "16", "--ratios", "1", "--steps", "2"]
+    assert se.main([*quick(tmp_path / "se", tmp_path / "nowhere"), *options, "--no-stock", "--jobs", "1"]) == 0
+    assert "8 train / 8 test images, 2 classes; 3 runs" in capsys.readouterr().out
+    data = se.image_folder(str(tmp_path / "data"), 16)
+    assert data.train_x.shape == (8, 3, 16, 16) and data.test_y.tolist() == [0] * 4 + [1] * 4
+
+
 def test_missing_data_says_what_to_install(tmp_path, capsys):
     out = tmp_path / "out"
     assert se.main(["--quick", "--out", str(out), "--fashion-mnist", str(tmp_path)]) == 2
@@ -181,6 +198,9 @@ def test_a_foreign_folder_is_refused(tmp_path, fashion, capsys):
         (["--warmup", "0.2"], "--warmup must be in [0, 0.1]"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["--model", "convit_huge"], "argument --model: invalid choice: 'convit_huge'"),
+        (["--embed-dim", "0"], "--embed-dim must be at least 1"),
+        (["--smoothing", "1"], "--smoothing in [0, 1)"),
     ],
 )
 def test_bad_input(tmp_path, capsys, args, expect):

@@ -86,6 +86,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv, prog=None):
+    from convit_kernels.train.model import MODEL_NAMES
+
     p = Parser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     p.add_argument("--out", required=True, help="results folder: new, or one of this experiment to continue")
     p.add_argument(
@@ -98,7 +100,7 @@ def parse_args(argv, prog=None):
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's, on weights (not biases, norms, gates)")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up, as a fraction of the steps (at most 0.1)")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument("--model", default="convit_fashion", help="a `convit-kernels train --model`")
+    p.add_argument("--model", default="convit_fashion", choices=MODEL_NAMES, help="a `convit-kernels train --model`")
     p.add_argument("--embed-dim", type=int, help="channels per head (default: the model's, 6)")
     p.add_argument("--input-size", type=int, help="image side in pixels (default: 28, or 32 with --data-path)")
     p.add_argument("--fashion-mnist", default=FASHION_MNIST, help="folder of Fashion-MNIST's 4 idx files")
@@ -123,8 +125,8 @@ def parse_args(argv, prog=None):
     bad = [f for f in args.ratios if not 0 < f <= 1]
     if bad:
         p.error(f"--ratios must be in (0, 1], got {' '.join(f'{f:g}' for f in bad)}")
-    for name in ("steps", "batch_size", "curve_points", "curve_images", "jobs"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "batch_size", "curve_points", "curve_images", "jobs", "embed_dim", "input_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.test_images < 0:
         p.error("--test-images must be at least 0")
@@ -132,6 +134,8 @@ def parse_args(argv, prog=None):
         p.error(f"--warmup must be in [0, 0.1] (a fraction of the steps), got {args.warmup:g}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a positive number, got {args.lr:g}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0) or not 0 <= args.smoothing < 1:
+        p.error("--weight-decay must be at least 0 and --smoothing in [0, 1)")
     args.ratios = sorted(set(args.ratios))
     args.seeds = list(dict.fromkeys(args.seeds))
     return args
@@ -147,8 +151,12 @@ class Images:
         self.train_x, self.train_y, self.test_x, self.test_y, self.name = train_x, train_y, test_x, test_y, name
         pixels = train_x.float().div_(255)
         self.mean = pixels.mean(dim=(0, 2, 3), keepdim=True)
-        self.std = pixels.std(dim=(0, 2, 3), keepdim=True)
+        self.std = pixels.std(dim=(0, 2, 3), keepdim=True).clamp_min(1 / 255)  # a constant channel: no division by 0
         self.classes = int(train_y.max()) + 1
+
+    def scored(self, count: int) -> int:
+        """How many test images a run is scored on: the first `count` (0: all)."""
+        return min(count or len(self.test_y), len(self.test_y))
 
     def normalise(self, images_01: torch.Tensor) -> torch.Tensor:
         return (images_01 - self.mean) / self.std
@@ -516,7 +524,7 @@ def summarise(args, data: Images, results: dict, run_s: float) -> dict:
     return {
         "data": data.name,
         "train_images": len(data.train_y),
-        "test_images": args.test_images or len(data.test_y),
+        "test_images": data.scored(args.test_images),
         "seeds_complete": [
             seed for seed in args.seeds if all(run_name(k, f, seed) in results for k in MODELS for f in args.ratios)
         ],
@@ -701,7 +709,7 @@ def run(args) -> int:
     done = open_out(args)
     todo = [spec for spec in plan(args) if run_name(*spec[:3]) not in done and not args.summary_only]
     print(
-        f"data: {data.name}, {len(data.train_y)} train / {args.test_images or len(data.test_y)} test images, "
+        f"data: {data.name}, {len(data.train_y)} train / {data.scored(args.test_images)} test images, "
         f"{data.classes} classes; {len(todo) + len(done)} runs of {args.steps} steps, {len(done)} done before in "
         f"{args.out}, {min(args.jobs, len(todo))} at once",
         flush=True,
