@@ -61,10 +61,6 @@ def test_only_the_settings_module_reads_them_and_nothing_writes_the_environment(
         for line in text.splitlines():
             if re.search(r"os\.environ\[[^\]]+\]\s*=|os\.environ\.(setdefault|update)|os\.putenv|setenv\(", line):
                 writers.append(f"{relative}: {line.strip()}")
-    # The one exception: the bench's own process quiets kineto's start/stop lines (a log level, read by kineto).
-    writers = [
-        w for w in writers if not w.startswith('convit_kernels/bench/cli.py: os.environ.setdefault("KINETO_LOG_LEVEL"')
-    ]
     assert not readers, f"CONVIT_KERNELS_* read outside convit_kernels/settings.py: {readers}"
     assert not writers, f"the process environment is written in: {writers}"
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 
 import torch
@@ -118,7 +117,6 @@ def _select_implementations(parser, requested, device_type: str):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # quiet the profiler behind peak memory (start/stop lines)
     preset = QUICK if args.quick else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = args.shapes or preset["shapes"]
