@@ -110,7 +110,8 @@ def _setup_context(ctx, inputs, output):
     _, state = output
     ctx.save_for_backward(q, k, v, pos_weight, pos_bias, gating_param, *state)
     ctx.grid_w, ctx.scale = grid_w, scale
-    ctx.backend = op_pair_backend(backend, q, grid_w).name
+    # The forward has checked the name; only a scripted call's "auto" needs resolving again.
+    ctx.backend = op_pair_backend(backend, q, grid_w).name if backend == "auto" else backend
     ctx.precision = _precision(precision)
 
 
