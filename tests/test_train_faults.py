@@ -335,7 +335,8 @@ def test_two_nodes_end_with_the_weights_of_one_node(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skip(
     reason="unreliable here (#21 point 12 stays open): after torchrun's restart the new ranks' gloo mesh "
-    "failed to connect (connection refused / reset) or hung in each of 5 runs here on 12-01 (it passed once for its author)"
+    "failed to connect (connection refused / reset) or hung in each of 5 runs here on 12-01 "
+    "(it passed once for its author)"
 )
 def test_a_killed_rank_under_max_restarts_ends_with_the_weights_of_one_node(tmp_path):
     torchrun("--standalone", "--nproc-per-node", "2", out=tmp_path / "one-node")
