@@ -17,7 +17,6 @@ import torch
 
 from . import dispatch
 from .backends import Backend, BackendError, empty_backward_outputs, get_backend
-from .backends.sdpa import sdpa_gpsa_decomposed
 from .custom_ops import define_op_pair
 
 __all__ = ["gpsa_fwd", "gpsa_bwd", "attention", "op_pair_backend", "is_finite_positive"]
@@ -161,7 +160,10 @@ def attention(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int,
     if torch.onnx.is_in_onnx_export():
         # ONNX has no custom ops: every backend exports as SDPA and the separable contractions. The flag is
         # set for the whole torch.onnx.export (its non-strict torch.export capture included); under Dynamo
-        # it reads False, so torch.compile and torch.export keep the fused op.
+        # it reads False, so torch.compile and torch.export keep the fused op. Imported here: the registry
+        # loads a backend's module on its first use, not at the package's import.
+        from .backends.sdpa import sdpa_gpsa_decomposed
+
         return sdpa_gpsa_decomposed(q, k, v, pos_weight, gating_param, grid_size, scale)
     if name != "reference" and _under_functorch_transform():
         # Custom ops with autograd reject torch.func transforms: the torch backend's forward is
