@@ -22,6 +22,7 @@ from . import _version, backends, settings, verdict_cache
 from .accuracy import gate
 from .backends import BACKEND_NAMES, BackendError, backend_problem, get_backend
 from .reference import gpsa_reference
+from .separable import whole_tables_fit
 
 __all__ = [
     "AUTO_POLICY",
@@ -75,33 +76,42 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
-    """Every reason backend ``name`` cannot take inputs of this device, dtype and head dim here (empty: it can)."""
+def not_supported_reasons(
+    name: str, device: torch.device, dtype: torch.dtype, head_dim: int, grid: tuple[int, int] | None = None
+) -> list[str]:
+    """Every reason backend ``name`` cannot take inputs of this device, dtype, head dim and grid (empty: it can).
+
+    ``grid`` (H_p, W): None leaves the grid out (any grid whose tables fit).
+    """
     problem = backend_problem(name)
     if problem is not None:
         return [problem]
-    return get_backend(name).not_supported_reasons(device, dtype, head_dim)
+    return get_backend(name).not_supported_reasons(device, dtype, head_dim, grid)
 
 
-def explain_auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, list[str]]:
+def explain_auto(
+    device: torch.device, dtype: torch.dtype, head_dim: int, grid: tuple[int, int] | None = None
+) -> tuple[str, list[str]]:
     """(the backend ``auto`` picks, why each better candidate was skipped), before on-device verification."""
     skipped = []
     for name in auto_candidates(device.type):
-        reasons = not_supported_reasons(name, device, dtype, head_dim)
+        reasons = not_supported_reasons(name, device, dtype, head_dim, grid)
         if not reasons:
             return name, skipped
         skipped.append(f"{name}: {'; '.join(reasons)}")
     raise BackendError(f"no backend takes {_dtype_name(dtype)} inputs on {device}: " + " | ".join(skipped))
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """The concrete backend for ``backend`` ("auto" or a name) on inputs of this device, dtype and head dim."""
+def resolve_backend(
+    backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, grid: tuple[int, int] | None = None
+) -> str:
+    """The concrete backend for ``backend`` ("auto" or a name) on inputs of this device, dtype, head dim and grid."""
     device = torch.device(device)
     if backend == "auto":
-        return explain_auto(device, dtype, head_dim)[0]
+        return explain_auto(device, dtype, head_dim, grid)[0]
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
-    reasons = not_supported_reasons(backend, device, dtype, head_dim)
+    reasons = not_supported_reasons(backend, device, dtype, head_dim, grid)
     if reasons:
         raise BackendError(f"backend {backend!r} cannot run here: {'; '.join(reasons)}")
     return backend
@@ -111,15 +121,15 @@ _ANY_HEAD_DIM = 2**31
 
 
 # A pure function of its constant arguments for the life of the process: torch.compile evaluates it
-# once while tracing. The head dim stays out: with dynamic shapes it is symbolic there, and the
-# caller compares it with each candidate's limit (a guard, not a graph break).
+# once while tracing. The head dim and the grid stay out: with dynamic shapes they are symbolic there,
+# and the caller compares them with each candidate's limits (guards, not graph breaks).
 @torch.compiler.assume_constant_result
-def _candidates(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
-    """(name, largest head dim it takes) of each backend that may run the call, best first."""
+def _candidates(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple[str, int, bool], ...]:
+    """(name, largest head dim it takes, whether it builds whole tables) of each backend that may run the call."""
     device = torch.device(device)
     names = auto_candidates(device.type) if backend == "auto" else (resolve_backend(backend, device, dtype, 1),)
     return tuple(
-        (name, get_backend(name).max_head_dim or _ANY_HEAD_DIM)
+        (name, get_backend(name).max_head_dim or _ANY_HEAD_DIM, get_backend(name).whole_tables)
         for name in names
         if not not_supported_reasons(name, device, dtype, 1)
     )
@@ -130,12 +140,20 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype, head_dim, tok
 
     Traceable by torch.compile with dynamic shapes: head_dim, tokens and grid_w may be symbolic.
     """
+    grid = (tokens // grid_w, grid_w)
     if not torch.compiler.is_compiling():
-        name = resolve_backend(backend, device, dtype, head_dim)  # a refusal names every reason
+        name = resolve_backend(backend, device, dtype, head_dim, grid)  # a refusal names every reason
     else:
-        fitting = [name for name, max_head_dim in _candidates(backend, device, dtype) if head_dim <= max_head_dim]
-        if not fitting:  # an explicit backend's head-dim limit
-            raise BackendError(f"backend {backend!r} cannot run here: takes head dims up to its limit, not {head_dim}")
+        fitting = [
+            name
+            for name, max_head_dim, whole_tables in _candidates(backend, device, dtype)
+            if head_dim <= max_head_dim and (not whole_tables or whole_tables_fit(*grid))
+        ]
+        if not fitting:  # an explicit backend's limits
+            raise BackendError(
+                f"backend {backend!r} cannot run here: head dim {head_dim} or grid {grid[0]} x {grid[1]} "
+                "beyond its limits"
+            )
         name = fitting[0]
     if backend != "auto" or name not in CHECKED_BACKENDS or torch.device(device).type not in CHECKED_DEVICE_TYPES:
         return name

@@ -3,10 +3,12 @@
 The positional logit is a term in dx plus a term in dy, so each row's softmax over the keys is
 the product of a softmax over key columns (``px``, H x W x W) and one over key rows (``py``,
 H x H_p x H_p). ``P v`` is then two small contractions on head-major H x H_p x W x B x d tensors
-(:func:`head_major`), each one batched GEMM; ``P^T x`` the same with the tables transposed; the
-tables' gradients go through each table's softmax to ``pos_weight`` (the bias cancels). All in
-the accumulation dtype (:func:`compute_dtype`). docs/design.md ("The positional branch is
-separable") derives it; every backend that computes the positional branch apart uses this unit.
+(:func:`head_major`), each a batched GEMM; ``P^T x`` the same with the tables transposed; the
+tables' gradients go through each table's softmax to ``pos_weight`` (the bias cancels). The
+torch contractions make each table in blocks of rows (:class:`Axis`), so that no block holds
+more numbers than the tensor it multiplies: a 1 x 4096 grid never builds its 4096 x 4096 table.
+All in the accumulation dtype (:func:`compute_dtype`). docs/design.md ("The positional branch
+is separable") derives it; every backend that computes the positional branch apart uses this unit.
 """
 
 from __future__ import annotations
@@ -17,18 +19,32 @@ import torch
 
 __all__ = [
     "AxisTables",
+    "Axis",
+    "PositionalAxes",
+    "WHOLE_TABLES_PER_TOKEN",
+    "whole_tables_fit",
     "compute_dtype",
     "axis_offsets",
+    "positional_axes",
     "positional_axis_probs",
     "dense_positional_probs",
     "head_major",
     "bhnd",
-    "along_columns",
-    "along_rows",
     "apply_positional",
     "positional_backward",
     "pos_weight_grad",
 ]
+
+# Kernels that build both tables whole (H (W^2 + H_p^2) numbers) take a grid only where these hold at most
+# this many numbers per token and head: grids up to about 16:1, never a 1 x 4096 strip (docs/design.md).
+WHOLE_TABLES_PER_TOKEN = 16
+# Fewest table rows a block of the torch contractions makes, so that tiny B x d does not mean one row a block.
+MIN_BLOCK_ROWS = 16
+
+
+def whole_tables_fit(grid_h: int, grid_w: int) -> bool:
+    """Whether both per-axis tables together hold at most WHOLE_TABLES_PER_TOKEN numbers per token."""
+    return grid_w * grid_w + grid_h * grid_h <= WHOLE_TABLES_PER_TOKEN * grid_h * grid_w
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,25 +53,57 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class AxisTables(NamedTuple):
-    """Per-head positional softmax along each grid axis, in the accumulation dtype."""
+    """Per-head positional softmax along each grid axis, whole, in the accumulation dtype."""
 
     px: torch.Tensor  # H x W x W: over key columns, for each query column
     py: torch.Tensor  # H x H_p x H_p: over key rows, for each query row
 
 
-def axis_offsets(size: int, device, dtype) -> torch.Tensor:
-    """offsets[i, j] = j - i on one axis of the patch grid."""
-    idx = torch.arange(size, device=device, dtype=dtype)
-    return idx.view(1, -1) - idx.view(-1, 1)
+def axis_offsets(size: int, device, dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """offsets[i - start, j] = j - i for query positions i in [start, stop) of one grid axis."""
+    keys = torch.arange(size, device=device, dtype=dtype)
+    queries = torch.arange(start, size if stop is None else stop, device=device, dtype=dtype)
+    return keys.view(1, -1) - queries.view(-1, 1)
 
 
-def _axis_logits(w_linear: torch.Tensor, w_square: torch.Tensor, size: int) -> torch.Tensor:
-    offsets = axis_offsets(size, w_linear.device, w_linear.dtype)
-    return w_linear[:, None, None] * offsets + w_square[:, None, None] * offsets * offsets
+class Axis(NamedTuple):
+    """One grid axis of every head's positional softmax; its H x size x size table is made by rows on demand."""
+
+    w_linear: torch.Tensor  # H: the logit's weight on the offset, in the accumulation dtype
+    w_square: torch.Tensor  # H: its weight on the squared offset
+    size: int
+    scale: torch.Tensor | None = None  # H: a factor on the whole table (the gate rides on one axis), or None
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the table, H x (stop - start) x size: each a real softmax (max-subtracted)."""
+        offsets = axis_offsets(self.size, self.w_linear.device, self.w_linear.dtype, start, stop)
+        logits = self.w_linear[:, None, None] * offsets + self.w_square[:, None, None] * offsets * offsets
+        probs = logits.softmax(-1)
+        return probs if self.scale is None else probs * self.scale.view(-1, 1, 1)
+
+    def blocks(self, inner: int):
+        """(start, stop) of the row blocks for operands of ``inner`` columns: at most max(inner, 16) rows each."""
+        step = min(self.size, max(inner, MIN_BLOCK_ROWS))
+        return [(start, min(start + step, self.size)) for start in range(0, self.size, step)]
+
+
+class PositionalAxes(NamedTuple):
+    x: Axis  # along the grid's columns (size W)
+    y: Axis  # along its rows (size H_p)
+
+
+def positional_axes(pos_weight: torch.Tensor, grid_h: int, grid_w: int, gate: torch.Tensor | None = None):
+    """The two :class:`Axis` of every head's positional softmax, in pos_weight's accumulation dtype.
+
+    ``gate`` (H), if given, scales the row axis: the tables of g P = (g py) (x) px.
+    """
+    w = pos_weight.to(compute_dtype(pos_weight.dtype))
+    scale = None if gate is None else gate.to(w.dtype).reshape(-1)
+    return PositionalAxes(Axis(w[:, 0], w[:, 2], grid_w), Axis(w[:, 1], w[:, 2], grid_h, scale))
 
 
 def positional_axis_probs(pos_weight: torch.Tensor, grid_h: int, grid_w: int, dtype=None) -> AxisTables:
-    """The positional softmax of every head as its two per-axis tables (bias left out: it cancels).
+    """The positional softmax of every head as its two whole per-axis tables (bias left out: it cancels).
 
     Computed in pos_weight's accumulation dtype and returned in ``dtype`` (default that one).
 
@@ -63,10 +111,9 @@ def positional_axis_probs(pos_weight: torch.Tensor, grid_h: int, grid_w: int, dt
     rounded logits), so P keeps the accuracy of ``softmax`` even for peaked,
     large-weight heads; ``exp(logit - lse)`` with a separately computed lse does not.
     """
-    w = pos_weight.to(compute_dtype(pos_weight.dtype))
-    px = _axis_logits(w[:, 0], w[:, 2], grid_w).softmax(-1)
-    py = _axis_logits(w[:, 1], w[:, 2], grid_h).softmax(-1)
-    return AxisTables(px.to(dtype or w.dtype), py.to(dtype or w.dtype))
+    axes = positional_axes(pos_weight, grid_h, grid_w)
+    px, py = (axis.rows(0, axis.size) for axis in axes)
+    return AxisTables(px.to(dtype or px.dtype), py.to(dtype or py.dtype))
 
 
 def dense_positional_probs(tables: AxisTables) -> torch.Tensor:
@@ -96,54 +143,84 @@ def bhnd(x_hm: torch.Tensor) -> torch.Tensor:
     return x_hm.permute(3, 0, 1, 2, 4).reshape(B, H, grid_h * grid_w, d)
 
 
-def along_columns(px: torch.Tensor, x_hm: torch.Tensor) -> torch.Tensor:
-    """px[h] (W x W) applied along the grid's columns of a head-major tensor."""
+def _by_columns(x_hm: torch.Tensor) -> torch.Tensor:
+    """H x H_p x W x (B d): a head-major tensor with the column axis third."""
     H, grid_h, grid_w, B, d = x_hm.shape  # sizes, not -1, in the views: -1 is ambiguous when H = 0
-    return torch.matmul(px[:, None], x_hm.view(H, grid_h, grid_w, B * d)).view(x_hm.shape)
+    return x_hm.view(H, grid_h, grid_w, B * d)
 
 
-def along_rows(py: torch.Tensor, x_hm: torch.Tensor) -> torch.Tensor:
-    """py[h] (H_p x H_p) applied along the grid's rows of a head-major tensor."""
+def _by_rows(x_hm: torch.Tensor) -> torch.Tensor:
+    """H x 1 x H_p x (W B d): a head-major tensor with the row axis third."""
     H, grid_h, grid_w, B, d = x_hm.shape
-    return torch.bmm(py, x_hm.view(H, grid_h, grid_w * B * d)).view(x_hm.shape)
+    return x_hm.view(H, 1, grid_h, grid_w * B * d)
 
 
-def apply_positional(tables: AxisTables, x_hm: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """``P x`` (or ``P^T x``) for a head-major x: along the columns with px, then along the rows with py."""
-    px, py = tables
+def _apply_axis(axis: Axis, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """T x (or T^T x) along dim 2 of an H x outer x size x inner ``x``, T made a block of rows at a time.
+
+    A block's table, broadcast over ``outer``, holds at most max(inner, 16) / inner times the numbers of x.
+    """
+    out, parts = None, []
+    for start, stop in axis.blocks(x.shape[-1]):
+        table = axis.rows(start, stop)[:, None]
+        if transposed:  # each block of rows of T adds its share to every output row
+            share = torch.matmul(table.transpose(-2, -1), x[:, :, start:stop])
+            out = share if out is None else out + share
+        else:  # each block of rows of T makes those output rows
+            parts.append(torch.matmul(table, x))
     if transposed:
-        px, py = px.transpose(-2, -1), py.transpose(-2, -1)
-    return along_rows(py, along_columns(px, x_hm))
+        return out
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-def positional_backward(tables: AxisTables, dout_hm: torch.Tensor, v_hm: torch.Tensor):
-    """(P^T dout, dpx, dpy): the backward of ``sum(dout . P v)`` with respect to v and the two tables.
+def apply_positional(axes: PositionalAxes, x_hm: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """``P x`` (or ``P^T x``) for a head-major x: along the columns with px, then along the rows with py."""
+    cols = _apply_axis(axes.x, _by_columns(x_hm), transposed).view(x_hm.shape)
+    return _apply_axis(axes.y, _by_rows(cols), transposed).view(x_hm.shape)
 
-    dout and v are head-major in the tables' dtype; P^T dout is head-major, dpx
-    (H x W x W) and dpy (H x H_p x H_p) are summed over the batch. Three
-    contractions serve all three, since the two axes' products commute:
+
+def _softmax_weight_grads(table: torch.Tensor, d_table: torch.Tensor, offsets: torch.Tensor):
+    """(d w_linear, d w_square, sum table o d_table), each H, from rows of one axis's table and their gradient.
+
+    Through each row's softmax: d logit = p o (dp - sum_j p dp); the logit is w_linear o + w_square o^2.
+    """
+    row_dots = (table * d_table).sum(-1, keepdim=True)
+    d_logits = table * (d_table - row_dots)
+    return (d_logits * offsets).sum((1, 2)), (d_logits * offsets * offsets).sum((1, 2)), row_dots.sum((1, 2))
+
+
+def _axis_backward(axis: Axis, d_out: torch.Tensor, x: torch.Tensor):
+    """(d w_linear, d w_square, sum T o dT) of ``sum(d_out . T x)`` along dim 2 of H x outer x size x inner tensors.
+
+    dT[i, j] = sum over (outer, inner) of d_out[i] x[j], made a block of rows at a time and reduced at once.
+    """
+    grads = []
+    for start, stop in axis.blocks(x.shape[-1]):
+        d_table = torch.matmul(d_out[:, :, start:stop], x.transpose(-2, -1)).sum(1)
+        offsets = axis_offsets(axis.size, x.device, x.dtype, start, stop)
+        grads.append(torch.stack(_softmax_weight_grads(axis.rows(start, stop), d_table, offsets)))
+    return sum(grads[1:], grads[0]).unbind(0)
+
+
+def positional_backward(axes: PositionalAxes, dout_hm: torch.Tensor, v_hm: torch.Tensor):
+    """(P^T dout, d pos_weight, sum dout . P v): the backward of ``sum(dout . P v)`` for P without a gate.
+
+    dout and v are head-major in the axes' dtype; P^T dout is head-major, d pos_weight H x 3 and
+    the sum H, over the batch. Three contractions serve all, since the two axes' products commute:
     ``dpx[a, c] = sum (py^T dout)[Y, a] . v[Y, c]`` over (Y, batch, d), and
     ``dpy[y, Y] = sum (px^T dout)[y, X] . v[Y, X]`` over (X, batch, d).
     """
-    px_t, py_t = tables.px.transpose(-2, -1), tables.py.transpose(-2, -1)
-    H, grid_h, grid_w, B, d = v_hm.shape
-    rows_t = along_rows(py_t, dout_hm)
-    cols_t = along_columns(px_t, dout_hm)
-    by_column, by_row = (H * grid_h, grid_w, B * d), (H, grid_h, grid_w * B * d)
-    dpx = torch.bmm(rows_t.view(by_column), v_hm.view(by_column).transpose(1, 2))
-    dpy = torch.bmm(cols_t.view(by_row), v_hm.view(by_row).transpose(1, 2))
-    return along_columns(px_t, rows_t), dpx.view(H, grid_h, grid_w, grid_w).sum(1), dpy
+    rows_t = _apply_axis(axes.y, _by_rows(dout_hm), transposed=True).view(dout_hm.shape)
+    cols_t = _apply_axis(axes.x, _by_columns(dout_hm), transposed=True).view(dout_hm.shape)
+    dx_linear, dx_square, _ = _axis_backward(axes.x, _by_columns(rows_t), _by_columns(v_hm))
+    dy_linear, dy_square, dout_dot_positional = _axis_backward(axes.y, _by_rows(cols_t), _by_rows(v_hm))
+    pt_dout = _apply_axis(axes.x, _by_columns(rows_t), transposed=True).view(dout_hm.shape)
+    return pt_dout, torch.stack((dx_linear, dy_linear, dx_square + dy_square), dim=-1), dout_dot_positional
 
 
 def pos_weight_grad(tables: AxisTables, dpx: torch.Tensor, dpy: torch.Tensor) -> torch.Tensor:
-    """H x 3 gradient of pos_weight from the tables' gradients, through each table's softmax."""
+    """H x 3 gradient of pos_weight from the whole tables' gradients, through each table's softmax."""
     px, py = tables
-    # softmax backward per row: dlogit = p o (dp - sum_j p dp)
-    dlx = px * (dpx - (px * dpx).sum(-1, keepdim=True))
-    dly = py * (dpy - (py * dpy).sum(-1, keepdim=True))
-    ox = axis_offsets(px.shape[-1], px.device, px.dtype)
-    oy = axis_offsets(py.shape[-1], py.device, py.dtype)
-    dw_dx = (dlx * ox).sum((1, 2))
-    dw_dy = (dly * oy).sum((1, 2))
-    dw_sq = (dlx * ox * ox).sum((1, 2)) + (dly * oy * oy).sum((1, 2))
-    return torch.stack((dw_dx, dw_dy, dw_sq), dim=-1)
+    dx_linear, dx_square, _ = _softmax_weight_grads(px, dpx, axis_offsets(px.shape[-1], px.device, px.dtype))
+    dy_linear, dy_square, _ = _softmax_weight_grads(py, dpy, axis_offsets(py.shape[-1], py.device, py.dtype))
+    return torch.stack((dx_linear, dy_linear, dx_square + dy_square), dim=-1)

@@ -168,7 +168,7 @@ def fused_mix():
         pytest.skip(f"the extension's CPU part is unavailable: {problem}")
     if os.environ.get("CONVIT_KERNELS_NO_FUSED_MIX", "0") not in ("", "0"):
         pytest.skip("CONVIT_KERNELS_NO_FUSED_MIX is set")
-    assert _fused_cpu_mix(torch.zeros(1)) is not None, "convit_kernels._C predates the mix ops: rebuild it"
+    assert _fused_cpu_mix(1, 1, torch.zeros(1)) is not None, "convit_kernels._C predates the mix ops: rebuild it"
 
 
 def _mix_args(B, H, grid, d, dtype, layout, seed=0):
@@ -250,9 +250,10 @@ def test_fused_mix_is_the_cpu_path_and_the_torch_path_still_matches_the_referenc
     from convit_kernels.backends.sdpa import _fused_cpu_mix
 
     x = torch.zeros(2, 3)
-    assert _fused_cpu_mix(x, x) is not None
-    assert _fused_cpu_mix(x, x.double()) is None  # mixed dtypes: the torch path
-    assert _fused_cpu_mix(x, torch.zeros(2, 3, device="meta")) is None  # any other device: the torch path
+    assert _fused_cpu_mix(14, 14, x, x) is not None
+    assert _fused_cpu_mix(14, 14, x, x.double()) is None  # mixed dtypes: the torch path
+    assert _fused_cpu_mix(14, 14, x, torch.zeros(2, 3, device="meta")) is None  # any other device: the torch path
+    assert _fused_cpu_mix(1, 4096, x, x) is None  # whole tables too large for the grid: the torch path
     from convit_kernels.separable import positional_axis_probs
 
     for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-15)):  # the tables the fused path computes in C++
@@ -260,7 +261,7 @@ def test_fused_mix_is_the_cpu_path_and_the_torch_path_still_matches_the_referenc
         for got, want in zip(torch.ops.convit_kernels_ext.positional_tables(w, 5, 7), positional_axis_probs(w, 5, 7)):
             assert got.dtype == dtype and got.shape == want.shape and max_error(got, want) <= tol
     monkeypatch.setenv("CONVIT_KERNELS_NO_FUSED_MIX", "1")
-    assert _fused_cpu_mix(x, x) is None
+    assert _fused_cpu_mix(14, 14, x, x) is None
     for dtype in (torch.float64, torch.float32):
         assert_matches_reference(
             make_inputs(2, 3, 50, 16, dtype=dtype), rtol_fp32=_rtol(dtype), backend="sdpa", grid_size=(5, 10)

@@ -23,7 +23,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from ..separable import compute_dtype
+from ..separable import WHOLE_TABLES_PER_TOKEN, compute_dtype, whole_tables_fit
 
 __all__ = [
     "Backend",
@@ -136,6 +136,7 @@ class Backend:
     max_head_dim: int | None = None
     min_cuda_capability: tuple[int, int] | None = None
     interpreted: bool = False  # runs in an interpreter here: correct, never fast (the bench does not time it)
+    whole_tables: bool = False  # builds both per-axis tables whole: only grids where they fit (separable.py)
     unavailable: Callable[[], str | None] = field(default=_always_available)
 
     def __post_init__(self):
@@ -146,8 +147,13 @@ class Backend:
     def is_op_pair(self) -> bool:
         return self.forward is not None
 
-    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
-        """Every reason this backend cannot take inputs of this device, dtype and head dim (empty when it can)."""
+    def takes_grid(self, grid_h: int, grid_w: int) -> bool:
+        return not self.whole_tables or whole_tables_fit(grid_h, grid_w)
+
+    def not_supported_reasons(
+        self, device: torch.device, dtype: torch.dtype, head_dim: int, grid: tuple[int, int] | None = None
+    ) -> list[str]:
+        """Every reason this backend cannot take inputs of this device, dtype, head dim and grid (empty: it can)."""
         reasons = []
         if self.devices is not None and device.type not in self.devices:
             reasons.append(f"runs on {'/'.join(self.devices)} tensors, not {device.type}")
@@ -162,6 +168,11 @@ class Backend:
                 need = "sm_{}{}".format(*self.min_cuda_capability)
                 have = "sm_{}{}".format(*capability)
                 reasons.append(f"needs compute capability {need} or newer; {device} is {have}")
+        if grid is not None and not self.takes_grid(*grid):
+            reasons.append(
+                "builds the per-axis positional tables whole (W^2 + H_p^2 numbers a head), more than "
+                f"{WHOLE_TABLES_PER_TOKEN} a token on a {grid[0]} x {grid[1]} grid"
+            )
         return reasons
 
 

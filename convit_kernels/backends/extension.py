@@ -71,6 +71,7 @@ register_backend(
         dtypes=FLOAT_DTYPES,
         forward=_forward,
         backward=_backward,
+        whole_tables=True,
         unavailable=cpu_unavailable,
     )
 )
@@ -84,6 +85,7 @@ register_backend(
         backward=_backward,
         max_head_dim=128,
         min_cuda_capability=(7, 5),
+        whole_tables=True,
         unavailable=cuda_unavailable,
     )
 )

@@ -23,13 +23,15 @@ from ..custom_ops import define_op_pair
 from ..extension_loader import import_built
 from ..separable import (
     AxisTables,
+    PositionalAxes,
     apply_positional,
     bhnd,
     compute_dtype,
     head_major,
     pos_weight_grad,
-    positional_axis_probs,
+    positional_axes,
     positional_backward,
+    whole_tables_fit,
 )
 from . import FLOAT_DTYPES, Backend, gates, register_backend
 
@@ -42,14 +44,15 @@ def _bnhd_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.new_empty((B, N, H, d), dtype=dtype)
 
 
-def _fused_cpu_mix(*tensors: torch.Tensor):
+def _fused_cpu_mix(grid_h: int, grid_w: int, *tensors: torch.Tensor):
     """``torch.ops.convit_kernels_ext``, whose fused CPU mix ops take these tensors, or None.
 
-    Only for CPU tensors of one dtype, and only when the extension's CPU part is
-    built for this torch (never built from here: that is the "cpu" backend's
-    first use, load_cpu) and has the mix ops; CONVIT_KERNELS_NO_FUSED_MIX forces the torch path.
+    Only for CPU tensors of one dtype, on grids whose whole tables fit (the ops take them whole,
+    and their backward keeps a B x H x (W^2 + H_p^2) partial), and only when the extension's CPU
+    part is built for this torch (never built from here: that is the "cpu" backend's first use,
+    load_cpu) and has the mix ops; CONVIT_KERNELS_NO_FUSED_MIX forces the torch path.
     """
-    if settings.enabled("CONVIT_KERNELS_NO_FUSED_MIX"):
+    if settings.enabled("CONVIT_KERNELS_NO_FUSED_MIX") or not whole_tables_fit(grid_h, grid_w):
         return None
     if any(t.device.type != "cpu" or t.dtype != tensors[0].dtype for t in tensors):
         return None
@@ -58,15 +61,13 @@ def _fused_cpu_mix(*tensors: torch.Tensor):
     return ops if hasattr(ops, "positional_mix_fwd") else None  # None: not built, or built before the mix ops
 
 
-def _axis_tables(fused, pos_weight: torch.Tensor, grid_h: int, grid_w: int, acc: torch.dtype) -> AxisTables:
-    """:func:`positional_axis_probs`; with the fused ops, their serial C++ twin (the same math, gpsa_common.h).
+def _fused_tables(fused, pos_weight: torch.Tensor, grid_h: int, grid_w: int, acc: torch.dtype) -> AxisTables:
+    """The whole tables of :func:`positional_axis_probs` by their serial C++ twin (the same math, gpsa_common.h).
 
     On the CPU, torch's exp and softmax on these few hundred numbers call MKL's
     own thread pool: right after SDPA's parallel region its wake-up cost
     milliseconds per call on a busy 2-core machine, as much as the mix itself.
     """
-    if fused is None:
-        return positional_axis_probs(pos_weight, grid_h, grid_w, acc)
     px, py = fused.positional_tables(pos_weight, grid_h, grid_w)
     return AxisTables(px.to(acc), py.to(acc))
 
@@ -77,16 +78,9 @@ def _import_cpu_part() -> None:
     import_built("convit_kernels._C")
 
 
-def _gated_tables(fused, pos_weight: torch.Tensor, gating_param: torch.Tensor, grid_h: int, grid_w: int, acc):
-    """(the axis tables of g P, 1 - g): g P = (g py) (x) px, the gate rides on a small table."""
-    g, one_minus_g = gates(gating_param, acc)
-    px, py = _axis_tables(fused, pos_weight, grid_h, grid_w, acc)
-    return AxisTables(px, py * g.view(-1, 1, 1)), one_minus_g
-
-
-def _mix(content: torch.Tensor, v: torch.Tensor, gated: AxisTables, one_minus_g: torch.Tensor, out=None):
+def _mix(content: torch.Tensor, v: torch.Tensor, gated: PositionalAxes, one_minus_g: torch.Tensor, out=None):
     """(1 - g) content + g P v by separable.py's torch contractions, B x H x N x d; into ``out`` if given."""
-    positional = bhnd(apply_positional(gated, head_major(v, gated.py.shape[1], gated.py.dtype)))  # g P v
+    positional = bhnd(apply_positional(gated, head_major(v, gated.y.size, gated.y.w_linear.dtype)))  # g P v
     return torch.addcmul(positional, content, one_minus_g, out=out)
 
 
@@ -99,14 +93,14 @@ def _mix_forward(
     grid_w: int,
 ) -> torch.Tensor:
     """(1 - g) content + g P v for B x H x N x d content and v; returns B x N x H x d in v's dtype."""
-    fused = _fused_cpu_mix(content, v)
-    gated, one_minus_g = _gated_tables(
-        fused, pos_weight, gating_param, v.shape[2] // grid_w, grid_w, compute_dtype(v.dtype)
-    )
+    acc, grid_h = compute_dtype(v.dtype), v.shape[2] // grid_w
+    g, one_minus_g = gates(gating_param, acc)
+    fused = _fused_cpu_mix(grid_h, grid_w, content, v)
     if fused is not None:  # one pass over v and content (csrc/cpu/positional_mix_cpu.cpp)
-        return fused.positional_mix_fwd(content, v, gated.px, gated.py, one_minus_g.view(-1))
+        px, py = _fused_tables(fused, pos_weight, grid_h, grid_w, acc)
+        return fused.positional_mix_fwd(content, v, px, py * g.view(-1, 1, 1), one_minus_g.view(-1))
     out = _bnhd_like(v, v.dtype)
-    _mix(content, v, gated, one_minus_g, out=out.transpose(1, 2))
+    _mix(content, v, positional_axes(pos_weight, grid_h, grid_w, g), one_minus_g, out=out.transpose(1, 2))
     return out
 
 
@@ -127,26 +121,27 @@ def _mix_backward(
     H, grid_h = v.shape[1], v.shape[2] // grid_w
     g, one_minus_g = gates(gating_param, acc)
     g_h = g.view(H, 1, 1)
-    fused = _fused_cpu_mix(grad_out, content, v)
-    tables = _axis_tables(fused, pos_weight, grid_h, grid_w, acc)
+    fused = _fused_cpu_mix(grid_h, grid_w, grad_out, content, v)
     if fused is not None:  # one pass over dO, v and content (csrc/cpu/positional_mix_cpu.cpp)
+        tables = _fused_tables(fused, pos_weight, grid_h, grid_w, acc)
         d_content, dv, g_dpx, dpy, dout_dot_content = fused.positional_mix_bwd(
             grad_out, content, v, tables.px, tables.py * g_h, one_minus_g.view(-1)
         )
+        # sum dO . P v = sum over (y, Y) of py o dpy: dpy's contraction already holds every other sum
+        dout_dot_positional = (tables.py * dpy).sum((1, 2))
+        d_pos_weight = pos_weight_grad(tables, g_dpx, g_h * dpy)
     else:
         v_hm, dout_hm = head_major(v, grid_h, acc), head_major(grad_out, grid_h, acc)
-        pt_dout, dpx, dpy = positional_backward(tables, dout_hm, v_hm)
-        g_dpx = g_h * dpx
+        axes = positional_axes(pos_weight, grid_h, grid_w)
+        pt_dout, dw, dout_dot_positional = positional_backward(axes, dout_hm, v_hm)
+        d_pos_weight = g.view(H, 1) * dw
         dout_dot_content = torch.linalg.vecdot(grad_out.to(acc), content.to(acc)).sum((0, 2))
         d_content = _bnhd_like(content, content.dtype)
         torch.mul(grad_out, one_minus_g, out=d_content.transpose(1, 2))
         dv = _bnhd_like(v, v.dtype)
         torch.mul(bhnd(pt_dout), g, out=dv.transpose(1, 2))
-    # d lambda = g (1 - g) sum dO . (P v - O_c) per head, where sum dO . P v = sum over (y, Y) of py o dpy
-    # (dpy's contraction already holds every other sum: no pass over the B x H x N x d tensors)
-    dout_dot_positional = (tables.py * dpy).sum((1, 2))
+    # d lambda = g (1 - g) sum dO . (P v - O_c) per head
     d_gating = (g * one_minus_g).view(H) * (dout_dot_positional - dout_dot_content)
-    d_pos_weight = pos_weight_grad(tables, g_dpx, g_h * dpy)
     return d_content, dv, d_pos_weight.to(pos_weight.dtype), d_gating.to(gating_param.dtype)
 
 
@@ -197,8 +192,8 @@ def sdpa_gpsa_decomposed(q, k, v, pos_weight, gating_param, grid_size: tuple[int
     the "sdpa" backend's math with the mix as torch ops that autograd differentiates. pos_bias cancels.
     """
     content = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    gated, one_minus_g = _gated_tables(None, pos_weight, gating_param, *grid_size, compute_dtype(v.dtype))
-    return _mix(content, v, gated, one_minus_g).to(v.dtype)
+    g, one_minus_g = gates(gating_param, compute_dtype(v.dtype))
+    return _mix(content, v, positional_axes(pos_weight, *grid_size, g), one_minus_g).to(v.dtype)
 
 
 register_backend(

@@ -14,12 +14,10 @@ import triton.language as tl
 
 from ... import settings
 from ...separable import (
-    AxisTables,
     apply_positional,
     bhnd,
     head_major,
-    pos_weight_grad,
-    positional_axis_probs,
+    positional_axes,
     positional_backward,
 )
 from .configs import INTERPRET, MAX_HEAD_DIM, TUNING_SPACE, fixed_config, tuned
@@ -180,8 +178,7 @@ def gpsa_forward(q, k, v, pos_weight, gating_param, grid_w: int, scale: float, p
     """(out, O_c, row_stats): the content branch in the kernel, g P v from the separable unit mixed in its epilogue."""
     grid_h = q.shape[2] // grid_w
     gates = _gates_table(gating_param)
-    px, py = positional_axis_probs(pos_weight, grid_h, grid_w, torch.float32)
-    gated = AxisTables(px, py * gates[:, 0].view(-1, 1, 1))  # g P = (g py) (x) px: the gate rides on a small table
+    gated = positional_axes(pos_weight.float(), grid_h, grid_w, gates[:, 0])  # g P = (g py) (x) px
     positional = bhnd(apply_positional(gated, head_major(v, grid_h, torch.float32)))  # g P v, fp32
     return attention_forward(q, k, v, scale, positional, gates, precision)
 
@@ -204,11 +201,10 @@ def gpsa_backward(
     content = content.transpose(1, 2)
 
     # The positional half on head-major fp32 copies: P^T dO, the tables' gradients, sum dO . P v.
-    tables = positional_axis_probs(pos_weight, grid_h, grid_w, torch.float32)
+    axes = positional_axes(pos_weight.float(), grid_h, grid_w)
     v_hm, dout_hm = head_major(v, grid_h, torch.float32), head_major(dout, grid_h, torch.float32)
-    pt_dout_hm, dpx, dpy = positional_backward(tables, dout_hm, v_hm)
-    d_pos_weight = pos_weight_grad(tables, g.view(H, 1, 1) * dpx, g.view(H, 1, 1) * dpy)
-    sum_delta_p = torch.linalg.vecdot(pt_dout_hm.flatten(1), v_hm.flatten(1))  # sum (P^T dO) . v = sum dO . P v
+    pt_dout_hm, dw, sum_delta_p = positional_backward(axes, dout_hm, v_hm)  # sum_delta_p: sum dO . P v per head
+    d_pos_weight = g.view(H, 1) * dw
     pt_dout = bhnd(pt_dout_hm)
 
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
