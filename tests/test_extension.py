@@ -23,14 +23,15 @@ def extension_loaded():
 
 
 # (B, H, N, d, grid_size): ConViT-Ti/S/B heads at N = 196, and uneven sizes; every
-# N of (1, 7, 50, 197, 576), d of (16, 40, 48, 64, 80) and H of (1, 3, 16) appears.
+# N of (1, 7, 50, 195, 576), d of (16, 40, 48, 64, 80) and H of (1, 3, 16) appears (a 197 x 1 strip
+# is beyond the whole tables these kernels take: tests/test_narrow_grids.py).
 CASES = [
     (2, 4, 196, 48, None),
     (1, 9, 196, 48, None),
     (1, 16, 196, 64, None),
     (3, 3, 7, 40, (1, 7)),
     (2, 16, 50, 16, (5, 10)),
-    (2, 1, 197, 80, (197, 1)),
+    (2, 1, 195, 80, (13, 15)),
     (1, 3, 576, 48, None),
     (2, 1, 50, 64, (10, 5)),
     (1, 3, 196, 48, (7, 28)),
