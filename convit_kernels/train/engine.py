@@ -61,8 +61,22 @@ def setup_runtime(config) -> Runtime:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend, store=attempt_store(rank, world_size), rank=rank, world_size=world_size)
     return Runtime(device, rank, world_size, local_rank)
+
+
+def attempt_store(rank: int, world_size: int):
+    """The rendezvous store under a prefix of torchrun's attempt; None (init's own env:// store) outside torchrun.
+
+    torchrun's agent store outlives a restart (--max-restarts): without the prefix the new attempt's ranks can
+    read the dead ranks' gloo addresses ("connection refused") or their barrier counts.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size))
+    return dist.PrefixStore(f"convit_kernels/attempt_{attempt}", store)
 
 
 def print_main(runtime: Runtime, *args) -> None:
