@@ -73,9 +73,12 @@ class Axis(NamedTuple):
     w_square: torch.Tensor  # H: its weight on the squared offset
     size: int
     scale: torch.Tensor | None = None  # H: a factor on the whole table (the gate rides on one axis), or None
+    table: torch.Tensor | None = None  # the whole table, made once where it fits (see positional_axes)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the table, H x (stop - start) x size: each a real softmax (max-subtracted)."""
+        if self.table is not None:
+            return self.table[:, start:stop]
         offsets = axis_offsets(self.size, self.w_linear.device, self.w_linear.dtype, start, stop)
         logits = self.w_linear[:, None, None] * offsets + self.w_square[:, None, None] * offsets * offsets
         probs = logits.softmax(-1)
@@ -95,11 +98,15 @@ class PositionalAxes(NamedTuple):
 def positional_axes(pos_weight: torch.Tensor, grid_h: int, grid_w: int, gate: torch.Tensor | None = None):
     """The two :class:`Axis` of every head's positional softmax, in pos_weight's accumulation dtype.
 
-    ``gate`` (H), if given, scales the row axis: the tables of g P = (g py) (x) px.
+    ``gate`` (H), if given, scales the row axis: the tables of g P = (g py) (x) px. Where the whole
+    tables fit, each is made here once (a call's contractions read it several times); else by blocks.
     """
     w = pos_weight.to(compute_dtype(pos_weight.dtype))
     scale = None if gate is None else gate.to(w.dtype).reshape(-1)
-    return PositionalAxes(Axis(w[:, 0], w[:, 2], grid_w), Axis(w[:, 1], w[:, 2], grid_h, scale))
+    axes = PositionalAxes(Axis(w[:, 0], w[:, 2], grid_w), Axis(w[:, 1], w[:, 2], grid_h, scale))
+    if not whole_tables_fit(grid_h, grid_w):
+        return axes
+    return PositionalAxes(*(axis._replace(table=axis.rows(0, axis.size)) for axis in axes))
 
 
 def positional_axis_probs(pos_weight: torch.Tensor, grid_h: int, grid_w: int, dtype=None) -> AxisTables:
