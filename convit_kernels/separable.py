@@ -5,8 +5,9 @@ the product of a softmax over key columns (``px``, H x W x W) and one over key r
 H x H_p x H_p). ``P v`` is then two small contractions on head-major H x H_p x W x B x d tensors
 (:func:`head_major`), each a batched GEMM; ``P^T x`` the same with the tables transposed; the
 tables' gradients go through each table's softmax to ``pos_weight`` (the bias cancels). The
-torch contractions make each table in blocks of rows (:class:`Axis`), so that no block holds
-more numbers than the tensor it multiplies: a 1 x 4096 grid never builds its 4096 x 4096 table.
+torch contractions make a table whole where both fit (:func:`whole_tables_fit`) and else in blocks
+of rows (:class:`Axis`) that hold no more numbers than the tensor they multiply: a 1 x 4096 grid
+never builds its 4096 x 4096 table.
 All in the accumulation dtype (:func:`compute_dtype`). docs/design.md ("The positional branch
 is separable") derives it; every backend that computes the positional branch apart uses this unit.
 """
