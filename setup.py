@@ -12,10 +12,14 @@ the part is then built with ninja on first use once a compiler is there.
 See csrc/build_config.py.
 """
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import os
+import re
 import shutil
+import sys
+import tempfile
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -48,6 +52,36 @@ class BuildPyWithSources(build_py):
         )
 
 
+@contextlib.contextmanager
+def _file_descriptors_to(file):
+    """Send file descriptors 1 and 2 (children's too) to ``file``; copy what it got to stdout afterwards."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(file.fileno(), 1)
+        os.dup2(file.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        file.seek(0)
+        sys.stdout.buffer.write(file.read())  # pip -v shows it as before
+        sys.stdout.flush()
+
+
+def _first_error(output, exc: Exception) -> str:
+    """The first compiler line that says "error" (nvcc's and gcc's "file(line): error: ..."), else the exception."""
+    output.seek(0)
+    for line in output.read().decode(errors="replace").splitlines():
+        if re.search(r"\berror\b", line, re.IGNORECASE) and "Error compiling objects" not in line:
+            return line.strip()[:400]
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
 def _extensions_and_commands():
     """The extension modules that can be built here, and the build commands; prints why a part is skipped."""
     cmdclass = {"build_py": BuildPyWithSources}
@@ -64,13 +98,14 @@ def _extensions_and_commands():
     if cuda_home is not None:  # the toolkit torch's helpers use (they found theirs at import, maybe another)
         cpp_extension.CUDA_HOME = cuda_home
 
-    class BuildExtensionOrSkip(BuildExtension.with_options(use_ninja=True)):
+    # Not BuildExtension.with_options(use_ninja=True): ninja is its default, and setuptools 77's Command
+    # refuses the extra keyword that with_options hands down.
+    class BuildExtensionOrSkip(BuildExtension):
         """torch's BuildExtension, but a part that fails to compile is skipped (one line) instead of failing."""
 
         def build_extensions(self):
-            self._skipped = set()
             super().build_extensions()
-            self.extensions = [ext for ext in self.extensions if ext.name not in self._skipped]
+            self.extensions = [ext for ext in self.extensions if self._why_not_built.get(ext.name) is None]
 
         def copy_extensions_to_source(self):
             """--inplace: also remove a part's file with another suffix, which Python would import first.
@@ -88,12 +123,32 @@ def _extensions_and_commands():
             super().copy_extensions_to_source()
 
         def build_extension(self, ext):
-            try:
-                super().build_extension(ext)
-            except Exception as exc:  # a compiler error, a missing header, a killed nvcc
-                reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                _say(f"not building {ext.name}: the compile failed ({reason}); it is built on first use instead")
-                self._skipped.add(ext.name)
+            with tempfile.TemporaryFile() as output:
+                try:
+                    with _file_descriptors_to(output):  # the compilers' output, which torch's ninja run prints
+                        super().build_extension(ext)
+                    self._why_not_built[ext.name] = None
+                except Exception as exc:  # a compiler error, a missing header, a killed nvcc
+                    self._why_not_built[ext.name] = f"the compile failed: {_first_error(output, exc)}"
+
+        def run(self):
+            self._why_not_built = {} if why_not_cuda is None else {"convit_kernels._C_cuda": why_not_cuda}
+            super().run()
+            # After run: with --inplace (editable installs) the parts' paths are now the source package's.
+            for module, reason in self._why_not_built.items():
+                if reason is not None:
+                    _say(f"not building {module}: {reason}; it is built on first use instead")
+                self._note(module, reason)
+
+        def _note(self, module, reason):
+            """Write (or, once built, remove) the note `convit-kernels backends` reads: why a part is missing."""
+            note = config.not_built_note(os.path.dirname(self.get_ext_fullpath(module)), module)
+            if os.path.lexists(note):
+                os.remove(note)  # stale, or a link planted in its place: never written through
+            if reason is not None:
+                os.makedirs(os.path.dirname(note), exist_ok=True)
+                with open(note, "x") as f:
+                    f.write(reason + "\n")
 
     cmdclass["build_ext"] = BuildExtensionOrSkip
 
@@ -123,8 +178,6 @@ def _extensions_and_commands():
                 py_limited_api=True,
             )
         )
-    else:
-        _say(f"not building the CUDA part: {why_not_cuda}")
     cmdclass["build_ext"] = BuildExtensionOrSkip
     return ext_modules, cmdclass
 

@@ -37,7 +37,9 @@ def define_op_pair(
     backward_op.register_fake(backward_fake)
 
     def autograd_backward(ctx, *grad_outputs):
-        return gradients(ctx, backward_op, *grad_outputs)
+        # One gradient per input the call passed: the dispatcher drops trailing arguments equal to their
+        # defaults, and torch 2.11 wants no gradient for them (later torch takes either count).
+        return gradients(ctx, backward_op, *grad_outputs)[: len(ctx.needs_input_grad)]
 
     forward_op.register_autograd(autograd_backward, setup_context=setup_context)
     return forward_op, backward_op

@@ -19,7 +19,7 @@ import re
 
 import torch
 
-__all__ = ["load_cpu", "load_cuda", "import_built", "build_tag", "build_config", "describe"]
+__all__ = ["load_cpu", "load_cuda", "import_built", "build_tag", "build_config", "why_not_built", "describe"]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
@@ -172,13 +172,26 @@ def load_cuda() -> str | None:
     return problem
 
 
+def why_not_built(module: str) -> str:
+    """Why the install did not build ``module``, as setup.py noted it beside the package (or that it noted none)."""
+    note = build_config().not_built_note(_PACKAGE, module)
+    try:
+        with open(note) as f:
+            return f.read().strip() or "(the install's note is empty)"
+    except OSError:
+        return "the install left no note (built from an sdist or wheel without it, or not installed with pip)"
+
+
 def describe() -> list[str]:
     """One line per part of the extension: which file, built for which torch and ABI (for `convit-kernels backends`)."""
     lines = []
     for module, what in (("convit_kernels._C", "CPU part"), ("convit_kernels._C_cuda", "CUDA part")):
         spec = importlib.util.find_spec(module)
         if spec is None or spec.origin is None:
-            lines.append(f"{what}: not built at install; built with ninja on first use (sources: {_CSRC})")
+            lines.append(
+                f"{what}: not built at install ({why_not_built(module)}); built with ninja on first use "
+                f"(sources: {_CSRC})"
+            )
             continue
         tag = build_tag(spec.origin) or {}
         abi = (

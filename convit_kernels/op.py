@@ -88,6 +88,13 @@ def _is_positive_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0
 
 
+@torch.compiler.assume_constant_result
+def _has_autocast(device_type: str) -> bool:
+    """Whether autocast exists for a device type: a constant of the device type, which torch 2.11's Dynamo
+    cannot trace (torch._C._is_autocast_available is marked skipped there)."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q, k, v in the autocast dtype where autocast is on for their device, else as they are.
 
@@ -95,7 +102,7 @@ def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     and float32 (never float64) to its dtype: casting here makes every backend return that dtype.
     """
     device_type = q.device.type
-    if q.dtype == torch.float64 or not torch.amp.is_autocast_available(device_type):
+    if q.dtype == torch.float64 or not _has_autocast(device_type):
         return q, k, v
     if not torch.is_autocast_enabled(device_type):
         return q, k, v

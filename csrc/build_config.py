@@ -37,6 +37,15 @@ import warnings
 CSRC = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = [os.path.join(CSRC, "cpu", "gpsa_cpu.cpp"), os.path.join(CSRC, "cpu", "positional_mix_cpu.cpp")]
 CUDA_SOURCES = [os.path.join(CSRC, "cuda", "gpsa_cuda.cu")]
+# Beside where a part's file would be: why the install did not build it (read by `convit-kernels backends`).
+NOT_BUILT_SUFFIX = ".not-built.txt"
+
+
+def not_built_note(package_dir: str, module: str) -> str:
+    """The path of the note that says why ``module`` (e.g. "convit_kernels._C_cuda") was not built."""
+    return os.path.join(package_dir, module.rpartition(".")[2] + NOT_BUILT_SUFFIX)
+
+
 DEFAULT_CUDA_ARCHS = "7.0;7.5;8.0;8.6;9.0"
 # The oldest torch both parts (stable ABI) load on: torch::stable::parallel_for, empty(), sum() and
 # STD_CUDA_KERNEL_LAUNCH_CHECK came in 2.10.

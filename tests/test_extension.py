@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from convit_kernels import available_backends, gpsa_attention
-from convit_kernels.extension_loader import build_config, build_tag, load_cpu, load_cuda
+from convit_kernels.extension_loader import build_config, build_tag, load_cpu, load_cuda, why_not_built
 
 from gpsa_cases import PARAM_NAMES, assert_matches_reference, make_inputs, max_error, outputs_and_grads, upcast
 
@@ -197,6 +197,9 @@ def test_cuda_part_built_for_every_architecture():
     config, home = _cuda_toolkit()
     if home is None:
         pytest.skip("no CUDA toolkit here, or CONVIT_KERNELS_NO_CUDA is set")
+    # torch has CUDA and nvcc is here: the install must have built the part (a first-use build would hide it).
+    spec = importlib.util.find_spec("convit_kernels._C_cuda")
+    assert spec is not None, f"the CUDA part was not built at install: {why_not_built('convit_kernels._C_cuda')}"
     assert load_cuda() is None, load_cuda()  # the built part loads, GPU or not
     if not torch.cuda.is_available():
         assert available_backends()["cuda"].reason == "the CUDA part is built, but there is no CUDA device"

@@ -31,6 +31,13 @@ VARIANTS = [
 VARIANT_IDS = [v[0] for v in VARIANTS]
 NUM_GPSA = 10  # convit_tiny: local_up_to_layer=10
 
+# timm's test_model_forward_intermediates / features_only run on models that have them; ConViT has them
+# from timm 1.0.31 on (earlier releases raise "features_only not implemented").
+needs_timm_features = pytest.mark.skipif(
+    not hasattr(timm.models.convit.ConVit, "forward_intermediates"),
+    reason=f"timm {timm.__version__}'s ConVit has no forward_intermediates / features_only (timm >= 1.0.31)",
+)
+
 # TorchScript is what timm tests here, deprecated or not.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 
@@ -152,6 +159,7 @@ def test_torchscript_runs_the_fused_op(monkeypatch, variant, input_size, stock_r
 
 
 @pytest.mark.parametrize("variant,input_size", [v[1:3] for v in VARIANTS], ids=VARIANT_IDS)
+@needs_timm_features
 def test_features_only(monkeypatch, variant, input_size):
     model = _create(variant, features_only=True).eval()
     channels, reductions = model.feature_info.channels(), model.feature_info.reduction()
@@ -168,6 +176,7 @@ def test_features_only(monkeypatch, variant, input_size):
 
 
 @pytest.mark.parametrize("variant,input_size", [v[1:3] for v in VARIANTS], ids=VARIANT_IDS)
+@needs_timm_features
 def test_forward_intermediates(variant, input_size):
     model = _create(variant).eval()
     info = FeatureInfo(model.feature_info, len(model.feature_info))

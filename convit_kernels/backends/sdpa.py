@@ -179,9 +179,17 @@ positional_mix, positional_mix_bwd = define_op_pair(
 )
 
 
+def _content_attention(q, k, v, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T) v by SDPA; an empty input by plain matmuls (torch 2.11's CPU SDPA with zero heads
+    divides by zero: SIGFPE, the process dies)."""
+    if q.numel() == 0:
+        return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def sdpa_gpsa(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int, int], scale: float) -> torch.Tensor:
     """GPSA as SDPA's content attention mixed with the separable positional branch; B x H x N x d view."""
-    content = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    content = _content_attention(q, k, v, scale)
     return positional_mix(content, v, pos_weight, pos_bias, gating_param, grid_size[1]).transpose(1, 2)
 
 
@@ -191,7 +199,7 @@ def sdpa_gpsa_decomposed(q, k, v, pos_weight, gating_param, grid_size: tuple[int
     What :func:`gpsa_attention` runs while an ONNX exporter traces it (:func:`convit_kernels.fused_op.attention`):
     the "sdpa" backend's math with the mix as torch ops that autograd differentiates. pos_bias cancels.
     """
-    content = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    content = _content_attention(q, k, v, scale)
     g, one_minus_g = gates(gating_param, compute_dtype(v.dtype))
     return _mix(content, v, positional_axes(pos_weight, *grid_size, g), one_minus_g).to(v.dtype)
 

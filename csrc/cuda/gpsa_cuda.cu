@@ -37,6 +37,8 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
+// TORCH_ERROR_CODE_CHECK: header-only in every torch from 2.10 (torch 2.11 has no STABLE_TORCH_ERROR_CODE_CHECK).
+#include <torch/headeronly/util/shim_utils.h>
 
 #include <tuple>
 #include <vector>
@@ -473,7 +475,7 @@ dim3 tile_grid(const GpsaSizes& s) {
 // The current CUDA stream of the device of q (the guard has made it the current device).
 cudaStream_t current_stream(const Tensor& q) {
   void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(q.get_device_index(), &stream));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(q.get_device_index(), &stream));
   return static_cast<cudaStream_t>(stream);
 }
 

@@ -9,10 +9,11 @@ was set before import (tests).
 from __future__ import annotations
 
 import torch
+import triton
 
 from .. import HALF_AND_FLOAT, Backend, register_backend
 from .configs import INTERPRET, MAX_HEAD_DIM
-from .launch import dot_precision, gpsa_backward, gpsa_forward
+from .launch import dot_precision, gpsa_backward, gpsa_forward, interpreter_runs_loops
 
 __all__ = ["INTERPRET"]
 
@@ -35,7 +36,16 @@ def _state_like(q: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _unavailable() -> str | None:
-    if INTERPRET or torch.cuda.is_available():
+    if INTERPRET:
+        if interpreter_runs_loops():
+            return None
+        import numpy  # the interpreter's own dependency
+
+        return (
+            f"triton {triton.__version__}'s interpreter cannot run a loop over N beside numpy {numpy.__version__} "
+            "(it takes int() of a 1-element array, which numpy >= 2.4 refuses): use numpy < 2.4 or triton >= 3.8"
+        )
+    if torch.cuda.is_available():
         return None
     return (
         "no CUDA GPU here (set TRITON_INTERPRET=1 before import to run the kernels on CPU tensors "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["KERNELS", "EVEN_FLAGS", "LOG2E"]
+__all__ = ["KERNELS", "EVEN_FLAGS", "LOG2E", "runtime_loop_probe"]
 
 LOG2E = 1.4426950408889634  # logits are scaled by scale * log2(e) so that the kernels use exp2
 
@@ -367,6 +367,15 @@ def _bwd_dq_kernel(
     one_minus_g = tl.load(GATES + 2 * h + 1)
     d_ptrs = DQ + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :] * stride_dd
     _store(d_ptrs, dq * (inv_sum[:, None] * (scale * one_minus_g)), rows_ok, dims_ok, HEAD_DIM != BLOCK_D)
+
+
+@triton.jit
+def runtime_loop_probe(OUT, N):
+    """OUT = N, counted by a loop whose bound is a runtime argument, as every kernel above loops over N."""
+    count = 0
+    for _ in range(0, N):
+        count += 1
+    tl.store(OUT, count)
 
 
 # The kernels by name: aot compiles each ("fwd" also as its GPSA-free twin).

@@ -7,6 +7,7 @@ also runs the GPSA-free twin (plain attention), the yardstick of `convit-kernels
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -21,7 +22,7 @@ from ...separable import (
     positional_backward,
 )
 from .configs import INTERPRET, MAX_HEAD_DIM, TUNING_SPACE, fixed_config, tuned
-from .kernels import EVEN_FLAGS, KERNELS, LOG2E
+from .kernels import EVEN_FLAGS, KERNELS, LOG2E, runtime_loop_probe
 
 __all__ = [
     "gpsa_forward",
@@ -32,6 +33,7 @@ __all__ = [
     "head_dims",
     "tf32_split",
     "autotune_enabled",
+    "interpreter_runs_loops",
 ]
 
 
@@ -83,6 +85,21 @@ def _arch(device: torch.device) -> int:
 def autotune_enabled() -> bool:
     """Compiled kernels autotune unless CONVIT_KERNELS_TRITON_AUTOTUNE is off; interpreted ones never do."""
     return not INTERPRET and settings.enabled("CONVIT_KERNELS_TRITON_AUTOTUNE")
+
+
+@functools.cache
+def interpreter_runs_loops() -> bool:
+    """Whether Triton's interpreter runs a loop with a runtime bound here.
+
+    triton 3.6's interpreter takes int() of the bound's 1-element array, which numpy 2.4 refuses
+    (TypeError); triton 3.8's squeezes it first. Asked once, by running a one-program kernel.
+    """
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        runtime_loop_probe[(1,)](out, 3)
+    except Exception:  # the interpreter's own error types change between releases
+        return False
+    return int(out) == 3
 
 
 def _launch(kernel_name, grid, q, args, **constexprs):
