@@ -8,7 +8,6 @@ scikit-learn, so no download) stand in, upscaled to the input size.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -20,8 +19,6 @@ from torchvision.transforms import v2
 
 from .errors import TrainError, UnreadableImage
 
-# The Pillow requirements.txt pins: the last one tested with the RandAugment of the recipe (see check_augmentation).
-PINNED_PILLOW = "12.3.0"
 # Digits: 1797 images; a fixed, stratified fifth is the validation split.
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -170,7 +167,7 @@ def train_transform(input_size: int, recipe):
     """DeiT/ConViT's training transform through timm: random resized crop, flip, RandAugment, erasing."""
     from timm.data import create_transform
 
-    return create_transform(
+    transform = create_transform(
         input_size,
         is_training=True,
         no_aug=not recipe.augment,
@@ -181,6 +178,10 @@ def train_transform(input_size: int, recipe):
         re_mode="pixel",
         re_count=1,
     )
+    for op in _augment_ops(transform):
+        if "Posterize" in op.name:
+            op.aug_fn = posterize_any_bits
+    return transform
 
 
 def _augment_ops(transform) -> list:
@@ -192,50 +193,31 @@ def _augment_ops(transform) -> list:
     return ops
 
 
-def _posterize_bits(op) -> tuple:
-    """The fewest and the most bits a timm posterize op keeps, over the magnitudes it can draw."""
-    upper = op.magnitude_max or 10  # timm's _LEVEL_DENOM: AugmentOp clips magnitudes to [0, upper]
-    fixed = max(0.0, min(op.magnitude, upper))
-    # magnitude_std > 0 draws from a Gaussian (clipped: any magnitude in [0, upper]), inf from U(0, magnitude)
-    low, high = (fixed, fixed) if op.magnitude_std <= 0 else (0.0, fixed if math.isinf(op.magnitude_std) else upper)
-    bits = [op.level_fn(level, op.hparams)[0] for level in (low, high)]  # monotonic in the magnitude
-    return min(bits), max(bits)
+def posterize_any_bits(image, bits_to_keep: int, **_):
+    """timm's posterize, 0 bits included, on every Pillow.
 
-
-def pillow_posterizes_to_zero_bits() -> bool:
-    """Whether the installed Pillow posterizes to 0 bits (Pillow 12 does, keeping no bit: black; 13 refuses)."""
+    The recipe's rand-m9-mstd0.5-inc1 draws magnitudes up to 10, where its increasing posterize keeps 0 bits:
+    Pillow 12 returns an image of zeros, Pillow 13 refuses (mid-epoch). Here both give Pillow 12's image.
+    """
     from PIL import Image, ImageOps
 
-    try:
-        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
-    except Exception:
-        return False
-    return True
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
 
 
 def check_augmentation(recipe) -> None:
-    """Before any work: the installed Pillow runs every posterize the --auto-augment policy can draw.
-
-    The recipe's rand-m9-mstd0.5-inc1 draws magnitudes up to 10, where its increasing posterize keeps 0 bits;
-    a Pillow that refuses that would stop the run at the first such draw, hours into an epoch.
-    """
+    """Before any work: --auto-augment is a policy timm can parse (it raises mid-setup otherwise)."""
     if not (recipe.augment and recipe.auto_augment):
         return
     try:
-        transform = train_transform(32, recipe)
+        train_transform(32, recipe)
     except Exception as error:  # timm's parser raises assertion and key errors on a malformed spec
         raise TrainError(
             f"--auto-augment {recipe.auto_augment!r} is not a timm policy: {type(error).__name__}: {error}"
         ) from None
-    fewest = min((_posterize_bits(op)[0] for op in _augment_ops(transform) if "Posterize" in op.name), default=8)
-    if fewest < 1 and not pillow_posterizes_to_zero_bits():
-        import PIL
-
-        raise TrainError(
-            f"--auto-augment {recipe.auto_augment} can posterize to {fewest} bits, which the installed Pillow "
-            f"{PIL.__version__} refuses: install the tested pillow=={PINNED_PILLOW} (requirements.txt), "
-            f"or choose another --auto-augment ('' for none)"
-        )
 
 
 def image_folder(root: str, input_size: int, recipe) -> DataBundle:
