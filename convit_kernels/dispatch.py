@@ -39,6 +39,7 @@ __all__ = [
     "verdicts",
     "run_check",
     "check_and_store",
+    "stored_combinations",
     "store_verdicts",
     "describe",
 ]
@@ -339,17 +340,27 @@ STORED_HEAD_DIMS = (48, 64)
 STORED_GRIDS = ((14, 14), (24, 24))
 
 
+def stored_combinations(device: torch.device) -> list[tuple[str, torch.dtype, int, int, int]]:
+    """(backend, dtype, head dim, tokens, grid width) of each combination `verify-kernels` checks on ``device``.
+
+    `convit-kernels gpu-check` runs these in parallel processes first, to fill Triton's cache.
+    """
+    return [
+        (name, dtype, head_dim, grid_h * grid_w, grid_w)
+        for name in CHECKED_BACKENDS
+        for dtype in STORED_DTYPES
+        for head_dim in STORED_HEAD_DIMS
+        if not not_supported_reasons(name, device, dtype, head_dim)
+        for grid_h, grid_w in STORED_GRIDS
+    ]
+
+
 def check_and_store(device: torch.device) -> dict[Combination, Verdict]:
     """Verify every checked backend that runs on ``device`` at the stored combinations; write the verdict file."""
     found = {}
-    for name in CHECKED_BACKENDS:
-        for dtype in STORED_DTYPES:
-            for head_dim in STORED_HEAD_DIMS:
-                if not_supported_reasons(name, device, dtype, head_dim):
-                    continue
-                for grid_h, grid_w in STORED_GRIDS:
-                    combination = _combination(name, device, dtype, head_dim, grid_h * grid_w, grid_w)
-                    found[combination] = _verdict(combination, device, dtype)
+    for name, dtype, head_dim, tokens, grid_w in stored_combinations(device):
+        combination = _combination(name, device, dtype, head_dim, tokens, grid_w)
+        found[combination] = _verdict(combination, device, dtype)
     if found:
         store_verdicts(device_name(device), found)
     return found

@@ -1,5 +1,6 @@
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -10,6 +11,16 @@ import torch
 # replayed. Each test session compiles into a folder of its own.
 INDUCTOR_CACHE = tempfile.mkdtemp(prefix="convit-kernels-inductor-")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", INDUCTOR_CACHE)
+
+
+@pytest.fixture(autouse=True)
+def tensorboard_as_not_installed(monkeypatch):
+    """In this process a run writes what it writes without the optional tensorboard package, installed or not.
+
+    A training run's default writes TensorBoard scalars where the package is installed; the tests that are
+    about it put a package of their own (or the real one) in its place.
+    """
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
 
 
 def pytest_sessionfinish(session, exitstatus):
