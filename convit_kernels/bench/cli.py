@@ -231,7 +231,7 @@ def _report(out: str, stem: str, meta: dict, records, columns, extra_tables=(), 
     write_json(f"{out}/{stem}.json", meta, records)
     plot(f"{out}/{stem}.png", records, **plot_args)
     print(f"\nwrote {out}/{stem}.json, {stem}.md, {stem}.png", file=sys.stderr)
-    refused = sorted({r.get("implementation", r.get("variant")) for r in records if r["status"] != "ok"})
+    refused = sorted({r.get("implementation", r.get("variant")) for r in records if r["status"].startswith("refused")})
     if refused:
         print(f"refused to time (wrong results): {', '.join(refused)}", file=sys.stderr)
         return 1

@@ -36,6 +36,7 @@ class Implementation:
     core: Factory
     module: Factory
     gated: bool = True
+    why_not: Callable[[torch.device], str | None] = lambda device: None  # why it cannot run on a device
 
     def build(self, problem: Problem) -> Callable[[], torch.Tensor]:
         return getattr(self, problem.workload.level)(problem)
@@ -88,6 +89,14 @@ def _floor_module(p: Problem):
     return partial(gpsa_layer_forward, p.layer, *p.args, partial(plain_attention, scale=p.scale))
 
 
+def _compiled_why_not(device: torch.device) -> str | None:
+    # The process aborts (double free, heap corruption) in the fused softmax-backward C++ kernel Inductor writes
+    # for timm's GPSA on torch 2.11 (2.14 runs it; 2.12 and 2.13 untested), like pytorch/pytorch#181618.
+    if device.type == "cpu" and torch.__version__ < "2.14":
+        return f"torch {torch.__version__}'s Inductor C++ backward of timm's GPSA corrupts the heap (2.14 runs it)"
+    return None
+
+
 def _compiled_core(p: Problem):
     torch._dynamo.reset()  # one workload's graphs at a time: no recompile limit, no stale guards
     return partial(torch.compile(gpsa_reference, dynamic=False), *p.args, p.grid, p.scale)
@@ -122,7 +131,9 @@ BASELINES = {
         Implementation(
             "sdpa-dense", "(1-g) SDPA(q,k,v) + g P v, dense P built once per call", _sdpa_dense_core, _sdpa_dense_module
         ),
-        Implementation("timm-compiled", "torch.compile of timm's GPSA", _compiled_core, _compiled_module),
+        Implementation(
+            "timm-compiled", "torch.compile of timm's GPSA", _compiled_core, _compiled_module, why_not=_compiled_why_not
+        ),
         Implementation(
             FLOOR,
             "plain SDPA(q,k,v), no positional branch (not GPSA: the floor)",

@@ -81,8 +81,13 @@ class Microbench:
         same_precision = evaluate(reference.build(problem), problem, backward)
         names = ["out"] + problem.leaf_names
 
-        passing, refused = {}, {}
+        passing, refused, not_run = {}, {}, {}
         for name, impl in self.implementations(workload).items():
+            why_not = impl.why_not(workload.device)
+            if why_not is not None:
+                not_run[name] = why_not
+                advance(1)
+                continue
             fn = impl.build(problem)
             problem_found = None
             if impl.gated:
@@ -145,4 +150,6 @@ class Microbench:
                     )
                 for name, why in refused.items():
                     records.append({**base, "implementation": name, "status": f"refused: {why}"})
+                for name, why in not_run.items():
+                    records.append({**base, "implementation": name, "status": f"not run: {why}"})
         return records
