@@ -21,10 +21,19 @@ import shutil
 import sys
 import tempfile
 
+import setuptools
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# pyproject.toml's SPDX `license` field: older setuptools stop on it with a schema error (--no-build-isolation
+# uses the installed one).
+MIN_SETUPTOOLS = (77, 0)
+if tuple(int(part) for part in re.findall(r"\d+", setuptools.__version__)[:2]) < MIN_SETUPTOOLS:
+    sys.exit(
+        f"convit-kernels: setuptools {setuptools.__version__} is too old to read pyproject.toml; "
+        f"pip install 'setuptools>={MIN_SETUPTOOLS[0]}' first"
+    )
 
 
 def _say(message: str) -> None:

@@ -141,6 +141,14 @@ def _load(module: str, jit_name: str, cuda: bool) -> str | None:
     built_error = import_built(module)
     if built_error is None:
         return None
+    note = _install_note(module)
+    if note is not None and note.startswith("the compile failed"):
+        # The same sources would fail the same way in every process that asks for the part (minutes each).
+        return (
+            f"{built_error}: at install {note}; it is not built again on first use: fix that and reinstall "
+            "(pip install --no-build-isolation -e . in a checkout, or pip install --force-reinstall --no-deps "
+            "convit-kernels)"
+        )
     try:
         _jit_build(jit_name, cuda)
         return None
@@ -172,14 +180,18 @@ def load_cuda() -> str | None:
     return problem
 
 
-def why_not_built(module: str) -> str:
-    """Why the install did not build ``module``, as setup.py noted it beside the package (or that it noted none)."""
-    note = build_config().not_built_note(_PACKAGE, module)
+def _install_note(module: str) -> str | None:
+    """What setup.py noted beside the package on why it did not build ``module``; None when it noted nothing."""
     try:
-        with open(note) as f:
+        with open(build_config().not_built_note(_PACKAGE, module)) as f:
             return f.read().strip() or "(the install's note is empty)"
     except OSError:
-        return "the install left no note (built from an sdist or wheel without it, or not installed with pip)"
+        return None
+
+
+def why_not_built(module: str) -> str:
+    """Why the install did not build ``module``, as setup.py noted it (or that it noted nothing)."""
+    return _install_note(module) or "the install left no note (not installed with pip from these sources)"
 
 
 def describe() -> list[str]:

@@ -278,3 +278,21 @@ def test_cuda_deterministic():
     first, again = _run_ext(inputs), _run_ext(inputs)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
+
+
+def test_a_part_whose_install_compile_failed_is_not_built_again_in_each_process(tmp_path, monkeypatch):
+    from convit_kernels import extension_loader
+
+    monkeypatch.setattr(extension_loader, "_PACKAGE", str(tmp_path))
+    monkeypatch.setattr(extension_loader, "_jit_build", lambda *args: pytest.fail("built again on first use"))
+    module = "convit_kernels._C_never_built"
+    note = build_config().not_built_note(str(tmp_path), module)
+    with open(note, "w") as f:
+        f.write("the compile failed: gpsa_cuda.cu(476): error: identifier X is undefined\n")
+    problem = extension_loader._load(module, "never_built", cuda=True)
+    assert "gpsa_cuda.cu(476): error: identifier X is undefined" in problem and "not built again" in problem
+    assert why_not_built(module).startswith("the compile failed: gpsa_cuda.cu(476)")
+    os.remove(note)  # no note (an install without a compiler): the first use builds it
+    monkeypatch.setattr(extension_loader, "_jit_build", lambda *args: None)
+    assert extension_loader._load(module, "never_built", cuda=True) is None
+    assert why_not_built(module).startswith("the install left no note")
