@@ -149,6 +149,34 @@ def saturated_inputs(dtype, B=2, H=4, N=49, d=16):
     return [t.detach().requires_grad_() for t in (q, k, v, *params)]
 
 
+def logit_recompute_bounds(inputs, dot_terms: int, grad_seed=1) -> dict[str, torch.Tensor]:
+    """How far q, k and v's gradients may move, elementwise, when a backward recomputes the content logits with
+    other roundings than its forward (another BLAS kernel, tile shape or MMA order): the error model's share.
+
+    Each pass computes s_ij = q_i . k_j from ``dot_terms`` fp32 roundings at most (d; d + 2 under 3xTF32's three
+    products), so the two differ by |D_ij| <= 2 n u (|q| |k|^T)_ij with u = 2^-23 (rounding or truncating
+    accumulation, as tensor cores may). The backward's weights P' = P exp(scale D), taken against the forward's
+    row maximum and sum, move by E P with E = expm1(scale |D|): dv by (E P)^T |dO_c|, dS = P (dP - delta) by
+    E P |dP - delta|, dq by scale (E P |dP - delta|) |k| and dk by its transpose times |q|. The same bound holds
+    on any BLAS and on a GPU; pos_weight, pos_bias and the gate read the forward's O_c, not recomputed weights.
+    """
+    q, k, v, _, _, gating_param = (t.detach().double() for t in inputs)
+    scale = q.shape[-1] ** -0.5
+    d_max = 2 * dot_terms * 2.0**-23 * (q.abs() @ k.abs().transpose(-2, -1))
+    probs = torch.softmax(scale * (q @ k.transpose(-2, -1)), dim=-1)
+    moved = torch.expm1(scale * d_max) * probs
+    one_minus_g = torch.sigmoid(-gating_param).view(1, -1, 1, 1)
+    d_content = one_minus_g * projection_weight(q.shape, grad_seed).double()  # dO of (out * weight).sum()
+    d_probs = d_content @ v.transpose(-2, -1)
+    delta = (d_content * (probs @ v)).sum(-1, keepdim=True)
+    moved_ds = moved * (d_probs - delta).abs()
+    return {
+        "q": scale * moved_ds @ k.abs(),
+        "k": scale * moved_ds.transpose(-2, -1) @ q.abs(),
+        "v": moved.transpose(-2, -1) @ d_content.abs(),
+    }
+
+
 def assert_saturated_matches_reference(inputs, **kwargs):
     """A saturated content softmax (saturated_inputs) against the fp64 reference.
 
