@@ -16,6 +16,7 @@ LAYERS = {
     "kernels": (
         "_version",
         "settings",
+        "files",
         "reference",
         "separable",
         "accuracy",

@@ -365,3 +365,27 @@ def test_a_killed_rank_under_max_restarts_ends_with_the_weights_of_one_node(tmp_
     assert log == [1, 2, 3]
     restarted = torch.load(tmp_path / "k" / "checkpoint.pth", weights_only=True)["model"]
     assert all(torch.equal(restarted[key], value) for key, value in expected.items())
+
+
+def test_a_lock_planted_as_a_link_is_refused_and_its_target_untouched(tmp_path, capsys):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / output.LOCK).symlink_to(victim)
+    assert main([*TINY, *ONE_STEP, "--output-dir", str(out)]) == 2
+    one_error_line(capsys, f"{output.LOCK} is a symbolic link")
+    assert victim.read_bytes() == b"someone else's" and os.listdir(out) == [output.LOCK]
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_naming_the_record(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*TINY, *ONE_STEP, "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    last = out / "checkpoint.pth"
+    data = bytearray(last.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(4096)  # 4 KiB overwritten inside the tensors' records
+    last.write_bytes(bytes(data))
+    assert main([*TINY, "--eval", "--resume", str(last)]) == 2
+    one_error_line(capsys, "fails its CRC-32 check")

@@ -18,6 +18,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from .. import files
 from .implementations import BASELINES, FLOOR, fused_backends, implementations
 from .models import default_model_batch, model_steps, run_models
 from .report import (
@@ -226,8 +227,7 @@ def _run_models(args, device, threads, meta) -> int:
 def _report(out: str, stem: str, meta: dict, records, columns, extra_tables=(), **plot_args) -> int:
     table = "\n\n".join([markdown_table(records, columns)] + [f"{title}\n\n{t}" for title, t in extra_tables])
     print(table)
-    with open(f"{out}/{stem}.md", "w") as f:
-        f.write(table + "\n")
+    files.write_text(f"{out}/{stem}.md", table + "\n")
     write_json(f"{out}/{stem}.json", meta, records)
     plot(f"{out}/{stem}.png", records, **plot_args)
     print(f"\nwrote {out}/{stem}.json, {stem}.md, {stem}.png", file=sys.stderr)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Sequence
+
+from .. import files
 
 # (header, record -> cell text). Records are flat dicts; a missing figure prints as "-".
 Column = tuple[str, Callable[[dict], str]]
@@ -112,15 +115,12 @@ def markdown_table(records: Sequence[dict], columns: Sequence[Column]) -> str:
 def check_writable(folder: str) -> None:
     """Create ``folder`` and prove a file can be written there; raises OSError with the reason."""
     os.makedirs(folder, exist_ok=True)
-    probe = os.path.join(folder, ".bench-write-test")
-    with open(probe, "w"):
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".bench-write-test."):  # O_EXCL: a name of its own
         pass
-    os.remove(probe)
 
 
 def write_json(path: str, meta: dict, records: Sequence[dict]) -> None:
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "results": list(records)}, f, indent=2)
+    files.write_text(path, json.dumps({"meta": meta, "results": list(records)}, indent=2))
 
 
 def plot(
@@ -163,5 +163,6 @@ def plot(
         if bars:
             ax.legend(fontsize=7, ncol=min(5, len(bars)), loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with files.replacing(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)

@@ -32,6 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .. import files
+
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -397,10 +399,7 @@ def plan(args) -> list:
 
 def write_json(path: str, value) -> None:
     """Atomically: a stopped experiment never leaves a half-written file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(value, indent=1))
 
 
 def open_out(args) -> dict:
@@ -672,7 +671,8 @@ def plot(args, summary: dict, path: str) -> None:
         if ax.lines:
             ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with files.replacing(path) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -742,8 +742,7 @@ def run(args) -> int:
     summary["settings"] = {key: getattr(args, key) for key in SETTINGS}
     write_json(os.path.join(args.out, "results.json"), summary)
     table = markdown(args, summary)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
+    files.write_text(os.path.join(args.out, "results.md"), table)
     plot(args, summary, os.path.join(args.out, "sample_efficiency.png"))
     print("\n" + table)
     print(f"results: {args.out}/results.json, results.md, sample_efficiency.png; every run's log in {args.out}/runs/")

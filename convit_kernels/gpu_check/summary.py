@@ -11,6 +11,8 @@ import json
 import os
 import tarfile
 
+from .. import files
+
 __all__ = ["summarise_bench", "summarise_models", "markdown", "write_outputs", "OUTPUTS", "NOMINAL_PEAKS"]
 
 OUTPUTS = ("gpu-check.md", "gpu-check.json", "logs.tar.gz")
@@ -132,9 +134,7 @@ def write_outputs(out: str, report: dict, work: str, bench_dirs: list[str]) -> N
         "models": summarise_models(_records(os.path.join(work, "models", "models.json"))),
     }
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "gpu-check.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out, "gpu-check.md"), "w") as f:
-        f.write(markdown(report))
-    with tarfile.open(os.path.join(out, "logs.tar.gz"), "w:gz") as archive:
+    files.write_text(os.path.join(out, "gpu-check.json"), json.dumps(report, indent=1))
+    files.write_text(os.path.join(out, "gpu-check.md"), markdown(report))
+    with files.replacing(os.path.join(out, "logs.tar.gz")) as f, tarfile.open(fileobj=f, mode="w:gz") as archive:
         archive.add(work, arcname="logs")

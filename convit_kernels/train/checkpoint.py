@@ -18,49 +18,27 @@ import contextlib
 import os
 import pickle
 import random
-import secrets
 import shutil
+import zipfile
 
 import numpy as np
 import torch
 from torch import nn
 
+from .. import files
 from .errors import TrainError, WriteFailed
-
-
-def create_beside(path: str) -> tuple:
-    """(fd, name) of a new file beside `path`, mode 0666 less the umask as open() makes (mkstemp's is 0600)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    while True:
-        tmp = os.path.join(folder, f".tmp-{name}.{secrets.token_hex(4)}")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
 
 
 @contextlib.contextmanager
 def replacing(path: str):
-    """A binary file to write in place of `path`: a temporary file beside it, fsynced and renamed over `path`.
+    """A binary file to write in place of `path` (:func:`convit_kernels.files.replacing`): `path` is always whole.
 
-    On any error the temporary file goes and `path` stays as it was (os.replace is atomic on POSIX); an OSError
-    (a full disk) becomes a WriteFailed line.
+    An OSError (a full disk) becomes a WriteFailed line; `path` stays as it was.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        fd, tmp = create_beside(path)
-        with os.fdopen(fd, "wb") as f:
+        with files.replacing(path) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # same file system by construction
-        fsync_folder(folder)
-    except BaseException as error:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if not isinstance(error, OSError):
-            raise
+    except OSError as error:
         kept = "the previous one is kept" if os.path.exists(path) else "none was written there"
         raise WriteFailed(f"cannot write checkpoint {path!r}: {error.strerror or error}; {kept}") from None
 
@@ -70,16 +48,6 @@ def atomic_save(obj, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with replacing(path) as f:
         torch.save(obj, f)
-
-
-def fsync_folder(folder: str) -> None:
-    """Make a rename in `folder` durable (where the OS can open a folder)."""
-    if hasattr(os, "O_DIRECTORY"):
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def atomic_copy(source: str, path: str) -> None:
@@ -131,6 +99,7 @@ def read(path: str) -> dict:
         raise TrainError(
             f"cannot read checkpoint {path!r}: torch.save writes a zip archive (or a pickle), this file is neither"
         )
+    _check_archive(path)
     try:
         # argparse.Namespace: facebookresearch's checkpoints keep their options in one; it only holds attributes.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -146,6 +115,23 @@ def read(path: str) -> dict:
     if not isinstance(checkpoint, dict):
         raise TrainError(f"checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state_dict")
     return checkpoint
+
+
+def _check_archive(path: str) -> None:
+    """Every record of torch.save's zip archive against its CRC-32 (torch.load checks none: a changed byte in a
+    tensor loads as a wrong weight). A legacy pickle has no checksum to check."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as error:
+        raise TrainError(f"checkpoint {path!r} is damaged: {error}") from None
+    if damaged is not None:
+        raise TrainError(
+            f"checkpoint {path!r} is damaged: its record {damaged!r} fails its CRC-32 check (the file changed "
+            "after it was written): use another checkpoint"
+        )
 
 
 def model_state(checkpoint: dict) -> dict:

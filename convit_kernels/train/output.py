@@ -18,6 +18,7 @@ import glob
 import os
 import shutil
 
+from .. import files
 from .errors import TrainError
 
 CHECKPOINT = "checkpoint.pth"
@@ -100,7 +101,13 @@ def lock(folder: str):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = files.open_no_follow(path, os.O_RDWR | os.O_CREAT)
+        except files.SymlinkRefused:
+            raise TrainError(
+                f"--output-dir {folder!r}: {LOCK} is a symbolic link, which no run of convit-kernels makes: "
+                "remove it (a run writes its pid there)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

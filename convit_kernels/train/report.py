@@ -19,6 +19,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .. import files
 from .errors import WriteFailed
 
 
@@ -83,7 +84,10 @@ class JsonLog:
 
     def write(self, record: dict) -> None:
         """Append one line; an OSError (a full disk) cuts off what it wrote, so the log stays readable."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            fd = files.open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except OSError as error:
+            raise WriteFailed(f"cannot write the log {self.path!r}: {error.strerror or error}") from None
         start = os.fstat(fd).st_size
         try:
             line, written = (json.dumps(record) + "\n").encode(), 0
@@ -105,12 +109,7 @@ class JsonLog:
     def keep_epochs_up_to(self, epoch: int) -> None:
         """Drop the records after `epoch` (1-based), rewriting the file atomically."""
         kept = [record for record in self.records() if record["epoch"] <= epoch]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        files.write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def tensorboard_installed() -> bool:
@@ -183,6 +182,7 @@ def plot_gpsa(records: list, path: str) -> bool:
     for ax in (ax_nonlocal, ax_gate):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with files.replacing(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return True
