@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import secrets
 
@@ -53,6 +54,34 @@ def fsync_folder(folder: str) -> None:
             os.close(dir_fd)
 
 
+class _WholeWrites(io.RawIOBase):
+    """A file descriptor whose write() writes every byte or raises (a full disk: OSError ENOSPC).
+
+    Python's buffered writer can report a short write there, which torch.save's zip writer turns into a
+    RuntimeError ("unexpected pos") that says nothing of the disk.
+    """
+
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view, done = memoryview(data).cast("B"), 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
+        return done
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 @contextlib.contextmanager
 def replacing(path: str, mode: str = "wb"):
     """A file to write in place of ``path``: a new file beside it, fsynced and renamed over ``path``.
@@ -62,10 +91,12 @@ def replacing(path: str, mode: str = "wb"):
     """
     fd, tmp = _create_beside(path)
     try:
-        with os.fdopen(fd, mode) as f:
+        raw = _WholeWrites(fd)
+        binary = io.BufferedWriter(raw, 1 << 20)
+        with binary if "b" in mode else io.TextIOWrapper(binary, encoding="utf-8") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
         os.replace(tmp, path)  # same folder: same file system
         fsync_folder(os.path.dirname(os.path.abspath(path)))
     except BaseException:

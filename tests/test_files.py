@@ -70,3 +70,28 @@ def test_the_experiments_and_the_benchs_files_are_not_written_through_links(tmp_
     assert json.loads((tmp_path / "results.json").read_text()) == {"runs": 1}
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == [{"status": "ok"}]
     assert victim.read_bytes() == b"someone else's"
+
+
+def test_a_disk_that_fills_mid_write_is_an_oserror_even_through_torch_save(tmp_path, monkeypatch):
+    """A full disk writes part of a buffer, then refuses: torch.save's zip writer must see the OSError (with
+    Python's buffered file it raised RuntimeError "unexpected pos"), so a checkpoint names the full disk."""
+    import errno
+
+    import torch
+
+    from convit_kernels.train import checkpoint
+    from convit_kernels.train.errors import WriteFailed
+
+    real_write, calls = os.write, []
+
+    def filling_disk(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))  # a short write
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "write", filling_disk)
+    path = tmp_path / "checkpoint.pth"
+    with pytest.raises(WriteFailed, match="No space left on device; none was written there"):
+        checkpoint.atomic_save({"weights": torch.zeros(300_000)}, str(path))
+    assert len(calls) >= 2 and list(tmp_path.iterdir()) == []  # the short write was followed by the refusal
