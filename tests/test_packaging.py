@@ -134,7 +134,7 @@ def test_wheel_holds_the_cpu_part_sources_and_license(dist):
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert f"Version: {convit_kernels.__version__}" in metadata
     assert "License-Expression: MIT" in metadata
-    assert 'Requires-Dist: timm>=1.0; extra == "timm"' in metadata
+    assert 'Requires-Dist: timm>=1.0.21; extra == "timm"' in metadata
     assert not any(line.startswith("Requires-Dist: timm") and "extra" not in line for line in metadata.splitlines())
 
 

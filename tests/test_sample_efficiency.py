@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -235,3 +236,31 @@ def test_the_script(tmp_path, fashion):
     assert sorted(p.name for p in (out / "runs").iterdir()) == [
         f"{kind}_f1_s0.json" for kind in ("control", "convit", "deit")
     ]
+
+
+def test_a_second_experiment_into_a_folder_in_use_is_refused(tmp_path, fashion, capsys):
+    from convit_kernels.train import output
+
+    out = tmp_path / "se"
+    with output.lock(str(out), "--out"):  # as a first experiment holds it
+        assert se.main(quick(out, fashion, "--summary-only")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {str(out)!r} is in use by another run (pid {os.getpid()})" in err
+    assert not out.exists()  # made for the lock, empty, gone with it
+
+
+def test_a_damaged_run_record_trains_that_run_again(tmp_path, fashion, monkeypatch, capsys):
+    out = tmp_path / "se"
+    assert se.main(quick(out, fashion, "--summary-only")) == 0  # the folder and its settings, no run
+    (out / "runs" / "convit_f0.3_s0.json").write_text('{"top1": 8')  # cut short by a crash
+    trained = []
+
+    def first_run_then_stop(spec):
+        trained.append(spec)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(se, "work", first_run_then_stop)
+    assert se.main(quick(out, fashion, "--jobs", "1")) == 130
+    err = capsys.readouterr().err
+    assert "convit_f0.3_s0.json is not a whole run's record: that run trains again" in err
+    assert se.run_name(*trained[0][:3]) == "convit_f0.3_s0"

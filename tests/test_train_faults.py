@@ -389,3 +389,25 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_naming_the_record(tmp_path,
     last.write_bytes(bytes(data))
     assert main([*TINY, "--eval", "--resume", str(last)]) == 2
     one_error_line(capsys, "fails its CRC-32 check")
+
+
+def test_a_damaged_log_line_is_named_before_training_and_dropped_on_resume(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [*TINY, "--epochs", "3", "--steps-per-epoch", "1", "--batch-size", "2", "--output-dir", str(out)]
+    assert main([*args, "--stop-after", "2"]) == 0
+    log = out / "log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text(lines[0] + "\nnot json at all\n" + lines[1] + '\n{"epoch": 2, "train_lo')  # garbage, cut short
+    capsys.readouterr()
+    assert main([*args, "--resume", str(out / "checkpoint.pth")]) == 0
+    err = capsys.readouterr().err
+    assert "log.jsonl: lines 2, 4 are not a whole record" in err and "Traceback" not in err, err
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_an_output_dir_that_is_a_dangling_link_is_refused_in_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "gone")
+    assert main([*TINY, *ONE_STEP, "--output-dir", str(out)]) == 2
+    one_error_line(capsys, "is a symbolic link to", "which does not exist")
+    assert out.is_symlink() and not (tmp_path / "gone").exists()

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import files
+from ..train import output
+from ..train.errors import TrainError
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 FASHION_FILES = {
@@ -408,7 +410,7 @@ def open_out(args) -> dict:
     path = os.path.join(args.out, "settings.json")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} is a file: choose a folder")
-    if os.path.isdir(args.out) and os.listdir(args.out):
+    if os.path.isdir(args.out) and set(os.listdir(args.out)) - {output.LOCK}:
         try:
             with open(path) as f:
                 recorded = json.load(f)
@@ -428,8 +430,11 @@ def open_out(args) -> dict:
     for kind, ratio, seed, _, _ in plan(args):
         run_path = os.path.join(args.out, "runs", run_name(kind, ratio, seed) + ".json")
         if os.path.exists(run_path):
-            with open(run_path) as f:
-                done[run_name(kind, ratio, seed)] = json.load(f)
+            try:
+                with open(run_path) as f:
+                    done[run_name(kind, ratio, seed)] = json.load(f)
+            except (OSError, ValueError):  # cut short by a crash, or garbage: the run is not done
+                print(f"warning: {run_path} is not a whole run's record: that run trains again", file=sys.stderr)
     return done
 
 
@@ -706,6 +711,11 @@ def run(args) -> int:
     data = load_data(args)  # first: a missing data set is reported before anything is written
     if min(args.ratios) * len(data.train_y) / data.classes < 1:
         raise UsageError(f"--ratios {min(args.ratios):g} keeps less than one image of a class: raise it")
+    with output.lock(args.out, "--out"):  # one experiment per folder: a second would train the same runs
+        return _run_in(args, data)
+
+
+def _run_in(args, data) -> int:
     done = open_out(args)
     todo = [spec for spec in plan(args) if run_name(*spec[:3]) not in done and not args.summary_only]
     print(
@@ -754,7 +764,7 @@ def main(argv=None, prog=None) -> int:
     try:
         args = parse_args(argv, prog)
         return run(args)
-    except UsageError as error:
+    except (UsageError, TrainError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Diverged as error:

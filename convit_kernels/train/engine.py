@@ -431,6 +431,14 @@ def train_or_evaluate(config, runtime: Runtime) -> dict:
     last_path = os.path.join(config.output_dir, output.CHECKPOINT)
     best_path = os.path.join(config.output_dir, output.BEST)
     continues = output.continues_run(config.output_dir, config.resume)
+    damaged = log.damaged_lines() if continues and log is not None else []
+    if damaged:
+        print(
+            f"warning: {log.path}: line{'s' if len(damaged) > 1 else ''} {', '.join(map(str, damaged[:10]))} "
+            f"{'are' if len(damaged) > 1 else 'is'} not a whole record (a crash while writing?): dropped when "
+            "this run writes its first epoch; the other records are kept",
+            file=sys.stderr,
+        )
     use_tensorboard = config.tensorboard if config.tensorboard is not None else tensorboard_installed()
     board = None
 

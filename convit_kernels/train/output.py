@@ -74,6 +74,11 @@ def check(folder: str, *, resume: str | None, overwrite: bool) -> None:
     """Before any work: `folder` can be created and written, and holds no other run unless resumed or replaced."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise TrainError(f"--output-dir {folder!r} is a file, not a folder")
+    if os.path.islink(folder) and not os.path.exists(folder):
+        raise TrainError(
+            f"--output-dir {folder!r} is a symbolic link to {os.readlink(folder)!r}, which does not exist: create "
+            "that folder, or choose another --output-dir"
+        )
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -91,11 +96,12 @@ def check(folder: str, *, resume: str | None, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def lock(folder: str):
+def lock(folder: str, option: str = "--output-dir"):
     """Hold `folder` for one run: an exclusive flock on its LOCK file, or TrainError naming the holder's pid.
 
     The kernel releases a flock when its process dies, so a killed run's claim never blocks. A folder created
-    here and still empty at the end (the run failed before writing) is removed again.
+    here and still empty at the end (the run failed before writing) is removed again. `option`: how the user
+    named the folder, for the messages (the experiment's is --out).
     """
     created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
@@ -105,7 +111,7 @@ def lock(folder: str):
             fd = files.open_no_follow(path, os.O_RDWR | os.O_CREAT)
         except files.SymlinkRefused:
             raise TrainError(
-                f"--output-dir {folder!r}: {LOCK} is a symbolic link, which no run of convit-kernels makes: "
+                f"{option} {folder!r}: {LOCK} is a symbolic link, which no run of convit-kernels makes: "
                 "remove it (a run writes its pid there)"
             ) from None
         try:
@@ -114,8 +120,8 @@ def lock(folder: str):
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise TrainError(
-                f"--output-dir {folder!r} is in use by another run (pid {owner}): wait for it to end, or choose "
-                f"another --output-dir"
+                f"{option} {folder!r} is in use by another run (pid {owner}): wait for it to end, or choose "
+                f"another {option}"
             ) from None
         # The previous holder may have removed the file between our open and flock: then lock the new one.
         if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):

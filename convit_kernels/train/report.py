@@ -101,10 +101,30 @@ class JsonLog:
             os.close(fd)
 
     def records(self) -> list:
+        """The whole records, oldest first; a line that is not one (cut short by a crash, garbage) is left out."""
+        return self._read()[0]
+
+    def damaged_lines(self) -> list[int]:
+        """The numbers (from 1) of the lines that are not whole records: checked before a continued run trains."""
+        return self._read()[1]
+
+    def _read(self) -> tuple[list, list[int]]:
         if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [], []
+        records, damaged = [], []
+        with open(self.path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:  # JSONDecodeError and bytes that are not UTF-8
+                    record = None
+                if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                    records.append(record)
+                else:
+                    damaged.append(number)
+        return records, damaged
 
     def keep_epochs_up_to(self, epoch: int) -> None:
         """Drop the records after `epoch` (1-based), rewriting the file atomically."""
