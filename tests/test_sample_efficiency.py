@@ -83,6 +83,23 @@ def test_an_image_folder_instead(tmp_path, capsys):
     assert data.train_x.shape == (8, 3, 16, 16) and data.test_y.tolist() == [0] * 4 + [1] * 4
 
 
+def test_an_image_folder_is_scanned_as_the_trainer_scans_it(tmp_path, capsys):
+    """Link loops and a file reached twice refused in one line (they once inflated the count and mixed labels)."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / label / "0.png")
+    os.symlink("..", root / "train" / "a" / "up")
+    options = ["--data-path", str(root), "--input-size", "8", "--ratios", "1", "--steps", "2"]
+    assert se.main([*quick(tmp_path / "se", tmp_path / "nowhere"), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a loop" in err, err
+    assert not (tmp_path / "se").exists()
+
+
 def test_missing_data_says_what_to_install(tmp_path, capsys):
     out = tmp_path / "out"
     assert se.main(["--quick", "--out", str(out), "--fashion-mnist", str(tmp_path)]) == 2

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import timm.models.convit as timm_convit
 import torch
@@ -65,6 +66,27 @@ def test_a_linked_image_reached_twice_is_refused(tmp_path, capsys):
     os.symlink(root / "train" / "b" / "0.png", root / "train" / "a" / "b0.png")
     assert main([*TINY, *ONE_STEP, *FOLDER, "--data-path", str(root), "--output-dir", str(tmp_path / "out")]) == 2
     one_error_line(capsys, "twice", "b0.png")
+
+
+def test_a_hard_linked_image_in_two_classes_is_refused(tmp_path, capsys):
+    root = image_tree(tmp_path / "data")
+    os.link(root / "train" / "b" / "0.png", root / "train" / "a" / "b0.png")  # one file, labels a and b
+    assert main([*TINY, *ONE_STEP, *FOLDER, "--data-path", str(root), "--output-dir", str(tmp_path / "out")]) == 2
+    one_error_line(capsys, "twice", "b0.png", "(a hard link)")
+
+
+def test_16_bit_images_are_scaled_to_8_bits_and_32_bit_ones_refused(tmp_path):
+    from convit_kernels.train.data import load_image
+    from convit_kernels.train.errors import UnreadableImage
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32) * 16).astype(np.uint16).reshape(64, 64)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    pixels = np.asarray(load_image(str(tmp_path / "ramp16.png")))
+    assert pixels.shape == (64, 64, 3) and np.array_equal(pixels[..., 0], (ramp >> 8).astype(np.uint8))
+    assert len(np.unique(pixels)) == 256  # every 8-bit level, not 3 values clipped to white
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "ints.tif")
+    with pytest.raises(UnreadableImage, match="32-bit"):
+        load_image(str(tmp_path / "ints.tif"))
 
 
 def test_linked_class_folders_and_images_are_followed_and_counted_once(tmp_path):

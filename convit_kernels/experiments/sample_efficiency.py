@@ -198,9 +198,13 @@ def fashion_mnist(folder: str) -> Images:
 
 
 def image_folder(root: str, size: int) -> Images:
-    """An ImageFolder's train/ and val/ (the test split), resized and centre-cropped to `size`, in memory."""
-    from torchvision import datasets
+    """An ImageFolder's train/ and val/ (the test split), resized and centre-cropped to `size`, in memory.
+
+    The trainer's scan and loader: a link loop or an image reached twice is refused, 16-bit images are scaled.
+    """
     from torchvision.transforms import v2
+
+    from ..train.data import CheckedImageFolder, load_image
 
     splits = []
     for split in ("train", "val"):
@@ -209,7 +213,7 @@ def image_folder(root: str, size: int) -> Images:
             raise UsageError(f"--data-path {root!r} has no {split}/ folder (expected {path}/<class>/<image>)")
         transform = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
         try:
-            folder = datasets.ImageFolder(path, transform=transform)
+            folder = CheckedImageFolder(path, transform=transform, loader=load_image)
             splits.append(folder)
         except (FileNotFoundError, OSError) as error:
             raise UsageError(f"--data-path {root!r}: {error}") from None
@@ -219,8 +223,8 @@ def image_folder(root: str, size: int) -> Images:
     for folder in splits:
         try:
             images = torch.stack([image for image, _ in folder])
-        except Exception as error:  # PIL raises several types for a bad file
-            raise UsageError(f"--data-path {root!r}: cannot read an image: {error}") from None
+        except TrainError as error:  # the loader's one line for a file PIL cannot read
+            raise UsageError(f"--data-path {root!r}: {error}") from None
         tensors += [images, torch.as_tensor(folder.targets)]
     return Images(*tensors, name=f"ImageFolder {root}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -91,12 +92,12 @@ def _check_split(root: str, split: str) -> list:
     return classes
 
 
-def _image_folders(top: str, folders: dict, links: dict):
+def _image_folders(top: str, folders: dict):
     """(folder, its image names) for `top` and every folder below it, links followed, in any order.
 
-    `folders`, `links`: the real path of every folder and of every linked image met so far in this split, to the
-    path it was met by. Refused: a link back up its own folder, a loop (ImageFolder walks it 40 levels deep), and
-    a folder or linked image met a second time (one image, two labels); either would inflate the count.
+    `folders`: the real path of every folder met so far in this split, to the path it was met by. Refused: a link
+    back up its own folder, a loop (ImageFolder walks it 40 levels deep), and a folder met a second time (its
+    images, two labels); either would inflate the count.
     """
     pending = [top]
     while pending:
@@ -116,11 +117,6 @@ def _image_folders(top: str, folders: dict, links: dict):
                     raise TrainError(f"data folder link {entry.path!r} is a loop: it leads back up its own folder")
                 pending.append(entry.path)
             elif datasets.folder.has_file_allowed_extension(entry.name, datasets.folder.IMG_EXTENSIONS):
-                if entry.is_symlink():
-                    target = os.path.realpath(entry.path)
-                    if target in links:
-                        raise TrainError(f"image {links[target]!r} is reached twice, also as {entry.path!r} (a link)")
-                    links[target] = entry.path
                 images.append(entry.name)
         yield folder, images
 
@@ -129,23 +125,34 @@ def list_images(split_path: str, classes: list) -> list:
     """(path, class index) of every image under split_path/<class>/, links followed; a file reached twice refused.
 
     ImageFolder's order (folders sorted by path, names sorted within one), which --sampling-ratio keeps the
-    first images of.
+    first images of. A file reached twice by a symbolic link or a hard link (one image, two labels) is refused.
     """
-    samples, folders, links = [], {}, {}
+    samples, folders, files_seen = [], {}, {}
     for index, name in enumerate(classes):
         top = os.path.join(split_path, name)
-        found = sorted(_image_folders(top, folders, links))
+        found = sorted(_image_folders(top, folders))
         if not any(images for _, images in found):
             extensions = ", ".join(datasets.folder.IMG_EXTENSIONS)
             raise TrainError(f"class folder {top!r} has no images (extensions {extensions})")
-        samples += [(os.path.join(folder, image), index) for folder, images in found for image in sorted(images)]
-    for target, link in links.items():  # a linked image that is also in a folder of the split
-        folder = folders.get(os.path.dirname(target))
-        if folder is not None:
-            raise TrainError(
-                f"image {os.path.join(folder, os.path.basename(target))!r} is reached twice, also as {link!r} (a link)"
-            )
+        for folder, images in found:
+            for image in sorted(images):
+                path = os.path.join(folder, image)
+                _count_once(path, files_seen)
+                samples.append((path, index))
     return samples
+
+
+def _count_once(path: str, files_seen: dict) -> None:
+    """Refuse a file met a second time: its (device, inode) pair is that of one already listed."""
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise TrainError(f"cannot read image {path!r}: {error.strerror}") from None
+    key = (status.st_dev, status.st_ino)
+    if key in files_seen:
+        how = "a link" if os.path.islink(path) or os.path.islink(files_seen[key]) else "a hard link"
+        raise TrainError(f"image {files_seen[key]!r} is reached twice, also as {path!r} ({how})")
+    files_seen[key] = path
 
 
 class CheckedImageFolder(datasets.ImageFolder):
@@ -156,11 +163,25 @@ class CheckedImageFolder(datasets.ImageFolder):
         return list_images(str(directory), sorted(class_to_idx, key=class_to_idx.get))
 
 
-def _load_image(path: str):
+def load_image(path: str):
+    """An image file as 8-bit RGB; 16-bit images scaled to 8 bits (Pillow's RGB conversion clips them to white)."""
+    from PIL import Image
+
     try:
-        return datasets.folder.pil_loader(path)
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
     except Exception as error:  # PIL raises several types for a bad file; all mean the same to the user
         raise UnreadableImage(f"cannot read image {path!r}: {error}") from None
+    if image.mode.startswith("I;16"):  # 16-bit grey: its 8 high bits
+        pixels = np.asarray(image).astype(np.uint16) >> 8
+        image = Image.fromarray(pixels.astype(np.uint8), mode="L")
+    elif image.mode in ("I", "F"):  # 32-bit integer or float grey: no range to scale by that holds for every file
+        raise UnreadableImage(
+            f"cannot read image {path!r}: its pixels are 32-bit ({image.mode} mode), of no known range: "
+            "save it with 8 or 16 bits"
+        )
+    return image.convert("RGB")
 
 
 def train_transform(input_size: int, recipe):
@@ -234,8 +255,8 @@ def image_folder(root: str, input_size: int, recipe) -> DataBundle:
         raise TrainError(f"train/ and val/ in {root!r} have different class folders: {', '.join(missing[:5])}")
     train_tf = train_transform(input_size, recipe)
     val_tf = create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
-    train = CheckedImageFolder(os.path.join(root, "train"), transform=train_tf, loader=_load_image)
-    val = CheckedImageFolder(os.path.join(root, "val"), transform=val_tf, loader=_load_image)
+    train = CheckedImageFolder(os.path.join(root, "train"), transform=train_tf, loader=load_image)
+    val = CheckedImageFolder(os.path.join(root, "val"), transform=val_tf, loader=load_image)
     return DataBundle(train, val, num_classes=len(train_classes), in_chans=3, name=f"ImageFolder {root}")
 
 
@@ -308,7 +329,7 @@ class DecodedPaths(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> int:
-        _load_image(self.paths[index])
+        load_image(self.paths[index])
         return 0
 
 
