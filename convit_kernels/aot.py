@@ -7,7 +7,7 @@ strides divisible by 16, unit stride along d) and the even-tile flags of N (defa
 forward is compiled twice: with its GPSA epilogue (``fwd``) and without (``fwd_twin``, plain
 attention: the yardstick). From the cubin (``cuobjdump`` of the triton wheel): registers, spills,
 shared memory, the tensor-core instruction kind and SASS thread-instructions per score (``loop/sc``
-of the main loop, ``prog/sc`` of the whole program; the README defines both). Exit status 1 when
+of the main loop, ``prog/sc`` of the whole program; docs/benchmarks.md defines both). Exit status 1 when
 a kernel fails to compile or spills; ``compile_report`` is the same from Python.
 """
 
@@ -23,6 +23,9 @@ import tempfile
 from dataclasses import dataclass, field
 
 import torch
+
+from .arguments import number
+from .backends.triton.configs import MAX_HEAD_DIM
 
 __all__ = ["main", "compile_report", "summarise", "KernelReport", "count_instructions"]
 
@@ -303,10 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES), help=f"(default: {' '.join(DTYPES)})"
     )
     parser.add_argument(
-        "--head-dim", type=int, nargs="+", default=list(HEAD_DIMS), help=f"(default: {' '.join(map(str, HEAD_DIMS))})"
+        "--head-dim",
+        type=number(int, low=1, high=MAX_HEAD_DIM),
+        nargs="+",
+        default=list(HEAD_DIMS),
+        help=f"(default: {' '.join(map(str, HEAD_DIMS))})",
     )
     parser.add_argument(
-        "--n", type=int, default=CONVIT_N, help="row length of the per-score figures (default: %(default)s)"
+        "--n",
+        type=number(int, low=1, high=2**20),
+        default=CONVIT_N,
+        help="row length of the per-score figures (default: %(default)s)",
     )
     parser.add_argument(
         "--kernel", nargs="+", default=list(REPORTED), choices=list(REPORTED), help=f"(default: {' '.join(REPORTED)})"

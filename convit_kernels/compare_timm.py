@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from .arguments import SEED, SIZE
 from .backends import BACKEND_NAMES, BackendError
 from .dispatch import resolve_backend
 from .module import FusedGPSA, timm_convit
@@ -64,22 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
         f"print how far apart their outputs and gradients are, and exit 1 if any is beyond {TOLERANCE:g} "
         "of its scale.",
     )
-    parser.add_argument("--batch", type=int, default=8, help="images per batch (default: %(default)s)")
+    parser.add_argument("--batch", type=SIZE, default=8, help="images per batch (default: %(default)s)")
     parser.add_argument(
         "--backend",
         default="auto",
         choices=("auto",) + BACKEND_NAMES,
         help="FusedGPSA's backend (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--seed", type=SEED, default=0, help="(default: %(default)s)")
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch < 1:
-        parser.error("--batch must be at least 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         backend = resolve_backend(args.backend, torch.device(device), torch.float32, 48)

@@ -31,6 +31,7 @@ LAYERS = {
     "dispatch": ("dispatch", "fused_op"),
     "front door": ("", "op", "module", "patch"),
     "tools": (
+        "arguments",
         "cli",
         "__main__",
         "compare_timm",

@@ -115,7 +115,8 @@ def test_gate_checks_the_backward_too():
         (["--backends", "triton"], "backend 'triton' is not available here"),
         (["--backends", "nonsense"], "unknown implementation 'nonsense'"),
         (["--dtypes", "fp8"], "invalid choice"),
-        (["--batch", "0"], "--batch must be at least 1"),
+        (["--batch", "0"], "argument --batch: must be in [1, 8192]"),
+        (["--batch", "100000"], "argument --batch: must be in [1, 8192]"),  # an allocator traceback before
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message, tmp_path, capsys):

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .. import files
+from ..arguments import COUNT, POSITIVE_INT, SIZE, number
 from .implementations import BASELINES, FLOOR, fused_backends, implementations
 from .models import default_model_batch, model_steps, run_models
 from .report import (
@@ -85,11 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(PASSES),
         help=f"forward, forward and backward (default: {' '.join(PASSES)})",
     )
-    parser.add_argument("--threads", nargs="+", type=int, metavar="N", help="CPU thread counts (default: torch's)")
-    parser.add_argument("--batch", type=int, help="batch size for every shape (default: chosen per device and shape)")
-    parser.add_argument("--warmup", type=int, help=f"untimed calls before timing {by_preset('warmup')}")
     parser.add_argument(
-        "--repeats", type=int, help=f"timed calls per implementation (the median is reported) {by_preset('repeats')}"
+        "--threads",
+        nargs="+",
+        type=number(int, low=1, high=1024),
+        metavar="N",
+        help="CPU thread counts (default: torch's)",
+    )
+    parser.add_argument("--batch", type=SIZE, help="batch size for every shape (default: chosen per device and shape)")
+    parser.add_argument("--warmup", type=COUNT, help=f"untimed calls before timing {by_preset('warmup')}")
+    parser.add_argument(
+        "--repeats",
+        type=POSITIVE_INT,
+        help=f"timed calls per implementation (the median is reported) {by_preset('repeats')}",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
     parser.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
@@ -124,12 +133,6 @@ def main(argv=None) -> int:
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shape {', '.join(map(repr, unknown))}; choose from {', '.join(SHAPES)}")
-    for flag in ("batch", "warmup", "repeats"):
-        value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "warmup" else 1):
-            parser.error(f"--{flag} must be at least {0 if flag == 'warmup' else 1}")
-    if args.threads and min(args.threads) < 1:
-        parser.error("--threads must be at least 1")
     names = _select_implementations(parser, args.backends, device.type)
     try:
         check_writable(args.out)

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 
+from ..arguments import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    SEED,
+    SIZE,
+    THREADS,
+    WORKERS,
+    number,
+    out_of_memory,
+)
 from .errors import TrainError, message_of
 from .model import MODEL_NAMES, TIMM_MODELS
 
@@ -88,35 +101,6 @@ class DefaultsOnce(argparse.HelpFormatter):
         return f"{text} (default: {shown(action.default)})"
 
 
-def number(kind, *, low, high=math.inf, low_open=False, high_open=False):
-    """An argparse type: `kind` (int or float) within [low, high] (open ends where asked), finite."""
-    high_open = high_open or math.isinf(high)  # the value must be finite: inf is never in
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
-            ) from None
-        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-        if not (math.isfinite(value) and inside):
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text!r}")
-        return value
-
-    parse.__name__ = f"number in {interval}"
-    return parse
-
-
-POSITIVE_INT = number(int, low=1)
-COUNT = number(int, low=0)
-POSITIVE = number(float, low=0, low_open=True)
-NON_NEGATIVE = number(float, low=0)
-PROBABILITY = number(float, low=0, high=1)
-FRACTION = number(float, low=0, high=1, low_open=True)  # of a data set: (0, 1]
-
-
 def build_parser() -> argparse.ArgumentParser:
     from convit_kernels.backends import BACKEND_NAMES
 
@@ -143,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-path", type=PROBABILITY, help="stochastic depth " + by_recipe("drop_path"))
     g.add_argument(
         "--embed-dim",
-        type=POSITIVE_INT,
+        type=SIZE,
         help="channels per attention head, as ConViT's --embed_dim (default: the model's, 48 for timm's)",
     )
     g.add_argument(
@@ -176,14 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--sampling-ratio", type=FRACTION, default=1.0, help="keep this deterministic fraction of every training class"
     )
-    g.add_argument("--input-size", type=POSITIVE_INT, help="image side in pixels " + by_recipe("input_size"))
+    g.add_argument("--input-size", type=SIZE, help="image side in pixels " + by_recipe("input_size"))
     g.add_argument(
         "--batch-size",
         type=POSITIVE_INT,
         help="per process and micro-batch; the total batch is this x world size x --accum-steps "
         + by_recipe("batch_size"),
     )
-    g.add_argument("--workers", type=COUNT, help="DataLoader workers per process " + by_recipe("workers"))
+    g.add_argument("--workers", type=WORKERS, help="DataLoader workers per process " + by_recipe("workers"))
     g.add_argument("--no-aug", dest="augment", action="store_false", help="no random augmentation at all")
     g.add_argument("--auto-augment", help="timm RandAugment spec ('' for none) " + by_recipe("auto_augment"))
     g.add_argument("--color-jitter", type=NON_NEGATIVE, default=0.4, help="colour jitter strength")
@@ -249,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", choices=("auto", "cpu"), default="auto", help="auto: the GPU where there is one")
     g.add_argument(
-        "--threads", type=COUNT, help="CPU threads per process, 0: cores / local processes " + by_recipe("threads")
+        "--threads", type=THREADS, help="CPU threads per process, 0: cores / local processes " + by_recipe("threads")
     )
-    g.add_argument("--seed", type=int, default=0, help="of the weights, the augmentation and the data order")
+    g.add_argument("--seed", type=SEED, default=0, help="of the weights, the augmentation and the data order")
     g.add_argument(
         "--steps-per-epoch", type=COUNT, default=0, help="cap the optimiser steps of an epoch (0: whole epoch)"
     )
@@ -384,6 +368,12 @@ def main(argv=None) -> int:
         if is_rank_zero():
             print(f"interrupted{interrupted_note(config)}", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as error:  # torch's CPU allocator raises a plain RuntimeError
+        message = out_of_memory(error)
+        if message is None:
+            raise
+        print(f"error: {message}: lower --batch-size, --input-size or --embed-dim", file=sys.stderr)
+        return 1
     except TrainError as error:
         if error.rank_local and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print(f"error: rank {os.environ['RANK']}: {message_of(error)}", file=sys.stderr)
