@@ -3,8 +3,8 @@
 A switch is true for ``1``, ``true``, ``yes``, ``on`` and false for ``0``, ``false``, ``no``,
 ``off`` or the empty string (any case, surrounding spaces ignored); anything else raises
 :class:`SettingError` with one line naming the variable. Each is read when it is used (a
-test or a benchmark may change it between calls); none is ever written. The README's
-"Settings" table lists them; this module is loaded by path by ``setup.py`` too (build-time
+test or a benchmark may change it between calls); none is ever written. The table of
+docs/settings.md lists them; this module is loaded by path by ``setup.py`` too (build-time
 switches), so it imports nothing but the standard library.
 """
 

@@ -1,6 +1,6 @@
 """ConViT against its DeiT twin and a control twin on Fashion-MNIST: `convit-kernels experiment sample-efficiency`.
 
-    python python/sample_efficiency.py --out se-results           # the default run (the README gives its wall time)
+    python python/sample_efficiency.py --out se-results           # the default run (wall time: docs/)
     python python/sample_efficiency.py --out se-quick --quick     # 2 ratios, 1 seed, 30 steps: a smoke run
 
 The experiment lives in convit_kernels/experiments/sample_efficiency.py (its docstring and --help describe the

@@ -1,4 +1,4 @@
-"""Every CONVIT_KERNELS_* variable: one module reads it, one rule, one README table, nothing written."""
+"""Every CONVIT_KERNELS_* variable: one module reads it, one rule, one table (docs/settings.md), nothing written."""
 
 import pathlib
 import re
@@ -65,10 +65,10 @@ def test_only_the_settings_module_reads_them_and_nothing_writes_the_environment(
     assert not writers, f"the process environment is written in: {writers}"
 
 
-def test_every_variable_is_in_the_readme_table_and_every_used_one_is_declared():
-    readme = (ROOT / "README.md").read_text()
+def test_every_variable_is_in_the_settings_table_and_every_used_one_is_declared():
+    table = (ROOT / "docs" / "settings.md").read_text()
     for name in settings.SETTINGS:
-        assert re.search(rf"^\| `{name}` \|", readme, re.MULTILINE), name
+        assert re.search(rf"^\| `{name}` \|", table, re.MULTILINE), name
     used = set()
     for path in SOURCES:
         used.update(re.findall(r"CONVIT_KERNELS_[A-Z_]+[A-Z]", path.read_text()))

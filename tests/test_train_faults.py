@@ -343,7 +343,7 @@ def test_two_nodes_end_with_the_weights_of_one_node(tmp_path):
     torchrun("--standalone", "--nproc-per-node", "2", out=tmp_path / "one-node")
     expected = torch.load(tmp_path / "one-node" / "checkpoint.pth", weights_only=True)["model"]
 
-    # 2 nodes x 1 process on localhost, through the c10d rendezvous of the README's multi-node command
+    # 2 nodes x 1 process on localhost, through the c10d rendezvous of docs/training.md's multi-node command
     rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", "test"]
     nodes = [torchrun("--nnodes", "2", "--nproc-per-node", "1", *rendezvous, out=tmp_path / "two", wait=False)]
     nodes.append(torchrun("--nnodes", "2", "--nproc-per-node", "1", *rendezvous, out=tmp_path / "two", wait=False))

@@ -1,6 +1,6 @@
 """ConViT against its DeiT twin and a control twin on subsets of Fashion-MNIST: the paper's sample efficiency.
 
-    convit-kernels experiment sample-efficiency --out se-results          # the default run (README: its wall time)
+    convit-kernels experiment sample-efficiency --out se-results          # the default run (wall time: docs/)
     convit-kernels experiment sample-efficiency --out se-quick --quick    # a smoke run: 2 ratios, 1 seed, 30 steps
 
 Three models of one width, depth and 9 heads (`convit_fashion`: 28 px / patch 4 = a 7 x 7 grid, GPSA in all but the

@@ -8,7 +8,7 @@ weights), ``report`` (JSON-lines log, TensorBoard, progress, GPSA statistics
 and plot), ``output`` (the output folder: one run each), ``errors``, ``cli``.
 
 Without ``--data-path`` it trains offline on scikit-learn's 8x8 digits
-(convit_digits at 16 px, 30 epochs; the README gives the accuracy and time).
+(convit_digits at 16 px, 30 epochs; docs/training.md gives the accuracy and time).
 
 From Python: ``config = parse_config([...]); history = fit(config)``
 (see python/train_digits.py).
