@@ -225,6 +225,35 @@ def test_foreign_state_dict_loads_into_fused_model(tmp_path, kind):
     assert all(torch.equal(loaded[k], v) for k, v in stock.state_dict().items())
 
 
+@pytest.mark.parametrize("kind", ["facebookresearch main.py", "timm train.py"])
+def test_a_foreign_training_checkpoint_resumes_what_maps_and_says_what_does_not(tmp_path, capsys, kind):
+    args = ("--epochs", "3", "--steps-per-epoch", "1", "--batch-size", "16")
+    run(tmp_path, *args, "--stop-after", "1", out="ours")
+    ours = torch.load(tmp_path / "ours" / "checkpoint.pth", weights_only=True)
+    options = argparse.Namespace(model="convit_test", lr=5e-4)
+    if kind == "facebookresearch main.py":  # its keys; the model's under DDP's "module." prefix
+        foreign = {
+            "model": {f"module.{k}": v for k, v in ours["model"].items()},
+            "optimizer": ours["optimizer"],
+            "lr_scheduler": {"t_initial": 300, "warmup_t": 5},  # another schedule's state
+            "epoch": ours["epoch"],
+            "scaler": None,
+            "args": options,
+        }
+    else:  # timm's CheckpointSaver
+        foreign = {"epoch": ours["epoch"], "arch": "convit_test", "state_dict": ours["model"], "version": 2}
+        foreign.update(optimizer=ours["optimizer"], args=options)
+    path = tmp_path / "foreign.pth"
+    torch.save(foreign, path)
+    capsys.readouterr()
+    result = run(tmp_path, *args, "--resume", str(path), out="continued")
+    out = capsys.readouterr().out
+    assert "(not written by convit-kernels) at epoch 2; not restored: the lr scheduler's state" in out, out
+    assert "the random number generators' states" in out and "the optimizer state" not in out, out
+    assert [record["epoch"] for record in result["records"]] == [2, 3]
+    assert [r["lr"] for r in result["records"]] == pytest.approx([r["lr"] for r in run(tmp_path, *args)["records"][1:]])
+
+
 class RunsCode:
     """A pickle that creates a file when unpickled: what a crafted checkpoint could do."""
 

@@ -269,7 +269,9 @@ def resume(
 ) -> dict:
     """Load `path` into the model (and the training state when present and wanted).
 
-    Returns {"start_epoch": the next epoch (0 for weights only), "best": the best epoch so far or None}.
+    Returns {"start_epoch": the next epoch (0 for weights only), "best": the best epoch so far or None,
+    "scheduler_restored": whether the lr scheduler's state was loaded, "not_restored": what of the training state
+    the checkpoint could not give (a facebookresearch or timm training checkpoint: RNG states, scheduler, ...)}.
     `schedule`: this run's model, epochs, scaled lr, steps per epoch and optimiser settings, which must be the
     checkpoint's to continue its training state. `ema`: the run's ModelEmaV3, given the checkpoint's EMA weights,
     or (weights only) the loaded weights.
@@ -285,15 +287,36 @@ def resume(
             raise TrainError(f"--model-ema: checkpoint {path!r} holds no EMA weights (trained without --model-ema)")
         else:
             ema.set(model)  # weights to start from: the average starts there
-    if not restore_training or "optimizer" not in checkpoint:
-        return {"start_epoch": 0, "best": None}  # weights only: a timm/facebookresearch checkpoint, or --eval
+    if not restore_training or "optimizer" not in checkpoint or not isinstance(checkpoint.get("epoch"), int):
+        # weights only: a bare state_dict, a checkpoint without its training state, or --eval
+        return {"start_epoch": 0, "best": None, "scheduler_restored": False, "not_restored": []}
+    ours = "schedule" in checkpoint  # facebookresearch's main.py and timm's train.py write the rest, not all
+    not_restored = []
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
-    except (ValueError, KeyError) as error:
-        raise TrainError(f"checkpoint {path!r}: optimizer state does not match ({error})") from None
-    scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    if scaler is not None and checkpoint.get("scaler"):
-        scaler.load_state_dict(checkpoint["scaler"])
-    states = checkpoint["rng"]
-    set_rng_state(states[rank % len(states)])  # another world size resumes, but not bit for bit
-    return {"start_epoch": checkpoint["epoch"] + 1, "best": checkpoint.get("best")}
+    except (ValueError, KeyError, TypeError) as error:
+        if ours:
+            raise TrainError(f"checkpoint {path!r}: optimizer state does not match ({error})") from None
+        not_restored.append(f"the optimizer state (its parameter groups are not this run's: {error})")
+    # Another program's scheduler state holds its own schedule (epochs, warm-up): this run's applies instead.
+    scheduler_restored = ours
+    if ours:
+        scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    else:
+        not_restored.append("the lr scheduler's state (this run's schedule goes on from the checkpoint's epoch)")
+    if scaler is not None:
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        else:
+            not_restored.append("the fp16 loss scaler's state")
+    states = checkpoint.get("rng")
+    if states:
+        set_rng_state(states[rank % len(states)])  # another world size resumes, but not bit for bit
+    else:
+        not_restored.append("the random number generators' states (the data order and augmentation differ)")
+    return {
+        "start_epoch": checkpoint["epoch"] + 1,
+        "best": checkpoint.get("best"),
+        "scheduler_restored": scheduler_restored,
+        "not_restored": not_restored,
+    }

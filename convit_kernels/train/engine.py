@@ -373,6 +373,14 @@ def train_or_evaluate(config, runtime: Runtime) -> dict:
             ema=ema,
         )
         start_epoch, best = resumed["start_epoch"], resumed["best"]
+        if start_epoch and not resumed["scheduler_restored"]:  # as the epochs before this run left it
+            scheduler.step(start_epoch * steps) if per_update else scheduler.step(start_epoch - 1)
+        if resumed["not_restored"]:
+            print_main(
+                runtime,
+                f"resumed {config.resume} (not written by convit-kernels) at epoch {start_epoch + 1}; not restored: "
+                + "; ".join(resumed["not_restored"]),
+            )
 
     model, no_sync = net, None
     if runtime.world_size > 1:
