@@ -281,3 +281,21 @@ def test_a_damaged_run_record_trains_that_run_again(tmp_path, fashion, monkeypat
     err = capsys.readouterr().err
     assert "convit_f0.3_s0.json is not a whole run's record: that run trains again" in err
     assert se.run_name(*trained[0][:3]) == "convit_f0.3_s0"
+
+
+def test_an_input_size_below_a_patch_and_empty_idx_files_are_refused_before_writing(tmp_path, fashion, capsys):
+    out = tmp_path / "se"
+    assert se.main(quick(out, fashion, "--input-size", "2")) == 2  # once: settings.json written, then a traceback
+    err = capsys.readouterr().err
+    assert "--input-size 2 is smaller than a patch" in err and "Traceback" not in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        (empty / name).write_bytes(idx_bytes(torch.zeros(0, 28, 28, dtype=torch.uint8)))
+    for name in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
+        (empty / name).write_bytes(idx_bytes(torch.zeros(0, dtype=torch.uint8)))
+    assert se.main(quick(out, empty)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no images" in err, err
+    assert not out.exists()
+    assert se.main(quick(out, fashion, "--summary-only")) == 0  # the folder is free for a good run

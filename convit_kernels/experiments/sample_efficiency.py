@@ -134,6 +134,10 @@ def parse_args(argv, prog=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.test_images < 0:
         p.error("--test-images must be at least 0")
+    from convit_kernels.train.model import patch_size
+
+    if args.input_size is not None and args.input_size < patch_size(args.model):
+        p.error(f"--input-size {args.input_size} is smaller than a patch of {args.model} ({patch_size(args.model)} px)")
     if not 0 <= args.warmup <= 0.1:
         p.error(f"--warmup must be in [0, 0.1] (a fraction of the steps), got {args.warmup:g}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -182,8 +186,11 @@ def read_idx(folder: str, name: str) -> torch.Tensor:
     dims = raw[3] if len(raw) >= 4 and raw[:3] == b"\x00\x00\x08" else 0
     sizes = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
     expected_dims = 3 if "images" in name else 1
+    what = "images" if expected_dims == 3 else "labels"
     if dims != expected_dims or len(raw) != 4 + 4 * dims + math.prod(sizes):
-        raise UsageError(f"{path!r} is not an idx file of {'images' if expected_dims == 3 else 'labels'}")
+        raise UsageError(f"{path!r} is not an idx file of {what}")
+    if math.prod(sizes) == 0:
+        raise UsageError(f"{path!r} holds no {what}")
     return torch.frombuffer(bytearray(raw[4 + 4 * dims :]), dtype=torch.uint8).reshape(sizes)
 
 
