@@ -24,13 +24,14 @@ from gpsa_cases import NEAR_TIED_LOGITS, dq_dk_relative_errors, near_tied_inputs
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["torch", "cpu", "sdpa"])
+    parser.add_argument("--logits", nargs="+", type=float, default=list(NEAR_TIED_LOGITS), help="row maxima L")
     args = parser.parse_args(argv)
     status = available_backends()
     names = [name for name in args.backends if status[name].available]
     columns = ["eager"] + names
     print("| L | " + " | ".join(f"{c} dq | {c} dk" for c in columns) + " |")
     print("|---" * (1 + 2 * len(columns)) + "|")
-    for logit in NEAR_TIED_LOGITS:
+    for logit in args.logits:
         inputs, options = near_tied_inputs(logit)
         cells = []
         for column in columns:

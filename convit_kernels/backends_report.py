@@ -8,7 +8,7 @@ import sys
 import torch
 
 from . import dispatch, extension_loader, settings, verdict_cache
-from .backends import available_backends
+from .backends import BACKEND_NAMES, available_backends, backend_problem, get_backend
 
 __all__ = ["list_backends", "verify_kernels"]
 
@@ -29,6 +29,10 @@ def list_backends(argv=None) -> int:
     ).parse_args(argv)
     for name, status in available_backends().items():
         print(f"{name:10s} {'yes' if status.available else 'no ':3s}  {status.reason}")
+    print("\nfp32 gradients at content logits of size L:")
+    for name in BACKEND_NAMES:
+        if backend_problem(name) is None:
+            print(f"  {name:10s} {get_backend(name).large_logits}")
     print(f"\nC++/CUDA extension (this torch: {torch.__version__}):")
     for line in extension_loader.describe():
         print(f"  {line}")

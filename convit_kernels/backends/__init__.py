@@ -137,6 +137,8 @@ class Backend:
     min_cuda_capability: tuple[int, int] | None = None
     interpreted: bool = False  # runs in an interpreter here: correct, never fast (the bench does not time it)
     whole_tables: bool = False  # builds both per-axis tables whole: only grids where they fit (separable.py)
+    # fp32 gradients at content logits of size L (two near-tied maxima per row; docs/backends.md)
+    large_logits: str = "within 2x the fp32 eager error up to L = 3e6 (each row's maximum and sum kept apart)"
     unavailable: Callable[[], str | None] = field(default=_always_available)
 
     def __post_init__(self):

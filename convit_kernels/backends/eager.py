@@ -93,5 +93,6 @@ register_backend(
         devices=None,
         dtypes=FLOAT_DTYPES,
         attention=gpsa_reference,
+        large_logits="the yardstick: timm's math in fp32 (one softmax per row)",
     )
 )

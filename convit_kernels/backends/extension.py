@@ -86,6 +86,7 @@ register_backend(
         max_head_dim=128,
         min_cuda_capability=(7, 5),
         whole_tables=True,
+        large_logits="the cpu kernel's algorithm (each row's maximum and sum apart); never run on a GPU yet",
         unavailable=cuda_unavailable,
     )
 )

@@ -84,7 +84,7 @@ def _arch(device: torch.device) -> int:
 
 def autotune_enabled() -> bool:
     """Compiled kernels autotune unless CONVIT_KERNELS_TRITON_AUTOTUNE is off; interpreted ones never do."""
-    return not INTERPRET and settings.enabled("CONVIT_KERNELS_TRITON_AUTOTUNE")
+    return settings.enabled("CONVIT_KERNELS_TRITON_AUTOTUNE") and not INTERPRET  # read first: a bad value is refused
 
 
 @functools.cache
