@@ -3,9 +3,10 @@
 A switch is true for ``1``, ``true``, ``yes``, ``on`` and false for ``0``, ``false``, ``no``,
 ``off`` or the empty string (any case, surrounding spaces ignored); anything else raises
 :class:`SettingError` with one line naming the variable. Each is read when it is used (a
-test or a benchmark may change it between calls); none is ever written. The table of
-docs/settings.md lists them; this module is loaded by path by ``setup.py`` too (build-time
-switches), so it imports nothing but the standard library.
+test or a benchmark may change it between calls); :func:`check_all` reads them all at once, so
+that the command line refuses a bad value at its start rather than deep in a run. None is ever
+written. The table of docs/settings.md lists them; this module is loaded by path by ``setup.py``
+too (build-time switches), so it imports nothing but the standard library.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["SettingError", "Setting", "SETTINGS", "enabled", "self_check_mode"]
+__all__ = ["SettingError", "Setting", "SETTINGS", "check_all", "enabled", "self_check_mode"]
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
@@ -80,3 +81,9 @@ def self_check_mode() -> str:
     if value == "strict":
         return "strict"
     return "off" if value in _FALSE else "on"
+
+
+def check_all() -> None:
+    """Raise :class:`SettingError` (one line) for the first CONVIT_KERNELS_* variable of a value its rule refuses."""
+    for name in SETTINGS:
+        _value(name)

@@ -89,3 +89,37 @@ def test_a_command_reports_a_bad_value_in_one_line(monkeypatch, capsys):
     assert main(["backends"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("convit-kernels backends: CONVIT_KERNELS_SELF_CHECK must be") and "\n" not in err
+
+
+@pytest.mark.parametrize("name", sorted(settings.SETTINGS))
+def test_check_all_refuses_a_bad_value_of_any_variable(monkeypatch, name):
+    settings.check_all()  # this environment's values are good
+    monkeypatch.setenv(name, "bogus")
+    with pytest.raises(settings.SettingError, match=f"^{name} must be .* got 'bogus'$"):
+        settings.check_all()
+
+
+def test_a_command_refuses_a_bad_value_at_its_start_not_at_its_first_use(monkeypatch, capsys):
+    # The regression: CONVIT_KERNELS_NO_BLAS is read at the cpu backend's first forward, deep in a run.
+    from convit_kernels.cli import main
+
+    monkeypatch.setenv("CONVIT_KERNELS_NO_BLAS", "bogus")
+    assert main(["backends"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the command did not start
+    err = captured.err.strip()
+    assert err.startswith("convit-kernels backends: CONVIT_KERNELS_NO_BLAS must be") and "\n" not in err
+
+
+@pytest.mark.parametrize("value, expected", [("1", False), ("0", False), ("bogus", settings.SettingError)])
+def test_the_interpreter_refuses_a_bad_autotune_value_too(monkeypatch, value, expected):
+    # The interpreter never autotunes, but a bad value is refused there as anywhere (it was not read at all).
+    from convit_kernels.backends.triton import launch
+
+    monkeypatch.setattr(launch, "INTERPRET", True)
+    monkeypatch.setenv("CONVIT_KERNELS_TRITON_AUTOTUNE", value)
+    if expected is settings.SettingError:
+        with pytest.raises(settings.SettingError, match="^CONVIT_KERNELS_TRITON_AUTOTUNE must be"):
+            launch.autotune_enabled()
+    else:
+        assert launch.autotune_enabled() is expected
