@@ -18,6 +18,14 @@ from .backends import BACKEND_NAMES, BackendError, get_backend
 from .op import gpsa_attention, square_grid_side
 from .reference import gpsa_attention_probs, gpsa_reference, relative_positions
 
+try:  # runs a function while Dynamo traces (torch._dynamo's own, no public API does it): warnings under compile
+    from torch._dynamo.comptime import comptime
+except ImportError:  # a torch without it: no warning under torch.compile, the graph still compiles
+
+    def comptime(fn):
+        return None
+
+
 __all__ = ["FusedGPSA", "SDPAMHSA"]
 
 
@@ -207,14 +215,20 @@ class FusedGPSA(nn.Module):
         return side, side
 
     def init_non_persistent_buffers(self) -> None:
-        """Rebuild ``rel_indices`` for the current resolution (timm's hook of the same name)."""
-        self._refresh_rel_indices(self.rel_indices.shape[1], force=True)
+        """Rebuild ``rel_indices`` at its current N (timm's hook of the same name, which timm's
+        ``reinit_non_persistent_buffers`` calls, e.g. after ``to_empty``). N = 1 is the placeholder
+        that get_attention has not replaced yet, rebuilt as one: a rectangular grid_size never has one patch."""
+        num_patches = self.rel_indices.shape[1]
+        self._build_rel_indices((1, 1) if num_patches == 1 else self.grid(num_patches))
 
-    def _refresh_rel_indices(self, num_patches: int, force: bool = False) -> tuple[int, int]:
+    def _build_rel_indices(self, grid: tuple[int, int]) -> None:
+        w = self.qk.weight
+        self.rel_indices = relative_positions(*grid, device=w.device, dtype=w.dtype)[None]
+
+    def _refresh_rel_indices(self, num_patches: int) -> tuple[int, int]:
         grid = self.grid(num_patches)
-        if force or self.rel_indices.shape[1] != num_patches:
-            w = self.qk.weight
-            self.rel_indices = relative_positions(*grid, device=w.device, dtype=w.dtype)[None]
+        if self.rel_indices.shape[1] != num_patches:
+            self._build_rel_indices(grid)
         return grid
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -253,7 +267,11 @@ class FusedGPSA(nn.Module):
         q, k, v = self._qkv(x)
         params = (q, k, v, self.pos_proj.weight, self.pos_proj.bias, self.gating_param)
         if self.training and self.attn_drop.p > 0:
-            _warn_attn_drop_once()
+            if torch.compiler.is_compiling():
+                # Dynamo cannot trace warnings.warn (fullgraph=True fails on it): comptime runs it while tracing
+                comptime(lambda ctx: _warn_attn_drop_once())
+            else:
+                _warn_attn_drop_once()
             out = gpsa_reference(*params, grid, self.scale, attn_drop=self.attn_drop)
         else:
             out = gpsa_attention(*params, grid_size=grid, scale=self.scale, backend=self.backend)

@@ -1,14 +1,17 @@
 """FusedGPSA where timm's GPSA goes: TorchScript, torch.compile with a changing N, rectangular ConViTs."""
 
 import io
+import warnings
 
 import pytest
 import timm
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import convit_kernels.module
 from convit_kernels import FusedGPSA, patch_convit
 from convit_kernels.backends import BackendError
+from convit_kernels.reference import relative_positions
 
 # TorchScript is what timm tests here, deprecated or not.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
@@ -147,3 +150,89 @@ def test_patch_gives_a_rectangular_convit_its_grid():
     reference.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 48, 80)
     torch.testing.assert_close(model(x), reference.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def _reinit_non_persistent_buffers(model):
+    """timm's reinit_non_persistent_buffers, or the same walk over the init_non_persistent_buffers hooks where
+    timm is older than that function (timm 1.0.21)."""
+    try:
+        from timm.models._manipulate import reinit_non_persistent_buffers
+    except ImportError:
+        for module in model.modules():
+            if hasattr(module, "init_non_persistent_buffers"):
+                module.init_non_persistent_buffers()
+    else:
+        reinit_non_persistent_buffers(model)
+
+
+# (id, img_size, patch grid): convit_tiny's patches are 16 px
+GRIDS = [("square", 64, (4, 4)), ("rectangular", (64, 112), (4, 7))]
+
+
+def _image_size(grid):
+    """(height, width) in pixels of an image with this patch grid."""
+    return grid[0] * 16, grid[1] * 16
+
+
+def _convit(img_size, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model("convit_tiny", img_size=img_size, num_classes=10, **kwargs)
+
+
+@pytest.mark.parametrize("img_size,grid", [g[1:] for g in GRIDS], ids=[g[0] for g in GRIDS])
+def test_reinit_non_persistent_buffers_on_a_patched_convit(img_size, grid):
+    model = patch_convit(_convit(img_size)).eval()
+    x = torch.randn(2, 3, *_image_size(grid))
+    gpsa = model.blocks[0].attn
+    with torch.no_grad():
+        out = model(x)
+        _reinit_non_persistent_buffers(model)  # the 1-patch placeholders, before get_attention builds a table
+        torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+        tokens = model.pos_drop(model.patch_embed(x) + model.pos_embed)
+        dist = gpsa.get_attention_map(tokens)
+        gpsa.rel_indices.fill_(float("nan"))
+        _reinit_non_persistent_buffers(model)
+        assert torch.equal(gpsa.rel_indices, relative_positions(*grid)[None])
+        torch.testing.assert_close(gpsa.get_attention_map(tokens), dist, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("img_size,grid", [g[1:] for g in GRIDS], ids=[g[0] for g in GRIDS])
+@pytest.mark.parametrize("meta", ["device-context", "device-argument"])
+def test_meta_init_to_empty_and_reinit_on_a_patched_convit(img_size, grid, meta):
+    """timm's init on the meta device: build without storage, to_empty, reinit the buffers, load the weights."""
+    want = patch_convit(_convit(img_size)).eval()
+    if meta == "device-context":
+        with torch.device("meta"):
+            model = patch_convit(_convit(img_size))
+    else:
+        model = patch_convit(_convit(img_size, device="meta"))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    model.to_empty(device="cpu")
+    _reinit_non_persistent_buffers(model)
+    model.load_state_dict(want.state_dict(), strict=True)
+    x = torch.randn(2, 3, *_image_size(grid))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), want(x), rtol=0, atol=0)
+
+
+def test_compile_fullgraph_trains_a_patched_convit_with_attention_dropout(monkeypatch):
+    """attn_drop_rate > 0 in training runs the reference path, with its one warning, inside one graph as stock timm."""
+    monkeypatch.setattr(convit_kernels.module, "_warned_attn_drop", False)
+    torch._dynamo.reset()
+    model = patch_convit(_convit((32, 48), depth=3, local_up_to_layer=2, attn_drop_rate=0.5)).train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 48)
+    with pytest.warns(UserWarning, match="attn_drop > 0 in training runs the reference") as caught:
+        out = compiled(x)
+    assert len([w for w in caught if "attn_drop > 0" in str(w.message)]) == 1
+    out.square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(x)  # once per process, compiled or eager
+        model(x)
+    with torch.no_grad():
+        assert not torch.allclose(compiled(x), out)  # dropout draws again
+        torch.testing.assert_close(compiled.eval()(x), model(x), rtol=1e-5, atol=1e-6)

@@ -99,6 +99,27 @@ def test_rectangular_grid_matches_reference_path():
         fused(torch.randn(1, 16, 32))
 
 
+@pytest.mark.parametrize("grid_size,N", [(None, 16), ((3, 4), 12)], ids=["square", "rectangular"])
+def test_init_non_persistent_buffers_rebuilds_rel_indices_at_their_n(grid_size, N):
+    """timm's hook (its reinit_non_persistent_buffers calls it, e.g. after to_empty), before and after
+    get_attention has built the table: the 1-patch placeholder stays one whatever the grid."""
+    fused = FusedGPSA(32, num_heads=2, grid_size=grid_size)
+    x = torch.randn(2, N, 32)
+    out = fused(x)
+    fused.init_non_persistent_buffers()
+    assert torch.equal(fused.rel_indices, torch.zeros(1, 1, 1, 3))
+    dist, attn_map = fused.get_attention_map(x, return_map=True)
+    fused.rel_indices.fill_(float("nan"))  # as to_empty leaves it
+    fused.init_non_persistent_buffers()
+    assert torch.equal(fused.rel_indices, relative_positions(*(grid_size or (4, 4)))[None])
+    torch.testing.assert_close(fused.get_attention_map(x, return_map=True), (dist, attn_map), rtol=0, atol=0)
+    torch.testing.assert_close(fused(x), out, rtol=0, atol=0)
+
+    on_meta = FusedGPSA(32, num_heads=2, grid_size=grid_size, device="meta").to_empty(device="cpu")
+    on_meta.init_non_persistent_buffers()
+    assert torch.equal(on_meta.rel_indices, torch.zeros(1, 1, 1, 3))
+
+
 def test_non_square_n_without_grid_is_a_clear_error():
     with pytest.raises(ValueError, match="N = 15 patches is not a perfect square"):
         FusedGPSA(32, num_heads=2)(torch.randn(1, 15, 32))
