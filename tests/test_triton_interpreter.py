@@ -291,3 +291,40 @@ def test_compile_fullgraph_with_dynamic_shapes():
         torch.testing.assert_close(got, want)
         for g, w in zip(torch.autograd.grad(got.sum(), inputs[:3]), torch.autograd.grad(want.sum(), inputs[:3])):
             torch.testing.assert_close(g, w)
+
+
+# Uneven N (50 on 5 x 10, 257 on 1 x 257: two of the interpreter's 256-wide key blocks, 49) and d (40, 24).
+NAN_FILLED_CASES = [
+    (2, 3, 50, 40, (5, 10), torch.float32),
+    (1, 2, 257, 24, (1, 257), torch.float32),
+    (2, 2, 49, 40, None, torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,H,N,d,grid_size,dtype", NAN_FILLED_CASES, ids=["N50-d40", "N257-d24", "N49-d40-fp16"])
+def test_every_output_and_gradient_element_written(B, H, N, d, grid_size, dtype):
+    """Under torch.use_deterministic_algorithms(True) the launchers' torch.empty outputs, saved state and gradients
+    start as NaN (tests/test_uninitialised.py shows the fill): every element finite and matching the reference."""
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.empty(4).isnan().all()
+        inputs = make_inputs(B, H, N, d, dtype=dtype, seed=N + d)
+        assert_matches_reference(inputs, backend="triton", grid_size=grid_size)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reruns_are_bitwise_identical(dtype):
+    """Forward and backward through gpsa_attention twice on the same inputs: the same bits (deterministic: fixed
+    reduction orders, no atomics). Across thread counts the interpreter's numpy promises nothing: not asserted."""
+    inputs = make_inputs(2, 3, 50, 40, dtype=dtype, seed=4)
+    runs = [outputs_and_grads([t.detach().requires_grad_() for t in inputs], backend="triton", grid_size=(5, 10))]
+    runs.append(outputs_and_grads([t.detach().requires_grad_() for t in inputs], backend="triton", grid_size=(5, 10)))
+    (out_a, grads_a), (out_b, grads_b) = runs
+    assert torch.equal(out_a, out_b)
+    for i, (a, b) in enumerate(zip(grads_a, grads_b, strict=True)):
+        assert torch.equal(a, b), i
