@@ -15,6 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "convit_kernels"
 LAYERS = {
     "kernels": (
         "_version",
+        "convit_shapes",
         "settings",
         "files",
         "reference",

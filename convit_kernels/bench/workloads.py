@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from timm.models.convit import GPSA
 
+from ..convit_shapes import FAMILY_HEADS, HEAD_DIMS, IMAGE_SIZES, grid_side
+
 LEVELS = ("core", "module")  # attention core (q, k, v given) | whole GPSA layer with its projections
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -33,11 +35,11 @@ class Shape:
 def _convit_shapes() -> dict:
     """ConViT-Ti/S/B (d = 48) and Ti+/S+/B+ (d = 64) at 224 px (14 x 14 patches) and 384 px (24 x 24)."""
     shapes = {}
-    for family, heads in (("Ti", 4), ("S", 9), ("B", 16)):
-        for plus, head_dim in (("", 48), ("+", 64)):
-            for pixels in (224, 384):
+    for family, heads in FAMILY_HEADS.items():
+        for plus, head_dim in zip(("", "+"), HEAD_DIMS):
+            for pixels in IMAGE_SIZES:
                 name = f"{family}{plus}-{pixels}"
-                shapes[name] = Shape(name, heads, head_dim, pixels // 16)
+                shapes[name] = Shape(name, heads, head_dim, grid_side(pixels))
     return shapes
 
 
