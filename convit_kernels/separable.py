@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "AxisTables",
     "Axis",
+    "RowBuffers",
     "PositionalAxes",
     "WHOLE_TABLES_PER_TOKEN",
     "whole_tables_fit",
@@ -60,11 +61,28 @@ class AxisTables(NamedTuple):
     py: torch.Tensor  # H x H_p x H_p: over key rows, for each query row
 
 
-def axis_offsets(size: int, device, dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """offsets[i - start, j] = j - i for query positions i in [start, stop) of one grid axis."""
+def axis_offsets(size: int, device, dtype, start: int = 0, stop: int | None = None, out=None) -> torch.Tensor:
+    """offsets[i - start, j] = j - i for query positions i in [start, stop) of one grid axis (into ``out``)."""
     keys = torch.arange(size, device=device, dtype=dtype)
     queries = torch.arange(start, size if stop is None else stop, device=device, dtype=dtype)
-    return keys.view(1, -1) - queries.view(-1, 1)
+    return torch.sub(keys.view(1, -1), queries.view(-1, 1), out=out)
+
+
+class RowBuffers(NamedTuple):
+    """Preallocated room for row blocks of an axis's table, flat: a block of any height is a contiguous view.
+
+    Allocating each block's temporaries anew let glibc's moving mmap threshold keep the freed blocks on its
+    heap, so a strip's resident memory grew with its side; reused buffers keep it at one block's worth.
+    """
+
+    offsets: torch.Tensor  # room for rows x size
+    linear: torch.Tensor  # room for H x rows x size: the logits, then scratch
+    square: torch.Tensor  # room for H x rows x size: the rows of the table
+
+    def carve(self, heads: int, rows: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Contiguous (offsets rows x size, linear and square H x rows x size) views for a block of ``rows``."""
+        table = heads * rows * size
+        return self.offsets[: rows * size].view(rows, size), *(b[:table].view(heads, rows, size) for b in self[1:])
 
 
 class Axis(NamedTuple):
@@ -76,14 +94,27 @@ class Axis(NamedTuple):
     scale: torch.Tensor | None = None  # H: a factor on the whole table (the gate rides on one axis), or None
     table: torch.Tensor | None = None  # the whole table, made once where it fits (see positional_axes)
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of the table, H x (stop - start) x size: each a real softmax (max-subtracted)."""
+    def rows(self, start: int, stop: int, buffers: RowBuffers | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the table, H x (stop - start) x size: each a real softmax (max-subtracted).
+
+        Made in ``buffers`` (see :meth:`row_buffers`) where given: a loop over blocks then allocates nothing big.
+        """
         if self.table is not None:
             return self.table[:, start:stop]
-        offsets = axis_offsets(self.size, self.w_linear.device, self.w_linear.dtype, start, stop)
-        logits = self.w_linear[:, None, None] * offsets + self.w_square[:, None, None] * offsets * offsets
-        probs = logits.softmax(-1)
-        return probs if self.scale is None else probs * self.scale.view(-1, 1, 1)
+        count = stop - start
+        into = (None,) * 3 if buffers is None else buffers.carve(len(self.w_linear), count, self.size)
+        offsets = axis_offsets(self.size, self.w_linear.device, self.w_linear.dtype, start, stop, out=into[0])
+        # w_linear o + w_square o o, evaluated in that order wherever the rows are made: the same rounding
+        linear = torch.mul(self.w_linear[:, None, None], offsets, out=into[1])
+        square = torch.mul(torch.mul(self.w_square[:, None, None], offsets, out=into[2]), offsets, out=into[2])
+        logits = torch.add(linear, square, out=into[1])
+        probs = logits.softmax(-1) if buffers is None else torch._softmax(logits, -1, False, out=into[2])
+        return probs if self.scale is None else torch.mul(probs, self.scale.view(-1, 1, 1), out=into[2])
+
+    def row_buffers(self, rows: int) -> RowBuffers:
+        """Room for ``rows`` rows of the table and their offsets, for :meth:`rows`."""
+        room = len(self.w_linear) * rows * self.size
+        return RowBuffers(*(self.w_linear.new_empty(n) for n in (rows * self.size, room, room)))
 
     def blocks(self, inner: int):
         """(start, stop) of the row blocks for operands of ``inner`` columns: at most max(inner, 16) rows each."""
@@ -164,21 +195,42 @@ def _by_rows(x_hm: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_axis(axis: Axis, x: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """T x (or T^T x) along dim 2 of an H x outer x size x inner ``x``, T made a block of rows at a time.
+    """T x (or T^T x) along dim 2 of an H x outer x size x inner ``x``: a contiguous tensor of x's shape."""
+    if axis.table is None:
+        return _apply_axis_by_blocks(axis, x, transposed)
+    table = axis.table[:, None]  # broadcast over ``outer``
+    return torch.matmul(table.transpose(-2, -1) if transposed else table, x)
 
-    A block's table, broadcast over ``outer``, holds at most max(inner, 16) / inner times the numbers of x.
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    """H x outer x size x inner -> H x size x (outer inner): one GEMM operand a head (a copy where outer > 1)."""
+    H, outer, size, inner = x.shape
+    return x.transpose(1, 2).reshape(H, size, outer * inner)
+
+
+def _unfold(folded: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_fold`, contiguous in ``like``'s shape."""
+    H, outer, size, inner = like.shape
+    return folded.view(H, size, outer, inner).transpose(1, 2).contiguous()
+
+
+def _apply_axis_by_blocks(axis: Axis, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """:func:`_apply_axis` with T made a block of rows at a time in reused buffers, never whole.
+
+    A block holds at most max(outer inner, 16) rows of ``size`` numbers a head: no more than x holds.
     """
-    out, parts = None, []
-    for start, stop in axis.blocks(x.shape[-1]):
-        table = axis.rows(start, stop)[:, None]
-        if transposed:  # each block of rows of T adds its share to every output row
-            share = torch.matmul(table.transpose(-2, -1), x[:, :, start:stop])
-            out = share if out is None else out + share
-        else:  # each block of rows of T makes those output rows
-            parts.append(torch.matmul(table, x))
-    if transposed:
-        return out
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    folded = _fold(x)
+    blocks = axis.blocks(folded.shape[-1])
+    buffers = axis.row_buffers(blocks[0][1])
+    if transposed:  # each block of rows of T adds its share to every output row
+        out = torch.zeros_like(folded)
+        for start, stop in blocks:
+            out.baddbmm_(axis.rows(start, stop, buffers).transpose(1, 2), folded[:, start:stop])
+    else:  # each block of rows of T makes those output rows
+        out = torch.empty_like(folded)
+        for start, stop in blocks:
+            torch.bmm(axis.rows(start, stop, buffers), folded, out=out[:, start:stop])
+    return _unfold(out, x)
 
 
 def apply_positional(axes: PositionalAxes, x_hm: torch.Tensor, transposed: bool = False) -> torch.Tensor:
@@ -187,26 +239,40 @@ def apply_positional(axes: PositionalAxes, x_hm: torch.Tensor, transposed: bool 
     return _apply_axis(axes.y, _by_rows(cols), transposed).view(x_hm.shape)
 
 
-def _softmax_weight_grads(table: torch.Tensor, d_table: torch.Tensor, offsets: torch.Tensor):
+def _softmax_weight_grads(table: torch.Tensor, d_table: torch.Tensor, offsets: torch.Tensor, scratch=None):
     """(d w_linear, d w_square, sum table o d_table), each H, from rows of one axis's table and their gradient.
 
     Through each row's softmax: d logit = p o (dp - sum_j p dp); the logit is w_linear o + w_square o^2.
+    ``scratch`` (table's shape), if given, takes every temporary of that size; d_table is left as it was.
     """
-    row_dots = (table * d_table).sum(-1, keepdim=True)
-    d_logits = table * (d_table - row_dots)
-    return (d_logits * offsets).sum((1, 2)), (d_logits * offsets * offsets).sum((1, 2)), row_dots.sum((1, 2))
+    scratch = torch.empty_like(table) if scratch is None else scratch
+    row_dots = torch.mul(table, d_table, out=scratch).sum(-1, keepdim=True)
+    d_logits = torch.sub(d_table, row_dots, out=scratch).mul_(table)
+    d_linear = d_logits.mul_(offsets).sum((1, 2))
+    return d_linear, d_logits.mul_(offsets).sum((1, 2)), row_dots.sum((1, 2))
 
 
 def _axis_backward(axis: Axis, d_out: torch.Tensor, x: torch.Tensor):
     """(d w_linear, d w_square, sum T o dT) of ``sum(d_out . T x)`` along dim 2 of H x outer x size x inner tensors.
 
-    dT[i, j] = sum over (outer, inner) of d_out[i] x[j], made a block of rows at a time and reduced at once.
+    dT[i, j] = sum over (outer, inner) of d_out[i] x[j]; where T is not whole, dT too is made a block of rows at a
+    time in reused buffers and reduced at once.
     """
+    if axis.table is not None:
+        offsets = axis_offsets(axis.size, x.device, x.dtype)
+        return _softmax_weight_grads(axis.table, torch.matmul(d_out, x.transpose(-2, -1)).sum(1), offsets)
+    d_out, x = _fold(d_out), _fold(x)
+    blocks = axis.blocks(x.shape[-1])
+    buffers = axis.row_buffers(blocks[0][1])
+    d_table_room = torch.empty_like(buffers.linear)
     grads = []
-    for start, stop in axis.blocks(x.shape[-1]):
-        d_table = torch.matmul(d_out[:, :, start:stop], x.transpose(-2, -1)).sum(1)
-        offsets = axis_offsets(axis.size, x.device, x.dtype, start, stop)
-        grads.append(torch.stack(_softmax_weight_grads(axis.rows(start, stop), d_table, offsets)))
+    for start, stop in blocks:
+        offsets, scratch, _ = buffers.carve(len(axis.w_linear), stop - start, axis.size)
+        d_table = torch.bmm(
+            d_out[:, start:stop], x.transpose(1, 2), out=d_table_room[: scratch.numel()].view_as(scratch)
+        )
+        table = axis.rows(start, stop, buffers)  # made in buffers.square, its offsets in buffers.offsets
+        grads.append(torch.stack(_softmax_weight_grads(table, d_table, offsets, scratch)))
     return sum(grads[1:], grads[0]).unbind(0)
 
 
