@@ -3,7 +3,7 @@
     python python/sample_efficiency.py --out se-results           # the default run (wall time: docs/)
     python python/sample_efficiency.py --out se-quick --quick     # 2 ratios, 1 seed, 30 steps: a smoke run
 
-The experiment lives in convit_kernels/experiments/sample_efficiency.py (its docstring and --help describe the
+The experiment lives in convit_kernels/experiments/sample_efficiency/ (its docstring and --help describe the
 options and what it writes into --out).
 """
 

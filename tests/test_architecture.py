@@ -150,3 +150,37 @@ def test_no_module_imports_another_modules_private_names():
                     f"{name}: {n}" for n in names if n.startswith("_") and not n.startswith("__") and n != "_version"
                 ]
     assert not private, private
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
+# Modules and functions allowed over those sizes: name -> (the most lines they may keep, why).
+OVERSIZED = {
+    "bench.run.Microbench.run": (81, "the bench's measurement of one workload: gate, time, record in one pass"),
+}
+
+
+def _functions(tree: ast.AST, prefix: str = ""):
+    """(qualified name, lines from its def to its end) of every function, methods and nested functions included."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield prefix + node.name, node.end_lineno - node.lineno + 1
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield from _functions(node, prefix + node.name + ".")
+        elif not isinstance(node, ast.Lambda):
+            yield from _functions(node, prefix)
+
+
+def test_modules_and_functions_stay_small():
+    """Every module at most MAX_MODULE_LINES lines and every function at most MAX_FUNCTION_LINES, but OVERSIZED's."""
+    sizes = {}
+    for name, path in _modules().items():
+        text = path.read_text()
+        sizes[name or "__init__"] = (len(text.splitlines()), MAX_MODULE_LINES)
+        for function, lines in _functions(ast.parse(text)):
+            sizes[f"{name}.{function}".lstrip(".")] = (lines, MAX_FUNCTION_LINES)
+    too_big = [
+        f"convit_kernels.{name}: {lines} lines (at most {OVERSIZED.get(name, (limit,))[0]})"
+        for name, (lines, limit) in sorted(sizes.items())
+        if lines > max(limit, OVERSIZED.get(name, (limit,))[0])
+    ]
+    assert not too_big, "split these by idea:\n" + "\n".join(too_big)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from convit_kernels.experiments import sample_efficiency as se
+from convit_kernels.train.errors import TrainError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES, TRAIN_PER_CLASS, TEST_IMAGES = 10, 12, 40
@@ -62,7 +63,7 @@ def test_a_bad_idx_file_is_one_line(tmp_path, fashion):
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte"):
         (tmp_path / name).write_bytes((fashion / name).read_bytes())
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(torch.zeros(3, 28, 28))[:-5])  # truncated
-    with pytest.raises(se.UsageError, match="is not an idx file of images"):
+    with pytest.raises(TrainError, match="is not an idx file of images"):
         se.fashion_mnist(str(tmp_path))
 
 
@@ -147,7 +148,7 @@ def test_quick_run_stops_and_continues(tmp_path, fashion, monkeypatch, capsys):
     """A run stopped after 2 of its 7 runs keeps them; the same command trains only the other 5 (in 2 processes)
     and writes the summary: every model at every ratio, the same steps at each, and time-to-accuracy."""
     out = tmp_path / "se"
-    real, calls = se.train_run, []
+    real, calls = se.experiment.train_run, []
 
     def stop_at_the_third(*args, **kwargs):
         calls.append(args[2:6])
@@ -155,7 +156,7 @@ def test_quick_run_stops_and_continues(tmp_path, fashion, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(se, "train_run", stop_at_the_third)
+    monkeypatch.setattr(se.experiment, "train_run", stop_at_the_third)
     assert se.main(quick(out, fashion, "--jobs", "1")) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the 2 runs done are kept" in err and "same command continues" in err
@@ -164,7 +165,7 @@ def test_quick_run_stops_and_continues(tmp_path, fashion, monkeypatch, capsys):
     assert se.main(quick(out, fashion, "--summary-only")) == 0  # what the 2 runs show, marked partial
     assert (out / "results.md").read_text().startswith("**Partial: 2 of the 7 runs planned.**")
 
-    monkeypatch.setattr(se, "train_run", real)
+    monkeypatch.setattr(se.experiment, "train_run", real)
     assert se.main(quick(out, fashion)) == 0
     assert "7 runs of 30 steps, 2 done before" in capsys.readouterr().out
     assert {name: (out / "runs" / name).read_bytes() for name in kept} == kept  # not trained again
@@ -276,7 +277,7 @@ def test_a_damaged_run_record_trains_that_run_again(tmp_path, fashion, monkeypat
         trained.append(spec)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(se, "work", first_run_then_stop)
+    monkeypatch.setattr(se.experiment, "work", first_run_then_stop)
     assert se.main(quick(out, fashion, "--jobs", "1")) == 130
     err = capsys.readouterr().err
     assert "convit_f0.3_s0.json is not a whole run's record: that run trains again" in err

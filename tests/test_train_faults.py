@@ -357,7 +357,7 @@ def test_two_nodes_end_with_the_weights_of_one_node(tmp_path):
 def test_each_torchrun_attempt_keeps_its_own_keys_in_the_agent_store(monkeypatch):
     from torch.distributed import TCPStore
 
-    from convit_kernels.train.engine import attempt_store
+    from convit_kernels.train.runtime import attempt_store
 
     agent = TCPStore("127.0.0.1", 0, 1, is_master=True)  # what torchrun's agent serves, restarts or not
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

@@ -22,49 +22,7 @@ from ..arguments import (
     out_of_memory,
 )
 from .errors import TrainError, message_of
-from .model import MODEL_NAMES, TIMM_MODELS
-
-# Defaults that depend on the data. With --data-path: the DeiT/ConViT ImageNet recipe.
-IMAGENET_RECIPE = dict(
-    model="convit_tiny",
-    input_size=224,
-    batch_size=64,
-    epochs=300,
-    lr=5e-4,
-    warmup_epochs=5,
-    smoothing=0.1,
-    mixup=0.8,
-    cutmix=1.0,
-    auto_augment="rand-m9-mstd0.5-inc1",
-    reprob=0.25,
-    drop_path=0.1,
-    repeated_aug=True,
-    workers=8,
-    threads=0,
-)
-# Without it: the embedded 8x8 digits, upscaled to 16 px, patch 4: a 4 x 4 grid of 2 x 2-pixel patches (at 32 px,
-# an 8 x 8 grid, the 10 epochs that fit in the same CPU time reached 74% instead of 98%). No RandAugment / Mixup /
-# CutMix / erasing / flips: on 8x8 digits they destroy the digit (a flipped 2 is no digit) and the run does not
-# learn in minutes; a small random affine instead, and a larger lr (2e-3 for the batch of 32), 1 warm-up epoch.
-# One thread: this model's ops (32 x 16 tokens x 64 channels) are too small to pay for a thread pool's barriers,
-# and on shared cores those barriers stalled 2 threads to ~3 s per step against ~0.05 s for one.
-DIGITS_RECIPE = dict(
-    model="convit_digits",
-    input_size=16,
-    batch_size=32,
-    epochs=30,
-    lr=3.2e-2,
-    warmup_epochs=1,
-    smoothing=0.1,
-    mixup=0.0,
-    cutmix=0.0,
-    auto_augment="",
-    reprob=0.0,
-    drop_path=0.0,
-    repeated_aug=False,
-    workers=0,
-    threads=1,
-)
+from .model import DIGITS_RECIPE, IMAGENET_RECIPE, MODEL_NAMES, TIMM_MODELS
 
 
 class Parser(argparse.ArgumentParser):
@@ -102,8 +60,6 @@ class DefaultsOnce(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from convit_kernels.backends import BACKEND_NAMES
-
     parser = Parser(
         prog="convit-kernels train",
         description=(
@@ -113,7 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=DefaultsOnce,
     )
-    g = parser.add_argument_group("model")
+    add_model_options(parser.add_argument_group("model"))
+    add_data_options(parser.add_argument_group("data"))
+    add_optimisation_options(parser.add_argument_group("optimisation"))
+    add_execution_options(parser.add_argument_group("execution"))
+    add_output_options(parser.add_argument_group("output"))
+    return parser
+
+
+def add_model_options(g) -> None:
+    from convit_kernels.backends import BACKEND_NAMES
+
     g.add_argument("--model", choices=MODEL_NAMES, help="the ConViT to train " + by_recipe("model"))
     g.add_argument(
         "--no-fused", dest="fused", action="store_false", help="train timm's stock GPSA/MHSA instead of the fused"
@@ -153,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         "as convit_tiny.fb_in1k); a head of another class count is replaced, pos_embed is resampled "
         "to the grid of --input-size",
     )
-    g = parser.add_argument_group("data")
+
+
+def add_data_options(g) -> None:
     g.add_argument(
         "--data-path", help="ImageFolder root with train/<class>/ and val/<class>/ (default: the embedded digits)"
     )
@@ -184,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=number(float, low=0, high=1, high_open=True),
         help="label smoothing " + by_recipe("smoothing"),
     )
-    g = parser.add_argument_group("optimisation")
+
+
+def add_optimisation_options(g) -> None:
     g.add_argument("--epochs", type=POSITIVE_INT, help="epochs of the schedule " + by_recipe("epochs"))
     g.add_argument("--opt", default="adamw", help="timm optimizer name")
     g.add_argument(
@@ -226,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=COUNT, help="linear warm-up from --warmup-lr " + by_recipe("warmup_epochs"))
     g.add_argument("--warmup-lr", type=NON_NEGATIVE, default=1e-6, help="the lr the warm-up starts at")
     g.add_argument("--min-lr", type=NON_NEGATIVE, default=1e-5, help="the lr the cosine ends at")
-    g = parser.add_argument_group("execution")
+
+
+def add_execution_options(g) -> None:
     g.add_argument(
         "--amp", choices=("bf16", "fp16", "off"), help="autocast dtype (default: bf16 on a GPU, off on the CPU)"
     )
@@ -246,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many epochs of this invocation; the schedule still spans --epochs",
     )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
-    g = parser.add_argument_group("output")
+
+
+def add_output_options(g) -> None:
     g.add_argument(
         "--output-dir",
         default="convit-train",
@@ -277,7 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="TensorBoard scalars in --output-dir/tensorboard (default: when tensorboard is installed)",
     )
-    return parser
 
 
 def parse_config(argv=None) -> argparse.Namespace:

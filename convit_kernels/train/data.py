@@ -241,10 +241,9 @@ def check_augmentation(recipe) -> None:
         ) from None
 
 
-def image_folder(root: str, input_size: int, recipe) -> DataBundle:
-    """The DeiT/ConViT layout: root/train/<class>/* and root/val/<class>/* with the same class folders."""
-    from timm.data import create_transform
-
+def check_image_folder(root: str) -> list:
+    """The class names of the DeiT/ConViT layout, root/train/<class>/* and root/val/<class>/* with the same class
+    folders; TrainError where `root` is not one."""
     if not os.path.isdir(root):
         problem = "is not a folder" if os.path.exists(root) else "does not exist"
         raise TrainError(f"--data-path {root!r} {problem}")
@@ -253,6 +252,14 @@ def image_folder(root: str, input_size: int, recipe) -> DataBundle:
     if val_classes != train_classes:
         missing = sorted(set(train_classes) ^ set(val_classes))
         raise TrainError(f"train/ and val/ in {root!r} have different class folders: {', '.join(missing[:5])}")
+    return train_classes
+
+
+def image_folder(root: str, input_size: int, recipe) -> DataBundle:
+    """The DeiT/ConViT layout (check_image_folder), with the recipe's training and evaluation transforms."""
+    from timm.data import create_transform
+
+    train_classes = check_image_folder(root)
     train_tf = train_transform(input_size, recipe)
     val_tf = create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
     train = CheckedImageFolder(os.path.join(root, "train"), transform=train_tf, loader=load_image)
@@ -369,6 +376,7 @@ __all__ = [
     "build_data",
     "build_loaders",
     "check_augmentation",
+    "check_image_folder",
     "check_images",
     "fixed_batch",
     "steps_per_epoch",

@@ -5,6 +5,7 @@ from ``create_optimizer_v2`` with ``param_groups_weight_decay`` (no decay on
 1-d parameters, i.e. biases, norms and ``gating_param``, nor on
 ``model.no_weight_decay()`` = pos_embed, cls_token), ``create_scheduler_v2``
 (cosine with warm-up, stepped every epoch as in ConViT, or every update in short runs), ``Mixup`` and its losses.
+The recipes the command's defaults come from: ImageNet's with --data-path, the embedded digits' without.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
+from ..convit_shapes import HEAD_DIM, PATCH_SIZE
 from .errors import TrainError
 
 # Names timm does not register, built from timm's ConVit class. As in timm and
@@ -36,6 +38,49 @@ EXTRA_MODELS = {
 }
 TIMM_MODELS = ("convit_tiny", "convit_small", "convit_base")
 MODEL_NAMES = TIMM_MODELS + tuple(EXTRA_MODELS)
+
+
+# Defaults that depend on the data. With --data-path: the DeiT/ConViT ImageNet recipe.
+IMAGENET_RECIPE = dict(
+    model="convit_tiny",
+    input_size=224,
+    batch_size=64,
+    epochs=300,
+    lr=5e-4,
+    warmup_epochs=5,
+    smoothing=0.1,
+    mixup=0.8,
+    cutmix=1.0,
+    auto_augment="rand-m9-mstd0.5-inc1",
+    reprob=0.25,
+    drop_path=0.1,
+    repeated_aug=True,
+    workers=8,
+    threads=0,
+)
+# Without it: the embedded 8x8 digits, upscaled to 16 px, patch 4: a 4 x 4 grid of 2 x 2-pixel patches (at 32 px,
+# an 8 x 8 grid, the 10 epochs that fit in the same CPU time reached 74% instead of 98%). No RandAugment / Mixup /
+# CutMix / erasing / flips: on 8x8 digits they destroy the digit (a flipped 2 is no digit) and the run does not
+# learn in minutes; a small random affine instead, and a larger lr (2e-3 for the batch of 32), 1 warm-up epoch.
+# One thread: this model's ops (32 x 16 tokens x 64 channels) are too small to pay for a thread pool's barriers,
+# and on shared cores those barriers stalled 2 threads to ~3 s per step against ~0.05 s for one.
+DIGITS_RECIPE = dict(
+    model="convit_digits",
+    input_size=16,
+    batch_size=32,
+    epochs=30,
+    lr=3.2e-2,
+    warmup_epochs=1,
+    smoothing=0.1,
+    mixup=0.0,
+    cutmix=0.0,
+    auto_augment="",
+    reprob=0.0,
+    drop_path=0.0,
+    repeated_aug=False,
+    workers=0,
+    threads=1,
+)
 
 
 # ConViT's architecture options (its main.py's --embed_dim, --local_up_to_layer, --locality_strength): None keeps
@@ -94,15 +139,15 @@ def replace_gpsa_by_mhsa(model: ConVit) -> None:
 
 
 def head_dim(name: str, embed_dim=None) -> int:
-    """The attention head dim of a model name (timm's ConViTs: 48), or `embed_dim` where given (--embed-dim)."""
+    """The attention head dim of a model name (timm's ConViTs: HEAD_DIM), or `embed_dim` where given (--embed-dim)."""
     if embed_dim is not None:
         return embed_dim
-    return EXTRA_MODELS[name]["embed_dim"] if name in EXTRA_MODELS else 48
+    return EXTRA_MODELS[name]["embed_dim"] if name in EXTRA_MODELS else HEAD_DIM
 
 
 def patch_size(name: str) -> int:
-    """The patch side in pixels of a model name (timm's ConViTs: 16)."""
-    return EXTRA_MODELS.get(name, {}).get("patch_size", 16)
+    """The patch side in pixels of a model name (timm's ConViTs: PATCH_SIZE)."""
+    return EXTRA_MODELS.get(name, {}).get("patch_size", PATCH_SIZE)
 
 
 def check_optimizer(name: str) -> None:
