@@ -9,7 +9,7 @@ it. A part that cannot be built (no torch at build time, no C++ compiler, no
 nvcc, a failed compile) is skipped with one line saying why: the install goes
 on, the package imports, and ``convit-kernels backends`` says what is missing;
 the part is then built with ninja on first use once a compiler is there.
-See csrc/build_config.py.
+See convit_kernels/build_config.py.
 """
 
 import contextlib
@@ -40,11 +40,15 @@ def _say(message: str) -> None:
     print(f"convit-kernels: {message}", flush=True)
 
 
-def _build_config():
-    spec = importlib.util.spec_from_file_location("build_config", os.path.join(ROOT, "csrc", "build_config.py"))
-    config = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(config)
-    return config
+def _package_module(name: str):
+    """convit_kernels/<name>.py by path: importing the package would import torch and the parts being built."""
+    spec = importlib.util.spec_from_file_location(
+        f"convit_kernels_setup_{name}", os.path.join(ROOT, "convit_kernels", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 class BuildPyWithSources(build_py):
@@ -99,8 +103,8 @@ def _extensions_and_commands():
     except ImportError:
         _say("not building the C++/CUDA extension: torch is not installed in the build environment")
         return [], cmdclass
-    config = _build_config()
-    cuda_home, cuda_archs, why_not_cuda = config.configure_cuda()
+    config, settings = _package_module("build_config"), _package_module("settings")
+    cuda_home, cuda_archs, why_not_cuda = config.configure_cuda(settings.enabled("CONVIT_KERNELS_NO_CUDA"))
     import torch.utils.cpp_extension as cpp_extension
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -161,8 +165,8 @@ def _extensions_and_commands():
 
     cmdclass["build_ext"] = BuildExtensionOrSkip
 
-    def relative(paths):  # setuptools wants sources relative to setup.py
-        return [os.path.relpath(p, ROOT) for p in paths]
+    def sources(names):  # the checkout's, relative to setup.py as setuptools wants them
+        return [os.path.relpath(p, ROOT) for p in config.source_paths(names, os.path.join(ROOT, "csrc"))]
 
     why_not_cpu = config.why_no_cxx()
     if why_not_cpu is not None:
@@ -171,7 +175,7 @@ def _extensions_and_commands():
     ext_modules = [
         CppExtension(
             "convit_kernels._C",
-            relative(config.CPU_SOURCES),
+            sources(config.CPU_SOURCES),
             extra_compile_args={"cxx": config.cxx_flags()},
             extra_link_args=config.link_flags(),
             py_limited_api=True,
@@ -181,7 +185,7 @@ def _extensions_and_commands():
         ext_modules.append(
             CUDAExtension(
                 "convit_kernels._C_cuda",
-                relative(config.CUDA_SOURCES),
+                sources(config.CUDA_SOURCES),
                 include_dirs=config.nvidia_include_dirs(),
                 extra_compile_args={"cxx": config.cuda_cxx_flags(), "nvcc": config.nvcc_flags(cuda_archs)},
                 py_limited_api=True,

@@ -1,7 +1,7 @@
 """dq and dk precision at large logits: issue 21's table, for the backends that run here.
 
-Rows with two near-tied top logits of size L (tests/gpsa_cases.near_tied_inputs; exact in
-float32), fp32, max error of dq and dk against the float64 reference relative to each one's
+Rows with two near-tied top logits of size L (convit_kernels.bench.saturated.near_tied_inputs;
+exact in float32), fp32, max error of dq and dk against the float64 reference relative to each one's
 largest value. "eager" is the fp32 eager math (the reference backend run in float32), the
 yardstick of tests/test_saturated.py: every op-pair backend within 2x of it.
 
@@ -11,14 +11,10 @@ yardstick of tests/test_saturated.py: every op-pair backend within 2x of it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-
-from convit_kernels import available_backends  # noqa: E402
-
-from gpsa_cases import NEAR_TIED_LOGITS, dq_dk_relative_errors, near_tied_inputs  # noqa: E402
+from convit_kernels import available_backends
+from convit_kernels.bench.saturated import NEAR_TIED_LOGITS, dq_dk_relative_errors, near_tied_inputs
 
 
 def main(argv=None) -> int:

@@ -3,25 +3,25 @@
 Same workloads, implementations and correctness gate as `convit-kernels bench`;
 pytest-benchmark does the timing. Every case is gated against the float64
 reference before it is timed. Select with -k (e.g. -k "core and fwd+bwd") and
-widen with GPSA_BENCH_SHAPES / GPSA_BENCH_DTYPES (space-separated).
+widen with GPSA_BENCH_SHAPES / GPSA_BENCH_DTYPES (space-separated; docs/settings.md).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
 
+from convit_kernels import settings
 from convit_kernels.accuracy import gate
 from convit_kernels.bench.implementations import BASELINES, REFERENCE, evaluate, fused_backends, implementations
 from convit_kernels.bench.run import pass_callable
 from convit_kernels.bench.workloads import DTYPES, LEVELS, PASSES, SHAPES, Workload, default_batch, make_problem
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BENCH_SHAPES = os.environ.get("GPSA_BENCH_SHAPES", "Ti-224 S-224").split()
-BENCH_DTYPES = os.environ.get("GPSA_BENCH_DTYPES", "fp32").split()
+BENCH_SHAPES = settings.names("GPSA_BENCH_SHAPES", SHAPES)
+BENCH_DTYPES = settings.names("GPSA_BENCH_DTYPES", DTYPES)
 NAMES = [f"fused-{name}" for name, why in fused_backends(DEVICE.type).items() if why is None] + list(BASELINES)
 
 

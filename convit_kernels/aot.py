@@ -26,12 +26,11 @@ import torch
 
 from .arguments import number
 from .backends.triton.configs import MAX_HEAD_DIM
+from .convit_shapes import HEAD_DIMS, TOKENS_224
 
 __all__ = ["main", "compile_report", "summarise", "KernelReport", "count_instructions"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-HEAD_DIMS = (48, 64)
-CONVIT_N = 196
 # Per-SM limits: registers (32-bit), shared memory usable by blocks, resident warps.
 SM_LIMITS = {80: (65536, 164 * 1024, 64), 90: (65536, 228 * 1024, 64)}
 # The reported kernels: name -> (kernel of kernels.KERNELS, the GPSA constexpr or None).
@@ -219,7 +218,12 @@ def _inspect(compiled, report: KernelReport) -> None:
 
 
 def compile_report(
-    archs=(80, 90), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS, n=CONVIT_N, kernels=tuple(REPORTED), fp32_precision=None
+    archs=(80, 90),
+    dtypes=tuple(DTYPES),
+    head_dims=HEAD_DIMS,
+    n=TOKENS_224,
+    kernels=tuple(REPORTED),
+    fp32_precision=None,
 ):
     """Compile each reported kernel for each arch, dtype and head dim at row length n; yield a KernelReport each.
 
@@ -315,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--n",
         type=number(int, low=1, high=2**20),
-        default=CONVIT_N,
+        default=TOKENS_224,
         help="row length of the per-score figures (default: %(default)s)",
     )
     parser.add_argument(

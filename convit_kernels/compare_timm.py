@@ -10,12 +10,16 @@ import torch
 
 from .arguments import SEED, SIZE
 from .backends import BACKEND_NAMES, BackendError
+from .convit_shapes import FAMILY_HEADS, GRID_224, HEAD_DIM, TOKENS_224
 from .dispatch import resolve_backend
 from .module import FusedGPSA, timm_convit
 
 # Agreement `compare-timm` requires in float32, as a fraction of each tensor's largest value: the tests hold the
 # backends to 2e-5 on the CPU and to 1e-4 on GPUs, where Triton's fp32 dots run as 3xTF32.
 TOLERANCE = 1e-4
+# The layer compared: ConViT-Ti's, at 224 px.
+HEADS = FAMILY_HEADS["Ti"]
+DIM = HEADS * HEAD_DIM
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,7 +65,8 @@ def _compare(timm_run, fused_run) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convit-kernels compare-timm",
-        description="Run timm's GPSA and FusedGPSA on one ConViT-Ti layer (dim 192, 4 heads, 14 x 14 patches), "
+        description="Run timm's GPSA and FusedGPSA on one ConViT-Ti layer "
+        f"(dim {DIM}, {HEADS} heads, {GRID_224[0]} x {GRID_224[1]} patches), "
         f"print how far apart their outputs and gradients are, and exit 1 if any is beyond {TOLERANCE:g} "
         "of its scale.",
     )
@@ -81,15 +86,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        backend = resolve_backend(args.backend, torch.device(device), torch.float32, 48)
+        backend = resolve_backend(args.backend, torch.device(device), torch.float32, HEAD_DIM)
     except BackendError as exc:
         parser.error(str(exc))
 
     torch.manual_seed(args.seed)
-    stock = timm_convit().GPSA(192, num_heads=4, locality_strength=1.0, device=device)
+    stock = timm_convit().GPSA(DIM, num_heads=HEADS, locality_strength=1.0, device=device)
     stock.local_init()
     fused = FusedGPSA.from_gpsa(copy.deepcopy(stock), backend=backend)
-    x = torch.randn(args.batch, 196, 192, device=device)
+    x = torch.randn(args.batch, TOKENS_224, DIM, device=device)
     print(f"ConViT-Ti GPSA layer, x {tuple(x.shape)} float32 on {device}; fused backend: {backend}")
     timm_run, fused_run = _run(stock, x, device), _run(fused, x, device)
     failed = _compare(timm_run, fused_run)

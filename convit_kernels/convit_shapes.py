@@ -11,6 +11,7 @@ __all__ = [
     "PATCH_SIZE",
     "HEAD_DIM",
     "HEAD_DIMS",
+    "IMAGE_SIZE",
     "IMAGE_SIZES",
     "grid_side",
     "GRID_224",
@@ -22,8 +23,10 @@ __all__ = [
 PATCH_SIZE = 16
 HEAD_DIM = 48
 # ConViT-Ti/S/B (48) and their "+" variants (64).
-HEAD_DIMS = (48, 64)
-IMAGE_SIZES = (224, 384)
+HEAD_DIMS = (HEAD_DIM, 64)
+# The input size timm's ConViTs are made for, and the one they are also fine-tuned at.
+IMAGE_SIZE = 224
+IMAGE_SIZES = (IMAGE_SIZE, 384)
 # Heads of each model family; the embedding dim is heads x head dim.
 FAMILY_HEADS = {"Ti": 4, "S": 9, "B": 16}
 

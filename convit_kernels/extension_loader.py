@@ -19,20 +19,11 @@ import re
 
 import torch
 
-__all__ = ["load_cpu", "load_cuda", "import_built", "build_tag", "build_config", "why_not_built", "describe"]
+from . import build_config, settings
+
+__all__ = ["load_cpu", "load_cuda", "import_built", "build_tag", "why_not_built", "describe"]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _find_csrc() -> str:
-    """The extension's sources: inside the package (an installed wheel) or next to it (a source checkout)."""
-    for candidate in (os.path.join(_PACKAGE, "csrc"), os.path.join(os.path.dirname(_PACKAGE), "csrc")):
-        if os.path.exists(os.path.join(candidate, "build_config.py")):
-            return candidate
-    return os.path.join(os.path.dirname(_PACKAGE), "csrc")
-
-
-_CSRC = _find_csrc()
 _HOW_TO_REBUILD = (
     "reinstall convit-kernels against this torch (pip install --force-reinstall --no-deps convit-kernels, "
     "or pip install --no-build-isolation -e . in a checkout), or install a C++ compiler (and nvcc for the "
@@ -99,25 +90,18 @@ def import_built(module: str) -> str | None:
         return f"{module} did not load ({exc})"
 
 
-def build_config():
-    """csrc/build_config.py (the flags setup.py uses), loaded by path."""
-    spec = importlib.util.spec_from_file_location("convit_kernelsbuild_config", os.path.join(_CSRC, "build_config.py"))
-    config = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(config)
-    return config
-
-
 def _jit_build(name: str, cuda: bool) -> None:
     """Build and load one part of the extension with ninja; raises when it cannot."""
-    if not os.path.exists(os.path.join(_CSRC, "build_config.py")):
-        raise ImportError(f"the package was installed without its sources ({_CSRC} is missing)")
-    config = build_config()
-    why_no_cxx = config.why_no_cxx()
+    sources = build_config.source_paths(build_config.CUDA_SOURCES if cuda else build_config.CPU_SOURCES)
+    missing = [path for path in sources if not os.path.exists(path)]
+    if missing:
+        raise ImportError(f"the package was installed without its sources ({missing[0]} is missing)")
+    why_no_cxx = build_config.why_no_cxx()
     if why_no_cxx is not None:
         raise ImportError(why_no_cxx)
     cuda_archs = None
     if cuda:
-        cuda_home, cuda_archs, why_not = config.configure_cuda()
+        cuda_home, cuda_archs, why_not = build_config.configure_cuda(settings.enabled("CONVIT_KERNELS_NO_CUDA"))
         if cuda_home is None:
             raise ImportError(why_not)
     import torch.utils.cpp_extension as cpp_extension
@@ -126,11 +110,11 @@ def _jit_build(name: str, cuda: bool) -> None:
         cpp_extension.CUDA_HOME = cuda_home  # torch found its own at import, maybe another toolkit
     cpp_extension.load(
         name=name,
-        sources=config.CUDA_SOURCES if cuda else config.CPU_SOURCES,
-        extra_cflags=config.cuda_cxx_flags() if cuda else config.cxx_flags(),
-        extra_cuda_cflags=config.nvcc_flags(cuda_archs) if cuda else None,
-        extra_ldflags=[] if cuda else config.link_flags(),
-        extra_include_paths=config.nvidia_include_dirs() if cuda else None,
+        sources=sources,
+        extra_cflags=build_config.cuda_cxx_flags() if cuda else build_config.cxx_flags(),
+        extra_cuda_cflags=build_config.nvcc_flags(cuda_archs) if cuda else None,
+        extra_ldflags=[] if cuda else build_config.link_flags(),
+        extra_include_paths=build_config.nvidia_include_dirs() if cuda else None,
         is_python_module=False,
         verbose=False,
     )
@@ -183,7 +167,7 @@ def load_cuda() -> str | None:
 def _install_note(module: str) -> str | None:
     """What setup.py noted beside the package on why it did not build ``module``; None when it noted nothing."""
     try:
-        with open(build_config().not_built_note(_PACKAGE, module)) as f:
+        with open(build_config.not_built_note(_PACKAGE, module)) as f:
             return f.read().strip() or "(the install's note is empty)"
     except OSError:
         return None
@@ -202,7 +186,7 @@ def describe() -> list[str]:
         if spec is None or spec.origin is None:
             lines.append(
                 f"{what}: not built at install ({why_not_built(module)}); built with ninja on first use "
-                f"(sources: {_CSRC})"
+                f"(sources: {build_config.sources_dir()})"
             )
             continue
         tag = build_tag(spec.origin) or {}

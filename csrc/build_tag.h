@@ -1,8 +1,8 @@
 // The build tag of a built part, read from its file by
-// convit_kernels/backends/extension.py before it loads it: built on the stable
-// ABI, against which torch, and the oldest torch it loads on
-// (csrc/build_config.py: tag_flags). Included by exactly one source file of
-// each part (gpsa_cpu.cpp, gpsa_cuda.cu).
+// convit_kernels/extension_loader.py (build_tag) before it loads it: built on
+// the stable ABI, against which torch, and the oldest torch it loads on
+// (convit_kernels/build_config.py: tag_flags). Included by exactly one source
+// file of each part (gpsa_cpu.cpp, gpsa_cuda.cu).
 #pragma once
 
 #define CONVIT_KERNELS_STR2(x) #x

@@ -35,7 +35,9 @@ import torch, convit_kernels
 from convit_kernels.extension_loader import load_cpu
 assert load_cpu() is None, load_cpu()
 import convit_kernels._C as ext
+from convit_kernels import build_config
 print("extension", ext.__file__)
+print("sources", build_config.sources_dir())
 torch.manual_seed(0)
 B, H, N, d = 2, 3, 49, 16
 q, k, v = (torch.randn(B, H, N, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -112,7 +114,8 @@ def test_sdist_holds_the_sources(dist):
         "CHANGELOG.md",
         "README.md",
         "requirements.txt",
-        "csrc/build_config.py",
+        "convit_kernels/build_config.py",
+        "csrc/cpu/simd.h",
         "csrc/gpsa_common.h",
         "csrc/gpsa_ops.h",
         "csrc/build_tag.h",
@@ -131,6 +134,7 @@ def test_wheel_holds_the_cpu_part_sources_and_license(dist):
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert any(n.startswith("convit_kernels/_C.") and n.endswith(".so") for n in names), names
     assert "convit_kernels/csrc/cpu/gpsa_cpu.cpp" in names  # for a JIT build of a part the wheel lacks
+    assert "convit_kernels/csrc/cpu/simd.h" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert f"Version: {convit_kernels.__version__}" in metadata
     assert "License-Expression: MIT" in metadata
@@ -146,6 +150,7 @@ def test_installed_wheel_lists_backends_and_runs(venv, tmp_path):
     assert "forward/backward ok" in result, result
     assert "timm imported: False" in result, result
     assert f"extension {venv}" in result, result  # the wheel's compiled part, not a JIT build or the checkout's
+    assert f"sources {venv}" in result, result  # a first-use build would take the wheel's sources
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,10 @@
 """The "sdpa" backend: (1 - g) SDPA + g separable P v against the reference, its op, and its memory."""
 
-import os
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from convit_kernels import FusedGPSA, gpsa_attention, patch_convit
+from convit_kernels import FusedGPSA, gpsa_attention, patch_convit, settings
 
 from gpsa_cases import LARGE_WEIGHT_RTOL, assert_matches_reference, make_inputs, max_error, outputs_and_grads, upcast
 
@@ -166,7 +164,7 @@ def fused_mix():
     problem = load_cpu()
     if problem is not None:
         pytest.skip(f"the extension's CPU part is unavailable: {problem}")
-    if os.environ.get("CONVIT_KERNELS_NO_FUSED_MIX", "0") not in ("", "0"):
+    if settings.enabled("CONVIT_KERNELS_NO_FUSED_MIX"):
         pytest.skip("CONVIT_KERNELS_NO_FUSED_MIX is set")
     assert _fused_cpu_mix(1, 1, torch.zeros(1)) is not None, "convit_kernels._C predates the mix ops: rebuild it"
 

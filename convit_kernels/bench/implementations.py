@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import available_backends, get_backend
+from ..convit_shapes import HEAD_DIM
 from ..dispatch import not_supported_reasons
 from ..module import FusedGPSA
 from ..op import gpsa_attention
@@ -164,7 +165,7 @@ def implementations(device_type: str, dtype: torch.dtype) -> dict[str, Implement
     """name -> Implementation of everything that can be timed on this device type and dtype."""
     impls = {}
     for name, problem in fused_backends(device_type).items():
-        if problem is None and not not_supported_reasons(name, torch.device(device_type), dtype, 48):
+        if problem is None and not not_supported_reasons(name, torch.device(device_type), dtype, HEAD_DIM):
             impls[f"fused-{name}"] = fused(name)
     return {**impls, **BASELINES}
 

@@ -34,6 +34,7 @@
 
 #include "../gpsa_common.h"
 #include "../gpsa_ops.h"
+#include "simd.h"
 
 // Fortran BLAS, declared weak: present in libtorch_cpu on x86-64 (MKL), absent elsewhere.
 extern "C" {
@@ -110,77 +111,7 @@ void gemm(bool use_blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
   }
 }
 
-// ------------------------------------------------------------------ vectorised elementwise loops
-
-// Eight floats in a GCC/Clang vector: arithmetic, comparisons and ?: act lane by
-// lane, so the scalar templates (gpsa_common.h, fast_exp) run on it unchanged.
-// The compiler maps it to one AVX register, two SSE/NEON registers or scalars.
-using floatx8 = float __attribute__((vector_size(32)));
-using intx8 = int32_t __attribute__((vector_size(32)));
-
-// The vector type a hot loop runs on: floatx8 for float; double (gradcheck only) stays scalar.
-template <typename acc_t>
-struct Simd {
-  using type = acc_t;
-  static constexpr int width = 1;
-};
-template <>
-struct Simd<float> {
-  using type = floatx8;
-  static constexpr int width = 8;
-};
-
-template <typename V, typename T>
-V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename T, typename V>
-void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-inline float lane_sum(floatx8 v) {
-  float sum = 0;
-  for (int l = 0; l < 8; ++l) sum += v[l];
-  return sum;
-}
-inline float lane_max(floatx8 v) {
-  float m = v[0];
-  for (int l = 1; l < 8; ++l) m = v[l] > m ? v[l] : m;
-  return m;
-}
-// The double path (gradcheck only) runs on scalars: its "vectors" are doubles.
-inline double lane_sum(double v) { return v; }
-inline double lane_max(double v) { return v; }
-
-// Run body(lane, j) over j < n: on vectors of Simd<acc_t>::width lanes, then one
-// element at a time for the tail; `lane` is a value of the type to compute in.
-template <typename acc_t, typename Body>
-void simd_loop(int64_t n, Body&& body) {
-  using V = typename Simd<acc_t>::type;
-  constexpr int width = Simd<acc_t>::width;
-  int64_t j = 0;
-  for (; j + width <= n; j += width) body(V{}, j);
-  for (; j < n; ++j) body(acc_t{}, j);
-}
-
-// A sum over a simd_loop: one vector of partial sums plus the scalar tail.
-template <typename acc_t>
-struct SimdSum {
-  typename Simd<acc_t>::type vec{};
-  acc_t tail = 0;
-  template <typename L>
-  void add(const L& x) {
-    if constexpr (std::is_same_v<L, typename Simd<acc_t>::type>) {
-      vec += x;
-    } else {
-      tail += x;
-    }
-  }
-  acc_t total() const { return lane_sum(vec) + tail; }
-};
+// ------------------------------------------------------------------ vectorised elementwise loops (on simd.h)
 
 // expf to a few ulp on float or floatx8 (Cephes' reduction and polynomial),
 // for arguments <= 0 as softmax gives it; std::exp for double.

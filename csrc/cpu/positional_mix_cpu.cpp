@@ -1,10 +1,11 @@
 // The "sdpa" backend's positional mix on the CPU, fused: one pass over the
 // B x H x N x d tensors per direction (convit_kernels/backends/sdpa.py).
 //
-// Python computes the small per-head tables (separable.positional_axis_probs)
-// and hands them here in the accumulation type: px (H x W x W), py_g = g py
-// (H x H_p x H_p, the gate riding on the row table) and one_minus_g (H). With
-// rows n = y W + x of a (batch, head) slice:
+// The small per-head tables come from positional_tables below (the serial twin
+// of separable.positional_axis_probs); Python hands them back in the
+// accumulation type: px (H x W x W), py_g = g py (H x H_p x H_p, the gate riding
+// on the row table) and one_minus_g (H). With rows n = y W + x of a (batch,
+// head) slice:
 //
 // mix_fwd, per (b, h):
 //   T[y, x]   = sum_x' px[x, x'] v[y, x']                   (N x d, thread-local)
@@ -27,40 +28,15 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <array>
-#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../gpsa_ops.h"
+#include "simd.h"
 
 namespace convit_kernels {
 namespace {
-
-// 32-byte GCC/Clang vectors: one AVX register (two SSE/NEON ones).
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-  static constexpr int lanes = 8;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-  static constexpr int lanes = 4;
-};
-
-template <typename V, typename T>
-inline V vload(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename T, typename V>
-inline void vstore(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
 
 // R output rows that combine the same source rows with their own coefficients:
 //   dst[r][c] = init_scale init[r][c] + sum_{k < count} coef[r][k coef_stride] src[k src_stride + c]
@@ -86,12 +62,12 @@ inline void combine_block(const Combine<R, acc_t>& op, int64_t c0) {
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i)
-      acc[r][i] = op.init[0] ? op.init_scale * vload<V>(op.init[r] + c0 + i * L) : V{};
+      acc[r][i] = op.init[0] ? op.init_scale * load<V>(op.init[r] + c0 + i * L) : V{};
   for (int64_t k = 0; k < op.count; ++k) {
     const acc_t* s = op.src + k * op.src_stride + c0;
     V sv[NV];
 #pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) sv[i] = vload<V>(s + i * L);
+    for (int i = 0; i < NV; ++i) sv[i] = load<V>(s + i * L);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const acc_t w = op.coef[r][k * op.coef_stride];
@@ -102,7 +78,7 @@ inline void combine_block(const Combine<R, acc_t>& op, int64_t c0) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) vstore(op.dst[r] + c0 + i * L, acc[r][i]);
+    for (int i = 0; i < NV; ++i) store(op.dst[r] + c0 + i * L, acc[r][i]);
 }
 
 // Every column c < d: blocks of up to 6 vectors (12 accumulators for two rows), then scalars.
@@ -147,13 +123,6 @@ void in_pairs(int64_t count, Body&& body) {
   if (i < count) body(i, std::integral_constant<int, 1>{});
 }
 
-template <typename acc_t>
-inline acc_t lane_sum(const typename Vec<acc_t>::type& v) {
-  acc_t sum = 0;
-  for (int l = 0; l < Vec<acc_t>::lanes; ++l) sum += v[l];
-  return sum;
-}
-
 // sum_{k < count} a[k a_stride + c] b[k b_stride + c] over c < d, in a fixed order.
 template <typename acc_t>
 acc_t dot_rows(const acc_t* a, int64_t a_stride, const acc_t* b, int64_t b_stride, int64_t count, int64_t d) {
@@ -166,15 +135,15 @@ acc_t dot_rows(const acc_t* a, int64_t a_stride, const acc_t* b, int64_t b_strid
     const acc_t* bk = b + k * b_stride;
     int64_t c = 0;
     for (; c + 4 * L <= d; c += 4 * L) {
-      acc0 += vload<V>(ak + c) * vload<V>(bk + c);
-      acc1 += vload<V>(ak + c + L) * vload<V>(bk + c + L);
-      acc2 += vload<V>(ak + c + 2 * L) * vload<V>(bk + c + 2 * L);
-      acc3 += vload<V>(ak + c + 3 * L) * vload<V>(bk + c + 3 * L);
+      acc0 += load<V>(ak + c) * load<V>(bk + c);
+      acc1 += load<V>(ak + c + L) * load<V>(bk + c + L);
+      acc2 += load<V>(ak + c + 2 * L) * load<V>(bk + c + 2 * L);
+      acc3 += load<V>(ak + c + 3 * L) * load<V>(bk + c + 3 * L);
     }
-    for (; c + L <= d; c += L) acc0 += vload<V>(ak + c) * vload<V>(bk + c);
+    for (; c + L <= d; c += L) acc0 += load<V>(ak + c) * load<V>(bk + c);
     for (; c < d; ++c) tail += ak[c] * bk[c];
   }
-  return lane_sum<acc_t>((acc0 + acc1) + (acc2 + acc3)) + tail;
+  return lane_sum((acc0 + acc1) + (acc2 + acc3)) + tail;
 }
 
 

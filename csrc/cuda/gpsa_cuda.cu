@@ -21,7 +21,7 @@
 //             (and d pos_weight partials) over query tiles. No atomics: partial
 //             sums are reduced in a fixed order.
 //
-// Built on the LibTorch stable ABI, like the CPU part (csrc/build_config.py:
+// Built on the LibTorch stable ABI, like the CPU part (convit_kernels/build_config.py:
 // TORCH_TARGET_VERSION): tensors are torch::stable::Tensor, the device guard is
 // torch::stable::accelerator's, the current stream comes from the C shim
 // (aoti_torch_get_current_cuda_stream: the stable Stream's native handle needs

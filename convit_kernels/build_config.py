@@ -1,9 +1,13 @@
-"""How the extension is built: sources, flags, the CUDA toolkit and architectures.
+"""How the extension is built: its sources, flags, the CUDA toolkit and architectures.
 
-Shared by ``setup.py`` (ahead-of-time build) and ``convit_kernels/extension.py``
-(JIT build with ninja when the package was installed without building). Plain
-functions with no import of the package, so that setup.py can load this file by
-path before anything is built.
+Shared by ``setup.py`` (ahead-of-time build), which loads this file by path before anything is
+built, and :mod:`convit_kernels.extension_loader` (the build with ninja on first use where the
+package was installed without building a part, and the install's notes on why). Plain functions
+of the standard library that import nothing of the package and read none of its settings (the
+callers hand CONVIT_KERNELS_NO_CUDA over, :mod:`convit_kernels.settings`).
+
+The sources are C++/CUDA files: csrc/ of a checkout, which ``setup.py``'s build_py copies into
+the package (convit_kernels/csrc) so that an installed wheel can build a part too.
 
 Both parts, CPU and CUDA, are compiled against the LibTorch stable ABI
 (torch/csrc/stable and the C shim, TORCH_TARGET_VERSION = STABLE_ABI_TARGET,
@@ -13,13 +17,13 @@ loading it, to refuse a mismatch (a torch older than the target, or a build
 from before the CUDA part moved to the stable ABI) with a clear message
 instead of an undefined-symbol error.
 
-Environment:
-    CONVIT_KERNELS_NO_CUDA=1   skip the CUDA part.
+Environment (other software's variables, read here):
     TORCH_CUDA_ARCH_LIST       architectures of the CUDA part, default DEFAULT_CUDA_ARCHS;
                                those the toolkit's nvcc cannot target are dropped with a warning
                                (CUDA 13 dropped sm_70: with torch+cu130, whose own kernels start at
                                sm_75, the CUDA part covers sm_75..sm_90; a CUDA 12 toolkit keeps sm_70).
     CUDA_HOME                  the toolkit root; found from the nvcc on PATH when unset.
+    CXX                        the C++ compiler of the CPU part (default c++).
 """
 
 from __future__ import annotations
@@ -31,14 +35,26 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import warnings
 
-CSRC = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = [os.path.join(CSRC, "cpu", "gpsa_cpu.cpp"), os.path.join(CSRC, "cpu", "positional_mix_cpu.cpp")]
-CUDA_SOURCES = [os.path.join(CSRC, "cuda", "gpsa_cuda.cu")]
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# Each part's sources, relative to the sources' folder (sources_dir).
+CPU_SOURCES = ("cpu/gpsa_cpu.cpp", "cpu/positional_mix_cpu.cpp")
+CUDA_SOURCES = ("cuda/gpsa_cuda.cu",)
 # Beside where a part's file would be: why the install did not build it (read by `convit-kernels backends`).
 NOT_BUILT_SUFFIX = ".not-built.txt"
+
+
+def sources_dir() -> str:
+    """The extension's sources: the package's copy (an installed wheel), else the checkout's csrc/ beside it."""
+    copy = os.path.join(PACKAGE, "csrc")
+    return copy if os.path.isdir(copy) else os.path.join(os.path.dirname(PACKAGE), "csrc")
+
+
+def source_paths(names, root: str | None = None) -> list:
+    """The paths of ``names`` (CPU_SOURCES, CUDA_SOURCES) under ``root``, by default :func:`sources_dir`."""
+    root = sources_dir() if root is None else root
+    return [os.path.join(root, *name.split("/")) for name in names]
 
 
 def not_built_note(package_dir: str, module: str) -> str:
@@ -123,23 +139,6 @@ def nvcc_flags(archs: str) -> list:
     return base + arch_flags(archs) + CUDA_SHIM_FLAGS + tag_flags()
 
 
-def _settings():
-    """convit_kernels/settings.py, loaded by path (the package may not be importable while it is being built)."""
-    for candidate in (os.path.join(CSRC, "..", "convit_kernels"), os.path.join(CSRC, "..")):
-        path = os.path.join(candidate, "settings.py")
-        if os.path.exists(path):
-            spec = importlib.util.spec_from_file_location("convit_kernels_settings", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module  # its dataclass looks its module up there
-            spec.loader.exec_module(module)
-            return module
-    raise FileNotFoundError(f"convit_kernels/settings.py not found next to {CSRC}")
-
-
-def cuda_build_disabled() -> bool:
-    return _settings().enabled("CONVIT_KERNELS_NO_CUDA")
-
-
 def find_cuda_home():
     """The CUDA toolkit root, or None. The nvcc on PATH may be a wrapper script, so ask nvcc itself where it runs."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
@@ -195,15 +194,15 @@ def cuda_arch_list(cuda_home: str) -> str:
     return ";".join(kept)
 
 
-def configure_cuda():
+def configure_cuda(disabled: bool):
     """(toolkit root, arch list, None) when the CUDA part can be built here, else (None, None, reason).
 
-    Writes nothing: the caller hands the root to torch.utils.cpp_extension (its CUDA_HOME) and the
-    arch list to :func:`nvcc_flags`.
+    ``disabled``: CONVIT_KERNELS_NO_CUDA as the caller read it. Writes nothing: the caller hands
+    the root to torch.utils.cpp_extension (its CUDA_HOME) and the arch list to :func:`nvcc_flags`.
     """
     import torch
 
-    if cuda_build_disabled():
+    if disabled:
         return None, None, "CONVIT_KERNELS_NO_CUDA is set"
     if torch.version.cuda is None:
         return None, None, "this torch build has no CUDA"
