@@ -3,8 +3,9 @@
 //
 // Flash style: a block of query rows at a time with the whole key row in one
 // tile (N = 196 fits), so the content softmax is exact. Scratch is per thread and
-// O(block x N); the positional probabilities are generated a row at a time from
-// the per-axis tables (P_ij = px[x_i, x_j] py[y_i, y_j], H (W^2 + H_p^2) numbers).
+// O(block x N + N d); the positional probabilities are generated a row at a time from
+// the per-axis tables (P_ij = px[x_i, x_j] py[y_i, y_j], H (W^2 + H_p^2) numbers), or,
+// on grids where those would be large (strips), from axis rows made for each query row.
 // The products on tiles go to BLAS (sgemm_/dgemm_, which libtorch_cpu exports
 // on x86-64), with a portable loop version where the symbol is missing or the
 // op is called with use_blas=False (the backend's reading of its setting).
@@ -30,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../gpsa_common.h"
@@ -52,6 +54,8 @@ namespace {
 // Query rows per block. At N = 196 one block takes a whole (batch, head): the
 // larger tile products ran fastest, and B x H tasks still keep the cores busy.
 constexpr int64_t kMaxBlockRows = 256;
+// Numbers in a block's bm x N tile at most (4 MB in float32).
+constexpr int64_t kMaxBlockNumbers = int64_t(1) << 20;
 
 // A CPU, contiguous copy of t in dtype (t itself when it already is one).
 Tensor cpu_contiguous(const Tensor& t, ScalarType dtype) {
@@ -176,37 +180,55 @@ RowSoftmax<acc_t> exp_row(acc_t* row, int64_t n) {
 
 // ------------------------------------------------------------------ positional tables
 
-// Per-axis positional softmaxes px (H x W x W) and py (H x H_p x H_p), and the
+// Whole per-axis tables only where they hold at most this many numbers a token (a 1 x 4096 strip's px is
+// 4096^2 a head); elsewhere each row of P makes its two axis rows on the fly: W + H_p exps beside the
+// row's N content ones.
+constexpr int64_t kWholeTablesPerToken = 16;
+
+// Per-axis positional softmaxes px (H x W x W) and py (H x H_p x H_p), whole where they fit, and the
 // patch coordinates (x_n, y_n) of each patch in acc_t.
 template <typename acc_t>
 struct PositionalTables {
   int64_t heads, grid_h, grid_w;
-  std::vector<acc_t> px, py, x_of, y_of;
+  bool whole;
+  std::vector<acc_t> weights, px, py, x_of, y_of;  // weights: pos_weight, H x 3
 
   PositionalTables(const Tensor& pos_weight, int64_t grid_h_, int64_t grid_w_)
       : heads(pos_weight.size(0)), grid_h(grid_h_), grid_w(grid_w_) {
     constexpr ScalarType acc_dtype = std::is_same_v<acc_t, double> ? ScalarType::Double : ScalarType::Float;
     const Tensor w = cpu_contiguous(pos_weight, acc_dtype);
     const acc_t* wp = static_cast<const acc_t*>(w.data_ptr());
-    px.resize(heads * grid_w * grid_w);
-    py.resize(heads * grid_h * grid_h);
-    for (int64_t t = 0; t < heads * (grid_w + grid_h); ++t)
-      axis_tables_row<acc_t>(wp, int(heads), int(grid_h), int(grid_w), int(t), px.data(), py.data());
+    weights.assign(wp, wp + heads * 3);
+    whole = grid_w * grid_w + grid_h * grid_h <= kWholeTablesPerToken * grid_h * grid_w;
+    if (whole) {
+      px.resize(heads * grid_w * grid_w);
+      py.resize(heads * grid_h * grid_h);
+      for (int64_t t = 0; t < heads * (grid_w + grid_h); ++t)
+        axis_tables_row<acc_t>(wp, int(heads), int(grid_h), int(grid_w), int(t), px.data(), py.data());
+    }
     for (int64_t n = 0; n < grid_h * grid_w; ++n) {
       x_of.push_back(acc_t(n % grid_w));
       y_of.push_back(acc_t(n / grid_w));
     }
   }
-  const acc_t* px_row(int64_t h, int64_t x) const { return &px[(h * grid_w + x) * grid_w]; }
-  const acc_t* py_row(int64_t h, int64_t y) const { return &py[(h * grid_h + y) * grid_h]; }
+  // Room a thread gives positional_row for the axis rows it makes (none where the tables are whole).
+  int64_t axis_room() const { return whole ? 0 : grid_w + grid_h; }
+  // Row x of head h's px and row y of its py: the whole tables' rows, else made in room (axis_room numbers),
+  // by the function that makes the whole tables' rows: the same numbers either way.
+  std::pair<const acc_t*, const acc_t*> axis_rows(int64_t h, int64_t x, int64_t y, acc_t* room) const {
+    if (whole) return {&px[(h * grid_w + x) * grid_w], &py[(h * grid_h + y) * grid_h]};
+    axis_softmax_row<acc_t>(weights[3 * h + 0], weights[3 * h + 2], int(x), int(grid_w), room);
+    axis_softmax_row<acc_t>(weights[3 * h + 1], weights[3 * h + 2], int(y), int(grid_h), room + grid_w);
+    return {room, room + grid_w};
+  }
 };
 
-// Row i of head h's positional attention, P[i, (y_j, x_j)] = py[y_i, y_j] px[x_i, x_j], into row[0, N).
+// Row i of head h's positional attention, P[i, (y_j, x_j)] = py[y_i, y_j] px[x_i, x_j], into row[0, N);
+// room: tables.axis_room() numbers of the calling thread's.
 template <typename acc_t>
-void positional_row(const PositionalTables<acc_t>& tables, int64_t h, int64_t i, acc_t* row) {
+void positional_row(const PositionalTables<acc_t>& tables, int64_t h, int64_t i, acc_t* row, acc_t* room) {
   const int64_t grid_w = tables.grid_w;
-  const acc_t* pxr = tables.px_row(h, i % grid_w);
-  const acc_t* pyr = tables.py_row(h, i / grid_w);
+  const auto [pxr, pyr] = tables.axis_rows(h, i % grid_w, i / grid_w, room);
   for (int64_t yj = 0; yj < tables.grid_h; ++yj) {
     const acc_t py_value = pyr[yj];
     acc_t* dst = row + yj * grid_w;
@@ -221,11 +243,13 @@ std::vector<double> gate_values(const Tensor& gating_param) {
   return std::vector<double>(p, p + lam.numel());
 }
 
-// Query blocks of at most kMaxBlockRows rows, balanced (N = 576: 3 blocks of 192).
+// Query blocks of at most kMaxBlockRows rows and kMaxBlockNumbers / N, balanced (N = 576: 3 blocks of
+// 192): a thread's block x N tiles stay a few MB at any N (a 1 x 65536 strip: blocks of 16 rows).
 struct QueryBlocks {
   int64_t count, rows;
   explicit QueryBlocks(int64_t seq_len) {
-    count = (seq_len + kMaxBlockRows - 1) / kMaxBlockRows;
+    const int64_t max_rows = std::clamp<int64_t>(kMaxBlockNumbers / std::max<int64_t>(seq_len, 1), 1, kMaxBlockRows);
+    count = (seq_len + max_rows - 1) / max_rows;
     rows = (seq_len + count - 1) / count;
   }
 };
@@ -250,10 +274,11 @@ void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
 
   torch::stable::parallel_for(0, s.batch * H * blocks.count, 1, [&](int64_t begin, int64_t end) {
     const int64_t bm = blocks.rows;
-    std::vector<acc_t> scratch(bm * N + N + bm * d + 2 * N * d + (direct_output ? 0 : bm * d));
+    std::vector<acc_t> scratch(bm * N + N + tables.axis_room() + bm * d + 2 * N * d + (direct_output ? 0 : bm * d));
     acc_t* mixed = scratch.data();  // bm x N: exp(S - rowmax), then M
     acc_t* pos_row = mixed + bm * N;  // N
-    acc_t* q_buf = pos_row + N;
+    acc_t* axis_buf = pos_row + N;
+    acc_t* q_buf = axis_buf + tables.axis_room();
     acc_t* k_buf = q_buf + bm * d;
     acc_t* v_buf = k_buf + N * d;
     acc_t* out_buf = v_buf + N * d;  // bm x d when converting
@@ -278,7 +303,7 @@ void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
         acc_t* m_row = mixed + r * N;
         const RowSoftmax<acc_t> row = exp_row(m_row, N);
         stats_p[bh * N + row0 + r] = row;
-        positional_row(tables, h, row0 + r, pos_row);
+        positional_row(tables, h, row0 + r, pos_row, axis_buf);
         const acc_t content_scale = gates.content / row.sum;
         simd_loop<acc_t>(N, [&](auto lane, int64_t j) {
           using L = decltype(lane);
@@ -320,11 +345,12 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
 
   torch::stable::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const int64_t bm = blocks.rows;
-    std::vector<acc_t> scratch(2 * bm * N + N + 4 * N * d + (direct_output ? 0 : 3 * N * d));
+    std::vector<acc_t> scratch(2 * bm * N + N + tables.axis_room() + 4 * N * d + (direct_output ? 0 : 3 * N * d));
     acc_t* mixed = scratch.data();  // bm x N: A, then M = (1 - g) A + g P
     acc_t* dlogits = mixed + bm * N;  // bm x N: T = dO v^T, then dS
     acc_t* pos_row = dlogits + bm * N;  // N: P[i, :]
-    acc_t* q_buf = pos_row + N;
+    acc_t* axis_buf = pos_row + N;
+    acc_t* q_buf = axis_buf + tables.axis_room();
     acc_t* k_buf = q_buf + N * d;
     acc_t* v_buf = k_buf + N * d;
     acc_t* do_buf = v_buf + N * d;
@@ -368,7 +394,7 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
           const acc_t* y_of = tables.y_of.data();
           acc_t* m_row = mixed + r * N;
           acc_t* ds_row = dlogits + r * N;
-          positional_row(tables, h, i, pos_row);
+          positional_row(tables, h, i, pos_row, axis_buf);
           // A = e / sum_j e_ij, e = exp(S - max), normalised by the sum of this recomputed row, not
           // the forward's: with BLAS the product need not repeat the forward's bits (MKL's results
           // depend on the operands' alignment), and an ulp of a logit of 1e4 is ~1e-3 on its
