@@ -7,14 +7,14 @@ import sys
 
 import torch
 
-from . import dispatch, extension_loader, settings, verdict_cache
-from .backends import BACKEND_NAMES, available_backends, backend_problem, get_backend
+from . import dispatch, extension_loader, settings, verdict_cache, verification
+from .backends import available_backends, backend_names, backend_problem, get_backend
+from .convit_shapes import GRID_224, HEAD_DIM
+from .dtypes import dtype_name
 
 __all__ = ["list_backends", "verify_kernels"]
 
-# What `backends` asks auto about: ConViT's head dim and grid, and the dtypes a model trains in.
-_AUTO_HEAD_DIM = 48
-_AUTO_GRID = (14, 14)
+# What `backends` asks auto about: ConViT's head dim and 224 px grid, and the dtypes a model trains in.
 _AUTO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -22,32 +22,43 @@ def _devices():
     return [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
 
 
+def _auto_choice(device: torch.device, dtype: torch.dtype) -> str:
+    """One line: what auto picks for ConViT's shape, saying first when that takes an on-device check now."""
+    tokens, grid_w = GRID_224[0] * GRID_224[1], GRID_224[1]
+    name, skipped = dispatch.explain_auto(device, dtype, HEAD_DIM, GRID_224)
+    why = f" (skipped {' | '.join(skipped)})" if skipped else ""
+    if dispatch.verified_before_use(name, device) and settings.self_check_mode() != "off":
+        combination = verification.combination(name, device, dtype, HEAD_DIM, tokens, grid_w)
+        if verification.known_verdict(combination) is None:
+            check = f"running the on-device check of {name} ({combination.key()}) ..."
+            print(f"    {dtype_name(dtype):9s}    {check}", flush=True)
+        chosen = dispatch.choose(dispatch.AUTO, device, dtype, HEAD_DIM, tokens, grid_w)
+        why += "" if chosen == name else f" -> {chosen} (failed its on-device check)"
+    return f"    {dtype_name(dtype):9s} -> {name}{why}"
+
+
 def list_backends(argv=None) -> int:
     argparse.ArgumentParser(
         prog="convit-kernels backends",
-        description="List the GPSA backends, which ones run here, and what backend='auto' picks on each device.",
+        description="List the GPSA backends, which ones run here, and what backend='auto' picks on each device "
+        "(on a GPU, running the on-device check of auto's kernel first where no verdict is stored).",
     ).parse_args(argv)
     for name, status in available_backends().items():
         print(f"{name:10s} {'yes' if status.available else 'no ':3s}  {status.reason}")
     print("\nfp32 gradients at content logits of size L:")
-    for name in BACKEND_NAMES:
+    for name in backend_names():
         if backend_problem(name) is None:
             print(f"  {name:10s} {get_backend(name).large_logits}")
     print(f"\nC++/CUDA extension (this torch: {torch.__version__}):")
     for line in extension_loader.describe():
         print(f"  {line}")
-    print(f"\nbackend='auto' (head dim {_AUTO_HEAD_DIM}):")
-    tokens, grid_w = _AUTO_GRID[0] * _AUTO_GRID[1], _AUTO_GRID[1]
+    print(f"\nbackend='auto' (head dim {HEAD_DIM}, {GRID_224[0]} x {GRID_224[1]} grid):")
     for device in _devices():
         print(f"  on {device}: {dispatch.auto_policy(device.type)}")
         for dtype in _AUTO_DTYPES:
-            name, skipped = dispatch.explain_auto(device, dtype, _AUTO_HEAD_DIM)
-            why = f" (skipped {' | '.join(skipped)})" if skipped else ""
-            chosen = dispatch.choose("auto", device, dtype, _AUTO_HEAD_DIM, tokens, grid_w)
-            why += "" if chosen == name else f" -> {chosen} (failed its on-device check)"
-            print(f"    {str(dtype).replace('torch.', ''):9s} -> {name}{why}")
+            print(_auto_choice(device, dtype))
     print(f"\non-device checks (CONVIT_KERNELS_SELF_CHECK={settings.self_check_mode()}):")
-    for line in dispatch.describe() or ["none in this process (they run on CUDA devices only)"]:
+    for line in verification.describe(dispatch.FALLBACK) or ["none in this process (they run on CUDA devices only)"]:
         print(f"  {line}")
     return 0
 
@@ -64,9 +75,9 @@ def verify_kernels(argv=None) -> int:
     failed = 0
     for index in range(torch.cuda.device_count()):
         device = torch.device("cuda", index)
-        found = dispatch.check_and_store(device)
+        found = verification.check_and_store(device, dispatch.stored_combinations(device))
         failed += sum(not v.passed for v in found.values())
-        path = verdict_cache.cache_path(dispatch.device_name(device))
-        print(f"{dispatch.device_name(device)}: {len(found)} combinations checked, stored in {path}")
-    print("\n".join(dispatch.describe()))
+        path = verdict_cache.cache_path(verification.device_name(device))
+        print(f"{verification.device_name(device)}: {len(found)} combinations checked, stored in {path}")
+    print("\n".join(verification.describe(dispatch.FALLBACK)))
     return 1 if failed else 0

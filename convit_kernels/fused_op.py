@@ -1,12 +1,14 @@
 """The fused GPSA op: one custom-op pair and one autograd path over every op-pair backend.
 
-``convit_kernels::gpsa_fwd`` / ``gpsa_bwd`` run the op-pair backend they name; the tensors saved
-between them are that backend's own ``state`` (:mod:`convit_kernels.backends`). A backward with
-``create_graph=True`` runs the torch backend's backward, tensor ops that recompute the softmaxes
-and read no state, so double backward works through every op-pair backend. A scripted
-``FusedGPSA`` calls ``gpsa_fwd`` itself with its backend, "auto" included: the op runs what
-:func:`convit_kernels.dispatch.choose` picks, or refuses in one line where that is a composite.
-:func:`attention` is the path of every :func:`convit_kernels.gpsa_attention` call.
+:func:`attention`, the path of every :func:`convit_kernels.gpsa_attention` call, asks
+:func:`convit_kernels.dispatch.choose` for a backend once and runs that :class:`~convit_kernels.backends.Backend`:
+its ``attention`` for a composite, the op pair for an op pair, or what the backend declares for the
+calls its own code cannot take (``functorch``, ``onnx_export``). ``convit_kernels::gpsa_fwd`` /
+``gpsa_bwd`` carry the chosen backend by name (a schema holds no object) and look it up in the
+registry; the tensors saved between them are that backend's own ``state``. A backward with
+``create_graph=True`` runs the backend's ``double_backward``, tensor ops autograd differentiates. A
+scripted ``FusedGPSA`` calls ``gpsa_fwd`` itself with its backend, :data:`~convit_kernels.dispatch.AUTO`
+included: there the op asks dispatch for the choice, and refuses in one line where that is a composite.
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ def is_finite_positive(x) -> bool:
 
 
 def op_pair_backend(backend: str, q: torch.Tensor, grid_w: int) -> Backend:
-    """The op-pair backend the op runs for ``backend`` (a name, or "auto" from a scripted FusedGPSA)."""
-    name = dispatch.choose(backend, q.device, q.dtype, q.shape[-1], q.shape[2], grid_w)
+    """The op-pair backend the op runs: the one named (chosen by :func:`attention` or by a scripted layer's
+    owner), or dispatch's choice where a scripted FusedGPSA passes :data:`~convit_kernels.dispatch.AUTO`."""
+    if backend == dispatch.AUTO:
+        name = dispatch.choose(backend, q.device, q.dtype, q.shape[-1], q.shape[2], grid_w)
+    else:
+        name = backend
     impl = get_backend(name)
     if impl.is_op_pair:
         return impl
@@ -109,8 +115,8 @@ def _setup_context(ctx, inputs, output):
     _, state = output
     ctx.save_for_backward(q, k, v, pos_weight, pos_bias, gating_param, *state)
     ctx.grid_w, ctx.scale = grid_w, scale
-    # The forward has checked the name; only a scripted call's "auto" needs resolving again.
-    ctx.backend = op_pair_backend(backend, q, grid_w).name if backend == "auto" else backend
+    # A name the forward has looked up; only a scripted call's AUTO asks dispatch again (its choice is kept).
+    ctx.backend = op_pair_backend(backend, q, grid_w)
     ctx.precision = _precision(precision)
 
 
@@ -119,9 +125,10 @@ def _gradients(ctx, backward_op, grad_out, _grad_state):
     # Backends take dO in the dtype of q (autograd may hand another one, e.g. under AMP).
     args = (grad_out.to(q.dtype), q, k, v, pos_weight, gating_param, state, ctx.grid_w, ctx.scale)
     if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
-        dq, dk, dv, dw, dgate = get_backend("torch").backward(*args, ctx.precision)
+        double_backward = _declared(ctx.backend, ctx.backend.double_backward, "a backward with create_graph=True")
+        dq, dk, dv, dw, dgate = double_backward(*args, ctx.precision)
     else:
-        dq, dk, dv, dw, dgate = backward_op(*args, ctx.backend, ctx.precision)
+        dq, dk, dv, dw, dgate = backward_op(*args, ctx.backend.name, ctx.precision)
     # The bias gradient is exactly zero (docs/design.md, "The positional bias").
     db = torch.zeros_like(pos_bias)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dw, db, dgate, None, None, None, None
@@ -152,25 +159,26 @@ def _under_functorch_transform() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def _declared(impl: Backend, path, what: str):
+    """A path the backend declares for calls its own code cannot take; a one-line refusal where it has none."""
+    if path is None:
+        raise BackendError(f"backend {impl.name!r} cannot run {what}: it declares no path for it")
+    return path
+
+
 def attention(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int, int], scale: float, backend: str):
     """GPSA of checked inputs through the backend :func:`dispatch.choose` picks; B x H x N x d."""
     grid_w = grid_size[1]
-    name = dispatch.choose(backend, q.device, q.dtype, q.shape[-1], q.shape[2], grid_w)
-    impl = get_backend(name)
+    impl = get_backend(dispatch.choose(backend, q.device, q.dtype, q.shape[-1], q.shape[2], grid_w))
+    args = (q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
     if torch.onnx.is_in_onnx_export():
-        # ONNX has no custom ops: every backend exports as SDPA and the separable contractions. The flag is
-        # set for the whole torch.onnx.export (its non-strict torch.export capture included); under Dynamo
-        # it reads False, so torch.compile and torch.export keep the fused op. Imported here: the registry
-        # loads a backend's module on its first use, not at the package's import.
-        from .backends.sdpa import sdpa_gpsa_decomposed
-
-        return sdpa_gpsa_decomposed(q, k, v, pos_weight, gating_param, grid_size, scale)
-    if name != "reference" and _under_functorch_transform():
-        # Custom ops with autograd reject torch.func transforms: the torch backend's forward is
-        # tensor ops, which every transform sees through.
-        out, _ = get_backend("torch").forward(q, k, v, pos_weight, gating_param, grid_w, scale, "highest")
-        return out.transpose(1, 2)
+        # ONNX has no custom ops. The flag is set for the whole torch.onnx.export (its non-strict torch.export
+        # capture included); under Dynamo it reads False, so torch.compile and torch.export keep the fused op.
+        return _declared(impl, impl.onnx_export, "under an ONNX exporter")(*args)
+    if _under_functorch_transform():
+        # Custom ops with autograd reject torch.func transforms.
+        return _declared(impl, impl.functorch, "under a torch.func transform")(*args)
     if not impl.is_op_pair:
-        return impl.attention(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
-    out, _ = gpsa_fwd(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, name, _fp32_matmul_precision())
+        return impl.attention(*args)
+    out, _ = gpsa_fwd(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, impl.name, _fp32_matmul_precision())
     return out.transpose(1, 2)

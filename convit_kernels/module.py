@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import BACKEND_NAMES, BackendError, get_backend
+from .backends import BackendError, backend_names, get_backend
 from .op import gpsa_attention, square_grid_side
 from .reference import gpsa_attention_probs, gpsa_reference, relative_positions
 
@@ -60,7 +60,7 @@ def _split_heads(t: torch.Tensor, parts: int, num_heads: int) -> torch.Tensor:
 
 def _is_composite(backend: str) -> bool:
     """Whether ``backend`` is a composite, not an op pair; False where it does not import (it says why when run)."""
-    if backend not in BACKEND_NAMES:
+    if backend not in backend_names():
         return False
     try:
         return not get_backend(backend).is_op_pair
@@ -71,7 +71,7 @@ def _is_composite(backend: str) -> bool:
 def _op_pair_names() -> list[str]:
     """The op-pair backends whose modules import here (what a scripted FusedGPSA can name)."""
     names = []
-    for name in BACKEND_NAMES:
+    for name in backend_names():
         try:
             if get_backend(name).is_op_pair:
                 names.append(name)

@@ -14,12 +14,13 @@ import torch
 
 from . import fused_op
 from .backends import FLOAT_DTYPES
+from .dtypes import dtype_name
 
 __all__ = ["check_inputs", "square_grid_side", "gpsa_attention"]
 
 
 def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
+    return f"shape {tuple(t.shape)}, dtype {dtype_name(t.dtype)}, device {t.device}"
 
 
 def square_grid_side(num_patches: int) -> int:
@@ -130,24 +131,25 @@ def gpsa_attention(
             gating_param: H (the gate lambda, ``g = sigmoid(lambda)``).
         grid_size: (rows, cols) of the patch grid, row-major; default a square grid.
         scale: content logit scale, default ``d ** -0.5``.
-        backend: "auto" or a name of :data:`convit_kernels.backends.BACKEND_NAMES`
-            ("triton", "cuda", "cpu", "sdpa", "torch", "reference"); see
-            :func:`available_backends` and ``convit-kernels backends``.
+        backend: "auto" or a name of :func:`convit_kernels.backends.backend_names`; see
+            :func:`available_backends` and ``convit-kernels backends`` (docs/backends.md).
 
     Returns:
         B x H x N x d in q's dtype; under autocast (on q's device) float16, bfloat16
         and float32 inputs are cast to the autocast dtype first, as the matmuls of
         timm's GPSA cast them, so every backend returns timm's dtype there.
-        Every backend but "reference" returns a view of a
+        The package's backends (timm's math aside) return a view of a
         B x N x H x d tensor, so ``out.transpose(1, 2).reshape(B, N, H * d)``
         makes no copy.
 
     Higher-order autograd: a backward with ``create_graph=True`` through an op-pair
-    backend runs the torch backend's backward, tensor ops autograd differentiates, so
-    double backward works; through "sdpa" it fails in PyTorch's SDPA kernels, which
-    have no double backward. Under torch.func transforms (grad, vjp, jacrev, vmap)
-    every backend but "reference" runs the torch backend's forward as tensor ops
-    (custom ops with autograd reject those transforms). Both paths build N x N tensors.
+    backend runs the backward it declares for that (``Backend.double_backward``,
+    tensor ops autograd differentiates), so double backward works; a composite is
+    differentiated through its own ops (PyTorch's SDPA kernels have no double
+    backward). Under torch.func transforms (grad, vjp, jacrev, vmap) and ONNX
+    export every backend runs what it declares for them (``Backend.functorch``,
+    ``Backend.onnx_export``; docs/backends.md lists them). The package's paths for
+    double backward and torch.func build N x N tensors.
     """
     grid = check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -39,7 +39,7 @@ _WARNED: set[tuple[str, str]] = set()  # (what went wrong, path): each warned on
 def _warn_once(kind: str, path: str, message: str) -> None:
     if (kind, path) not in _WARNED:
         _WARNED.add((kind, path))
-        # stacklevel 4: out of this module (and, for a store, out of dispatch.store_verdicts too)
+        # stacklevel 4: out of this module (and, for a store, out of verification.store_verdicts too)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 

@@ -6,10 +6,15 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from convit_kernels import gpsa_attention
 from convit_kernels.accuracy import GATE_FLOOR
+from convit_kernels.backends import BackendError, backend_names, backend_problem, get_backend
+from convit_kernels.dtypes import dtype_name
+from convit_kernels.reference import relative_positions
+from convit_kernels.separable import dense_positional_probs, positional_axis_probs
 
 PARAM_NAMES = ("q", "k", "v", "pos_weight", "pos_bias", "gating_param")
 
@@ -31,18 +36,21 @@ def local_pos_weight(num_heads: int, locality_strength: float = 1.0, dtype=torch
     return w * locality_strength
 
 
-def make_inputs(B, H, N, d, *, dtype=torch.float32, gate=None, locality_strength=1.0, seed=0, strided=True):
+def make_inputs(
+    B, H, N, d, *, dtype=torch.float32, gate=None, locality_strength=1.0, seed=0, strided=True, device="cpu"
+):
     """q, k, v as strided views of a projection output (B x N x 3 x H x d), and the positional parameters.
 
-    Every tensor is a leaf requiring grad (q, k, v through the projection buffer).
+    Every tensor is a leaf requiring grad (q, k, v through the projection buffer), on ``device``; the values
+    are drawn on the CPU, the same on every device.
     """
     g = torch.Generator().manual_seed(seed)
     proj = torch.randn(B, N, 3, H, d, generator=g, dtype=torch.float64)
     if strided:
-        proj = proj.to(dtype).requires_grad_()
+        proj = proj.to(device, dtype).requires_grad_()
         q, k, v = proj.permute(2, 0, 3, 1, 4).unbind(0)
     else:
-        q, k, v = (t.contiguous().to(dtype).requires_grad_() for t in proj.permute(2, 0, 3, 1, 4).unbind(0))
+        q, k, v = (t.contiguous().to(device, dtype).requires_grad_() for t in proj.permute(2, 0, 3, 1, 4).unbind(0))
     pos_weight = local_pos_weight(H, locality_strength) + 0.1 * torch.randn(H, 3, generator=g, dtype=torch.float64)
     pos_bias = torch.randn(H, generator=g, dtype=torch.float64)
     gating = (
@@ -51,7 +59,7 @@ def make_inputs(B, H, N, d, *, dtype=torch.float32, gate=None, locality_strength
         else torch.full((H,), float(gate), dtype=torch.float64)
     )
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # as under AMP
-    params = [t.to(param_dtype).requires_grad_() for t in (pos_weight, pos_bias, gating)]
+    params = [t.to(device, param_dtype).requires_grad_() for t in (pos_weight, pos_bias, gating)]
     return [q, k, v, *params]
 
 
@@ -71,6 +79,44 @@ def outputs_and_grads(inputs, grad_seed=1, **kwargs):
     weight = projection_weight(out.shape, grad_seed).to(out.device, out.dtype)
     grads = torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
     return out.detach(), [torch.zeros_like(t) if gr is None else gr for t, gr in zip(inputs, grads)]
+
+
+def term_sizes(inputs, grid=None, scale=None) -> dict[str, float]:
+    """For each result, the largest sum of the absolute values of the terms it adds (float64): the scale its
+    rounding error follows, for assert_matches_reference's ``magnitudes``.
+
+    A result's rounding error scales with these sums, not with the result, which cancels to zero
+    for a broadcast v or k (one value for every token) or N = 1. With M = (1 - g) A + g P the
+    attention, t = dO v^T (dO the tests' projection of the output) and the row deltas
+    delta_c = sum_j A t, delta_p = sum_j P t: dq sums (1 - g) A (t - delta_c) scale k over the keys,
+    dk the same over the queries, dv M^T dO, d pos_weight g P (t - delta_p) rel, and d gating
+    g (1 - g) (delta_p - delta_c). The float64 reference (timm's math) takes 1 - g as 1 - sigmoid(lambda),
+    exact to an absolute 1e-16 only, which at lambda = 15 is 3e-10 of 1 - g: so 1 - g counts as at least
+    1e-6 here (1e-16 over float64's floor of 1e-10).
+    """
+    q, k, v, pos_weight, _, gating = (t.detach().double().cpu() for t in inputs)
+    B, H, N, d = q.shape
+    if q.numel() == 0:
+        return {}
+    grid = grid or (int(N**0.5), int(N**0.5))
+    scale = d**-0.5 if scale is None else scale
+    g, one_minus_g = torch.sigmoid(gating).view(1, H, 1, 1), torch.sigmoid(-gating).clamp(min=1e-6).view(1, H, 1, 1)
+    A = (scale * q @ k.transpose(-2, -1)).softmax(-1)
+    P = dense_positional_probs(positional_axis_probs(pos_weight, *grid))
+    d_out = projection_weight(q.shape)
+    t = d_out @ v.transpose(-2, -1)
+    delta_c, delta_p = (A * t).sum(-1, keepdim=True), (P * t).sum(-1, keepdim=True)
+    ds_c = one_minus_g * A * (t.abs() + delta_c.abs())
+    ds_p = (g * P * (t.abs() + delta_p.abs())).sum(0)
+    rel = relative_positions(*grid, dtype=torch.float64).abs()
+    return {
+        "out": ((one_minus_g * A + g * P) @ v.abs()).max().item(),
+        "q": scale * (ds_c @ k.abs()).max().item(),
+        "k": scale * (ds_c.transpose(-2, -1) @ q.abs()).max().item(),
+        "v": ((one_minus_g * A + g * P).transpose(-2, -1) @ d_out.abs()).max().item(),
+        "pos_weight": torch.einsum("hij,ijc->hc", ds_p, rel).max().item(),
+        "gating_param": (g * one_minus_g * (delta_p.abs() + delta_c.abs())).sum(dim=(0, 2, 3)).max().item(),
+    }
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,9 +187,9 @@ def pytest_in_interpreter_process(test_file: str, *args: str) -> tuple[subproces
     return result, summary
 
 
-def saturated_inputs(dtype, B=2, H=4, N=49, d=16):
+def saturated_inputs(dtype, B=2, H=4, N=49, d=16, device="cpu"):
     """make_inputs with q and k scaled by 100: content logits of ~1e4, one key takes nearly all of each row."""
-    q, k, v, *params = make_inputs(B, H, N, d, dtype=dtype)
+    q, k, v, *params = make_inputs(B, H, N, d, dtype=dtype, device=device)
     with torch.no_grad():
         q, k = (t * 100 for t in (q, k))
     return [t.detach().requires_grad_() for t in (q, k, v, *params)]
@@ -189,64 +235,24 @@ def assert_saturated_matches_reference(inputs, **kwargs):
     assert_matches_reference(inputs, rtol_fp32=rtol, same_precision_rule=True, **kwargs)
 
 
-# Logit sizes of the near-tied rows (near_tied_inputs): every fp32 backend but sdpa within 2x eager up to 3e6.
-NEAR_TIED_LOGITS = (100.0, 1e4, 1e6, 3e6)
+def registered_backends() -> list:
+    """(name, its Backend) of every registered backend, in the registry's order; None where its module does not
+    import here (its tests skip with the reason)."""
+    found = []
+    for name in backend_names():
+        try:
+            found.append((name, get_backend(name)))
+        except BackendError:
+            found.append((name, None))
+    return found
 
 
-def near_tied_inputs(logit: float, dtype=torch.float32, B=2, H=2, grid=(4, 4), d=32, seed=0):
-    """(inputs, options): content rows with two near-tied top logits of size ``logit``.
-
-    Row i's logits: ``logit`` and ``logit - U(0, 1)`` on two random keys, ``logit - U(2, 12)`` on
-    the others. They are exact in float32: k_j is the unit vector e_j in channels < N (random in
-    the others, where q is 0) and scale is 1/4, so q k^T rounds nowhere and the fp32 eager math's
-    error is its softmax's alone. A backend that rounds the row maximum into a float32 lse (an ulp
-    of ~1e-3 at 1e4) puts that error on every weight; one that keeps the maximum and the sum apart
-    stays at the eager math's level. ``options`` are gpsa_attention's grid_size and scale.
-    """
-    N, scale = grid[0] * grid[1], 0.25
-    g = torch.Generator().manual_seed(seed)
-    logits = logit - 2 - 10 * torch.rand(B, H, N, N, generator=g, dtype=torch.float64)
-    top_two = torch.rand(B, H, N, N, generator=g).argsort(-1)[..., :2]
-    gaps = torch.rand(B, H, N, 2, generator=g, dtype=torch.float64) * torch.tensor([0.0, 1.0], dtype=torch.float64)
-    logits.scatter_(-1, top_two, logit - gaps)
-    k = torch.randn(B, H, N, d, generator=g, dtype=torch.float64)
-    k[..., :N] = torch.eye(N, dtype=torch.float64)
-    q = torch.zeros(B, H, N, d, dtype=torch.float64)
-    q[..., :N] = logits.to(dtype).double() / scale
-    _, _, v, *params = (t.detach() for t in make_inputs(B, H, N, d, dtype=dtype, seed=seed))
-    inputs = [q.to(dtype), k.to(dtype), v, *params]
-    return [t.requires_grad_() for t in inputs], {"grid_size": grid, "scale": scale}
-
-
-def dq_dk_relative_errors(inputs, backend: str, **options) -> tuple[float, float]:
-    """Max errors of dq and dk against the float64 reference, each relative to its largest value."""
-    _, exact = outputs_and_grads(upcast(inputs), backend="reference", **options)
-    _, got = outputs_and_grads(inputs, backend=backend, **options)
-    return tuple(max_error(got[i], exact[i]) / exact[i].abs().max().item() for i in (0, 1))
-
-
-# The Triton backend's cases, run under the interpreter and on a GPU: (B, H, N, d, grid_size, dtype).
-# ConViT-Ti/S heads at N = 196, d = 48; uneven N (1, 7, 50, 197)
-# and d (16, 40, 64, 80) with rectangular grids; each dtype on some of them. N = 1 runs in half
-# precision: there A = P = 1 and dq = dk = 0 exactly, which fp32 meets only up to rounding.
-# N = 257 (a prime), 289 and 576 span several key blocks of the interpreter's 256-wide tiles: the
-# two-pass paths of the forward and of dq; the rest fit one key block.
-TRITON_CASES = [
-    (2, 4, 196, 48, None, torch.float32),
-    (2, 4, 196, 48, None, torch.bfloat16),
-    (1, 9, 196, 48, None, torch.float16),
-    (3, 3, 7, 40, (1, 7), torch.float32),
-    (2, 2, 50, 16, (5, 10), torch.float32),
-    (2, 2, 50, 16, (5, 10), torch.float16),
-    (1, 2, 197, 80, (197, 1), torch.float32),
-    (1, 2, 197, 80, (197, 1), torch.bfloat16),
-    (2, 3, 1, 64, None, torch.float16),
-    (2, 2, 49, 64, None, torch.bfloat16),
-    (1, 2, 257, 16, (1, 257), torch.float32),
-    (1, 1, 576, 32, None, torch.bfloat16),
-    (1, 2, 289, 16, None, torch.float16),
-]
-TRITON_CASE_IDS = [
-    f"B{b}-H{h}-N{n}-d{d}" + (f"-grid{g[0]}x{g[1]}" if g else "") + "-" + str(t).replace("torch.", "")
-    for b, h, n, d, g, t in TRITON_CASES
-]
+def backend_param(name: str, *values):
+    """``pytest.param(name, *values)`` for a test of backend ``name`` (values: device type, dtype, ...): its id, the
+    ``gpu`` marker on a CUDA device, and a skip with the backend's own reason where it cannot run in this process."""
+    marks = [pytest.mark.gpu] if values and values[0] == "cuda" else []
+    problem = backend_problem(name)
+    if problem is not None:
+        marks.append(pytest.mark.skip(reason=f"backend {name!r} cannot run here: {problem}"))
+    shown = [dtype_name(v) if isinstance(v, torch.dtype) else str(v) for v in values if v is not None]
+    return pytest.param(name, *values, id="-".join([name, *shown]), marks=marks)

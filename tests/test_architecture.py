@@ -16,7 +16,9 @@ LAYERS = {
     "kernels": (
         "_version",
         "convit_shapes",
+        "dtypes",
         "settings",
+        "build_config",
         "files",
         "reference",
         "separable",
@@ -29,7 +31,7 @@ LAYERS = {
         "backends.triton.launch",
     ),
     "backends": ("backends",),
-    "dispatch": ("dispatch", "fused_op"),
+    "dispatch": ("dispatch", "verification", "fused_op"),
     "front door": ("", "op", "module", "patch"),
     "tools": (
         "arguments",
@@ -184,3 +186,24 @@ def test_modules_and_functions_stay_small():
         if lines > max(limit, OVERSIZED.get(name, (limit,))[0])
     ]
     assert not too_big, "split these by idea:\n" + "\n".join(too_big)
+
+
+OP_LAYER = ("op", "fused_op", "module", "patch")
+
+
+def test_the_op_layer_names_no_backend():
+    """The front door and the op pair name no registered backend in a string: what a backend can do are fields
+    of its description (convit_kernels.backends.Backend), read wherever the op layer needs them."""
+    import re
+
+    from convit_kernels.backends import backend_names
+
+    names = set(backend_names())
+    quoted = [re.compile(rf"""(["'`]){re.escape(name)}\1""") for name in names]
+    found = []
+    for module in OP_LAYER:
+        for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if node.value in names or any(pattern.search(node.value) for pattern in quoted):
+                    found.append(f"convit_kernels/{module}.py:{node.lineno}: {node.value[:80]!r}")
+    assert not found, "\n".join(found)

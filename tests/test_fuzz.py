@@ -12,13 +12,13 @@ examples every run, about a minute on 2 cores. A long, random one for local runs
 
     CONVIT_KERNELS_FUZZ=long python -m pytest -q tests/test_fuzz.py
 
-The triton backend needs TRITON_INTERPRET=1 before triton is imported: its test runs in a child
-process (test_triton_fuzz_in_its_own_process), with a smaller budget and smaller sizes.
+The backends are the registry's: every one that runs on CPU tensors here but the reference itself (the
+yardstick). One that runs under an interpreter (triton needs TRITON_INTERPRET=1 before triton is imported)
+is fuzzed in a child process (test_interpreted_fuzz_in_its_own_process), with a smaller budget and smaller sizes.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -27,35 +27,52 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from convit_kernels import gpsa_attention
+from convit_kernels import settings as project_settings
 from convit_kernels.accuracy import GATE_FLOOR
 from convit_kernels.backends import BackendError, get_backend
-from convit_kernels.backends.triton import configs
-from convit_kernels.reference import relative_positions
-from convit_kernels.separable import dense_positional_probs, positional_axis_probs
+from convit_kernels.reference import gpsa_reference
 
 from gpsa_cases import (
     PARAM_NAMES,
     assert_matches_reference,
+    backend_param,
     local_pos_weight,
     max_error,
     projection_weight,
     pytest_in_interpreter_process,
+    registered_backends,
+    term_sizes,
 )
 
-PROFILE = os.environ.get("CONVIT_KERNELS_FUZZ", "ci")
+PROFILE = project_settings.choice("CONVIT_KERNELS_FUZZ")
 _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow], "print_blob": True}
 # Examples per backend: "ci" sized for about a minute on this project's 2-core CI, triton's interpreter
 # being ~50x slower per example than the others.
 BUDGET = {
-    "ci": {"cpu": 100, "sdpa": 100, "torch": 100, "triton": 12},
-    "long": {"cpu": 2000, "sdpa": 2000, "torch": 2000, "triton": 200},
+    "ci": {"compiled": 100, "interpreted": 12},
+    "long": {"compiled": 2000, "interpreted": 200},
 }
 if PROFILE not in BUDGET:
     raise ValueError(f"CONVIT_KERNELS_FUZZ must be one of {sorted(BUDGET)}, got {PROFILE!r}")
 
 
-def _settings(backend: str) -> settings:
-    return settings(max_examples=BUDGET[PROFILE][backend], derandomize=PROFILE == "ci", database=None, **_COMMON)
+def _settings(kind: str) -> settings:
+    return settings(max_examples=BUDGET[PROFILE][kind], derandomize=PROFILE == "ci", database=None, **_COMMON)
+
+
+def _fuzzed(interpreted: bool) -> list:
+    """The registered backends that run on CPU tensors in this process, compiled or interpreted, as parameters
+    (one that cannot run here skips with its reason); the reference is the yardstick, not fuzzed."""
+    return [
+        backend_param(name)
+        for name, impl in registered_backends()
+        if impl is not None and impl.runs_on("cpu") and impl.attention is not gpsa_reference
+        if impl.interpreted == interpreted
+    ]
+
+
+FUZZED = _fuzzed(interpreted=False)
+INTERPRETED = _fuzzed(interpreted=True)
 
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -185,39 +202,8 @@ def cases(draw, dtypes=DTYPES, max_side=16, max_head_dim=160):
 
 
 def magnitudes(case: Case, inputs: list[torch.Tensor]) -> dict[str, float]:
-    """For each result, the largest sum of the absolute values of the terms it adds (float64).
-
-    A result's rounding error scales with these sums, not with the result, which cancels to zero
-    for a broadcast v or k (one value for every token) or N = 1. With M = (1 - g) A + g P the
-    attention, t = dO v^T (dO the tests' projection of the output) and the row deltas
-    delta_c = sum_j A t, delta_p = sum_j P t: dq sums (1 - g) A (t - delta_c) scale k over the keys,
-    dk the same over the queries, dv M^T dO, d pos_weight g P (t - delta_p) rel, and d gating
-    g (1 - g) (delta_p - delta_c). The float64 reference (timm's math) takes 1 - g as 1 - sigmoid(lambda),
-    exact to an absolute 1e-16 only, which at lambda = 15 is 3e-10 of 1 - g: so 1 - g counts as at least
-    1e-6 here (1e-16 over float64's floor of 1e-10).
-    """
-    q, k, v, pos_weight, _, gating = (t.detach().double() for t in inputs)
-    B, H, N, d = q.shape
-    if q.numel() == 0:
-        return {}
-    scale = d**-0.5 if case.scale is None else case.scale
-    g, one_minus_g = torch.sigmoid(gating).view(1, H, 1, 1), torch.sigmoid(-gating).clamp(min=1e-6).view(1, H, 1, 1)
-    A = (scale * q @ k.transpose(-2, -1)).softmax(-1)
-    P = dense_positional_probs(positional_axis_probs(pos_weight, *case.grid))
-    d_out = projection_weight(q.shape)
-    t = d_out @ v.transpose(-2, -1)
-    delta_c, delta_p = (A * t).sum(-1, keepdim=True), (P * t).sum(-1, keepdim=True)
-    ds_c = one_minus_g * A * (t.abs() + delta_c.abs())
-    ds_p = (g * P * (t.abs() + delta_p.abs())).sum(0)
-    rel = relative_positions(*case.grid, dtype=torch.float64).abs()
-    return {
-        "out": ((one_minus_g * A + g * P) @ v.abs()).max().item(),
-        "q": scale * (ds_c @ k.abs()).max().item(),
-        "k": scale * (ds_c.transpose(-2, -1) @ q.abs()).max().item(),
-        "v": ((one_minus_g * A + g * P).transpose(-2, -1) @ d_out.abs()).max().item(),
-        "pos_weight": torch.einsum("hij,ijc->hc", ds_p, rel).max().item(),
-        "gating_param": (g * one_minus_g * (delta_p.abs() + delta_c.abs())).sum(dim=(0, 2, 3)).max().item(),
-    }
+    """For each result, the largest sum of the absolute values of the terms it adds (gpsa_cases.term_sizes)."""
+    return term_sizes(inputs, case.grid, case.scale)
 
 
 DENSE = Layout((0, 1, 2, 3), "dense", 0)
@@ -343,9 +329,9 @@ def check_aliased(case: Case, inputs: list[torch.Tensor], backend: str):
         assert max_error(have, want) <= bound, (name, max_error(have, want), bound)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "sdpa", "torch"])
+@pytest.mark.parametrize("backend", FUZZED)
 def test_fuzz_against_the_fp64_reference(backend):
-    @_settings(backend)
+    @_settings("compiled")
     @_with_empty_cases
     @given(case=cases())
     def run(case):
@@ -354,21 +340,26 @@ def test_fuzz_against_the_fp64_reference(backend):
     run()
 
 
-TRITON_CASES = cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_side=6, max_head_dim=64)
+# What an interpreter takes in its budget: the half and single precisions, smaller grids and head dims.
+INTERPRETED_CASES = cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_side=6, max_head_dim=64)
 
 
-@pytest.mark.skipif(not configs.INTERPRET, reason="needs TRITON_INTERPRET=1: run by the test below")
-@_settings("triton")
-@_with_empty_cases
-@given(case=TRITON_CASES)
-def test_triton_fuzz_under_the_interpreter(case):
-    check(case, "triton")
+@pytest.mark.skipif(not INTERPRETED, reason="no backend runs under an interpreter here: run by the test below")
+@pytest.mark.parametrize("backend", INTERPRETED)
+def test_fuzz_under_the_interpreter(backend):
+    @_settings("interpreted")
+    @_with_empty_cases
+    @given(case=INTERPRETED_CASES)
+    def run(case):
+        check(case, backend)
+
+    run()
 
 
 @pytest.mark.slow
-def test_triton_fuzz_in_its_own_process():
-    if configs.INTERPRET:
-        pytest.skip("TRITON_INTERPRET=1 in this process: the triton fuzz runs here")
-    result, summary = pytest_in_interpreter_process(__file__, "-k", "test_triton_fuzz_under_the_interpreter")
+def test_interpreted_fuzz_in_its_own_process():
+    if INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 in this process: the interpreted fuzz runs here")
+    result, summary = pytest_in_interpreter_process(__file__, "-k", "test_fuzz_under_the_interpreter")
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
     assert summary.startswith("1 passed"), summary

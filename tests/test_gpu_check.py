@@ -86,7 +86,8 @@ def test_dry_run_leaves_exactly_the_three_files_with_every_step(tmp_path, capsys
     assert report["limits_s"] + plan.OVERHEAD_S <= report["budget_s"] and report["cuts"] == list(plan.CUTS)
     assert report["tests"]["tests"] == 3 * plan.workers() and report["tests"]["shards_without_xml"] == 0
     shapes = {(r["shape"], r["implementation"]) for r in report["bench"]}
-    assert ("S-224", "timm-compiled") in shapes and ("B-224", "fused-triton") in shapes
+    best_on_a_gpu = f"fused-{dispatch.AUTO_POLICY['cuda'][0][0]}"
+    assert ("S-224", "timm-compiled") in shapes and ("B-224", best_on_a_gpu) in shapes
     assert ("B-224", "timm-compiled") not in shapes
     assert {r["variant"] for r in report["models"]} == {"stock", "patched"}
     with tarfile.open(out / "logs.tar.gz") as archive:

@@ -9,6 +9,7 @@ import torch
 from timm.models.convit import GPSA, MHSA
 
 from convit_kernels import SDPAMHSA, FusedGPSA, patch_convit
+from convit_kernels.backends import backend_names, backend_problem, get_backend
 from convit_kernels.reference import relative_positions
 
 
@@ -41,9 +42,17 @@ def _timm_gpsa(dim=96, heads=4, dtype=torch.float32, seed=0):
     return layer
 
 
+# "auto" and every backend that runs on CPU tensors in this process.
+CPU_BACKENDS = ["auto"] + [
+    name for name in backend_names() if backend_problem(name) is None and get_backend(name).runs_on("cpu")
+]
+
+
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
-@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fused_gpsa_matches_timm_after_state_dict_copy(dtype, rtol, backend):
+    if backend != "auto" and dtype not in get_backend(backend).dtypes:
+        pytest.skip(f"backend {backend!r} takes no {dtype}")
     stock = _timm_gpsa(dtype=dtype)
     fused = FusedGPSA(96, num_heads=4, qkv_bias=True, dtype=dtype, backend=backend)
     fused.load_state_dict(stock.state_dict(), strict=True)

@@ -1,4 +1,7 @@
-"""The op's registration (opcheck, torch.compile), dispatch, and the errors for bad input."""
+"""The op's front door: auto's choice (under torch.compile too), the registry's report, and the errors for bad input.
+
+Each backend's own contract (opcheck, torch.compile, refusals) is tests/test_conformance.py's.
+"""
 
 import dataclasses
 
@@ -8,7 +11,7 @@ import torch
 
 import convit_kernels
 from convit_kernels import FusedGPSA, available_backends, gpsa_attention
-from convit_kernels.backends import BACKEND_NAMES
+from convit_kernels.backends import backend_names
 from convit_kernels.dispatch import resolve_backend
 
 from gpsa_cases import make_inputs
@@ -16,7 +19,7 @@ from gpsa_cases import make_inputs
 
 def test_available_backends_reports_every_backend_with_a_reason():
     status = available_backends()
-    assert set(status) == set(BACKEND_NAMES)
+    assert set(status) == set(backend_names())
     assert status["torch"].available and status["reference"].available
     for name, (_, reason) in status.items():
         assert reason, name
@@ -26,61 +29,34 @@ def test_available_backends_reports_every_backend_with_a_reason():
 
 def test_auto_picks_an_available_backend_for_cpu():
     name = resolve_backend("auto", torch.device("cpu"), torch.float32, 48)
-    assert name in BACKEND_NAMES and available_backends()[name].available
+    assert name in backend_names() and available_backends()[name].available
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(dtype):
-    q, k, v, w, b, lam = [t.detach().requires_grad_() for t in make_inputs(2, 3, 16, 8, dtype=dtype)]
-    fwd_args = (q, k, v, w, b, lam, 4, 8**-0.5, "torch")
-    torch.library.opcheck(torch.ops.convit_kernels.gpsa_fwd.default, fwd_args)
-    with torch.no_grad():
-        out, stats = torch.ops.convit_kernels.gpsa_fwd(*fwd_args)
-    grad_out = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)  # strided, as autograd may give
-    bwd_args = (
-        grad_out,
-        q.detach(),
-        k.detach(),
-        v.detach(),
-        w.detach(),
-        lam.detach(),
-        stats,
-        4,
-        8**-0.5,
-        "torch",
-        "highest",
-    )
-    torch.library.opcheck(torch.ops.convit_kernels.gpsa_bwd.default, bwd_args)
+def test_the_backend_is_chosen_once_per_call(monkeypatch):
+    """gpsa_attention asks dispatch once; the op pair's forward, fake, backward and autograd context look the
+    chosen backend up by name."""
+    from convit_kernels import dispatch
+
+    calls = []
+    choose = dispatch.choose
+    monkeypatch.setattr(dispatch, "choose", lambda *args: calls.append(args) or choose(*args))
+    inputs = make_inputs(2, 3, 16, 8)
+    for backend in backend_names():
+        if available_backends()[backend].available:
+            calls.clear()
+            torch.autograd.grad(gpsa_attention(*inputs, backend=backend).sum(), inputs)
+            assert len(calls) == 1, backend
 
 
-@pytest.mark.parametrize("backend", ["torch", "sdpa"])
-def test_compile_fullgraph_forward_and_backward(backend):
+def test_compile_fullgraph_with_dynamic_shapes_through_auto():
+    """dynamic=True: head dim and N are symbolic while auto chooses; one graph serves every size, forward and
+    backward (each backend by name: tests/test_conformance.py)."""
     torch._dynamo.reset()
-    layer = FusedGPSA(32, num_heads=2, backend=backend)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 16, 32, requires_grad=True)
-    out = compiled(x)
-    out.sum().backward()
-    dx_compiled = x.grad.clone()
-    x.grad = None
-    layer(x).sum().backward()
-    torch.testing.assert_close(out, layer(x))
-    torch.testing.assert_close(dx_compiled, x.grad)
-
-
-@pytest.mark.parametrize("backend", ["auto", "cpu", "sdpa", "torch"])
-def test_compile_fullgraph_with_dynamic_shapes(backend):
-    """dynamic=True: head dim and N are symbolic while tracing; one graph serves every size, forward and backward."""
-    if backend == "cpu" and not available_backends()["cpu"].available:
-        pytest.skip("the C++ extension is not built here")
-    torch._dynamo.reset()
-    compiled = torch.compile(
-        lambda *a: gpsa_attention(*a, backend=backend), dynamic=True, fullgraph=True, backend="aot_eager"
-    )
+    compiled = torch.compile(lambda *a: gpsa_attention(*a), dynamic=True, fullgraph=True, backend="aot_eager")
     for N, d in [(16, 8), (25, 8), (36, 12)]:
         inputs = [t.detach().requires_grad_() for t in make_inputs(2, 3, N, d)]
         got = compiled(*inputs)
-        want = gpsa_attention(*inputs, backend=backend)
+        want = gpsa_attention(*inputs)
         torch.testing.assert_close(got, want)
         for g, w in zip(torch.autograd.grad(got.sum(), inputs[:3]), torch.autograd.grad(want.sum(), inputs[:3])):
             torch.testing.assert_close(g, w)
@@ -150,15 +126,6 @@ def test_bad_input_raises_a_clear_error(args, kwargs, error, message):
         gpsa_attention(*args, **kwargs)
 
 
-def test_unavailable_backend_says_why():
-    status = available_backends()
-    missing = [name for name in ("cuda", "triton", "cpu") if not status[name].available]
-    if not missing:
-        pytest.skip("every backend is available here")
-    with pytest.raises(RuntimeError, match=f"backend '{missing[0]}' cannot run here"):
-        gpsa_attention(*_good(), backend=missing[0])
-
-
 def test_public_api():
     for name in convit_kernels.__all__:
         assert hasattr(convit_kernels, name)
@@ -169,12 +136,13 @@ def test_public_api():
 
 @pytest.fixture
 def gpu_backends_available(monkeypatch):
-    """The triton and cuda backends as they would be on a machine with a GPU (nothing runs)."""
+    """Every backend that runs on CUDA tensors as it would be on a machine with a GPU (nothing runs)."""
     from convit_kernels import backends
 
-    for name in ("triton", "cuda"):
+    for name in backend_names():
         described = backends.get_backend(name)
-        monkeypatch.setitem(backends._BACKENDS, name, dataclasses.replace(described, unavailable=lambda: None))
+        if described.runs_on("cuda"):
+            monkeypatch.setitem(backends._BACKENDS, name, dataclasses.replace(described, unavailable=lambda: None))
     return backends
 
 
@@ -210,44 +178,12 @@ def test_auto_on_cpu_without_the_extension_is_sdpa(monkeypatch):
     assert name == "sdpa" and skipped == ["cpu: not built"]
 
 
-@pytest.mark.parametrize(
-    "backend,capability,dtype,head_dim,message",
-    [
-        ("triton", (7, 5), torch.float16, 48, "needs compute capability sm_80 or newer; cuda is sm_75"),
-        ("triton", (9, 0), torch.float16, 256, "takes head dims up to 128, not 256"),
-        ("triton", (9, 0), torch.float64, 48, "takes float16, bfloat16, float32, not float64"),
-        ("cuda", (7, 0), torch.float32, 48, "needs compute capability sm_75 or newer"),
-        ("cuda", (9, 0), torch.float32, 192, "takes head dims up to 128"),
-        ("cpu", None, torch.float32, 48, "runs on cpu tensors, not cuda"),
-    ],
-)
-def test_named_backend_refuses_with_one_error_type(
-    gpu_backends_available, monkeypatch, backend, capability, dtype, head_dim, message
-):
-    from convit_kernels.backends import BackendError
-
-    monkeypatch.setattr(gpu_backends_available, "cuda_capability", lambda device: capability)
-    with pytest.raises(BackendError, match=f"backend '{backend}' cannot run here: {message}"):
-        resolve_backend(backend, torch.device("cuda"), dtype, head_dim)
-
-
-def test_a_refusal_lists_every_reason(gpu_backends_available, monkeypatch):
-    from convit_kernels.backends import BackendError
-
-    monkeypatch.setattr(gpu_backends_available, "cuda_capability", lambda device: (7, 5))
-    with pytest.raises(BackendError) as refused:
-        resolve_backend("triton", torch.device("cuda"), torch.float64, 256)
-    message = str(refused.value)
-    for reason in ("not float64", "head dims up to 128, not 256", "needs compute capability sm_80"):
-        assert reason in message, message
-
-
 def test_backends_command_says_what_auto_picks(capsys):
     from convit_kernels.cli import main
 
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
-    for name in BACKEND_NAMES:
+    for name in backend_names():
         assert out.count(f"\n{name} ") + out.startswith(f"{name} ") == 1, name
     expected = resolve_backend("auto", torch.device("cpu"), torch.float32, 48)
     assert "on cpu: " in out and f"float32   -> {expected}" in out

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from convit_kernels import backends, dispatch, gpsa_attention, verdict_cache
+from convit_kernels import _version, backends, dispatch, gpsa_attention, verdict_cache, verification
 from convit_kernels.backends import BackendError
 from convit_kernels.backends.sdpa import sdpa_gpsa
 
@@ -30,17 +30,23 @@ def _broken(*args):
 def fake_gpu(monkeypatch, tmp_path):
     """CPU tensors treated as a checked device whose auto choice is a stand-in "triton" backend."""
     monkeypatch.setattr(dispatch, "CHECKED_DEVICE_TYPES", ("cpu",))
-    monkeypatch.setattr(dispatch, "device_name", lambda device: "Fake GPU 80GB")
+    monkeypatch.setattr(verification, "device_name", lambda device: "Fake GPU 80GB")
     monkeypatch.setitem(dispatch.AUTO_POLICY, "cpu", (("triton", "sdpa"), "the fake GPU's policy"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("CONVIT_KERNELS_SELF_CHECK", raising=False)
-    monkeypatch.setattr(dispatch, "_VERDICTS", {})
+    monkeypatch.setattr(verification, "_VERDICTS", {})
     monkeypatch.setattr(dispatch, "_WARNED", set())
     real = backends.get_backend("triton")
 
     def install(attention):
         fake = dataclasses.replace(
-            real, devices=None, forward=None, backward=None, attention=attention, unavailable=lambda: None
+            real,
+            devices=None,
+            forward=None,
+            backward=None,
+            double_backward=None,
+            attention=attention,
+            unavailable=lambda: None,
         )
         monkeypatch.setitem(backends._BACKENDS, "triton", fake)
 
@@ -61,7 +67,7 @@ def test_a_wrong_backend_falls_back_to_sdpa_and_warns_once(fake_gpu):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gpsa_attention(*inputs)  # the verdict is kept: no check, no second warning
-    (verdict,) = dispatch.verdicts().values()
+    (verdict,) = verification.verdicts().values()
     assert not verdict.passed and verdict.detail.startswith("out: max error") and verdict.source == "this process"
 
 
@@ -86,7 +92,7 @@ def test_off_trusts_the_kernels(fake_gpu, monkeypatch):
         warnings.simplefilter("error")
         out = gpsa_attention(*inputs)
     torch.testing.assert_close(out, _wrong(*inputs, (4, 4), 8**-0.5))
-    assert not dispatch.verdicts()
+    assert not verification.verdicts()
 
 
 def test_bad_mode_is_a_clear_error(fake_gpu, monkeypatch):
@@ -109,7 +115,7 @@ def test_a_correct_backend_is_used_without_fallback(fake_gpu, monkeypatch):
         gpsa_attention(*_inputs())
         gpsa_attention(*_inputs())
     assert len(calls) == 3  # the check's one call (2 heads), then both calls of the caller (3 heads)
-    (verdict,) = dispatch.verdicts().values()
+    (verdict,) = verification.verdicts().values()
     assert verdict.passed
 
 
@@ -117,25 +123,25 @@ def test_explicit_backends_are_not_checked(fake_gpu):
     fake_gpu(_wrong)
     inputs = _inputs()
     torch.testing.assert_close(gpsa_attention(*inputs, backend="triton"), _wrong(*inputs, (4, 4), 8**-0.5))
-    assert not dispatch.verdicts()
+    assert not verification.verdicts()
 
 
 def test_stored_verdicts_are_read_instead_of_checking_again(fake_gpu, monkeypatch):
     fake_gpu(_wrong)
-    combination = dispatch._combination("triton", CPU, torch.float32, 8, 16, 4)
-    failed = dispatch.Verdict(False, "out: wrong on this device", "gpu-check")
-    path = dispatch.store_verdicts("Fake GPU 80GB", {combination: failed})
+    combination = verification.combination("triton", CPU, torch.float32, 8, 16, 4)
+    failed = verification.Verdict(False, "out: wrong on this device", "gpu-check")
+    path = verification.store_verdicts("Fake GPU 80GB", {combination: failed})
     assert path.endswith("convit_kernels/self-check/Fake_GPU_80GB.json")
-    monkeypatch.setattr(dispatch, "run_check", lambda *a: pytest.fail("checked again despite a stored verdict"))
+    monkeypatch.setattr(verification, "run_check", lambda *a: pytest.fail("checked again despite a stored verdict"))
     with pytest.warns(RuntimeWarning, match="out: wrong on this device"):
         gpsa_attention(*_inputs())
-    assert dispatch.verdicts()[combination].source == path
+    assert verification.verdicts()[combination].source == path
 
 
 def test_verdicts_of_another_stack_are_ignored(fake_gpu):
     fake_gpu(sdpa_gpsa)
-    combination = dispatch._combination("triton", CPU, torch.float32, 8, 16, 4)
-    path = dispatch.store_verdicts("Fake GPU 80GB", {combination: dispatch.Verdict(False, "old", "gpu-check")})
+    combination = verification.combination("triton", CPU, torch.float32, 8, 16, 4)
+    path = verification.store_verdicts("Fake GPU 80GB", {combination: verification.Verdict(False, "old", "gpu-check")})
     with open(path) as f:
         content = json.load(f)
     content["stack"]["convit_kernels"] = "0.0.1"
@@ -144,7 +150,7 @@ def test_verdicts_of_another_stack_are_ignored(fake_gpu):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gpsa_attention(*_inputs())  # checked afresh: it passes
-    assert dispatch.verdicts()[combination].source == "this process"
+    assert verification.verdicts()[combination].source == "this process"
 
 
 def _corrupt_files():
@@ -166,15 +172,15 @@ def _corrupt_files():
 @pytest.mark.parametrize("corrupt", _corrupt_files().values(), ids=_corrupt_files().keys())
 def test_a_corrupt_verdict_file_means_check_again(fake_gpu, corrupt):
     fake_gpu(_wrong)
-    key = dispatch._combination("triton", CPU, torch.float32, 8, 16, 4).key()
+    key = verification.combination("triton", CPU, torch.float32, 8, 16, 4).key()
     path = verdict_cache.cache_path("Fake GPU 80GB")
     os.makedirs(os.path.dirname(path))
     with open(path, "w") as f:
-        json.dump(corrupt(dispatch._stack(), key), f)
+        json.dump(corrupt(verification._stack(), key), f)
     with pytest.warns(RuntimeWarning, match="disagrees"):  # checked here: it fails and auto falls back
         out = gpsa_attention(*_inputs())
     torch.testing.assert_close(out, gpsa_attention(*_inputs(), backend="sdpa"), rtol=0, atol=0)
-    (verdict,) = dispatch.verdicts().values()
+    (verdict,) = verification.verdicts().values()
     assert verdict.source == "this process"
 
 
@@ -187,7 +193,7 @@ def test_a_deeply_nested_verdict_file_means_check_again(fake_gpu):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gpsa_attention(*_inputs())
-    (verdict,) = dispatch.verdicts().values()
+    (verdict,) = verification.verdicts().values()
     assert verdict.passed and verdict.source == "this process"
 
 
@@ -197,28 +203,28 @@ def test_an_unwritable_cache_warns_once_and_the_check_still_counts(fake_gpu, mon
     monkeypatch.setattr(dispatch, "STORED_HEAD_DIMS", (8,))
     (tmp_path / "convit_kernels").write_text("a file where the cache folder goes")
     with pytest.warns(RuntimeWarning, match="could not store the self-check verdicts"):
-        found = dispatch.check_and_store(CPU)
+        found = verification.check_and_store(CPU, dispatch.stored_combinations(CPU))
     assert found and all(v.passed for v in found.values())
-    assert dispatch.store_verdicts("Fake GPU 80GB", found) is None
+    assert verification.store_verdicts("Fake GPU 80GB", found) is None
 
 
 def test_the_stack_needs_no_triton(fake_gpu, monkeypatch):
     fake_gpu(sdpa_gpsa)
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError: the cuda backend's case
     gpsa_attention(*_inputs())
-    assert dispatch._stack()["triton"] is None
+    assert verification._stack()["triton"] is None
 
 
 def test_check_and_store_round_trip(fake_gpu, monkeypatch):
     fake_gpu(sdpa_gpsa)
     monkeypatch.setattr(dispatch, "STORED_GRIDS", ((3, 4),))
     monkeypatch.setattr(dispatch, "STORED_HEAD_DIMS", (8,))
-    found = dispatch.check_and_store(CPU)
+    found = verification.check_and_store(CPU, dispatch.stored_combinations(CPU))
     assert {c.dtype for c in found} == {"float16", "bfloat16", "float32"} and all(v.passed for v in found.values())
     with open(verdict_cache.cache_path("Fake GPU 80GB")) as f:
         stored = json.load(f)
     assert set(stored["verdicts"]) == {c.key() for c in found}
-    assert stored["stack"]["convit_kernels"] == dispatch._version.__version__
+    assert stored["stack"]["convit_kernels"] == _version.__version__
 
 
 def test_backends_command_lists_the_checks_of_this_process(fake_gpu, capsys):
@@ -231,6 +237,9 @@ def test_backends_command_lists_the_checks_of_this_process(fake_gpu, capsys):
     out = capsys.readouterr().out
     assert "on-device checks (CONVIT_KERNELS_SELF_CHECK=on):" in out
     assert "Fake GPU 80GB: triton sm_00 float32 d=8 N=16 W=4: FAILED, auto uses sdpa" in out
+    # auto's pick for ConViT's shape needs a check of its own, and the report says so before running it
+    assert "running the on-device check of triton (triton sm_00 float32 d=48 N=196 W=14)" in out
+    assert "float32   -> triton -> sdpa (failed its on-device check)" in out
 
 
 @pytest.mark.parametrize("command", ["verify-kernels", "self-check"])

@@ -1,8 +1,9 @@
 """The "triton" backend compiled: on a GPU, its autotuning space, and the interpreter suite's own process.
 
-The interpreter tests (tests/test_triton_interpreter.py) need TRITON_INTERPRET=1
-set before triton is imported; this module runs them in a child process so one
-``python -m pytest`` covers both modes.
+The interpreter tests (tests/test_triton_interpreter.py, and the conformance suite's claims of the
+backend on CPU tensors) need TRITON_INTERPRET=1 set before triton is imported; this module runs them
+in a child process so one ``python -m pytest`` covers both modes. On a GPU the conformance suite runs
+the backend's CUDA claims in this process.
 """
 
 import os
@@ -10,32 +11,30 @@ import os
 import pytest
 import torch
 
-from convit_kernels import gpsa_attention
 from convit_kernels.backends.triton import configs, launch
+from convit_kernels.bench.saturated import NEAR_TIED_LOGITS, dq_dk_relative_errors, near_tied_inputs
 from convit_kernels.dispatch import resolve_backend
 
 from gpsa_cases import (
-    LARGE_WEIGHT_RTOL,
-    NEAR_TIED_LOGITS,
-    TRITON_CASE_IDS,
-    TRITON_CASES,
     assert_matches_reference,
-    dq_dk_relative_errors,
     make_inputs,
     max_error,
-    near_tied_inputs,
     outputs_and_grads,
     pytest_in_interpreter_process,
 )
 
-INTERPRETER_TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_triton_interpreter.py")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+INTERPRETER_TESTS = os.path.join(TESTS, "test_triton_interpreter.py")
+CONFORMANCE_TESTS = os.path.join(TESTS, "test_conformance.py")
 
 
 @pytest.mark.slow
 def test_interpreter_suite_in_its_own_process():
+    """The interpreter's own tests and the conformance suite's claims of the triton backend on CPU tensors."""
     if configs.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1 in this process: test_triton_interpreter.py runs here")
-    result, summary = pytest_in_interpreter_process(INTERPRETER_TESTS)
+    selected = ("-k", "triton", "-m", "not gpu")  # every test of test_triton_interpreter.py: its name matches
+    result, summary = pytest_in_interpreter_process(INTERPRETER_TESTS, CONFORMANCE_TESTS, *selected)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
     assert " passed" in summary and " skipped" not in summary, summary
 
@@ -85,33 +84,11 @@ def test_fp32_dots_follow_torch_matmul_precision(setting, split):
         torch.set_float32_matmul_precision(previous)
 
 
-def test_unavailable_without_gpu_or_interpreter_says_why():
-    if torch.cuda.is_available() or configs.INTERPRET:
-        pytest.skip("the triton backend is available in this process")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        gpsa_attention(*make_inputs(1, 1, 4, 8), backend="triton")
-
-
 # ---------------------------------------------------------------- on a GPU, compiled
 
 
 def _cuda(inputs):
     return [t.detach().cuda().requires_grad_() for t in inputs]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("B,H,N,d,grid_size,dtype", TRITON_CASES, ids=TRITON_CASE_IDS)
-def test_gpu_matches_reference(B, H, N, d, grid_size, dtype):
-    # fp32 dots run as 3xTF32 on the tensor cores: fp32-level, not IEEE-exact, products.
-    inputs = _cuda(make_inputs(B, H, N, d, dtype=dtype, seed=N + d))
-    assert_matches_reference(inputs, rtol_fp32=1e-4, backend="triton", grid_size=grid_size)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("gate,locality_strength", [(-20.0, 1.0), (-9.0, 1.0), (9.0, 1.0), (20.0, 1.0), (0.0, 10.0)])
-def test_gpu_gate_extremes_and_large_positional_weights(gate, locality_strength):
-    inputs = _cuda(make_inputs(4, 9, 196, 48, gate=gate, locality_strength=locality_strength))
-    assert_matches_reference(inputs, rtol_fp32=1e-4, rtol_overrides=LARGE_WEIGHT_RTOL, backend="triton")
 
 
 @pytest.mark.gpu
@@ -121,21 +98,6 @@ def test_gpu_auto_runs_head_dims_above_the_kernels_elsewhere(dtype):
     inputs = _cuda(make_inputs(2, 2, 49, 160, dtype=dtype))
     assert resolve_backend("auto", inputs[0].device, dtype, 160) == "sdpa"
     assert_matches_reference(inputs, rtol_fp32=1e-4, backend="auto")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_compile_fullgraph(dtype):
-    torch._dynamo.reset()
-
-    def layer(q, k, v, w, b, lam):
-        return gpsa_attention(q, k, v, w, b, lam, backend="triton").float().square().sum()
-
-    inputs = _cuda(make_inputs(2, 4, 196, 48, dtype=dtype))
-    got = torch.autograd.grad(torch.compile(layer, fullgraph=True)(*inputs), inputs)
-    want = torch.autograd.grad(layer(*inputs), inputs)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
 
 
 @pytest.mark.gpu

@@ -1,34 +1,30 @@
-"""The "triton" backend in Triton's interpreter, on CPU tensors, against the fp64 reference.
+"""The "triton" backend in Triton's interpreter, on CPU tensors: what is particular to its kernels.
 
 ``triton.jit`` reads TRITON_INTERPRET when it decorates a function, this
 project's kernels and triton.language's own library functions alike, so these
 tests need a process that set it before importing triton. The README's test
 command runs them that way: tests/test_triton.py starts
-``TRITON_INTERPRET=1 python -m pytest tests/test_triton_interpreter.py``; run
-alone, the command is the same. In a process without it, they skip.
+``TRITON_INTERPRET=1 python -m pytest tests/test_triton_interpreter.py tests/test_conformance.py -k triton``,
+which also runs the conformance suite (every claim against the fp64 reference, edges, layouts,
+opcheck, compile, torch.func, double backward, refusals) on the interpreted backend. In a process
+without it, these tests skip.
 """
 
 import pytest
 import torch
 
 from convit_kernels import available_backends, gpsa_attention
-from convit_kernels.backends import BackendError
 from convit_kernels.backends.triton import configs, launch
+from convit_kernels.bench.saturated import NEAR_TIED_LOGITS, dq_dk_relative_errors, near_tied_inputs
 from convit_kernels.dispatch import resolve_backend
 from convit_kernels.reference import gpsa_reference
 
 from gpsa_cases import (
-    LARGE_WEIGHT_RTOL,
-    NEAR_TIED_LOGITS,
     PARAM_NAMES,
-    TRITON_CASE_IDS,
-    TRITON_CASES,
     assert_matches_reference,
-    dq_dk_relative_errors,
     logit_recompute_bounds,
     make_inputs,
     max_error,
-    near_tied_inputs,
     outputs_and_grads,
     saturated_inputs,
     upcast,
@@ -38,22 +34,6 @@ pytestmark = pytest.mark.skipif(
     not configs.INTERPRET,
     reason="needs TRITON_INTERPRET=1 before import: tests/test_triton.py runs this module in its own process",
 )
-
-
-@pytest.mark.parametrize("B,H,N,d,grid_size,dtype", TRITON_CASES, ids=TRITON_CASE_IDS)
-def test_matches_reference(B, H, N, d, grid_size, dtype):
-    assert_matches_reference(make_inputs(B, H, N, d, dtype=dtype, seed=N + d), backend="triton", grid_size=grid_size)
-
-
-@pytest.mark.parametrize(
-    "gate,locality_strength,rtol_overrides",
-    [(-20.0, 1.0, None), (-9.0, 1.0, None), (9.0, 1.0, None), (20.0, 1.0, None), (0.0, 10.0, LARGE_WEIGHT_RTOL)],
-    ids=["gate-20", "gate-9", "gate+9", "gate+20", "locality10"],
-)
-@pytest.mark.parametrize("N", [49, 196], ids=["one-key-tile", "key-tiles"])
-def test_gate_extremes_and_large_positional_weights(gate, locality_strength, rtol_overrides, N):
-    inputs = make_inputs(2, 4, N, 16, gate=gate, locality_strength=locality_strength)
-    assert_matches_reference(inputs, rtol_overrides=rtol_overrides, backend="triton")
 
 
 def three_tf32_output(inputs):
@@ -136,6 +116,11 @@ def test_auto_takes_head_dims_above_the_kernels_to_another_backend(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu"), torch.float32, 160) == "sdpa"
     assert_matches_reference(make_inputs(1, 2, 16, 160), backend="auto")
     assert_matches_reference(make_inputs(1, 2, 16, 64), backend="auto")
+
+
+def test_auto_never_picks_the_interpreter():
+    assert available_backends()["triton"].available
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32, 48) != "triton"
 
 
 def test_strided_projection_views_equal_contiguous_copies():
@@ -236,61 +221,6 @@ def test_backward_keeps_the_forward_fp32_precision():
             assert torch.equal(same, changed)
     finally:
         torch.set_float32_matmul_precision(previous)
-
-
-def test_backend_registration():
-    assert available_backends()["triton"].available
-    assert resolve_backend("triton", torch.device("cpu"), torch.bfloat16, 48) == "triton"
-    assert (
-        resolve_backend("auto", torch.device("cpu"), torch.float32, 48) != "triton"
-    )  # the interpreter is never the fast choice
-    with pytest.raises(BackendError, match="takes head dims up to 128, not 136"):
-        gpsa_attention(*make_inputs(1, 1, 4, 136), backend="triton")
-
-
-def test_custom_ops_opcheck_and_compile_fullgraph():
-    q, k, v, w, b, lam = [t.detach().contiguous().requires_grad_() for t in make_inputs(1, 2, 16, 8)]
-    checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    args = (q, k, v, w, b, lam, 4, 0.3, "triton", "highest")
-    result = torch.library.opcheck(torch.ops.convit_kernels.gpsa_fwd.default, args, test_utils=checks)
-    assert set(result.values()) == {"SUCCESS"}, result
-    torch._dynamo.reset()
-
-    def layer(*args):
-        return gpsa_attention(*args, backend="triton").square().sum()
-
-    inputs = [q, k, v, w, b, lam]
-    got = torch.autograd.grad(torch.compile(layer, fullgraph=True)(*inputs), inputs)
-    want = torch.autograd.grad(layer(*inputs), inputs)
-    for g, w_ in zip(got, want):
-        torch.testing.assert_close(g, w_)
-
-
-def test_double_backward_runs_as_for_every_op_pair():
-    """create_graph=True through triton's op pair differentiates the torch backend's backward, as for cpu and torch."""
-    inputs = make_inputs(1, 2, 16, 8, dtype=torch.float32, seed=5)
-    grads = {}
-    for backend in ("triton", "torch"):
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        out = gpsa_attention(*leaves, backend=backend)
-        (dq,) = torch.autograd.grad(out.square().sum(), leaves[:1], create_graph=True)
-        grads[backend] = torch.autograd.grad(dq.square().sum(), leaves[:3])
-    for got, want in zip(grads["triton"], grads["torch"]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-
-
-def test_compile_fullgraph_with_dynamic_shapes():
-    """dynamic=True: one graph through the triton op pair for every N and head dim, forward and backward."""
-    torch._dynamo.reset()
-    compiled = torch.compile(
-        lambda *a: gpsa_attention(*a, backend="triton"), dynamic=True, fullgraph=True, backend="aot_eager"
-    )
-    for N, d in [(16, 8), (25, 8), (36, 12)]:
-        inputs = [t.detach().requires_grad_() for t in make_inputs(1, 2, N, d)]
-        got, want = compiled(*inputs), gpsa_attention(*inputs, backend="triton")
-        torch.testing.assert_close(got, want)
-        for g, w in zip(torch.autograd.grad(got.sum(), inputs[:3]), torch.autograd.grad(want.sum(), inputs[:3])):
-            torch.testing.assert_close(g, w)
 
 
 # Uneven N (50 on 5 x 10, 257 on 1 x 257: two of the interpreter's 256-wide key blocks, 49) and d (40, 24).

@@ -8,10 +8,14 @@ A backend is one implementation of GPSA, of one of two kinds:
 * a *composite* backend gives ``attention``, a function of torch ops differentiated by autograd:
   ``sdpa`` and ``reference``.
 
-Each backend module registers a :class:`Backend` when imported; the registry imports them on
-first use and remembers why one did not import. What a backend can take (devices, dtypes, head
-dims, CUDA capability) are fields of its description; :meth:`Backend.not_supported_reasons` lists
-every reason it refuses an input. Which backend runs is :mod:`convit_kernels.dispatch`'s call.
+Each backend module registers a :class:`Backend` when imported; the registry imports the package's
+own on first use (:data:`BACKEND_NAMES`) and remembers why one did not import; a backend defined
+elsewhere registers by calling :func:`register_backend` (:func:`backend_names` lists both). What a
+backend can take (devices, dtypes, head dims, CUDA capability) are fields of its description;
+:meth:`Backend.not_supported_reasons` lists every reason it refuses an input. So are the paths that
+serve what its own code cannot: a differentiable backward (``double_backward``), torch.func
+transforms (``functorch``) and ONNX export (``onnx_export``); the op layer reads them and names no
+backend. Which backend runs is :mod:`convit_kernels.dispatch`'s call.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from ..dtypes import dtype_name
 from ..separable import WHOLE_TABLES_PER_TOKEN, compute_dtype, whole_tables_fit
 
 __all__ = [
@@ -33,6 +38,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "HALF_AND_FLOAT",
     "register_backend",
+    "backend_names",
     "get_backend",
     "backend_problem",
     "available_backends",
@@ -45,7 +51,7 @@ __all__ = [
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
-# Backend name -> the module that registers it (imported on first use).
+# The package's own backends: name -> the module that registers it (imported on first use).
 _MODULES = {
     "triton": "convit_kernels.backends.triton",
     "cuda": "convit_kernels.backends.extension",
@@ -123,6 +129,17 @@ class Backend:
     Exactly one of (``forward``, ``backward``) and ``attention`` is set. ``state_like`` gives
     uninitialised tensors shaped as the forward's state (the op pair's fake). ``unavailable``
     says why the backend cannot run in this process (None when it can).
+
+    What serves the calls its own code cannot take, each None where nothing does (the op then
+    refuses them in one line):
+
+    * ``double_backward`` (op pairs only): a backward of the op-pair contract in tensor ops, which
+      autograd differentiates; a backward with ``create_graph=True`` runs it. A composite's own
+      torch ops are differentiated as they are.
+    * ``functorch``: an :class:`Attention` of plain tensor ops, what runs under torch.func
+      transforms (grad, vjp, jacrev, vmap), which custom ops with autograd reject.
+    * ``onnx_export``: an :class:`Attention` of standard ops alone (no custom op), what runs while
+      an ONNX exporter traces the call.
     """
 
     name: str
@@ -140,14 +157,22 @@ class Backend:
     # fp32 gradients at content logits of size L (two near-tied maxima per row; docs/backends.md)
     large_logits: str = "within 2x the fp32 eager error up to L = 3e6 (each row's maximum and sum kept apart)"
     unavailable: Callable[[], str | None] = field(default=_always_available)
+    double_backward: OpBackward | None = None
+    functorch: Attention | None = None
+    onnx_export: Attention | None = None
 
     def __post_init__(self):
         if (self.forward is None) != (self.backward is None) or (self.forward is None) == (self.attention is None):
             raise TypeError(f"backend {self.name!r}: give forward and backward, or attention")
+        if self.double_backward is not None and self.forward is None:
+            raise TypeError(f"backend {self.name!r}: double_backward is an op pair's (composites are differentiated)")
 
     @property
     def is_op_pair(self) -> bool:
         return self.forward is not None
+
+    def runs_on(self, device_type: str) -> bool:
+        return self.devices is None or device_type in self.devices
 
     def takes_grid(self, grid_h: int, grid_w: int) -> bool:
         return not self.whole_tables or whole_tables_fit(grid_h, grid_w)
@@ -157,11 +182,11 @@ class Backend:
     ) -> list[str]:
         """Every reason this backend cannot take inputs of this device, dtype, head dim and grid (empty: it can)."""
         reasons = []
-        if self.devices is not None and device.type not in self.devices:
+        if not self.runs_on(device.type):
             reasons.append(f"runs on {'/'.join(self.devices)} tensors, not {device.type}")
         if dtype not in self.dtypes:
-            names = ", ".join(_dtype_name(d) for d in self.dtypes)
-            reasons.append(f"takes {names}, not {_dtype_name(dtype)}")
+            names = ", ".join(dtype_name(d) for d in self.dtypes)
+            reasons.append(f"takes {names}, not {dtype_name(dtype)}")
         if self.max_head_dim is not None and head_dim > self.max_head_dim:
             reasons.append(f"takes head dims up to {self.max_head_dim}, not {head_dim}")
         if self.min_cuda_capability is not None and device.type == "cuda":
@@ -183,10 +208,6 @@ class BackendStatus(NamedTuple):
     reason: str
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def cuda_capability(device: torch.device) -> tuple[int, int]:
     """The compute capability of a CUDA device (tests replace this function)."""
     return torch.cuda.get_device_capability(device)
@@ -197,15 +218,23 @@ _IMPORT_ERRORS: dict[str, str] = {}
 
 
 def register_backend(backend: Backend) -> None:
-    if backend.name not in _MODULES:
-        raise ValueError(f"unknown backend {backend.name!r}: add it to the registry's module table")
+    """Make ``backend`` one of :func:`backend_names`: a package module's at its import, any other when called."""
+    if backend.name == "auto":
+        raise ValueError("'auto' names the automatic choice, not a backend")
     _BACKENDS[backend.name] = backend
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend a call can name: the package's own (:data:`BACKEND_NAMES`), then those registered since."""
+    return BACKEND_NAMES + tuple(name for name in _BACKENDS if name not in _MODULES)
 
 
 def _load(name: str) -> None:
     """Import the module that registers ``name``, once; remember why it failed."""
     if name in _BACKENDS or name in _IMPORT_ERRORS:
         return
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}: the backends are {backend_names()}")
     module = _MODULES[name]
     try:
         importlib.import_module(module)
@@ -234,7 +263,7 @@ def backend_problem(name: str) -> str | None:
 def available_backends() -> dict[str, BackendStatus]:
     """Map each backend name to ``BackendStatus(available, reason)`` for this process."""
     result = {}
-    for name in BACKEND_NAMES:
+    for name in backend_names():
         problem = backend_problem(name)
         result[name] = BackendStatus(problem is None, problem or get_backend(name).summary)
     return result

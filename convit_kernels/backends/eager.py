@@ -2,9 +2,10 @@
 
 "torch" keeps the op-pair contract (:mod:`convit_kernels.backends`) with dense N x N tiles: it
 is the contract's executable specification and the op where no kernel serves; its backward
-recomputes both softmaxes from q and k and reads no state, so autograd can differentiate it (the
-fused op's double backward runs it). It normalises each content row from its exact maximum, never
-as ``exp(s - lse)`` (docs/design.md, "Saturated rows"). "reference" is
+recomputes both softmaxes from q and k and reads no state, so autograd can differentiate it: it is
+the ``double_backward`` of every op pair here, and :func:`torch_attention`, its forward as a
+composite, what they run under torch.func transforms. It normalises each content row from its exact
+maximum, never as ``exp(s - lse)`` (docs/design.md, "Saturated rows"). "reference" is
 :func:`convit_kernels.reference.gpsa_reference` through autograd.
 """
 
@@ -15,8 +16,9 @@ import torch
 from ..reference import gpsa_reference, relative_positions
 from ..separable import compute_dtype, dense_positional_probs, positional_axis_probs
 from . import FLOAT_DTYPES, Backend, gates, register_backend
+from .decomposed import sdpa_gpsa_exported
 
-__all__ = ["gpsa_forward_torch", "gpsa_backward_torch"]
+__all__ = ["gpsa_forward_torch", "gpsa_backward_torch", "torch_attention"]
 
 
 def _positional(pos_weight: torch.Tensor, N: int, grid_w: int, acc: torch.dtype) -> torch.Tensor:
@@ -76,6 +78,12 @@ def gpsa_backward_torch(
     )
 
 
+def torch_attention(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale) -> torch.Tensor:
+    """The op pair's forward as a composite of tensor ops (B x H x N x d): what torch.func transforms see through."""
+    out, _ = gpsa_forward_torch(q, k, v, pos_weight, gating_param, grid_size[1], scale, "highest")
+    return out.transpose(1, 2)
+
+
 register_backend(
     Backend(
         "torch",
@@ -84,6 +92,9 @@ register_backend(
         dtypes=FLOAT_DTYPES,
         forward=gpsa_forward_torch,
         backward=gpsa_backward_torch,
+        double_backward=gpsa_backward_torch,
+        functorch=torch_attention,
+        onnx_export=sdpa_gpsa_exported,
     )
 )
 register_backend(
@@ -94,5 +105,7 @@ register_backend(
         dtypes=FLOAT_DTYPES,
         attention=gpsa_reference,
         large_logits="the yardstick: timm's math in fp32 (one softmax per row)",
+        functorch=gpsa_reference,
+        onnx_export=sdpa_gpsa_exported,
     )
 )

@@ -15,6 +15,8 @@ import torch
 from .. import settings
 from ..extension_loader import load_cpu, load_cuda
 from . import FLOAT_DTYPES, HALF_AND_FLOAT, Backend, empty_backward_outputs, register_backend, stats_state_like
+from .decomposed import sdpa_gpsa_exported
+from .eager import gpsa_backward_torch, torch_attention
 
 __all__ = ["cpu_unavailable", "cuda_unavailable"]
 
@@ -73,6 +75,9 @@ register_backend(
         backward=_backward,
         whole_tables=True,
         unavailable=cpu_unavailable,
+        double_backward=gpsa_backward_torch,
+        functorch=torch_attention,
+        onnx_export=sdpa_gpsa_exported,
     )
 )
 register_backend(
@@ -88,5 +93,8 @@ register_backend(
         whole_tables=True,
         large_logits="the cpu kernel's algorithm (each row's maximum and sum apart); never run on a GPU yet",
         unavailable=cuda_unavailable,
+        double_backward=gpsa_backward_torch,
+        functorch=torch_attention,
+        onnx_export=sdpa_gpsa_exported,
     )
 )

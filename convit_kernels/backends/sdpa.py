@@ -8,7 +8,8 @@ backend stores nothing of size N x N beyond what PyTorch's chosen kernel does. I
 B x H x N x d tensors run as one fused C++ pass per direction for CPU tensors of one dtype where the
 extension's CPU part is built (csrc/cpu/positional_mix_cpu.cpp), else as separable.py's torch
 contractions (CONVIT_KERNELS_NO_FUSED_MIX forces these). docs/design.md has the backward.
-:func:`sdpa_gpsa_decomposed` is the same math in standard ops alone, for the ONNX exporters.
+:func:`~convit_kernels.backends.decomposed.sdpa_gpsa_decomposed` is the same math in standard ops alone, for
+the ONNX exporters.
 """
 
 from __future__ import annotations
@@ -16,15 +17,12 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from .. import settings
 from ..custom_ops import define_op_pair
 from ..extension_loader import import_built
 from ..separable import (
     AxisTables,
-    PositionalAxes,
-    apply_positional,
     bhnd,
     compute_dtype,
     head_major,
@@ -34,8 +32,10 @@ from ..separable import (
     whole_tables_fit,
 )
 from . import FLOAT_DTYPES, Backend, gates, register_backend
+from .decomposed import content_attention, mix_positional, sdpa_gpsa_decomposed, sdpa_gpsa_exported
+from .eager import torch_attention
 
-__all__ = ["sdpa_gpsa", "sdpa_gpsa_decomposed", "positional_mix"]
+__all__ = ["sdpa_gpsa", "sdpa_gpsa_decomposed", "sdpa_gpsa_exported", "positional_mix"]
 
 
 def _bnhd_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -78,12 +78,6 @@ def _import_cpu_part() -> None:
     import_built("convit_kernels._C")
 
 
-def _mix(content: torch.Tensor, v: torch.Tensor, gated: PositionalAxes, one_minus_g: torch.Tensor, out=None):
-    """(1 - g) content + g P v by separable.py's torch contractions, B x H x N x d; into ``out`` if given."""
-    positional = bhnd(apply_positional(gated, head_major(v, gated.y.size, gated.y.w_linear.dtype)))  # g P v
-    return torch.addcmul(positional, content, one_minus_g, out=out)
-
-
 def _mix_forward(
     content: torch.Tensor,
     v: torch.Tensor,
@@ -100,7 +94,7 @@ def _mix_forward(
         px, py = _fused_tables(fused, pos_weight, grid_h, grid_w, acc)
         return fused.positional_mix_fwd(content, v, px, py * g.view(-1, 1, 1), one_minus_g.view(-1))
     out = _bnhd_like(v, v.dtype)
-    _mix(content, v, positional_axes(pos_weight, grid_h, grid_w, g), one_minus_g, out=out.transpose(1, 2))
+    mix_positional(content, v, positional_axes(pos_weight, grid_h, grid_w, g), one_minus_g, out=out.transpose(1, 2))
     return out
 
 
@@ -179,29 +173,10 @@ positional_mix, positional_mix_bwd = define_op_pair(
 )
 
 
-def _content_attention(q, k, v, scale: float) -> torch.Tensor:
-    """softmax(scale q k^T) v by SDPA; an empty input by plain matmuls (torch 2.11's CPU SDPA with zero heads
-    divides by zero: SIGFPE, the process dies)."""
-    if q.numel() == 0:
-        return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-
 def sdpa_gpsa(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int, int], scale: float) -> torch.Tensor:
     """GPSA as SDPA's content attention mixed with the separable positional branch; B x H x N x d view."""
-    content = _content_attention(q, k, v, scale)
+    content = content_attention(q, k, v, scale)
     return positional_mix(content, v, pos_weight, pos_bias, gating_param, grid_size[1]).transpose(1, 2)
-
-
-def sdpa_gpsa_decomposed(q, k, v, pos_weight, gating_param, grid_size: tuple[int, int], scale: float) -> torch.Tensor:
-    """GPSA in standard ops alone, no custom op: ``(1 - g) SDPA(q, k, v) + g P v``, B x H x N x d in v's dtype.
-
-    What :func:`gpsa_attention` runs while an ONNX exporter traces it (:func:`convit_kernels.fused_op.attention`):
-    the "sdpa" backend's math with the mix as torch ops that autograd differentiates. pos_bias cancels.
-    """
-    content = _content_attention(q, k, v, scale)
-    g, one_minus_g = gates(gating_param, compute_dtype(v.dtype))
-    return _mix(content, v, positional_axes(pos_weight, *grid_size, g), one_minus_g).to(v.dtype)
 
 
 register_backend(
@@ -211,6 +186,8 @@ register_backend(
         devices=None,
         dtypes=FLOAT_DTYPES,
         attention=sdpa_gpsa,
+        functorch=torch_attention,
+        onnx_export=sdpa_gpsa_exported,
         large_logits="off by up to 5e-4 of their scale at L = 3e4, 4e-3 at 1e5, 2e-2 at 1e6, 0.13 at 3e6 (CPU, torch "
         "2.14): PyTorch's SDPA keeps one float32 log-sum-exp per row",
     )

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..accuracy import gate
+from ..dtypes import dtype_name
 from .implementations import BASELINES, FLOOR, REFERENCE, Implementation, evaluate, implementations
 from .timing import matmul_yardstick, peak_memory_bytes, time_side_by_side
 from .workloads import Problem, Workload, make_problem
@@ -65,15 +66,15 @@ class Microbench:
         this torch build's, float32 is what a kernel can reach), by key: (one product, its FLOPs)."""
         found = {}
         for dtype in dict.fromkeys((workload.dtype, torch.float32)):
-            name = str(dtype).replace("torch.", "")
+            name = dtype_name(dtype)
             key = f"{name}, {threads} threads" if workload.device.type == "cpu" else name
             if key not in self._yardsticks:
                 self._yardsticks[key] = matmul_yardstick(dtype, workload.device)
             found[key] = self._yardsticks[key]
         return found
 
-    def run(self, workload: Workload, advance: Callable[[int], None] = lambda n: None) -> list[dict]:
-        problem = make_problem(workload)
+    def gate_all(self, workload: Workload, problem: Problem, advance: Callable[[int], None]) -> tuple[dict, ...]:
+        """(name -> built callable of each that passed the gate, name -> why refused, name -> why not run)."""
         backward = "fwd+bwd" in self.passes
         reference = BASELINES[REFERENCE]
         exact_problem = make_problem(workload, torch.float64)
@@ -97,7 +98,11 @@ class Microbench:
             else:
                 refused[name] = problem_found
             advance(1)
+        return passing, refused, not_run
 
+    def run(self, workload: Workload, advance: Callable[[int], None] = lambda n: None) -> list[dict]:
+        problem = make_problem(workload)
+        passing, refused, not_run = self.gate_all(workload, problem, advance)
         records = []
         for threads in self.threads:
             set_threads(workload.device, threads)

@@ -8,6 +8,7 @@ import torch
 from timm.models.convit import GPSA
 
 from ..convit_shapes import FAMILY_HEADS, HEAD_DIMS, IMAGE_SIZES, grid_side
+from ..dtypes import dtype_name
 
 LEVELS = ("core", "module")  # attention core (q, k, v given) | whole GPSA layer with its projections
 PASSES = ("fwd", "fwd+bwd")
@@ -81,7 +82,7 @@ class Workload:
 
     @property
     def dtype_name(self) -> str:
-        return {v: k for k, v in DTYPES.items()}.get(self.dtype, str(self.dtype).replace("torch.", ""))
+        return {v: k for k, v in DTYPES.items()}.get(self.dtype, dtype_name(self.dtype))
 
     @property
     def label(self) -> str:

@@ -22,7 +22,7 @@ BENCH_DTYPE = "bf16"
 # The layer bench in two runs: a timeout of one keeps the other's table; only the second compiles graphs.
 EAGER_SHAPES = ("Ti-224", "B-224")
 COMPILED_SHAPE = "S-224"
-EAGER_IMPLEMENTATIONS = ("triton", "sdpa", "sdpa-dense", "timm", "attention-floor")
+EAGER_BASELINES = ("sdpa-dense", "timm", "attention-floor")
 COMPILED_IMPLEMENTATION = "timm-compiled"
 BENCH_DIRS = ("bench", "bench-compiled")  # the two layer-bench steps' output folders, by step name
 CUTS = (
@@ -87,10 +87,18 @@ def _bench(out: str, shapes, implementations) -> tuple[str, ...]:
     )  # fmt: skip
 
 
+def eager_implementations() -> tuple[str, ...]:
+    """What the layer bench times eager: the backends auto tries on a GPU, best first, then the baselines."""
+    from ..dispatch import AUTO_POLICY  # imports torch: when the steps are built, never with this module
+
+    return (*AUTO_POLICY["cuda"][0], *EAGER_BASELINES)
+
+
 def steps(work: str, tests_dir: str | None, cores: int) -> list[Step]:
     """The script: each step's commands (outputs under ``work``) and time limit; the limits fit BUDGET_S."""
     python = sys.executable
     cli = (python, "-m", "convit_kernels")
+    eager = eager_implementations()
     pytest_shard = (
         python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-p", "convit_kernels.gpu_check.shard",
     )  # fmt: skip
@@ -127,13 +135,13 @@ def steps(work: str, tests_dir: str | None, cores: int) -> list[Step]:
         Step(
             BENCH_DIRS[0],
             f"layer bench {' '.join(EAGER_SHAPES)}, {BENCH_DTYPE}, B = {BENCH_BATCH}, eager implementations",
-            (_bench(f"{work}/{BENCH_DIRS[0]}", EAGER_SHAPES, EAGER_IMPLEMENTATIONS),),
+            (_bench(f"{work}/{BENCH_DIRS[0]}", EAGER_SHAPES, eager),),
             60,
         ),
         Step(
             BENCH_DIRS[1],
             f"layer bench {COMPILED_SHAPE} with {COMPILED_IMPLEMENTATION} beside the eager implementations",
-            (_bench(f"{work}/{BENCH_DIRS[1]}", (COMPILED_SHAPE,), (*EAGER_IMPLEMENTATIONS, COMPILED_IMPLEMENTATION)),),
+            (_bench(f"{work}/{BENCH_DIRS[1]}", (COMPILED_SHAPE,), (*eager, COMPILED_IMPLEMENTATION)),),
             90,
         ),
         Step(

@@ -12,6 +12,8 @@ import torch
 import triton
 
 from .. import HALF_AND_FLOAT, Backend, register_backend
+from ..decomposed import sdpa_gpsa_exported
+from ..eager import gpsa_backward_torch, torch_attention
 from .configs import INTERPRET, MAX_HEAD_DIM
 from .launch import dot_precision, gpsa_backward, gpsa_forward, interpreter_runs_loops
 
@@ -69,5 +71,8 @@ register_backend(
         large_logits="within 2x the fp32 eager error up to L = 3e6 under the interpreter (3xTF32 dots, each row's "
         "maximum and 1 / sum apart); not yet measured on a GPU",
         unavailable=_unavailable,
+        double_backward=gpsa_backward_torch,
+        functorch=torch_attention,
+        onnx_export=sdpa_gpsa_exported,
     )
 )
