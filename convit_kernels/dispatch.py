@@ -22,7 +22,6 @@ from .backends import BackendError, backend_names, backend_problem, get_backend
 from .convit_shapes import GRID_224, GRID_384, HEAD_DIM, HEAD_DIMS, TOKENS_224
 from .dtypes import dtype_name
 from .separable import whole_tables_fit
-from .verification import run_check  # where `convit-kernels gpu-check`'s warm step finds the check
 
 __all__ = [
     "AUTO",
@@ -37,7 +36,6 @@ __all__ = [
     "choose",
     "verified_before_use",
     "stored_combinations",
-    "run_check",
 ]
 
 # The name that asks for the policy's choice instead of one backend.
@@ -50,7 +48,11 @@ AUTO_POLICY = {
         "the Triton kernels where they are built and verified (sm_80+, head dims up to 128), else PyTorch's "
         "SDPA kernels",
     ),
-    "cpu": (("cpu", "sdpa"), "the fused C++ kernel (faster than sdpa in `convit-kernels bench`), else sdpa"),
+    "cpu": (
+        ("cpu", "sdpa"),
+        "the fused C++ kernel (faster than sdpa at ConViT's sizes in `convit-kernels bench`; slower on strips, "
+        "but exact at large content logits there too), else sdpa",
+    ),
 }
 _AUTO_ELSEWHERE = (("sdpa",), "PyTorch's own attention kernels for the device (MPS, XPU, ...)")
 # What auto takes instead of a kernel that failed its on-device check: PyTorch's own kernels.

@@ -73,7 +73,6 @@ register_backend(
         dtypes=FLOAT_DTYPES,
         forward=_forward,
         backward=_backward,
-        whole_tables=True,
         unavailable=cpu_unavailable,
         double_backward=gpsa_backward_torch,
         functorch=torch_attention,

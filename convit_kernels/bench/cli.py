@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .. import files
 from ..arguments import COUNT, POSITIVE_INT, SIZE, number
+from ..backends import backend_names
 from .implementations import BASELINES, FLOOR, fused_backends, implementations
 from .models import default_model_batch, model_steps, run_models
 from .report import (
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends",
         nargs="+",
         metavar="IMPL",
-        help="implementations to time: fused backends (torch, cpu, triton, cuda, or fused-NAME) "
+        help=f"implementations to time: fused backends ({', '.join(n for n in backend_names() if n != 'reference')}, "
+        "or fused-NAME) "
         f"and baselines ({', '.join(BASELINES)}) (default: every one available)",
     )
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="dtypes to time " + by_preset("dtypes"))

@@ -2,7 +2,7 @@
 
 ``python -m convit_kernels.gpu_check.warm --shard i/n`` runs its share of the jobs (greedy by
 cost, so n processes finish together): each `verify-kernels` combination through
-``dispatch.run_check``, the bench's Triton launches (core and module level, at B = 2: the batch
+``verification.run_check``, the bench's Triton launches (core and module level, at B = 2: the batch
 is in no kernel's specialisation), its torch.compile graphs at the bench's own batch (Inductor
 keys a graph on its shapes), and a patched model's train step. Each goes through the code the
 later step runs, so the kernels and graphs it compiles are the ones that step looks up.
@@ -30,7 +30,12 @@ class WarmJob:
 
     @property
     def label(self) -> str:
-        return f"{self.kind} {' '.join(str(a).replace('torch.', '') for a in self.args)}"
+        import torch
+
+        from ..dtypes import dtype_name
+
+        words = (dtype_name(a) if isinstance(a, torch.dtype) else str(a) for a in self.args)
+        return f"{self.kind} {' '.join(words)}"
 
 
 def warm_jobs(combinations) -> list[WarmJob]:
@@ -67,8 +72,8 @@ def _run(job: WarmJob, device) -> str:
     from ..bench.implementations import BASELINES, evaluate, fused
     from ..bench.run import pass_callable
     from ..bench.workloads import DTYPES, SHAPES, Workload, make_problem
-    from ..dispatch import run_check
     from ..patch import patch_convit
+    from ..verification import run_check
     from .plan import BENCH_BATCH, BENCH_DTYPE, COMPILED_IMPLEMENTATION
 
     dtype = DTYPES[BENCH_DTYPE]
