@@ -1,9 +1,10 @@
-"""dq and dk precision at large logits: issue 21's table, for the backends that run here.
+"""dq and dk precision at large content logits, for the backends that run here.
 
 Rows with two near-tied top logits of size L (convit_kernels.bench.saturated.near_tied_inputs;
 exact in float32), fp32, max error of dq and dk against the float64 reference relative to each one's
 largest value. "eager" is the fp32 eager math (the reference backend run in float32), the
-yardstick of tests/test_saturated.py: every op-pair backend within 2x of it.
+yardstick of tests/test_saturated.py: every op-pair backend within 2x of it. The table of
+docs/backends.md ("Gradients at large content logits") is a run of this script.
 
     PYTHONPATH=$PWD python benchmarks/saturated_precision.py [--backends torch cpu sdpa]
 """

@@ -46,7 +46,7 @@ FLOAT_ARGS = {"qk_scale", "scale"}
 INT_ARGS = {"H", "N"}
 # Pointers that are fp32 whatever the input dtype.
 FP32_POINTERS = {"POS", "GATES", "ROW_STATS", "DELTA", "PT_DOUT"}
-# The performance targets the report is checked against (tests/test_aot.py), sm_90, 16-bit, d = 64.
+# The performance targets the report is held to (tests/test_aot.py), sm_90, 16-bit, d = 64.
 TARGETS = {"fwd_loop_per_score": 12.0, "fwd_to_twin": 1.3, "bwd_per_score": 50.0}
 
 

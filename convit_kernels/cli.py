@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from .settings import SettingError, check_all
+from .settings import SettingError, validate_all
 
 # subcommand -> (module, its function main(argv) -> int, one-line help)
 SUBCOMMANDS = {
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
     module, function, _ = SUBCOMMANDS[command]
     try:
-        check_all()  # every CONVIT_KERNELS_* variable now: a bad one is refused here, not at its first use in the run
+        validate_all()  # every CONVIT_KERNELS_* variable now: a bad one is refused here, not at its first use
         return int(getattr(importlib.import_module(module), function)(rest) or 0)
     except SettingError as error:  # a CONVIT_KERNELS_* variable has a bad value
         print(f"convit-kernels {command}: {error}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The C++/CUDA extension (csrc/): find its built parts, check their build tags, load them, or build them.
+"""The C++/CUDA extension (csrc/): find its built parts, validate their build tags, load them, or build them.
 
 ``pip install --no-build-isolation -e .`` builds ``convit_kernels._C`` (CPU part, which defines the
 ``convit_kernels_ext`` ops) and ``convit_kernels._C_cuda`` (their CUDA implementations), both on
@@ -74,7 +74,7 @@ def _mismatch(module: str, path: str) -> str | None:
 
 
 def import_built(module: str) -> str | None:
-    """Import a built part, after checking its build tag; None when imported, else why not."""
+    """Import a built part, after validating its build tag; None when imported, else why not."""
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         return f"{module} is not built"

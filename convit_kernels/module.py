@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import gpsa_attention, square_grid_side
 from .backends import BackendError, backend_names, get_backend
-from .op import gpsa_attention, square_grid_side
 from .reference import gpsa_attention_probs, gpsa_reference, relative_positions
 
 try:  # runs a function while Dynamo traces (torch._dynamo's own, no public API does it): warnings under compile
@@ -88,7 +88,7 @@ except ImportError:
         return module
 
 
-# A leaf for torch.fx, as timm registers its own GPSA: FX cannot trace the grid's checks on N.
+# A leaf for torch.fx, as timm registers its own GPSA: FX cannot trace the grid's validation against N.
 @register_notrace_module
 class FusedGPSA(nn.Module):
     """Gated positional self-attention computed by the fused op, never storing an N x N matrix.
@@ -113,7 +113,7 @@ class FusedGPSA(nn.Module):
     The forward compiles with ``torch.jit.script``: a scripted module calls the op
     ``convit_kernels::gpsa_fwd`` directly with its backend, which must be an op pair
     ("auto" runs what auto picks at run time, or refuses where that is a composite;
-    see :mod:`convit_kernels.fused_op`).
+    see :mod:`convit_kernels.gpsa_op`).
     """
 
     def __init__(

@@ -5,7 +5,7 @@ A switch (every CONVIT_KERNELS_* variable the package reads) is true for ``1``, 
 spaces ignored). A choice takes one of its values (same case and space rule), a list a
 space-separated list of the names its reader knows; either, unset or empty, takes its default.
 Anything else raises :class:`SettingError` with one line naming the variable. Each is read when it
-is used (a test or a benchmark may change it between calls); :func:`check_all` reads the
+is used (a test or a benchmark may change it between calls); :func:`validate_all` reads the
 package's all at once, so that the command line refuses a bad value at its start rather than deep
 in a run. None is ever written. The tests' and the benchmarks' variables are declared here too, so
 that each variable of the project has one home and one row in docs/settings.md. Variables of other
@@ -23,7 +23,7 @@ __all__ = [
     "SettingError",
     "Setting",
     "SETTINGS",
-    "check_all",
+    "validate_all",
     "enabled",
     "self_check_mode",
     "choice",
@@ -45,7 +45,7 @@ class Setting:
     choices: tuple[str, ...]  # a switch: values beside its true / false spellings; a choice: every value it takes
     meaning: str
     kind: str = "switch"  # "switch", "choice" or "list"
-    reader: str = "package"  # "package" (check_all checks it), "tests" or "benchmarks"
+    reader: str = "package"  # "package" (validate_all reads it), "tests" or "benchmarks"
 
 
 SETTINGS = {
@@ -156,8 +156,8 @@ def names(name: str, known: Iterable[str]) -> list[str]:
     return listed
 
 
-def check_all() -> None:
+def validate_all() -> None:
     """Raise :class:`SettingError` (one line) for the first of the package's variables of a value its rule refuses."""
     for name, setting in SETTINGS.items():
-        if setting.reader == "package":  # the tests' and the benchmarks' own are checked where those read them
+        if setting.reader == "package":  # the tests' and the benchmarks' own are validated where those read them
             _value(name)

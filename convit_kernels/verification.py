@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _version, backends, verdict_cache
-from .accuracy import gate
+from .accuracy import accuracy_failure
 from .dtypes import dtype_name
 from .reference import gpsa_reference
 
@@ -154,7 +154,7 @@ def run_check(
         same_precision = _reference_results(inputs, grad_out, grid)
         candidate = _backend_results(backend, inputs, grad_out, grid)
     names = ["out", "q", "k", "v", "pos_weight", "pos_bias", "gating_param"]
-    return gate(candidate, exact, same_precision, names, dtype)
+    return accuracy_failure(candidate, exact, same_precision, names, dtype)
 
 
 def known_verdict(combination: Combination) -> Verdict | None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convit_kernels import gpsa_attention
-from convit_kernels.accuracy import GATE_FLOOR
+from convit_kernels.accuracy import ERROR_FLOOR
 from convit_kernels.backends import BackendError, backend_names, backend_problem, get_backend
 from convit_kernels.dtypes import dtype_name
 from convit_kernels.reference import relative_positions
@@ -124,7 +124,13 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_matches_reference(
-    inputs, rtol_fp32=2e-5, rtol_overrides=None, same_precision_rule=False, gate_rule=False, magnitudes=None, **kwargs
+    inputs,
+    rtol_fp32=2e-5,
+    rtol_overrides=None,
+    same_precision_rule=False,
+    accuracy_rule=False,
+    magnitudes=None,
+    **kwargs,
 ):
     """The backend's output and gradients against the fp64 reference.
 
@@ -133,9 +139,9 @@ def assert_matches_reference(
     flash-attention's rule: error at most 3x the reference computed in the same
     precision, plus a small floor. ``same_precision_rule`` applies that rule to
     fp32 too (with ``rtol_fp32`` of the scale as its floor), where the inputs
-    make fp32 itself inaccurate. ``gate_rule`` holds every dtype to the on-device
-    check's rule (:func:`convit_kernels.accuracy.gate`): 3x the same-precision
-    reference's error plus GATE_FLOOR of the scale, an ulp for the half types.
+    make fp32 itself inaccurate. ``accuracy_rule`` holds every dtype to the on-device
+    check's rule (:func:`convit_kernels.accuracy.accuracy_failure`): 3x the same-precision
+    reference's error plus ERROR_FLOOR of the scale, an ulp for the half types.
     ``magnitudes`` maps a name to a scale that replaces the tensor's own where
     larger: the size of the terms summed into it, for inputs where those cancel
     to (nearly) zero.
@@ -145,7 +151,7 @@ def assert_matches_reference(
     exact = outputs_and_grads(upcast(inputs), backend="reference", **problem)
     got = outputs_and_grads(inputs, **kwargs)
     relative_rule = (
-        gate_rule or dtype in (torch.float16, torch.bfloat16) or (same_precision_rule and dtype == torch.float32)
+        accuracy_rule or dtype in (torch.float16, torch.bfloat16) or (same_precision_rule and dtype == torch.float32)
     )
     if relative_rule:
         same_precision = outputs_and_grads(
@@ -164,8 +170,8 @@ def assert_matches_reference(
             continue
         if relative_rule:
             ref_err = max_error(same_precision[0] if i == 0 else same_precision[1][i - 1], want)
-            if gate_rule:
-                floor = GATE_FLOOR[dtype] * scale
+            if accuracy_rule:
+                floor = ERROR_FLOOR[dtype] * scale
             else:
                 floor = rtol_fp32 * scale if dtype == torch.float32 else 1e-3 * scale + 1e-5
             assert max_error(have, want) <= 3 * ref_err + floor, (name, max_error(have, want), ref_err)

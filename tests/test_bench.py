@@ -1,4 +1,4 @@
-"""`convit-kernels bench`: a tiny run end to end, the correctness gate, and bad input."""
+"""`convit-kernels bench`: a tiny run end to end, the accuracy rule before timing, and bad input."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def _wrong_core(problem):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gate_refuses_a_wrong_implementation(dtype):
+def test_accuracy_rule_refuses_a_wrong_implementation(dtype):
     wrong = Implementation("wrong", "drops the positional term", _wrong_core, None)
     right = [n for n in implementations("cpu", dtype) if n != "timm-compiled"]
     bench = Microbench(
@@ -95,7 +95,7 @@ def test_an_implementation_that_cannot_run_on_the_device_is_refused_unbuilt():
     assert (why is not None) == (torch.__version__ < "2.14") and BASELINES["timm-compiled"].why_not(CUDA) is None
 
 
-def test_gate_checks_the_backward_too():
+def test_accuracy_rule_covers_the_backward_too():
     """An implementation whose forward is right but whose gradient is not."""
 
     def no_pos_grad(problem):
@@ -146,9 +146,9 @@ def test_output_path_that_is_a_file_exits_2(tmp_path, capsys):
     assert "cannot write to the output folder" in capsys.readouterr().err
 
 
-def test_compiled_timm_passes_the_gate_and_is_timed():
+def test_compiled_timm_passes_the_accuracy_rule_and_is_timed():
     why_not = BASELINES["timm-compiled"].why_not(CPU)
-    if why_not is not None:  # torch 2.11: the refusal is what test_an_implementation_that_cannot_run... checks
+    if why_not is not None:  # torch 2.11: the refusal is what test_an_implementation_that_cannot_run... tests
         pytest.skip(f"timm-compiled is not run on this torch's CPU: {why_not}")
     bench = Microbench(["timm-compiled"], ["fwd+bwd"], [1], 0, 1, measure_memory=False)
     (record,) = bench.run(Workload("core", SHAPES["toy"], 2, torch.float32, CPU))

@@ -4,7 +4,7 @@ The parameters come from the registry (``backend_names()``), so a backend regist
 package's own or one a plugin registers before collection, runs this suite with no edit here
 (test_a_registered_backend_meets_the_suite_with_no_edit shows it with tests/toy_backend.py). Each
 (backend, device, dtype) the backend claims is one claim: its output and every gradient against the
-float64 reference by the project's accuracy rule (:func:`convit_kernels.accuracy.gate`: 3x the error of
+float64 reference by the project's accuracy rule (:func:`convit_kernels.accuracy.accuracy_failure`: 3x the error of
 the reference computed in the same precision, plus about an ulp), at ConViT's sizes, rectangular grids,
 one patch, no batch or no heads, extreme gates and positional weights, and in several memory layouts; a
 size beyond its limits is refused with its reasons. Each (backend, device) pair: torch.compile, torch.func,
@@ -86,7 +86,7 @@ def _assert_takes_or_refuses(backend, inputs, grid_size=None):
         assert all(reason in str(refused.value) for reason in reasons), (reasons, str(refused.value))
         return
     sizes = term_sizes(inputs, grid_size)
-    assert_matches_reference(inputs, gate_rule=True, magnitudes=sizes, backend=backend, grid_size=grid_size)
+    assert_matches_reference(inputs, accuracy_rule=True, magnitudes=sizes, backend=backend, grid_size=grid_size)
 
 
 # ---------------------------------------------------------------- forward and gradients, per claim

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from convit_kernels import files
-from convit_kernels.bench.report import check_writable, write_json
+from convit_kernels.bench.report import ensure_writable, write_json
 from convit_kernels.experiments import sample_efficiency
 from convit_kernels.train.report import JsonLog
 
@@ -66,7 +66,7 @@ def test_the_experiments_and_the_benchs_files_are_not_written_through_links(tmp_
         (tmp_path / name).symlink_to(victim)
     sample_efficiency.write_json(str(tmp_path / "results.json"), {"runs": 1})
     write_json(str(tmp_path / "bench.json"), {"device": "cpu"}, [{"status": "ok"}])
-    check_writable(str(tmp_path))
+    ensure_writable(str(tmp_path))
     assert json.loads((tmp_path / "results.json").read_text()) == {"runs": 1}
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == [{"status": "ok"}]
     assert victim.read_bytes() == b"someone else's"

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from convit_kernels import gpsa_attention
 from convit_kernels import settings as project_settings
-from convit_kernels.accuracy import GATE_FLOOR
+from convit_kernels.accuracy import ERROR_FLOOR
 from convit_kernels.backends import BackendError, get_backend
 from convit_kernels.reference import gpsa_reference
 
@@ -270,18 +270,18 @@ def _with_empty_cases(test):
     return test
 
 
-def check(case: Case, backend: str):
+def assert_case_matches(case: Case, backend: str):
     inputs = case.inputs()
     if not get_backend(backend).takes_grid(*case.grid):  # a 1 x 40 strip on a kernel that takes whole tables
         with pytest.raises(BackendError, match="per-axis positional tables whole"):
             gpsa_attention(*inputs, grid_size=case.grid, backend=backend)
         return
     if case.aliasing != DISTINCT:
-        check_aliased(case, inputs, backend)
+        assert_aliased_case_matches(case, inputs, backend)
         return
     assert_matches_reference(
         inputs,
-        gate_rule=True,
+        accuracy_rule=True,
         magnitudes=magnitudes(case, inputs),
         backend=backend,
         grid_size=case.grid,
@@ -297,9 +297,9 @@ def _aliased_outputs_and_grads(case: Case, sources, params, **kwargs):
     return out.detach(), torch.autograd.grad(loss, [*sources, *params])
 
 
-def check_aliased(case: Case, inputs: list[torch.Tensor], backend: str):
+def assert_aliased_case_matches(case: Case, inputs: list[torch.Tensor], backend: str):
     """q, k, v that are one tensor object (or two): the output and the summed gradients against the fp64 reference
-    taken with the same objects, by the on-device check's rule (assert_matches_reference's gate_rule), each
+    taken with the same objects, by the on-device check's rule (assert_matches_reference's accuracy_rule), each
     source's gradient measured against the sum of its roles' term sizes."""
     count = max(case.aliasing) + 1  # ALIASINGS number the sources 0, 1, ... in order of first use
     sources, params = [inputs[case.aliasing.index(s)] for s in range(count)], inputs[3:]
@@ -325,7 +325,7 @@ def check_aliased(case: Case, inputs: list[torch.Tensor], backend: str):
             assert max_error(have, want) <= 1e-6 * max(1.0, exact[1][count].abs().max().item()), name
             continue
         scale = max(want.abs().max().item(), term_sizes[i])
-        bound = 3 * max_error(ref, want) + GATE_FLOOR[case.dtype] * scale
+        bound = 3 * max_error(ref, want) + ERROR_FLOOR[case.dtype] * scale
         assert max_error(have, want) <= bound, (name, max_error(have, want), bound)
 
 
@@ -335,7 +335,7 @@ def test_fuzz_against_the_fp64_reference(backend):
     @_with_empty_cases
     @given(case=cases())
     def run(case):
-        check(case, backend)
+        assert_case_matches(case, backend)
 
     run()
 
@@ -351,7 +351,7 @@ def test_fuzz_under_the_interpreter(backend):
     @_with_empty_cases
     @given(case=INTERPRETED_CASES)
     def run(case):
-        check(case, backend)
+        assert_case_matches(case, backend)
 
     run()
 

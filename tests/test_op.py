@@ -197,7 +197,7 @@ def test_numpy_integer_grid_sides_are_taken(integer):
 
 @pytest.mark.parametrize("grid_w", [0, -4, 3, 17])
 def test_the_op_pair_refuses_a_grid_width_that_does_not_divide_n(grid_w):
-    """A scripted FusedGPSA calls the op pair without check_inputs: each op checks grid_w itself."""
+    """A scripted FusedGPSA calls the op pair without validate_inputs: each op validates grid_w itself."""
     q, k, v, w, b, lam = _good()
     message = f"grid_w must be a positive divisor of N = 16, got {grid_w}"
     with pytest.raises(ValueError, match=message):

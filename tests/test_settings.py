@@ -107,11 +107,11 @@ def test_a_command_reports_a_bad_value_in_one_line(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("name", CHECKED)
-def test_check_all_refuses_a_bad_value_of_any_variable(monkeypatch, name):
-    settings.check_all()  # this environment's values are good
+def test_validate_all_refuses_a_bad_value_of_any_variable(monkeypatch, name):
+    settings.validate_all()  # this environment's values are good
     monkeypatch.setenv(name, "bogus")
     with pytest.raises(settings.SettingError, match=f"^{name} must be .* got 'bogus'$"):
-        settings.check_all()
+        settings.validate_all()
 
 
 def test_a_command_refuses_a_bad_value_at_its_start_not_at_its_first_use(monkeypatch, capsys):
@@ -144,7 +144,7 @@ def test_the_commands_leave_the_tests_and_benchmarks_variables_to_them(monkeypat
     for name, setting in settings.SETTINGS.items():
         if setting.reader != "package":
             monkeypatch.setenv(name, "bogus")
-    settings.check_all()
+    settings.validate_all()
 
 
 @pytest.mark.parametrize("value, profile", [(None, "ci"), ("", "ci"), ("long", "long"), (" LONG ", "long")])

@@ -3,7 +3,7 @@
 A backend is one implementation of GPSA, of one of two kinds:
 
 * an *op-pair* backend gives ``forward`` / ``backward`` (:class:`OpForward`, :class:`OpBackward`),
-  run by the one custom-op pair and autograd registration of :mod:`convit_kernels.fused_op`;
+  run by the one custom-op pair and autograd registration of :mod:`convit_kernels.gpsa_op`;
   the tensors it saves between them (``state``) are its own: ``torch``, ``triton``, ``cpu``, ``cuda``;
 * a *composite* backend gives ``attention``, a function of torch ops differentiated by autograd:
   ``sdpa`` and ``reference``.

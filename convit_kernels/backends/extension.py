@@ -1,5 +1,10 @@
 """The "cpu" and "cuda" backends: the extension's ops ``convit_kernels_ext::gpsa_fwd`` / ``gpsa_bwd``.
 
+Those are the kernels, not the package's GPSA op ``convit_kernels::gpsa_fwd`` / ``gpsa_bwd``
+(:mod:`convit_kernels.gpsa_op`), which runs them through this module when one of these backends is
+chosen. Both pairs keep their registered names (saved and exported graphs hold them); in Python the
+extension's are reached only as ``torch.ops.convit_kernels_ext.*``.
+
 They keep the op-pair contract minus the precision (the kernels accumulate in fp32 / fp64 with
 plain FMA); the per-axis positional tables are computed inside the extension from ``pos_weight``.
 Loading and building the extension is :mod:`convit_kernels.extension_loader`'s job; fakes of the
@@ -54,15 +59,15 @@ def _use_blas(q: torch.Tensor) -> bool:
 
 
 def _forward(q, k, v, pos_weight, gating_param, grid_w, scale, precision):
-    ops = torch.ops.convit_kernels_ext
-    out, stats = ops.gpsa_fwd(q, k, v, pos_weight, gating_param, grid_w, scale, _use_blas(q))
+    extension_ops = torch.ops.convit_kernels_ext
+    out, stats = extension_ops.gpsa_fwd(q, k, v, pos_weight, gating_param, grid_w, scale, _use_blas(q))
     return out, [stats]
 
 
 def _backward(grad_out, q, k, v, pos_weight, gating_param, state, grid_w, scale, precision):
     (stats,) = state
-    ops = torch.ops.convit_kernels_ext
-    return ops.gpsa_bwd(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w, scale, _use_blas(q))
+    extension_ops = torch.ops.convit_kernels_ext
+    return extension_ops.gpsa_bwd(grad_out, q, k, v, pos_weight, gating_param, stats, grid_w, scale, _use_blas(q))
 
 
 register_backend(

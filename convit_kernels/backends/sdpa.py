@@ -2,12 +2,15 @@
 
 The content branch is ``F.scaled_dot_product_attention`` (the best kernel the device has,
 differentiated by its own backward); the positional branch is separable (:mod:`convit_kernels.separable`).
-One op pair, ``convit_kernels::positional_mix`` / ``positional_mix_bwd``, takes SDPA's output O_c
-and v and returns ``(1 - g) O_c + g P v``; it saves O_c and v, which SDPA keeps anyway, so the
+One op pair, :data:`positional_mix_op` / :data:`positional_mix_backward_op` (registered as
+``convit_kernels::positional_mix`` / ``positional_mix_bwd``), takes SDPA's output O_c and v and returns
+``(1 - g) O_c + g P v``; it saves O_c and v, which SDPA keeps anyway, so the
 backend stores nothing of size N x N beyond what PyTorch's chosen kernel does. Its passes over the
 B x H x N x d tensors run as one fused C++ pass per direction for CPU tensors of one dtype where the
-extension's CPU part is built (csrc/cpu/positional_mix_cpu.cpp), else as separable.py's torch
-contractions (CONVIT_KERNELS_NO_FUSED_MIX forces these). docs/design.md has the backward.
+extension's CPU part is built (csrc/cpu/positional_mix_cpu.cpp: the extension's own ops
+``convit_kernels_ext::positional_mix_fwd`` / ``positional_mix_bwd``, the backward of the same short
+name as the package's in another namespace), else as separable.py's torch contractions
+(CONVIT_KERNELS_NO_FUSED_MIX forces these). docs/design.md has the backward.
 :func:`~convit_kernels.backends.decomposed.sdpa_gpsa_decomposed` is the same math in standard ops alone, for
 the ONNX exporters.
 """
@@ -19,8 +22,8 @@ import functools
 import torch
 
 from .. import settings
-from ..custom_ops import define_op_pair
 from ..extension_loader import import_built
+from ..op_registration import define_op_pair
 from ..separable import (
     AxisTables,
     bhnd,
@@ -35,7 +38,7 @@ from . import FLOAT_DTYPES, Backend, gates, register_backend
 from .decomposed import content_attention, mix_positional, sdpa_gpsa_decomposed, sdpa_gpsa_exported
 from .eager import torch_attention
 
-__all__ = ["sdpa_gpsa", "sdpa_gpsa_decomposed", "sdpa_gpsa_exported", "positional_mix"]
+__all__ = ["sdpa_gpsa", "sdpa_gpsa_decomposed", "sdpa_gpsa_exported", "positional_mix_op"]
 
 
 def _bnhd_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -61,14 +64,14 @@ def _fused_cpu_mix(grid_h: int, grid_w: int, *tensors: torch.Tensor):
     return ops if hasattr(ops, "positional_mix_fwd") else None  # None: not built, or built before the mix ops
 
 
-def _fused_tables(fused, pos_weight: torch.Tensor, grid_h: int, grid_w: int, acc: torch.dtype) -> AxisTables:
+def _fused_tables(extension_ops, pos_weight: torch.Tensor, grid_h: int, grid_w: int, acc: torch.dtype) -> AxisTables:
     """The whole tables of :func:`positional_axis_probs` by their serial C++ twin (the same math, gpsa_common.h).
 
     On the CPU, torch's exp and softmax on these few hundred numbers call MKL's
     own thread pool: right after SDPA's parallel region its wake-up cost
     milliseconds per call on a busy 2-core machine, as much as the mix itself.
     """
-    px, py = fused.positional_tables(pos_weight, grid_h, grid_w)
+    px, py = extension_ops.positional_tables(pos_weight, grid_h, grid_w)
     return AxisTables(px.to(acc), py.to(acc))
 
 
@@ -89,10 +92,10 @@ def _mix_forward(
     """(1 - g) content + g P v for B x H x N x d content and v; returns B x N x H x d in v's dtype."""
     acc, grid_h = compute_dtype(v.dtype), v.shape[2] // grid_w
     g, one_minus_g = gates(gating_param, acc)
-    fused = _fused_cpu_mix(grid_h, grid_w, content, v)
-    if fused is not None:  # one pass over v and content (csrc/cpu/positional_mix_cpu.cpp)
-        px, py = _fused_tables(fused, pos_weight, grid_h, grid_w, acc)
-        return fused.positional_mix_fwd(content, v, px, py * g.view(-1, 1, 1), one_minus_g.view(-1))
+    extension_ops = _fused_cpu_mix(grid_h, grid_w, content, v)
+    if extension_ops is not None:  # one pass over v and content (csrc/cpu/positional_mix_cpu.cpp)
+        px, py = _fused_tables(extension_ops, pos_weight, grid_h, grid_w, acc)
+        return extension_ops.positional_mix_fwd(content, v, px, py * g.view(-1, 1, 1), one_minus_g.view(-1))
     out = _bnhd_like(v, v.dtype)
     mix_positional(content, v, positional_axes(pos_weight, grid_h, grid_w, g), one_minus_g, out=out.transpose(1, 2))
     return out
@@ -110,15 +113,15 @@ def _mix_backward(
     gating_param: torch.Tensor,
     grid_w: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d content, dv in B x N x H x d, d pos_weight, d gating_param) of :func:`positional_mix`."""
+    """(d content, dv in B x N x H x d, d pos_weight, d gating_param) of :data:`positional_mix_op`."""
     acc = compute_dtype(v.dtype)
     H, grid_h = v.shape[1], v.shape[2] // grid_w
     g, one_minus_g = gates(gating_param, acc)
     g_h = g.view(H, 1, 1)
-    fused = _fused_cpu_mix(grid_h, grid_w, grad_out, content, v)
-    if fused is not None:  # one pass over dO, v and content (csrc/cpu/positional_mix_cpu.cpp)
-        tables = _fused_tables(fused, pos_weight, grid_h, grid_w, acc)
-        d_content, dv, g_dpx, dpy, dout_dot_content = fused.positional_mix_bwd(
+    extension_ops = _fused_cpu_mix(grid_h, grid_w, grad_out, content, v)
+    if extension_ops is not None:  # one pass over dO, v and content (csrc/cpu/positional_mix_cpu.cpp)
+        tables = _fused_tables(extension_ops, pos_weight, grid_h, grid_w, acc)
+        d_content, dv, g_dpx, dpy, dout_dot_content = extension_ops.positional_mix_bwd(
             grad_out, content, v, tables.px, tables.py * g_h, one_minus_g.view(-1)
         )
         # sum dO . P v = sum over (y, Y) of py o dpy: dpy's contraction already holds every other sum
@@ -161,7 +164,9 @@ def _mix_gradients(ctx, backward_op, grad_out):
     return d_content.transpose(1, 2), dv.transpose(1, 2), dw, torch.zeros_like(pos_bias), dgate, None
 
 
-positional_mix, positional_mix_bwd = define_op_pair(
+# Registered names are kept by saved and exported graphs; convit_kernels_ext::positional_mix_bwd, the extension's
+# fused CPU pass that _mix_backward may call, shares the backward's short name.
+positional_mix_op, positional_mix_backward_op = define_op_pair(
     "convit_kernels::positional_mix",
     "convit_kernels::positional_mix_bwd",
     _mix_forward,
@@ -176,7 +181,7 @@ positional_mix, positional_mix_bwd = define_op_pair(
 def sdpa_gpsa(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int, int], scale: float) -> torch.Tensor:
     """GPSA as SDPA's content attention mixed with the separable positional branch; B x H x N x d view."""
     content = content_attention(q, k, v, scale)
-    return positional_mix(content, v, pos_weight, pos_bias, gating_param, grid_size[1]).transpose(1, 2)
+    return positional_mix_op(content, v, pos_weight, pos_bias, gating_param, grid_size[1]).transpose(1, 2)
 
 
 register_backend(

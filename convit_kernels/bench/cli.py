@@ -25,7 +25,7 @@ from .implementations import BASELINES, FLOOR, fused_backends, implementations
 from .models import default_model_batch, model_steps, run_models
 from .report import (
     SCALING_COLUMNS,
-    check_writable,
+    ensure_writable,
     markdown_table,
     microbench_columns,
     model_columns,
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _select_implementations(parser, requested, device_type: str):
-    """Implementation names to time, checked against what this device has."""
+    """Implementation names to time, validated against what this device has."""
     fused = fused_backends(device_type)
     if requested is None:
         return [f"fused-{name}" for name, why in fused.items() if why is None] + list(BASELINES)
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown shape {', '.join(map(repr, unknown))}; choose from {', '.join(SHAPES)}")
     names = _select_implementations(parser, args.backends, device.type)
     try:
-        check_writable(args.out)
+        ensure_writable(args.out)
     except OSError as exc:
         parser.error(f"cannot write to the output folder {args.out!r}: {exc.strerror or exc}")
 

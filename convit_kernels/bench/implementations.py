@@ -1,4 +1,4 @@
-"""Every implementation the bench times, in one registry, and the correctness gate each passes before it is timed.
+"""Every implementation the bench times, in one registry, and its comparison with the reference before it is timed.
 
 An :class:`Implementation` turns a :class:`~.workloads.Problem` into a
 zero-argument callable returning the output, at either level: ``core``
@@ -15,11 +15,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from ..attention import gpsa_attention
 from ..backends import available_backends, get_backend
 from ..convit_shapes import HEAD_DIM
 from ..dispatch import not_supported_reasons
 from ..module import FusedGPSA
-from ..op import gpsa_attention
 from ..reference import gpsa_reference
 from ..separable import dense_positional_probs, positional_axis_probs
 from .workloads import Problem
@@ -29,14 +29,14 @@ Factory = Callable[[Problem], Callable[[], torch.Tensor]]
 
 @dataclass(frozen=True)
 class Implementation:
-    """``gated``: checked against the reference before it is timed (False only for the attention floor,
-    which computes plain attention, not GPSA)."""
+    """``compared_to_reference``: held to the accuracy rule against the reference before it is timed (False only
+    for the attention floor, which computes plain attention, not GPSA)."""
 
     name: str
     description: str
     core: Factory
     module: Factory
-    gated: bool = True
+    compared_to_reference: bool = True
     why_not: Callable[[torch.device], str | None] = lambda device: None  # why it cannot run on a device
 
     def build(self, problem: Problem) -> Callable[[], torch.Tensor]:
@@ -140,7 +140,7 @@ BASELINES = {
             "plain SDPA(q,k,v), no positional branch (not GPSA: the floor)",
             _floor_core,
             _floor_module,
-            gated=False,
+            compared_to_reference=False,
         ),
     )
 }
@@ -170,7 +170,7 @@ def implementations(device_type: str, dtype: torch.dtype) -> dict[str, Implement
     return {**impls, **BASELINES}
 
 
-# ---------------------------------------------------------------- correctness gate
+# ---------------------------------------------------------------- comparison with the reference
 
 
 def evaluate(fn: Callable[[], torch.Tensor], problem: Problem, backward: bool) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from ..accuracy import gate
+from ..accuracy import accuracy_failure
 from ..patch import patch_convit
 from .implementations import evaluate
 from .timing import time_side_by_side
@@ -74,8 +74,10 @@ def run_models(
                 variants["patched"] = patch_convit(copy.deepcopy(stock))
             same_precision = evaluate(_inference(stock, images), None, backward=False)
             refused = {}
-            for name, model in variants.items():  # the gate: eval-mode logits against the float64 stock model
-                why = gate(evaluate(_inference(model, images), None, False), exact, same_precision, ["logits"], dtype)
+            for name, model in variants.items():  # the accuracy rule: eval-mode logits against the float64 stock model
+                why = accuracy_failure(
+                    evaluate(_inference(model, images), None, False), exact, same_precision, ["logits"], dtype
+                )
                 if why is not None:
                     refused[name] = why
             passing = {name: m for name, m in variants.items() if name not in refused}

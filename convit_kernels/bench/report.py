@@ -112,7 +112,7 @@ def markdown_table(records: Sequence[dict], columns: Sequence[Column]) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def check_writable(folder: str) -> None:
+def ensure_writable(folder: str) -> None:
     """Create ``folder`` and prove a file can be written there; raises OSError with the reason."""
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".bench-write-test."):  # O_EXCL: a name of its own

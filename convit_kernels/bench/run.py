@@ -1,4 +1,5 @@
-"""The microbenchmark loop: for each workload, gate every implementation, then time the passing ones side by side."""
+"""The microbenchmark loop: for each workload, compare every implementation with the reference, then time the
+passing ones side by side."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..accuracy import gate
+from ..accuracy import accuracy_failure
 from ..dtypes import dtype_name
 from .implementations import BASELINES, FLOOR, REFERENCE, Implementation, evaluate, implementations
 from .timing import matmul_yardstick, peak_memory_bytes, time_side_by_side
@@ -58,7 +59,7 @@ class Microbench:
         return {name: every[name] for name in self.names if name in every}
 
     def steps(self, workload: Workload) -> int:
-        """Progress units of one workload: one per gate check, one per timing round."""
+        """Progress units of one workload: one per comparison with the reference, one per timing round."""
         return len(self.implementations(workload)) + len(self.threads) * len(self.passes) * self.repeats
 
     def yardsticks(self, workload: Workload, threads: int) -> dict[str, tuple[Callable[[], object], float]]:
@@ -73,8 +74,8 @@ class Microbench:
             found[key] = self._yardsticks[key]
         return found
 
-    def gate_all(self, workload: Workload, problem: Problem, advance: Callable[[int], None]) -> tuple[dict, ...]:
-        """(name -> built callable of each that passed the gate, name -> why refused, name -> why not run)."""
+    def compare_all(self, workload: Workload, problem: Problem, advance: Callable[[int], None]) -> tuple[dict, ...]:
+        """(name -> built callable of each within the accuracy rule, name -> why refused, name -> why not run)."""
         backward = "fwd+bwd" in self.passes
         reference = BASELINES[REFERENCE]
         exact_problem = make_problem(workload, torch.float64)
@@ -91,8 +92,10 @@ class Microbench:
                 continue
             fn = impl.build(problem)
             problem_found = None
-            if impl.gated:
-                problem_found = gate(evaluate(fn, problem, backward), exact, same_precision, names, workload.dtype)
+            if impl.compared_to_reference:
+                problem_found = accuracy_failure(
+                    evaluate(fn, problem, backward), exact, same_precision, names, workload.dtype
+                )
             if problem_found is None:
                 passing[name] = fn
             else:
@@ -102,7 +105,7 @@ class Microbench:
 
     def run(self, workload: Workload, advance: Callable[[int], None] = lambda n: None) -> list[dict]:
         problem = make_problem(workload)
-        passing, refused, not_run = self.gate_all(workload, problem, advance)
+        passing, refused, not_run = self.compare_all(workload, problem, advance)
         records = []
         for threads in self.threads:
             set_threads(workload.device, threads)

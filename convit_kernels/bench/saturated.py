@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..op import gpsa_attention
+from ..attention import gpsa_attention
 
 __all__ = ["NEAR_TIED_LOGITS", "near_tied_inputs", "dq_dk_relative_errors"]
 

@@ -111,7 +111,7 @@ class Problem:
     implementation uses; ``args`` are the callables' inputs (core: q, k, v as
     strided views of one B x N x 3 x H x d projection output, pos_weight,
     pos_bias, gating_param; module: x); ``leaves`` are what the backward pass
-    differentiates and ``leaf_names`` name them for the correctness gate.
+    differentiates and ``leaf_names`` name them for the accuracy rule's messages.
     """
 
     workload: Workload

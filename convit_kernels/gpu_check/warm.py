@@ -89,7 +89,7 @@ def _run(job: WarmJob, device) -> str:
     batch, implementation = (WARM_BATCH, fused("triton")) if job.kind == "bench" else (BENCH_BATCH, None)
     problem = make_problem(Workload(level, SHAPES[shape], batch, dtype, device))
     fn = (implementation or BASELINES[COMPILED_IMPLEMENTATION]).build(problem)
-    evaluate(fn, problem, backward=True)  # the gate's call (training graphs)
+    evaluate(fn, problem, backward=True)  # the comparison with the reference (training graphs)
     pass_callable(fn, problem, "fwd")()  # the timed forward (inference graph)
     return "forward and backward ran"
 

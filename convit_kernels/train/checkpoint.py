@@ -99,7 +99,7 @@ def read(path: str) -> dict:
         raise TrainError(
             f"cannot read checkpoint {path!r}: torch.save writes a zip archive (or a pickle), this file is neither"
         )
-    _check_archive(path)
+    _refuse_damaged_archive(path)
     try:
         # argparse.Namespace: facebookresearch's checkpoints keep their options in one; it only holds attributes.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -117,9 +117,9 @@ def read(path: str) -> dict:
     return checkpoint
 
 
-def _check_archive(path: str) -> None:
-    """Every record of torch.save's zip archive against its CRC-32 (torch.load checks none: a changed byte in a
-    tensor loads as a wrong weight). A legacy pickle has no checksum to check."""
+def _refuse_damaged_archive(path: str) -> None:
+    """Every record of torch.save's zip archive against its CRC-32 (torch.load tests none: a changed byte in a
+    tensor loads as a wrong weight). A legacy pickle has no checksum."""
     if not zipfile.is_zipfile(path):
         return
     try:
@@ -235,7 +235,7 @@ def as_options(config: dict, keys) -> list:
     return options
 
 
-def check_same_schedule(checkpoint: dict, schedule: dict, path: str) -> None:
+def refuse_other_schedule(checkpoint: dict, schedule: dict, path: str) -> None:
     """The optimiser and scheduler states would keep the checkpoint's lr and epochs: refuse other values.
 
     The error names the checkpoint's options that differ, and the two ways on: resume with them, or start a new
@@ -278,7 +278,7 @@ def resume(
     """
     checkpoint = read(path)
     if restore_training and "schedule" in checkpoint:  # before the weights: a changed model is named as such
-        check_same_schedule(checkpoint, schedule, path)
+        refuse_other_schedule(checkpoint, schedule, path)
     load_weights(model, model_state(checkpoint), path)
     if ema is not None:
         if isinstance(checkpoint.get("model_ema"), dict):

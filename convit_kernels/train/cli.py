@@ -254,9 +254,9 @@ def add_output_options(g) -> None:
 
 
 def parse_config(argv=None) -> argparse.Namespace:
-    """Parse options, fill the data-dependent defaults from the ImageNet or the digits recipe, check combinations."""
-    from .model import check_optimizer, mixup_active, model_depth, patch_size
-    from .pretrained import check_finetune_source
+    """Parse options, fill data-dependent defaults from the ImageNet or the digits recipe, refuse bad combinations."""
+    from .model import mixup_active, model_depth, patch_size, validate_optimizer
+    from .pretrained import validate_finetune_source
     from .report import tensorboard_installed
 
     config = build_parser().parse_args(argv)
@@ -288,8 +288,8 @@ def parse_config(argv=None) -> argparse.Namespace:
             f"(or --finetune FILE)"
         )
     if config.finetune is not None:
-        check_finetune_source(config.finetune)
-    check_optimizer(config.opt)
+        validate_finetune_source(config.finetune)
+    validate_optimizer(config.opt)
     patch = patch_size(config.model)
     if config.input_size < patch:
         raise TrainError(

@@ -81,7 +81,7 @@ def digits(input_size: int, augment: bool) -> DataBundle:
 # ---------------------------------------------------------------------------------------------- folders
 
 
-def _check_split(root: str, split: str) -> list:
+def _split_classes(root: str, split: str) -> list:
     """Class names of root/split (class folders may be links)."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
@@ -155,7 +155,7 @@ def _count_once(path: str, files_seen: dict) -> None:
     files_seen[key] = path
 
 
-class CheckedImageFolder(datasets.ImageFolder):
+class LinkSafeImageFolder(datasets.ImageFolder):
     """ImageFolder whose file list is list_images': one line for a link loop or a file reached twice."""
 
     @staticmethod
@@ -229,7 +229,7 @@ def posterize_any_bits(image, bits_to_keep: int, **_):
     return ImageOps.posterize(image, bits_to_keep)
 
 
-def check_augmentation(recipe) -> None:
+def validate_augmentation(recipe) -> None:
     """Before any work: --auto-augment is a policy timm can parse (it raises mid-setup otherwise)."""
     if not (recipe.augment and recipe.auto_augment):
         return
@@ -241,14 +241,14 @@ def check_augmentation(recipe) -> None:
         ) from None
 
 
-def check_image_folder(root: str) -> list:
+def image_folder_classes(root: str) -> list:
     """The class names of the DeiT/ConViT layout, root/train/<class>/* and root/val/<class>/* with the same class
     folders; TrainError where `root` is not one."""
     if not os.path.isdir(root):
         problem = "is not a folder" if os.path.exists(root) else "does not exist"
         raise TrainError(f"--data-path {root!r} {problem}")
-    train_classes = _check_split(root, "train")
-    val_classes = _check_split(root, "val")
+    train_classes = _split_classes(root, "train")
+    val_classes = _split_classes(root, "val")
     if val_classes != train_classes:
         missing = sorted(set(train_classes) ^ set(val_classes))
         raise TrainError(f"train/ and val/ in {root!r} have different class folders: {', '.join(missing[:5])}")
@@ -256,14 +256,14 @@ def check_image_folder(root: str) -> list:
 
 
 def image_folder(root: str, input_size: int, recipe) -> DataBundle:
-    """The DeiT/ConViT layout (check_image_folder), with the recipe's training and evaluation transforms."""
+    """The DeiT/ConViT layout (image_folder_classes), with the recipe's training and evaluation transforms."""
     from timm.data import create_transform
 
-    train_classes = check_image_folder(root)
+    train_classes = image_folder_classes(root)
     train_tf = train_transform(input_size, recipe)
     val_tf = create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
-    train = CheckedImageFolder(os.path.join(root, "train"), transform=train_tf, loader=load_image)
-    val = CheckedImageFolder(os.path.join(root, "val"), transform=val_tf, loader=load_image)
+    train = LinkSafeImageFolder(os.path.join(root, "train"), transform=train_tf, loader=load_image)
+    val = LinkSafeImageFolder(os.path.join(root, "val"), transform=val_tf, loader=load_image)
     return DataBundle(train, val, num_classes=len(train_classes), in_chans=3, name=f"ImageFolder {root}")
 
 
@@ -327,7 +327,7 @@ def build_loaders(bundle: DataBundle, config, rank: int, world_size: int, pin_me
 
 
 class DecodedPaths(Dataset):
-    """Image files decoded and dropped: reading them is the check (UnreadableImage for a bad one)."""
+    """Image files decoded and dropped: decoding is the whole test (UnreadableImage for a bad one)."""
 
     def __init__(self, paths: list):
         self.paths = paths
@@ -340,11 +340,11 @@ class DecodedPaths(Dataset):
         return 0
 
 
-def check_images(shard: Subset, workers: int) -> None:
+def decode_every_image(shard: Subset, workers: int) -> None:
     """Before training: decode every image of a shard of an ImageFolder (this rank's validation images).
 
     The evaluation reads them only after the first epoch; a corrupt one would cost that epoch. Its own generator:
-    the check draws nothing from the training's random streams.
+    decoding draws nothing from the training's random streams.
     """
     paths = [shard.dataset.samples[index][0] for index in shard.indices]
     decoded = DataLoader(
@@ -375,10 +375,10 @@ __all__ = [
     "DataBundle",
     "build_data",
     "build_loaders",
-    "check_augmentation",
-    "check_image_folder",
-    "check_images",
+    "decode_every_image",
     "fixed_batch",
+    "image_folder_classes",
     "steps_per_epoch",
     "subsample_per_class",
+    "validate_augmentation",
 ]

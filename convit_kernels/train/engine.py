@@ -35,7 +35,7 @@ def fit(config) -> dict:
     runtime = setup_runtime(config)
     if config.eval:  # --eval writes nothing
         return train_or_evaluate(config, runtime)
-    output.check(config.output_dir, resume=config.resume, overwrite=config.overwrite)
+    output.validate_folder(config.output_dir, resume=config.resume, overwrite=config.overwrite)
     with hold_output(config.output_dir, runtime):
         return train_or_evaluate(config, runtime)
 

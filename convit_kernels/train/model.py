@@ -121,7 +121,7 @@ def create_model(
     if plain_attention:
         replace_gpsa_by_mhsa(model)
     if fused:
-        from convit_kernels import patch_convit  # imported here: the lead's modules may change independently
+        from convit_kernels import patch_convit  # imported here: only a fused model needs the package's layers
 
         patch_convit(model, backend=backend)
     return model
@@ -150,7 +150,7 @@ def patch_size(name: str) -> int:
     return EXTRA_MODELS.get(name, {}).get("patch_size", PATCH_SIZE)
 
 
-def check_optimizer(name: str) -> None:
+def validate_optimizer(name: str) -> None:
     """Before any work: timm's create_optimizer_v2 knows `name` (its last '_' part; 'lookahead_' may lead)."""
     from timm.optim import get_optimizer_info, list_optimizers
 
@@ -168,7 +168,7 @@ def model_depth(name: str) -> int:
     return EXTRA_MODELS.get(name, {}).get("depth", 12)
 
 
-def check_backend(backend: str, model: str, device_type: str, dtype: torch.dtype, embed_dim=None) -> None:
+def validate_backend(backend: str, model: str, device_type: str, dtype: torch.dtype, embed_dim=None) -> None:
     """Before any work: the fused GPSA backend runs on this device and dtype, at this model's head dim."""
     from convit_kernels.dispatch import resolve_backend
 

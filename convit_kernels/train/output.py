@@ -1,4 +1,4 @@
-"""The output folder: checked before any work, one run per folder, and left as it was until an epoch is done.
+"""The output folder: validated before any work, one run per folder, and left as it was until an epoch is done.
 
 A folder that already holds a run (any file of one: checkpoints, log, plot,
 TensorBoard events) is continued only by ``--resume`` of one of that folder's
@@ -70,7 +70,7 @@ def continues_run(folder: str, resume: str | None) -> bool:
     return os.path.samefile(os.path.dirname(os.path.abspath(resume)), folder)
 
 
-def check(folder: str, *, resume: str | None, overwrite: bool) -> None:
+def validate_folder(folder: str, *, resume: str | None, overwrite: bool) -> None:
     """Before any work: `folder` can be created and written, and holds no other run unless resumed or replaced."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise TrainError(f"--output-dir {folder!r} is a file, not a folder")

@@ -34,7 +34,7 @@ def is_timm_name(source: str) -> bool:
     return source in timm_names()
 
 
-def check_finetune_source(source: str) -> None:
+def validate_finetune_source(source: str) -> None:
     """At parse time: --finetune names a file or timm weights."""
     if os.path.isfile(source) or is_timm_name(source):
         return

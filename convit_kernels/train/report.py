@@ -105,7 +105,7 @@ class JsonLog:
         return self._read()[0]
 
     def damaged_lines(self) -> list[int]:
-        """The numbers (from 1) of the lines that are not whole records: checked before a continued run trains."""
+        """The numbers (from 1) of the lines that are not whole records: reported before a continued run trains."""
         return self._read()[1]
 
     def _read(self) -> tuple[list, list[int]]:

@@ -1,7 +1,7 @@
 """A run's setup, before its first step: the model, its data, optimiser and schedule, a resumed state, the wrappers.
 
 `prepare` builds them in the order that keeps a run's random numbers those of the seed (timm's pretrained
-model first, then the seeds, the data, the model) and checks what can be checked before any work: the
+model first, then the seeds, the data, the model) and validates what can be validated before any work: the
 backend, the augmentation policy, every validation image of this rank.
 """
 
@@ -48,11 +48,11 @@ class Run:
 
 
 def prepare(config, runtime: Runtime) -> Run:
-    """Every piece of a run, built and checked, a --resume checkpoint loaded into them, the data and model named."""
+    """Every piece of a run, built and validated, a --resume checkpoint loaded into them, the data and model named."""
     from timm.utils import ModelEmaV3
 
     if config.fused:
-        recipe.check_backend(
+        recipe.validate_backend(
             config.backend,
             config.model,
             runtime.device.type,
@@ -63,8 +63,8 @@ def prepare(config, runtime: Runtime) -> Run:
     start_weights = pretrained.fetch(config, announce=lambda line: print_main(runtime, line))
     seed_everything(config.seed + runtime.rank)  # DeiT's seeding: ranks differ in augmentation, DDP syncs weights
     bundle = data.build_data(config)
-    if config.data_path is not None and not config.eval:  # after the data path's checks: a missing folder first
-        data.check_augmentation(config)
+    if config.data_path is not None and not config.eval:  # after the data path's validation: a missing folder first
+        data.validate_augmentation(config)
     net = build_net(config, runtime, bundle, start_weights)
     del start_weights
     # ConViT's ModelEma: a copy of the weights, averaged after every optimiser step with a fixed decay.
@@ -73,7 +73,7 @@ def prepare(config, runtime: Runtime) -> Run:
         bundle, config, runtime.rank, runtime.world_size, pin_memory=runtime.device.type == "cuda"
     )
     if config.data_path is not None and not config.eval:
-        data.check_images(val_loader.dataset, config.workers)
+        data.decode_every_image(val_loader.dataset, config.workers)
     steps = data.steps_per_epoch(train_loader, config.steps_per_epoch, config.accum_steps)
     lr = recipe.scaled_lr(config, runtime.world_size)
     optimizer = recipe.create_optimizer(net, lr, config)

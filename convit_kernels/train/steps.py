@@ -22,7 +22,7 @@ from .errors import Diverged
 from .runtime import Runtime, synchronize
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-# Steps between host synchronisations: the progress bar's numbers and the check for a non-finite loss.
+# Steps between host synchronisations: the progress bar's numbers and the test for a non-finite loss.
 SYNC_EVERY = 10
 # Optimiser steps of each epoch left out of its images/s: data loader start-up, torch.compile, cuDNN autotuning.
 WARMUP_STEPS = 5
@@ -31,8 +31,8 @@ WARMUP_STEPS = 5
 @dataclass(frozen=True)
 class Stepping:
     """How every optimiser step is taken: the autocast dtype (AMP_DTYPES' name), the micro-batches a step
-    accumulates, gradient clipping (timm's dispatch_clip_grad: None for none) and the steps between checks of
-    the loss (a check waits for the device)."""
+    accumulates, gradient clipping (timm's dispatch_clip_grad: None for none) and the steps between reads of
+    the loss (a read waits for the device)."""
 
     amp: str = "off"
     accum_steps: int = 1

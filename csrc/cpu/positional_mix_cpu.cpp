@@ -7,10 +7,10 @@
 // on the row table) and one_minus_g (H). With rows n = y W + x of a (batch,
 // head) slice:
 //
-// mix_fwd, per (b, h):
+// positional_mix_fwd, per (b, h):
 //   T[y, x]   = sum_x' px[x, x'] v[y, x']                   (N x d, thread-local)
 //   out[y, x] = (1 - g) content[y, x] + sum_y' py_g[y, y'] T[y', x]   (B x N x H x d)
-// mix_bwd, per (b, h), with R = py_g^T dO and C = px^T dO (thread-local):
+// positional_mix_bwd, per (b, h), with R = py_g^T dO and C = px^T dO (thread-local):
 //   d_content = (1 - g) dO;  dv[Y, X] = sum_x px[x, X] R[Y, x]  (= g P^T dO);
 //   dpx_g[a, c] = sum_Y R[Y, a] . v[Y, c]   (= g dpx of separable.positional_backward);
 //   dpy[y, Y]   = sum_X C[y, X] . v[Y, X];  dot = sum dO . content;

@@ -10,7 +10,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ...train.data import CheckedImageFolder, check_image_folder, load_image
+from ...train.data import LinkSafeImageFolder, image_folder_classes, load_image
 from ...train.errors import TrainError
 
 FASHION_FILES = {
@@ -89,14 +89,16 @@ def fashion_mnist(folder: str) -> Images:
 def image_folder(root: str, size: int) -> Images:
     """An ImageFolder's train/ and val/ (the test split), resized and centre-cropped to `size`, in memory.
 
-    The trainer's checks, scan and loader: the same class folders in both splits, a link loop or an image reached
+    The trainer's validation, scan and loader: the same class folders in both splits, a link loop or an image reached
     twice refused, 16-bit images scaled.
     """
     from torchvision.transforms import v2
 
-    check_image_folder(root)
+    image_folder_classes(root)  # for its refusals: a root that is not the DeiT/ConViT layout
     transform = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-    splits = [CheckedImageFolder(os.path.join(root, split), transform=transform, loader=load_image) for split in SPLITS]
+    splits = [
+        LinkSafeImageFolder(os.path.join(root, split), transform=transform, loader=load_image) for split in SPLITS
+    ]
     tensors = []
     for folder in splits:  # both scanned before any image is read
         tensors += [torch.stack([image for image, _ in folder]), torch.as_tensor(folder.targets)]

@@ -22,7 +22,7 @@ from ...train.steps import Stepping, train_steps
 from .data import Images, subset, training_batches
 from .options import MODELS, STAT_IMAGES, run_name
 
-# Every run trains on the CPU, in a process of its own; every step's loss is checked (no device to wait for).
+# Every run trains on the CPU, in a process of its own; every step's loss is read (no device to wait for).
 RUNTIME = Runtime.single("cpu")
 STEPPING = Stepping(amp="off", sync_every=1)
 

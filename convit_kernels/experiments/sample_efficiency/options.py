@@ -70,7 +70,7 @@ def build_parser(prog=None) -> Parser:
 
 
 def parse_args(argv, prog=None):
-    """The options, --quick's or the full run's settings where none is given, checked; ratios sorted, seeds once."""
+    """The options, --quick's or the full run's settings where none is given, validated; ratios sorted, seeds once."""
     p = build_parser(prog)
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULTS).items():

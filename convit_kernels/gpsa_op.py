@@ -1,14 +1,18 @@
-"""The fused GPSA op: one custom-op pair and one autograd path over every op-pair backend.
+"""The GPSA op: the package's one custom-op pair and one autograd path over every op-pair backend.
 
 :func:`attention`, the path of every :func:`convit_kernels.gpsa_attention` call, asks
 :func:`convit_kernels.dispatch.choose` for a backend once and runs that :class:`~convit_kernels.backends.Backend`:
 its ``attention`` for a composite, the op pair for an op pair, or what the backend declares for the
-calls its own code cannot take (``functorch``, ``onnx_export``). ``convit_kernels::gpsa_fwd`` /
-``gpsa_bwd`` carry the chosen backend by name (a schema holds no object) and look it up in the
-registry; the tensors saved between them are that backend's own ``state``. A backward with
+calls its own code cannot take (``functorch``, ``onnx_export``). :data:`gpsa_forward_op` /
+:data:`gpsa_backward_op`, registered as ``convit_kernels::gpsa_fwd`` / ``gpsa_bwd``, carry the chosen
+backend by name (a schema holds no object) and look it up in the registry; the tensors saved between
+them are that backend's own ``state``. (The extension's kernels ``convit_kernels_ext::gpsa_fwd`` /
+``gpsa_bwd`` share the short names in another namespace: they are the kernels of the extension's
+backends, :mod:`convit_kernels.backends.extension`, which this op pair may run.) A backward with
 ``create_graph=True`` runs the backend's ``double_backward``, tensor ops autograd differentiates. A
-scripted ``FusedGPSA`` calls ``gpsa_fwd`` itself with its backend, :data:`~convit_kernels.dispatch.AUTO`
-included: there the op asks dispatch for the choice, and refuses in one line where that is a composite.
+scripted ``FusedGPSA`` calls ``convit_kernels::gpsa_fwd`` itself with its backend,
+:data:`~convit_kernels.dispatch.AUTO` included: there the op asks dispatch for the choice, and refuses
+in one line where that is a composite.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import torch
 
 from . import dispatch
 from .backends import Backend, BackendError, empty_backward_outputs, get_backend
-from .custom_ops import define_op_pair
+from .op_registration import define_op_pair
 
-__all__ = ["gpsa_fwd", "gpsa_bwd", "attention", "op_pair_backend", "is_finite_positive"]
+__all__ = ["gpsa_forward_op", "gpsa_backward_op", "attention", "op_pair_backend", "is_finite_positive"]
 
 
 def is_finite_positive(x) -> bool:
@@ -55,8 +59,8 @@ def _precision(precision: str) -> str:
     return precision or torch.get_float32_matmul_precision()
 
 
-def _check_op_arguments(q: torch.Tensor, grid_w: int, scale: float) -> None:
-    """What a direct call of the op (a scripted FusedGPSA's) skips in gpsa_attention's checks."""
+def _validate_op_arguments(q: torch.Tensor, grid_w: int, scale: float) -> None:
+    """What a direct call of the op (a scripted FusedGPSA's) skips of gpsa_attention's validation."""
     if not is_finite_positive(scale):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if not (grid_w > 0 and q.shape[2] % grid_w == 0):
@@ -76,7 +80,7 @@ def _forward(
     precision: str = "",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Fused GPSA forward; returns (out B x N x H x d, the backend's state). pos_bias: for its (zero) gradient."""
-    _check_op_arguments(q, grid_w, scale)
+    _validate_op_arguments(q, grid_w, scale)
     impl = op_pair_backend(backend, q, grid_w)
     out, state = impl.forward(q, k, v, pos_weight, gating_param, grid_w, scale, _precision(precision))
     return out, list(state)
@@ -101,7 +105,7 @@ def _backward(
     precision: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused GPSA backward; returns (dq, dk, dv in B x N x H x d, d pos_weight, d gating_param)."""
-    _check_op_arguments(q, grid_w, scale)
+    _validate_op_arguments(q, grid_w, scale)
     impl = op_pair_backend(backend, q, grid_w)
     return impl.backward(grad_out, q, k, v, pos_weight, gating_param, state, grid_w, scale, _precision(precision))
 
@@ -134,7 +138,9 @@ def _gradients(ctx, backward_op, grad_out, _grad_state):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dw, db, dgate, None, None, None, None
 
 
-gpsa_fwd, gpsa_bwd = define_op_pair(
+# Registered names are kept by saved and exported graphs. Not the extension's convit_kernels_ext::gpsa_fwd /
+# gpsa_bwd: those are the cpu and cuda backends' kernels, which these ops run when one of them is chosen.
+gpsa_forward_op, gpsa_backward_op = define_op_pair(
     "convit_kernels::gpsa_fwd",
     "convit_kernels::gpsa_bwd",
     _forward,
@@ -167,7 +173,7 @@ def _declared(impl: Backend, path, what: str):
 
 
 def attention(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int, int], scale: float, backend: str):
-    """GPSA of checked inputs through the backend :func:`dispatch.choose` picks; B x H x N x d."""
+    """GPSA of validated inputs through the backend :func:`dispatch.choose` picks; B x H x N x d."""
     grid_w = grid_size[1]
     impl = get_backend(dispatch.choose(backend, q.device, q.dtype, q.shape[-1], q.shape[2], grid_w))
     args = (q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
@@ -180,5 +186,7 @@ def attention(q, k, v, pos_weight, pos_bias, gating_param, grid_size: tuple[int,
         return _declared(impl, impl.functorch, "under a torch.func transform")(*args)
     if not impl.is_op_pair:
         return impl.attention(*args)
-    out, _ = gpsa_fwd(q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, impl.name, _fp32_matmul_precision())
+    out, _ = gpsa_forward_op(
+        q, k, v, pos_weight, pos_bias, gating_param, grid_w, scale, impl.name, _fp32_matmul_precision()
+    )
     return out.transpose(1, 2)

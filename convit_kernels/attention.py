@@ -1,7 +1,7 @@
-"""The public op, :func:`gpsa_attention`: checks its arguments in one place, then runs the fused op.
+"""The public function, :func:`gpsa_attention`: validates its arguments in one place, then runs the GPSA op.
 
-Which backend runs is :mod:`convit_kernels.dispatch`'s choice; the op pair, its fake and autograd
-registration are :mod:`convit_kernels.fused_op`; the backends keep the contract of
+Which backend runs is :mod:`convit_kernels.dispatch`'s choice; the GPSA op pair, its fakes and autograd
+registration are :mod:`convit_kernels.gpsa_op`; the backends keep the contract of
 :mod:`convit_kernels.backends`. docs/design.md has the math and the layers.
 """
 
@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from . import fused_op
+from . import gpsa_op
 from .backends import FLOAT_DTYPES
 from .dtypes import dtype_name
 
-__all__ = ["check_inputs", "square_grid_side", "gpsa_attention"]
+__all__ = ["validate_inputs", "square_grid_side", "gpsa_attention"]
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -28,7 +28,7 @@ def square_grid_side(num_patches: int) -> int:
 
     Not ``math.isqrt``: TorchScript cannot compile it and torch.compile cannot trace it on a
     symbolic N. The float root of a perfect square below 2**52 is exact, and any other N fails
-    the check whatever the rounding.
+    ``side * side == N`` whatever the rounding.
     """
     side = int(num_patches**0.5)
     if side * side != num_patches:
@@ -38,7 +38,7 @@ def square_grid_side(num_patches: int) -> int:
     return side
 
 
-def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, scale=None) -> tuple[int, int]:
+def validate_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, scale=None) -> tuple[int, int]:
     """Validate the arguments of :func:`gpsa_attention`; return the patch grid (rows, cols).
 
     Raises TypeError for a non-tensor or non-floating argument or mismatched
@@ -71,7 +71,7 @@ def check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size=None, sc
     for name, t in named.items():
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {_describe(t)}")
-    if scale is not None and not fused_op.is_finite_positive(scale):
+    if scale is not None and not gpsa_op.is_finite_positive(scale):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if grid_size is None:
         side = square_grid_side(N)
@@ -151,7 +151,7 @@ def gpsa_attention(
     ``Backend.onnx_export``; docs/backends.md lists them). The package's paths for
     double backward and torch.func build N x N tensors.
     """
-    grid = check_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
+    grid = validate_inputs(q, k, v, pos_weight, pos_bias, gating_param, grid_size, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = _autocast(q, k, v)
-    return fused_op.attention(q, k, v, pos_weight, pos_bias, gating_param, grid, scale, backend)
+    return gpsa_op.attention(q, k, v, pos_weight, pos_bias, gating_param, grid, scale, backend)

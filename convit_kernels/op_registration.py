@@ -1,7 +1,7 @@
-"""The one way this package defines a differentiable custom op: a forward op, a backward op, fakes, autograd.
+"""The one way this package registers a differentiable custom op: a forward op, a backward op, fakes, autograd.
 
-Both of the package's custom ops go through :func:`define_op_pair`: the fused GPSA op
-(:mod:`convit_kernels.fused_op`) and the sdpa backend's positional mix. Each direction is an
+Both of the package's custom op pairs go through :func:`define_op_pair`: the GPSA op
+(:mod:`convit_kernels.gpsa_op`) and the sdpa backend's positional mix. Each direction is an
 opaque ``torch.library.custom_op`` with a fake (meta) function, so ``torch.compile(fullgraph=True)``
 and ``torch.export`` see one node per direction, and ``torch.library.opcheck`` can test them.
 """
