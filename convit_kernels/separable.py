@@ -215,13 +215,16 @@ def _unfold(folded: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_axis_by_blocks(axis: Axis, x: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """:func:`_apply_axis` with T made a block of rows at a time in reused buffers, never whole.
+    """:func:`_apply_axis` with T made a block of rows at a time, never whole.
 
-    A block holds at most max(outer inner, 16) rows of ``size`` numbers a head: no more than x holds.
+    A block holds at most max(outer inner, 16) rows of ``size`` numbers a head: no more than x holds. The rows
+    are made in buffers reused from block to block, but where autograd records the call (the decomposition an
+    export differentiates), which keeps every block anyway and takes no ``out=``.
     """
     folded = _fold(x)
     blocks = axis.blocks(folded.shape[-1])
-    buffers = axis.row_buffers(blocks[0][1])
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *axis[:2], axis.scale))
+    buffers = None if recorded else axis.row_buffers(blocks[0][1])
     if transposed:  # each block of rows of T adds its share to every output row
         out = torch.zeros_like(folded)
         for start, stop in blocks:
@@ -229,7 +232,7 @@ def _apply_axis_by_blocks(axis: Axis, x: torch.Tensor, transposed: bool) -> torc
     else:  # each block of rows of T makes those output rows
         out = torch.empty_like(folded)
         for start, stop in blocks:
-            torch.bmm(axis.rows(start, stop, buffers), folded, out=out[:, start:stop])
+            out[:, start:stop] = torch.bmm(axis.rows(start, stop, buffers), folded)
     return _unfold(out, x)
 
 

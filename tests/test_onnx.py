@@ -69,10 +69,11 @@ def test_fused_gpsa_layer_exports_to_onnx_and_matches_pytorch(dynamo):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("grid", [(3, 5), (1, 40)], ids=["whole tables", "tables by blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decomposition_matches_the_op_forward_and_backward(dtype):
+def test_decomposition_matches_the_op_forward_and_backward(dtype, grid):
     torch.manual_seed(0)
-    B, H, grid, d = 2, 3, (3, 5), 8
+    B, H, d = 2, 3, 8
     q, k, v = torch.randn(3, B, H, grid[0] * grid[1], d).to(dtype).unbind(0)
     pos_weight, gating_param = torch.randn(H, 3), torch.randn(H)
     inputs = [t.requires_grad_() for t in (q, k, v, pos_weight, gating_param)]
@@ -89,7 +90,9 @@ def test_decomposition_matches_the_op_forward_and_backward(dtype):
     tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(got, want, **tolerance)
     for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, **tolerance)
+        # relative to each gradient's size: pos_weight's on the strip sums offsets up to 39^2 (|grad| ~ 50)
+        scale = max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g, w, rtol=tolerance["rtol"], atol=tolerance["atol"] * scale)
 
 
 def test_only_an_onnx_export_runs_the_decomposition():
