@@ -24,10 +24,11 @@ processes, the results folder, ``main``).
 from .data import augment, fashion_mnist, image_folder, subset
 from .experiment import main, write_json
 from .one_run import build_model, train_run
-from .options import MODELS, parse_args, plan, run_name
+from .options import ARMS, Run, parse_args, plan
 
 __all__ = [
-    "MODELS",
+    "ARMS",
+    "Run",
     "augment",
     "build_model",
     "fashion_mnist",
@@ -35,7 +36,6 @@ __all__ = [
     "main",
     "parse_args",
     "plan",
-    "run_name",
     "subset",
     "train_run",
     "write_json",

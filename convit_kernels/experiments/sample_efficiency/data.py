@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ...train.data import LinkSafeImageFolder, image_folder_classes, load_image
 from ...train.errors import TrainError
+from .options import VALIDATION_SEED
 
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -26,7 +27,8 @@ EVAL_BATCH = 500  # test images per forward when scoring
 
 
 class Images:
-    """A training and a test split held in memory: uint8 N x C x H x W images, int64 labels."""
+    """A training and a test split held in memory: uint8 N x C x H x W images, int64 labels; `hold_out` then
+    sets the validation images apart from the pool that the subsets are drawn from."""
 
     def __init__(self, train_x, train_y, test_x, test_y, name):
         self.train_x, self.train_y, self.test_x, self.test_y, self.name = train_x, train_y, test_x, test_y, name
@@ -34,6 +36,24 @@ class Images:
         self.mean = pixels.mean(dim=(0, 2, 3), keepdim=True)
         self.std = pixels.std(dim=(0, 2, 3), keepdim=True).clamp_min(1 / 255)  # a constant channel: no division by 0
         self.classes = int(train_y.max()) + 1
+        self.validation, self.pool = torch.zeros(0, dtype=torch.long), torch.arange(len(train_y))
+
+    def hold_out(self, per_class: int, seed: int) -> None:
+        """Set `per_class` training images of every class apart for validation, drawn by `seed`; the rest is the
+        pool of the subsets."""
+        generator = torch.Generator().manual_seed(seed)
+        validation, pool = [], []
+        for label in self.train_y.unique(sorted=True).tolist():
+            members = (self.train_y == label).nonzero().flatten()
+            if len(members) <= per_class:
+                raise TrainError(
+                    f"--validation-per-class {per_class} leaves no training image of class {label} "
+                    f"({len(members)} images): lower it"
+                )
+            members = members[torch.randperm(len(members), generator=generator)]
+            validation.append(members[:per_class])
+            pool.append(members[per_class:])
+        self.validation, self.pool = torch.cat(validation).sort().values, torch.cat(pool).sort().values
 
     def scored(self, count: int) -> int:
         """How many test images a run is scored on: the first `count` (0: all)."""
@@ -45,6 +65,12 @@ class Images:
     def test_batches(self, count: int):
         """(normalised images, labels) of the first `count` test images (0: all), EVAL_BATCH at a time."""
         images, labels = (self.test_x, self.test_y) if not count else (self.test_x[:count], self.test_y[:count])
+        return self.scored_batches(images, labels)
+
+    def validation_batches(self):
+        return self.scored_batches(self.train_x[self.validation], self.train_y[self.validation])
+
+    def scored_batches(self, images: torch.Tensor, labels: torch.Tensor):
         for start in range(0, len(labels), EVAL_BATCH):
             yield (
                 self.normalise(images[start : start + EVAL_BATCH].float().div_(255)),
@@ -106,11 +132,14 @@ def image_folder(root: str, size: int) -> Images:
 
 
 def load_data(args) -> Images:
+    """The experiment's images, the validation split set apart."""
     if args.data_path is not None:
-        return image_folder(args.data_path, args.input_size or 32)
-    data = fashion_mnist(args.fashion_mnist)
-    if args.input_size not in (None, 28):
-        data.train_x, data.test_x = (resize(x, args.input_size) for x in (data.train_x, data.test_x))
+        data = image_folder(args.data_path, args.input_size or 32)
+    else:
+        data = fashion_mnist(args.fashion_mnist)
+        if args.input_size not in (None, 28):
+            data.train_x, data.test_x = (resize(x, args.input_size) for x in (data.train_x, data.test_x))
+    data.hold_out(args.validation_per_class, VALIDATION_SEED)
     return data
 
 
@@ -119,12 +148,13 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return scaled.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def subset(labels: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
-    """Indices of round(n x ratio) images of every class (at least one), drawn by the seed, sorted."""
+def subset(labels: torch.Tensor, ratio: float, seed: int, pool: torch.Tensor) -> torch.Tensor:
+    """Indices of round(n x ratio) of the n images of every class in `pool` (at least one), drawn by the seed,
+    sorted."""
     generator = torch.Generator().manual_seed(seed)
     keep = []
     for label in labels.unique(sorted=True).tolist():
-        members = (labels == label).nonzero().flatten()
+        members = pool[labels[pool] == label]
         count = max(1, round(len(members) * ratio))
         keep.append(members[torch.randperm(len(members), generator=generator)[:count]])
     return torch.cat(keep).sort().values

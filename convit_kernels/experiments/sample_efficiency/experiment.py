@@ -16,8 +16,8 @@ from ... import files
 from ...train import output
 from ...train.errors import Diverged, TrainError
 from .data import Images, load_data
-from .one_run import train_run
-from .options import LABELS, SETTINGS, parse_args, plan, run_name
+from .one_run import describe_model, train_run
+from .options import LABELS, SETTINGS, Run, chosen_lrs, lr_grid, parse_args, plan
 from .report import markdown, plot
 from .summary import summarise
 
@@ -52,27 +52,32 @@ def open_out(args) -> dict:
             )
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     write_json(path, settings)
+    done = read_records(args, lr_grid(args))
+    lrs = chosen_lrs(args, done)
+    return done | (read_records(args, plan(args, lrs)) if lrs is not None else {})
+
+
+def read_records(args, runs: list) -> dict:
+    """{run name: result} of the `runs` whose whole record is in --out/runs."""
     done = {}
-    for kind, ratio, seed, _, _ in plan(args):
-        run_path = os.path.join(args.out, "runs", run_name(kind, ratio, seed) + ".json")
+    for run in runs:
+        run_path = os.path.join(args.out, "runs", run.name + ".json")
         if os.path.exists(run_path):
             try:
                 with open(run_path) as f:
-                    done[run_name(kind, ratio, seed)] = json.load(f)
+                    done[run.name] = json.load(f)
             except (OSError, ValueError):  # cut short by a crash, or garbage: the run is not done
                 print(f"warning: {run_path} is not a whole run's record: that run trains again", file=sys.stderr)
     return done
 
 
-def work(spec) -> tuple:
-    """Train one run of the plan and write its log: (its name, its result)."""
+def work(run: Run) -> tuple:
+    """Train one run and write its record: (its name, its result)."""
     args, data = SHARED["args"], SHARED["data"]
-    kind, ratio, seed, fused, curve = spec
-    name = run_name(kind, ratio, seed)
-    print(f"{name}: {LABELS[kind]}, f = {ratio:g}, seed {seed}: started", flush=True)
-    result = train_run(args, data, "convit" if kind == "stock" else kind, ratio, seed, fused, curve)
-    write_json(os.path.join(args.out, "runs", name + ".json"), result)
-    return name, result
+    print(f"{run.name}: {LABELS[run.kind]}, f = {run.ratio:g}, seed {run.seed}, lr {run.lr:g}: started", flush=True)
+    result = train_run(args, data, run)
+    write_json(os.path.join(args.out, "runs", run.name + ".json"), result)
+    return run.name, result
 
 
 def stop(signum, frame):
@@ -88,25 +93,33 @@ def start_worker() -> None:
 def run(args) -> int:
     torch.set_num_threads(1)
     data = load_data(args)  # first: a missing data set is reported before anything is written
-    if min(args.ratios) * len(data.train_y) / data.classes < 1:
-        raise TrainError(f"--ratios {min(args.ratios):g} keeps less than one image of a class: raise it")
+    if min(args.ratios + [args.lr_ratio, args.long_ratio]) * len(data.pool) / data.classes < 1:
+        raise TrainError("a ratio keeps less than one image of a class: raise it")
     with output.lock(args.out, "--out"):  # one experiment per folder: a second would train the same runs
         return run_in(args, data)
 
 
 def run_in(args, data: Images) -> int:
-    """The experiment in its held --out: the runs not done there trained, then the results of all written."""
+    """The experiment in its held --out: the lr grid, then the study at each arm's lr, the runs not done there
+    trained; then the results of all written."""
     done = open_out(args)
-    todo = [spec for spec in plan(args) if run_name(*spec[:3]) not in done and not args.summary_only]
+    grid = [run for run in lr_grid(args) if run.name not in done]
     print(
-        f"data: {data.name}, {len(data.train_y)} train / {data.scored(args.test_images)} test images, "
-        f"{data.classes} classes; {len(todo) + len(done)} runs of {args.steps} steps, {len(done)} done before in "
-        f"{args.out}, {min(args.jobs, len(todo))} at once",
+        f"data: {data.name}, {len(data.pool)} train / {len(data.validation)} validation / "
+        f"{data.scored(args.test_images)} test images, {data.classes} classes; the lr grid: {len(lr_grid(args))} runs "
+        f"of {args.steps} steps ({len(lr_grid(args)) - len(grid)} done before in {args.out}), then the study",
         flush=True,
     )
     SHARED.update(args=args, data=data)
     try:
-        train_all(args, todo, done)
+        if not args.summary_only:
+            train_all(args, grid, done, stop_on_divergence=False)
+        lrs = chosen_lrs(args, done)
+        if lrs is not None:
+            todo = [run for run in plan(args, lrs) if run.name not in done]
+            print(f"lr per arm: {lrs}; the study: {len(plan(args, lrs))} runs, {len(todo)} to train", flush=True)
+            if not args.summary_only:
+                train_all(args, todo, done, stop_on_divergence=True)
     except KeyboardInterrupt:
         print(f"stopped: the {len(done)} runs done are kept in {args.out}; the same command continues", file=sys.stderr)
         return 130
@@ -114,34 +127,52 @@ def run_in(args, data: Images) -> int:
     return 0
 
 
-def train_all(args, todo: list, done: dict) -> None:
-    """Train the runs of `todo`, args.jobs at once, adding each result to `done` as it comes."""
+def train_all(args, todo: list, done: dict, stop_on_divergence: bool) -> None:
+    """Train the runs of `todo`, args.jobs at once, adding each result to `done` as it comes; a diverged run
+    stops the study (its lr was chosen), not the lr grid."""
+    if not todo:
+        return
     start = time.perf_counter()
     jobs = min(args.jobs, len(todo))
     pool = multiprocessing.get_context("fork").Pool(jobs, initializer=start_worker) if jobs > 1 else None
     # After the fork: a worker that inherited this handler would raise in its start-up when
     # pool.terminate() stops it, a traceback instead of the one line.
-    signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the workers stop with the experiment, one line
+    previous = signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the workers stop with the experiment, one line
     try:
-        total = len(done) + len(todo)
         for trained, (name, result) in enumerate(pool.imap_unordered(work, todo) if pool else map(work, todo), 1):
             done[name] = result
+            if result["diverged"] and stop_on_divergence:
+                raise Diverged(f"{result['diverged']} at the lr its arm's grid chose: give lower --lrs")
             elapsed = time.perf_counter() - start
+            score = "diverged" if result["diverged"] else f"validation top-1 {result['val_top1']:.2f}%"
             print(
-                f"[{len(done)}/{total}] {name}: top-1 {result['top1']:.2f}%, {result['train_s']:.0f} s training; "
+                f"[{trained}/{len(todo)}] {name}: {score}, {result['train_s']:.0f} s training; "
                 f"elapsed {elapsed:.0f} s, about {elapsed / trained * (len(todo) - trained):.0f} s left",
                 flush=True,
             )
     finally:
         if pool:
             pool.terminate()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_results(args, data: Images, done: dict) -> None:
-    """results.json, results.md and sample_efficiency.png of the runs done, the table printed."""
-    summary = summarise(args, data, done, sum(r["wall_s"] for r in done.values()))
-    summary["runs"], summary["runs_planned"] = len(done), len(plan(args))
-    summary["settings"] = {key: getattr(args, key) for key in SETTINGS}
+    """results.json, results.md and sample_efficiency.png of the runs done, the tables printed."""
+    summary = summarise(args, done)
+    lrs = chosen_lrs(args, done)
+    study = {run.name for run in plan(args, lrs)} if lrs is not None else set()
+    planned = {run.name for run in lr_grid(args)} | study
+    summary.update(
+        data=data.name,
+        pool_images=len(data.pool),
+        validation_images=len(data.validation),
+        test_images=data.scored(args.test_images),
+        model=describe_model(args, data),
+        runs=sum(name in planned and not (r["diverged"] and name in study) for name, r in done.items()),
+        runs_planned=len(planned),
+        study_planned=lrs is not None,
+        settings={key: getattr(args, key) for key in SETTINGS},
+    )
     write_json(os.path.join(args.out, "results.json"), summary)
     table = markdown(args, summary)
     files.write_text(os.path.join(args.out, "results.md"), table)

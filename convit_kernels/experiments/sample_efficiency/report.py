@@ -1,14 +1,21 @@
-"""What the experiment shows: results.md's tables and sample_efficiency.png's three panels."""
+"""What the experiment shows: results.md's tables and sample_efficiency.png's four panels."""
 
 from __future__ import annotations
 
 from ... import files
-from .options import LABELS, MODELS, PAIRS, STAT_IMAGES
+from .options import ARMS, LABELS, LONG_ARMS, PAIRS, STAT_IMAGES
 
 
-def interval(stat: dict, sign=False) -> str:
+def interval(stat: dict | None, sign=False, unit="") -> str:
+    if not stat:
+        return "-"
     value = f"{stat['mean']:+.2f}" if sign else f"{stat['mean']:.2f}"
-    return value if stat["ci95"] is None else f"{value} ± {stat['ci95']:.2f}"
+    return value + unit if stat["ci95"] is None else f"{value} ± {stat['ci95']:.2f}{unit}"
+
+
+def pair_label(pair: str) -> str:
+    a, b = pair.split("-")
+    return f"{LABELS[a]} - {LABELS[b]}"
 
 
 def layer_label(name: str) -> str:
@@ -18,68 +25,189 @@ def layer_label(name: str) -> str:
 
 
 def markdown(args, summary: dict) -> str:
-    """results.md: the accuracy table, ConViT's gates, the nonlocality per block and time-to-accuracy."""
+    """results.md: the model and arms, the lr grid, the accuracy and gains, the trend, the long runs,
+    time-to-accuracy, the gates and the nonlocality per block."""
     lines = []
     if summary["runs"] < summary["runs_planned"]:
-        lines += [f"**Partial: {summary['runs']} of the {summary['runs_planned']} runs planned.**", ""]
-    lines += accuracy_table(args, summary)
-    lines += gate_table(summary["curves"])
-    lines += nonlocality_table(summary["curves"])
-    lines += time_table(args, summary["time_to_accuracy"])
-    lines += ["", f"The runs took {summary['run_s']:.0f} s in all (training and evaluation, summed over runs)."]
+        later = "" if summary["study_planned"] else " so far: the study's runs are planned once the lr grid is done"
+        lines += [f"**Partial: {summary['runs']} of the {summary['runs_planned']} runs planned{later}.**", ""]
+    sections = (
+        model_section(summary),
+        grid_section(summary),
+        accuracy_section(args, summary),
+        trend_section(summary),
+        long_section(summary),
+        time_section(summary),
+        gate_section(summary["curves"]),
+        nonlocality_section(summary["curves"]),
+    )
+    for section in sections:
+        lines += section + [""] if section else []
+    lines += [f"The runs took {summary['run_s']:.0f} s in all (training and evaluation, summed over runs)."]
     return "\n".join(lines) + "\n"
 
 
-def accuracy_table(args, summary: dict) -> list:
-    seeds = ", ".join(str(s) for s in args.seeds)
+def model_section(summary: dict) -> list:
+    m = summary["model"]
     lines = [
-        f"{summary['data']}: top-1 (%) on {summary['test_images']} test images after {args.steps} steps of "
-        f"{args.batch_size} images, mean ± the 95% t interval's half-width over seeds {seeds}; the gains are "
-        "paired per seed.",
+        f"Model `{m['name']}`: {m['image_side']} px images ({m['channels']} channel), patches of {m['patch']} px, "
+        f"a {m['grid'][0]} x {m['grid'][1]} grid, {m['depth']} blocks of {m['heads']} heads x {m['head_dim']} "
+        f"channels (embed dim {m['embed_dim']}), {m['classes']} classes. The arms:",
         "",
-        "| f | train images | epochs | ConViT | DeiT twin | control twin | ConViT - DeiT | ConViT - control "
-        "| control - DeiT |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| arm | lr (chosen) | GPSA blocks | class token joins before block | parameters | what it is |",
+        "|---|---:|---|---:|---:|---|",
     ]
-    for row in (row for row in summary["table"] if row["epochs"] is not None):  # a partial run may lack a ratio
-        cells = [interval(row[kind]) if kind in row else "-" for kind in MODELS]
-        cells += [
-            interval(row["gains"][f"{a}-{b}"], sign=True) if f"{a}-{b}" in row["gains"] else "-" for a, b in PAIRS
-        ]
-        lines.append(f"| {row['ratio']:g} | {row['train_images']} | {row['epochs']:g} | " + " | ".join(cells) + " |")
+    for kind, arm in summary["arms"].items():
+        shape = m["arms"][kind]
+        blocks = ", ".join(map(str, shape["gpsa_blocks"])) or "none"
+        lr = f"{arm['lr']:g}" if arm["lr"] is not None else "-"
+        lines.append(
+            f"| {arm['label']} | {lr} | {blocks} | {shape['class_token_joins_before_block']} | "
+            f"{shape['parameters']:,} | {arm['description']} |"
+        )
     return lines
 
 
-def gate_table(curves: list) -> list:
-    convit = [c for c in curves if c["gates"]]
-    if not convit:
-        return []
-    layers = list(convit[0]["gates"])
+def grid_section(summary: dict) -> list:
+    grid = summary["lr_grid"]
+    lrs = list(next(iter(grid["val_top1"].values())))
     lines = [
+        f"The lr of each arm: final validation top-1 (%) after {grid['steps']} steps at f = {grid['ratio']:g}, seed "
+        f"{grid['seed']}, per peak lr (the test split is not used for the choice):",
         "",
+        "| arm | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+        "|---|" + "---:|" * len(lrs),
+    ]
+    for kind, scores in grid["val_top1"].items():
+        cells = [f"{v:.2f}" if v is not None else "-" for v in scores.values()]
+        lines.append(f"| {LABELS[kind]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def accuracy_section(args, summary: dict) -> list:
+    seeds = ", ".join(str(s) for s in args.seeds)
+    lines = [
+        f"Test top-1 (%) on {summary['test_images']} test images after {args.steps} steps of {args.batch_size} "
+        f"images, mean ± the 95% t interval's half-width over seeds {seeds}:",
+        "",
+        "| f | train images | epochs | " + " | ".join(LABELS[k] for k in ARMS) + " |",
+        "|---:|---:|---:|" + "---:|" * len(ARMS),
+    ]
+    for row in summary["table"]:
+        cells = [interval(row["arms"].get(kind)) for kind in ARMS]
+        lines.append(f"| {row['ratio']:g} | {row['train_images']} | {row['epochs']:g} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Gains in test top-1 (points), paired per seed; the last column is the paper's Table 2 gap, "
+        "(ConViT - DeiT) / DeiT:",
+        "",
+        "| f | " + " | ".join(pair_label(f"{a}-{b}") for a, b in PAIRS) + " | relative gap |",
+        "|---:|" + "---:|" * (len(PAIRS) + 1),
+    ]
+    for row in summary["table"]:
+        cells = [interval(row["gains"].get(f"{a}-{b}"), sign=True) for a, b in PAIRS]
+        lines.append(f"| {row['ratio']:g} | " + " | ".join(cells) + f" | {interval(row['relative_gap'], True, '%')} |")
+    check = summary["full_data_check"]
+    if check:
+        lines += [
+            "",
+            f"The DeiT twin's test top-1 at f = {check['largest']:g} minus at f = {check['smallest']:g}, paired "
+            f"per seed: {interval(check, sign=True)} points (above 0: short of data at f = {check['smallest']:g}).",
+        ]
+    return lines
+
+
+def trend_section(summary: dict) -> list:
+    if not summary["trends"]:
+        return []
+    lines = [
+        "The trend of each gain against log10 f: every seed's least-squares slope over the ratios (points per "
+        "decade of f), mean ± 95% t interval over seeds. Below 0 with the interval: the gain grows as the data "
+        "shrink; an interval across 0: no trend shown.",
+        "",
+        "| gain | slope (points per decade of f) | by seed |",
+        "|---|---:|---|",
+    ]
+    for pair, stat in summary["trends"].items():
+        seeds = ", ".join(f"{value:+.2f}" for value in stat["by_seed"].values())
+        lines.append(f"| {pair_label(pair)} | {interval(stat, sign=True)} | {seeds} |")
+    return lines
+
+
+def long_section(summary: dict) -> list:
+    long = summary["long"]
+    if not long:
+        return []
+    a, b = LONG_ARMS
+    lines = [
+        f"Longer training at f = {long['ratio']:g}: test top-1 (%) after {long['steps']} and {long['long_steps']} "
+        f"steps, on the seeds of the long runs ({len(long['arms'][a]['long']['by_seed'])}):",
+        "",
+        f"| arm | {long['steps']} steps | {long['long_steps']} steps |",
+        "|---|---:|---:|",
+    ]
+    for kind, stats in long["arms"].items():
+        lines.append(f"| {LABELS[kind]} | {interval(stats['short'])} | {interval(stats['long'])} |")
+    lines += [
+        "",
+        f"{LABELS[a]} - {LABELS[b]}: {interval(long['gain_short'], sign=True)} after {long['steps']} steps, "
+        f"{interval(long['gain_long'], sign=True)} after {long['long_steps']}; the change "
+        f"{interval(long['gain_change'], sign=True)} (paired per seed). The {LABELS[b]} after {long['long_steps']} "
+        f"steps minus {LABELS[a]} after {long['steps']}: {interval(long['twin_long_minus_convit_short'], sign=True)} "
+        "(0 or more: the twin catches up with more steps, the gain is speed).",
+    ]
+    return lines
+
+
+def time_section(summary: dict) -> list:
+    rows = summary["time_to_accuracy"]
+    if not rows:
+        return []
+    lines = [
+        "Time to accuracy: the optimiser step at which the seed-mean validation curve first reaches the DeiT twin's "
+        "final validation top-1 at that ratio (mean over seeds), and each seed's own step (-: not reached). "
+        "Seconds only from runs timed alone (--jobs 1).",
+        "",
+        "| f | target (%) | arm | step (mean curve) | steps by seed | seconds |",
+        "|---:|---:|---|---:|---|---:|",
+    ]
+    for row in rows:
+        for kind, r in row["arms"].items():
+            step = r["step"] if r["step"] is not None else "not reached"
+            seeds = ", ".join(str(s) if s is not None else "-" for s in r["steps_by_seed"].values())
+            seconds = f"{r['train_s']:.0f}" if r["train_s"] is not None else "not timed alone"
+            lines.append(f"| {row['ratio']:g} | {row['target']:.2f} | {LABELS[kind]} | {step} | {seeds} | {seconds} |")
+    return lines
+
+
+def gate_section(curves: list) -> list:
+    gated = [c for c in curves if c["gates"] and c["model"] == "convit"]
+    if not gated:
+        return []
+    layers = list(gated[0]["gates"])
+    lines = [
         "ConViT's gate sigmoid(lambda) per GPSA layer (1 = positional attention only), mean over heads and seeds: "
         "at the start → half-way → the end:",
         "",
         "| f | " + " | ".join(layer_label(layer) for layer in layers) + " |",
         "|---:|" + "---:|" * len(layers),
     ]
-    for c in convit:
+    for c in gated:
         mid = len(c["step"]) // 2
         cells = [f"{v[0]:.3f} → {v[mid]:.3f} → {v[-1]:.3f}" for v in (c["gates"][layer] for layer in layers)]
         lines.append(f"| {c['ratio']:g} | " + " | ".join(cells) + " |")
     return lines
 
 
-def nonlocality_table(curves: list) -> list:
+def nonlocality_section(curves: list) -> list:
     if not curves:
         return []
     blocks = sorted(curves[0]["nonlocality"], key=int)
     lines = [
-        "",
         "Nonlocality (patches) per block, mean over heads and seeds (every block fed the patch embedding of "
         f"{STAT_IMAGES} test images, as ConViT's main.py): at the start → the end; GPSA blocks marked *:",
         "",
-        "| model | f | " + " | ".join(f"block {b}" for b in blocks) + " |",
+        "| arm | f | " + " | ".join(f"block {b}" for b in blocks) + " |",
         "|---|---:|" + "---:|" * len(blocks),
     ]
     for c in curves:
@@ -92,41 +220,21 @@ def nonlocality_table(curves: list) -> list:
     return lines
 
 
-def time_table(args, tta: dict | None) -> list:
-    if not tta:
-        return []
-    lines = [
-        "",
-        f"Time to the DeiT twin's final accuracy ({tta['target_top1']:.2f}% on the first {args.curve_images} test "
-        f"images) at f = {tta['ratio']:g}, seed {tta['seed']}: training seconds, evaluation excluded, measured at "
-        f"{args.curve_points} points of the run (on a shared machine: noisy):",
-        "",
-        "| model | reached at step | seconds to reach | seconds, whole run | steps/s | final top-1 (curve images) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for kind, r in tta["runs"].items():
-        step = r["step"] if r["step"] is not None else "not reached"
-        seconds = f"{r['train_s']:.0f}" if r["train_s"] is not None else "-"
-        lines.append(
-            f"| {LABELS[kind]} | {step} | {seconds} | {r['total_train_s']:.0f} | {r['steps_per_s']:.2f} | "
-            f"{r['final_top1']:.2f} |"
-        )
-    return lines
-
-
 def plot(args, summary: dict, path: str) -> None:
+    """Four panels: test top-1 against f; validation top-1 over training at the smallest f; ConViT's gates;
+    nonlocality per block at the smallest f."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_gate, ax_nl) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for kind, marker in zip(MODELS, "osD"):
-        rows = [r for r in summary["table"] if kind in r]
+    fig, (ax_acc, ax_val, ax_gate, ax_nl) = plt.subplots(1, 4, figsize=(21, 4.5))
+    for kind, marker in zip(ARMS, "osDv"):
+        rows = [r for r in summary["table"] if kind in r["arms"]]
         ax_acc.errorbar(
             [r["ratio"] for r in rows],
-            [r[kind]["mean"] for r in rows],
-            yerr=[r[kind]["ci95"] or 0 for r in rows],
+            [r["arms"][kind]["mean"] for r in rows],
+            yerr=[r["arms"][kind]["ci95"] or 0 for r in rows],
             marker=marker,
             capsize=3,
             label=LABELS[kind],
@@ -136,21 +244,21 @@ def plot(args, summary: dict, path: str) -> None:
     ax_acc.minorticks_off()
     ax_acc.legend()
     curves = {(c["model"], c["ratio"]): c for c in summary["curves"]}
-    for ratio, style in zip(dict.fromkeys((args.ratios[0], args.ratios[-1])), ("-", ":")):
+    smallest = args.ratios[0]
+    for kind in ARMS:
+        c = curves.get((kind, smallest))
+        if c:
+            ax_val.plot(c["step"], c["val_top1"], marker=".", label=LABELS[kind])
+    ax_val.set(xlabel="optimiser step", ylabel="validation top-1 (%), mean over seeds", title=f"learning, f = {smallest:g}")
+    for ratio, style in zip(dict.fromkeys((smallest, args.ratios[-1])), ("-", ":")):
         c = curves.get(("convit", ratio))
         if c:
             for index, (layer, values) in enumerate(c["gates"].items()):
                 colour = plt.cm.viridis(index / max(1, len(c["gates"]) - 1))
-                ax_gate.plot(
-                    c["step"], values, style, color=colour, marker=".", label=f"{layer_label(layer)}, f = {ratio:g}"
-                )
-    ax_gate.set(
-        xlabel="optimiser step",
-        ylabel="sigmoid(lambda), mean over heads and seeds",
-        title="ConViT: gate per GPSA layer",
-    )
-    for kind, style in (("convit", "-"), ("control", ":"), ("deit", "--")):
-        c = curves.get((kind, args.ratios[0]))
+                ax_gate.plot(c["step"], values, style, color=colour, label=f"{layer_label(layer)}, f = {ratio:g}")
+    ax_gate.set(xlabel="optimiser step", ylabel="sigmoid(lambda), mean over heads and seeds", title="ConViT: gate per GPSA layer")
+    for kind, style in zip(ARMS, ("-", "--", ":", "-.")):
+        c = curves.get((kind, smallest))
         if c:
             blocks = sorted(c["nonlocality"], key=int)
             for b in blocks:
@@ -159,9 +267,9 @@ def plot(args, summary: dict, path: str) -> None:
     ax_nl.set(
         xlabel="optimiser step",
         ylabel="nonlocality (patches), mean over heads and seeds",
-        title=f"nonlocality per block, f = {args.ratios[0]:g}",
+        title=f"nonlocality per block, f = {smallest:g}",
     )
-    for ax in (ax_gate, ax_nl):
+    for ax in (ax_val, ax_gate, ax_nl):
         if ax.lines:
             ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
