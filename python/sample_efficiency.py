@@ -1,4 +1,4 @@
-"""ConViT against its DeiT twin and a control twin on Fashion-MNIST: `convit-kernels experiment sample-efficiency`.
+"""ConViT against its DeiT twin and two ablation arms on Fashion-MNIST: `convit-kernels experiment sample-efficiency`.
 
     python python/sample_efficiency.py --out se-results           # the default run (wall time: docs/)
     python python/sample_efficiency.py --out se-quick --quick     # 2 ratios, 1 seed, 30 steps: a smoke run

@@ -1,8 +1,8 @@
 """`convit-kernels experiment sample-efficiency`: data, models, a --quick run that stops and continues, bad input."""
 
 import gzip
-import math
 import json
+import math
 import os
 import signal
 import subprocess
@@ -381,7 +381,9 @@ def test_the_trend_the_relative_gap_and_the_long_runs_are_paired_per_seed():
     for seed, fall in ((0, 2.0), (1, 4.0)):
         for ratio in args.ratios:
             deit = 50.0 + 10 * seed
-            done.update([record("deit", ratio, seed, deit), record("convit", ratio, seed, deit - fall * math.log10(ratio))])
+            done.update(
+                [record("deit", ratio, seed, deit), record("convit", ratio, seed, deit - fall * math.log10(ratio))]
+            )
         done.update([record("deit", 0.1, seed, 70.0, steps=300), record("convit", 0.1, seed, 71.0 + seed, steps=300)])
     results = {k: v for k, v in done.items()}
     trend = summary.trends(args, results)["convit-deit"]

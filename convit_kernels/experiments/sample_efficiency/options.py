@@ -56,7 +56,8 @@ ARMS = {
 }
 LABELS = {kind: arm.label for kind, arm in ARMS.items()} | {"stock": "ConViT, timm's layers"}
 # Paired differences reported. The first is the paper's gain; the next three add up to it: the identity value
-# (convit - randv), positional attention with its local init (randv - control), the class token's entry (control - deit).
+# (convit - randv), positional attention with its local init (randv - control), the class token's entry
+# (control - deit).
 PAIRS = (("convit", "deit"), ("convit", "randv"), ("randv", "control"), ("control", "deit"))
 STUDY_ARMS = ("convit", "deit")  # at every ratio and seed; the others (the ablation) at --ablation-ratios
 LONG_ARMS = ("convit", "deit")  # trained longer too: does the twin catch up with more steps?
@@ -150,7 +151,9 @@ def build_parser(prog=None) -> Parser:
     recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's, on weights (not biases, norms)")
     recipe.add_argument("--warmup", type=float, default=0.05, help="warm-up, as a fraction of the steps (at most 0.1)")
     recipe.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    recipe.add_argument("--model", default="convit_fashion", choices=MODEL_NAMES, help="a `convit-kernels train --model`")
+    recipe.add_argument(
+        "--model", default="convit_fashion", choices=MODEL_NAMES, help="a `convit-kernels train --model`"
+    )
     recipe.add_argument("--embed-dim", type=int, help="channels per head (default: the model's, 6)")
     recipe.add_argument("--input-size", type=int, help="image side in pixels (default: 28, or 32 with --data-path)")
     data = p.add_argument_group("the data")
@@ -239,7 +242,9 @@ def chosen_lrs(args, results: dict) -> dict | None:
         return None
     chosen = {}
     for kind in ARMS:
-        scored = [(results[r.name]["val_top1"], -r.lr) for r in grid if r.kind == kind and not results[r.name]["diverged"]]
+        scored = [
+            (results[r.name]["val_top1"], -r.lr) for r in grid if r.kind == kind and not results[r.name]["diverged"]
+        ]
         if not scored:
             raise TrainError(f"every lr of --lrs diverged for the {ARMS[kind].label}: give lower ones")
         chosen[kind] = -max(scored)[1]

@@ -249,14 +249,20 @@ def plot(args, summary: dict, path: str) -> None:
         c = curves.get((kind, smallest))
         if c:
             ax_val.plot(c["step"], c["val_top1"], marker=".", label=LABELS[kind])
-    ax_val.set(xlabel="optimiser step", ylabel="validation top-1 (%), mean over seeds", title=f"learning, f = {smallest:g}")
+    ax_val.set(
+        xlabel="optimiser step", ylabel="validation top-1 (%), mean over seeds", title=f"learning, f = {smallest:g}"
+    )
     for ratio, style in zip(dict.fromkeys((smallest, args.ratios[-1])), ("-", ":")):
         c = curves.get(("convit", ratio))
         if c:
             for index, (layer, values) in enumerate(c["gates"].items()):
                 colour = plt.cm.viridis(index / max(1, len(c["gates"]) - 1))
                 ax_gate.plot(c["step"], values, style, color=colour, label=f"{layer_label(layer)}, f = {ratio:g}")
-    ax_gate.set(xlabel="optimiser step", ylabel="sigmoid(lambda), mean over heads and seeds", title="ConViT: gate per GPSA layer")
+    ax_gate.set(
+        xlabel="optimiser step",
+        ylabel="sigmoid(lambda), mean over heads and seeds",
+        title="ConViT: gate per GPSA layer",
+    )
     for kind, style in zip(ARMS, ("-", "--", ":", "-.")):
         c = curves.get((kind, smallest))
         if c:

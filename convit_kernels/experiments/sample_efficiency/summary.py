@@ -45,9 +45,7 @@ def slope(xs: list, ys: list) -> float:
 
 def select(results: dict, kind: str, ratio: float, steps: int, key: str = "top1") -> dict:
     """{seed: run[key]} of the runs of one arm, ratio and length (at the arm's chosen lr: the only ones)."""
-    return {
-        r["seed"]: r[key] for r in results.values() if (r["model"], r["ratio"], r["steps"]) == (kind, ratio, steps)
-    }
+    return {r["seed"]: r[key] for r in results.values() if (r["model"], r["ratio"], r["steps"]) == (kind, ratio, steps)}
 
 
 def accuracy_table(args, results: dict) -> list:
@@ -142,8 +140,10 @@ def time_to_accuracy(args, results: dict) -> list:
     Training seconds only where every run of the arm was timed alone (--jobs 1)."""
     out = []
     for ratio in args.ratios:
-        runs = {kind: [r for r in results.values() if (r["model"], r["ratio"], r["steps"]) == (kind, ratio, args.steps)]
-                for kind in ARMS}
+        runs = {
+            kind: [r for r in results.values() if (r["model"], r["ratio"], r["steps"]) == (kind, ratio, args.steps)]
+            for kind in ARMS
+        }
         if not runs["deit"]:
             continue
         target = sum(r["val_top1"] for r in runs["deit"]) / len(runs["deit"])
@@ -195,7 +195,9 @@ def curves(args, results: dict) -> list:
                         "ratio": ratio,
                         "n": len(these),
                         "step": these[0]["history"]["step"],
-                        "val_top1": [sum(r["history"]["val_top1"][i] for r in these) / len(these) for i in range(count)],
+                        "val_top1": [
+                            sum(r["history"]["val_top1"][i] for r in these) / len(these) for i in range(count)
+                        ],
                         "gates": mean_curves(these, "gates"),
                         "nonlocality": mean_curves(these, "nonlocality"),
                     }
@@ -217,8 +219,10 @@ def summarise(args, done: dict) -> dict:
     results = {name: r for name, r in done.items() if not r["diverged"]}
     lrs = chosen_lrs(args, done)
     return {
-        "arms": {kind: {"label": arm.label, "description": arm.description, "lr": (lrs or {}).get(kind)}
-                 for kind, arm in ARMS.items()},
+        "arms": {
+            kind: {"label": arm.label, "description": arm.description, "lr": (lrs or {}).get(kind)}
+            for kind, arm in ARMS.items()
+        },
         "lr_grid": grid_table(args, done),
         "seeds_complete": [
             seed
