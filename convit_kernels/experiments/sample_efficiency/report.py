@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ... import files
-from .options import ARMS, LABELS, LONG_ARMS, PAIRS, STAT_IMAGES
+from .options import ARMS, LABELS, LONG_ARMS, PAIRS, STAT_IMAGES, STUDY_ARMS
 
 
 def interval(stat: dict | None, sign=False, unit="") -> str:
@@ -86,9 +86,13 @@ def grid_section(summary: dict) -> list:
 
 def accuracy_section(args, summary: dict) -> list:
     seeds = ", ".join(str(s) for s in args.seeds)
+    ablation = ", ".join(LABELS[kind] for kind in ARMS if kind not in STUDY_ARMS)
+    ablation_seeds = ", ".join(str(s) for s in args.seeds[: args.ablation_seeds])
+    ablation_ratios = ", ".join(f"{f:g}" for f in args.ablation_ratios)
     lines = [
         f"Test top-1 (%) on {summary['test_images']} test images after {args.steps} steps of {args.batch_size} "
-        f"images, mean ± the 95% t interval's half-width over seeds {seeds}:",
+        f"images, mean ± the 95% t interval's half-width over seeds {seeds} ({ablation}: seeds {ablation_seeds} "
+        f"at f = {ablation_ratios}):",
         "",
         "| f | train images | epochs | " + " | ".join(LABELS[k] for k in ARMS) + " |",
         "|---:|---:|---:|" + "---:|" * len(ARMS),

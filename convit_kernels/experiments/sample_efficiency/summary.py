@@ -44,7 +44,7 @@ def slope(xs: list, ys: list) -> float:
 
 
 def select(results: dict, kind: str, ratio: float, steps: int, key: str = "top1") -> dict:
-    """{seed: run[key]} of the runs of one arm, ratio and length (at the arm's chosen lr: the only ones)."""
+    """{seed: run[key]} of the study's runs of one arm, ratio and length (each arm has one lr there)."""
     return {r["seed"]: r[key] for r in results.values() if (r["model"], r["ratio"], r["steps"]) == (kind, ratio, steps)}
 
 
@@ -215,9 +215,11 @@ def grid_table(args, done: dict) -> dict:
 
 
 def summarise(args, done: dict) -> dict:
-    """The statistics of every run done (a diverged one counts as not done: the results say partial)."""
-    results = {name: r for name, r in done.items() if not r["diverged"]}
+    """The statistics of the study's runs done, each arm at its chosen lr (a diverged run counts as not done: the
+    results say partial); the lr grid's other runs only in its own table."""
     lrs = chosen_lrs(args, done)
+    study = {run.name for run in plan(args, lrs)} if lrs is not None else set()
+    results = {name: r for name, r in done.items() if name in study and not r["diverged"]}
     return {
         "arms": {
             kind: {"label": arm.label, "description": arm.description, "lr": (lrs or {}).get(kind)}
