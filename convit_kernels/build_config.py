@@ -100,10 +100,16 @@ def why_no_cxx():
     return None
 
 
+# Kernels that build both per-axis positional tables whole (H (W^2 + H_p^2) numbers) do so only where they hold at
+# most this many numbers per token and head: grids up to about 16:1, never a 1 x 4096 strip (docs/design.md). The
+# torch side reads it here (separable.py) and the C++ kernel as CONVIT_WHOLE_TABLES_PER_TOKEN (cxx_flags).
+WHOLE_TABLES_PER_TOKEN = 16
+
+
 def cxx_flags() -> list:
     # -fopenmp: at::parallel_for is inlined from ATen's headers and runs serially without it.
     # -fopenmp-simd is implied; the hot loops carry `omp simd` reductions.
-    flags = ["-O3", "-fopenmp"]
+    flags = ["-O3", "-fopenmp", f"-DCONVIT_WHOLE_TABLES_PER_TOKEN={WHOLE_TABLES_PER_TOKEN}"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags += ["-mavx2", "-mfma", "-mf16c"]  # every x86-64 CPU since 2013; the BLAS calls dispatch on their own
     return flags + tag_flags()

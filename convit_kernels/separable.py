@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+from .build_config import WHOLE_TABLES_PER_TOKEN
+
 __all__ = [
     "AxisTables",
     "Axis",
@@ -37,9 +39,6 @@ __all__ = [
     "pos_weight_grad",
 ]
 
-# Kernels that build both tables whole (H (W^2 + H_p^2) numbers) take a grid only where these hold at most
-# this many numbers per token and head: grids up to about 16:1, never a 1 x 4096 strip (docs/design.md).
-WHOLE_TABLES_PER_TOKEN = 16
 # Fewest table rows a block of the torch contractions makes, so that tiny B x d does not mean one row a block.
 MIN_BLOCK_ROWS = 16
 

@@ -182,8 +182,12 @@ RowSoftmax<acc_t> exp_row(acc_t* row, int64_t n) {
 
 // Whole per-axis tables only where they hold at most this many numbers a token (a 1 x 4096 strip's px is
 // 4096^2 a head); elsewhere each row of P makes its two axis rows on the fly: W + H_p exps beside the
-// row's N content ones.
-constexpr int64_t kWholeTablesPerToken = 16;
+// row's N content ones. The number is convit_kernels.build_config.WHOLE_TABLES_PER_TOKEN, handed over by
+// its cxx_flags(), so that this kernel and the torch contractions split grids at the same place.
+#ifndef CONVIT_WHOLE_TABLES_PER_TOKEN
+#error "build with convit_kernels.build_config.cxx_flags(): it defines CONVIT_WHOLE_TABLES_PER_TOKEN"
+#endif
+constexpr int64_t kWholeTablesPerToken = CONVIT_WHOLE_TABLES_PER_TOKEN;
 
 // Per-axis positional softmaxes px (H x W x W) and py (H x H_p x H_p), whole where they fit, and the
 // patch coordinates (x_n, y_n) of each patch in acc_t.
