@@ -129,11 +129,11 @@ def trend_section(summary: dict) -> list:
         "decade of f), mean ± 95% t interval over seeds. Below 0 with the interval: the gain grows as the data "
         "shrink; an interval across 0: no trend shown.",
         "",
-        "| gain | slope (points per decade of f) | by seed |",
+        "| gain | slope (points per decade of f) | seed: slope |",
         "|---|---:|---|",
     ]
     for pair, stat in summary["trends"].items():
-        seeds = ", ".join(f"{value:+.2f}" for value in stat["by_seed"].values())
+        seeds = ", ".join(f"{seed}: {value:+.2f}" for seed, value in sorted(stat["by_seed"].items()))
         lines.append(f"| {pair_label(pair)} | {interval(stat, sign=True)} | {seeds} |")
     return lines
 
@@ -172,13 +172,13 @@ def time_section(summary: dict) -> list:
         "final validation top-1 at that ratio (mean over seeds), and each seed's own step (-: not reached). "
         "Seconds only from runs timed alone (--jobs 1).",
         "",
-        "| f | target (%) | arm | step (mean curve) | steps by seed | seconds |",
+        "| f | target (%) | arm | step (mean curve) | seed: step | seconds |",
         "|---:|---:|---|---:|---|---:|",
     ]
     for row in rows:
         for kind, r in row["arms"].items():
             step = r["step"] if r["step"] is not None else "not reached"
-            seeds = ", ".join(str(s) if s is not None else "-" for s in r["steps_by_seed"].values())
+            seeds = ", ".join(f"{seed}: {'-' if s is None else s}" for seed, s in sorted(r["steps_by_seed"].items()))
             seconds = f"{r['train_s']:.0f}" if r["train_s"] is not None else "not timed alone"
             lines.append(f"| {row['ratio']:g} | {row['target']:.2f} | {LABELS[kind]} | {step} | {seeds} | {seconds} |")
     return lines
