@@ -276,15 +276,18 @@ def test_experiment_lists_the_experiments(capsys):
 
 @pytest.mark.slow
 def test_the_script(tmp_path, fashion):
-    """python/sample_efficiency.py runs the same experiment (here one ratio, one seed, 5 steps)."""
+    """python/sample_efficiency.py runs the same experiment (here one ratio, one seed, 5 steps, and --stock: ConViT
+    with timm's layers beside it, timed alone with --jobs 1)."""
     out = tmp_path / "se"
     tiny = ["--ratios", "1", "--seeds", "0", "--steps", "5", "--lrs", "1e-3", "--long-factor", "1", "--jobs", "1"]
-    command = [sys.executable, str(ROOT / "python" / "sample_efficiency.py"), *quick(out, fashion, *tiny)]
+    command = [sys.executable, str(ROOT / "python" / "sample_efficiency.py"), *quick(out, fashion, *tiny, "--stock")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (out / "runs").iterdir()) == [
-        f"{kind}_f1_s0_n5_lr0.001.json" for kind in ("control", "convit", "deit", "randv")
+        f"{kind}_f1_s0_n5_lr0.001.json" for kind in ("control", "convit", "deit", "randv", "stock")
     ]
+    report = (out / "results.md").read_text()
+    assert "ConViT with timm's layers at f = 1, seed 0: test top-1" in report and "both timed alone" in report
 
 
 def test_a_second_experiment_into_a_folder_in_use_is_refused(tmp_path, fashion, capsys):

@@ -148,7 +148,9 @@ def build_parser(prog=None) -> Parser:
     study.add_argument("--curve-points", type=int, help="points of the curves over training (30)")
     study.add_argument("--stock", action="store_true", help="also ConViT with timm's layers, at f = 1, the first seed")
     recipe = p.add_argument_group("the recipe")
-    recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's, on weights (not biases, norms)")
+    recipe.add_argument(
+        "--weight-decay", type=float, default=0.05, help="AdamW's, on weights (not biases, norms, gates)"
+    )
     recipe.add_argument("--warmup", type=float, default=0.05, help="warm-up, as a fraction of the steps (at most 0.1)")
     recipe.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     recipe.add_argument(

@@ -38,6 +38,7 @@ def markdown(args, summary: dict) -> str:
         trend_section(summary),
         long_section(summary),
         time_section(summary),
+        stock_section(summary),
         gate_section(summary["curves"]),
         nonlocality_section(summary["curves"]),
     )
@@ -160,6 +161,24 @@ def long_section(summary: dict) -> list:
         f"steps minus {LABELS[a]} after {long['steps']}: {interval(long['twin_long_minus_convit_short'], sign=True)} "
         "(0 or more: the twin catches up with more steps, the gain is speed).",
     ]
+    return lines
+
+
+def stock_section(summary: dict) -> list:
+    """--stock: ConViT with timm's layers beside the fused ConViT of the same ratio, seed and lr."""
+    lines = []
+    for stock in summary["stock"]:
+        fused = summary["stock_twins"].get(f"{stock['ratio']:g}_{stock['seed']}")
+        seconds = (
+            f"; training {stock['train_s']:.0f} s against {fused['train_s']:.0f} s, both timed alone"
+            if fused and stock["timed_alone"] and fused["timed_alone"]
+            else "; seconds not compared (not timed alone)"
+        )
+        theirs = f"{fused['top1']:.2f}" if fused else "not run"
+        lines.append(
+            f"ConViT with timm's layers at f = {stock['ratio']:g}, seed {stock['seed']}: test top-1 "
+            f"{stock['top1']:.2f}, with the package's layers {theirs}{seconds}."
+        )
     return lines
 
 

@@ -205,6 +205,11 @@ def curves(args, results: dict) -> list:
     return out
 
 
+def brief(run: dict) -> dict:
+    """A run's record without its curves."""
+    return {key: run[key] for key in ("ratio", "seed", "steps", "lr", "top1", "val_top1", "train_s", "timed_alone")}
+
+
 def grid_table(args, done: dict) -> dict:
     """The lr grid's final validation top-1 per arm and lr (None: diverged or not run yet), and the choice."""
     scores = {kind: {} for kind in ARMS}
@@ -237,10 +242,16 @@ def summarise(args, done: dict) -> dict:
         "long": long_runs(args, results),
         "time_to_accuracy": time_to_accuracy(args, results),
         "curves": curves(args, results),
-        "stock": [
-            {key: r[key] for key in ("ratio", "seed", "steps", "lr", "top1", "val_top1", "train_s", "timed_alone")}
+        "stock": [brief(r) for r in results.values() if r["model"] == "stock"],
+        # the fused ConViT of each stock run's ratio and seed, which it is compared with
+        "stock_twins": {
+            f"{r['ratio']:g}_{r['seed']}": brief(r)
             for r in results.values()
-            if r["model"] == "stock"
-        ],
+            if r["model"] == "convit"
+            and r["steps"] == args.steps
+            and any(
+                (s["ratio"], s["seed"]) == (r["ratio"], r["seed"]) for s in results.values() if s["model"] == "stock"
+            )
+        },
         "run_s": sum(r["wall_s"] for r in done.values()),
     }
