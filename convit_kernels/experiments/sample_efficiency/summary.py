@@ -80,23 +80,15 @@ def trends(args, results: dict) -> dict:
     out = {}
     logs = {ratio: math.log10(ratio) for ratio in args.ratios}
     for a, b in PAIRS:
+        gains = {f: paired(select(results, a, f, args.steps), select(results, b, f, args.steps)) for f in args.ratios}
         slopes = {}
         for seed in args.seeds:
-            gains = {
-                ratio: results_of(results, a, ratio, seed, args.steps) - results_of(results, b, ratio, seed, args.steps)
-                for ratio in args.ratios
-                if results_of(results, a, ratio, seed, args.steps) is not None
-                and results_of(results, b, ratio, seed, args.steps) is not None
-            }
-            if len(gains) >= 2:
-                slopes[seed] = slope([logs[f] for f in gains], list(gains.values()))
+            these = {f: gain["by_seed"][seed] for f, gain in gains.items() if gain and seed in gain["by_seed"]}
+            if len(these) >= 2:
+                slopes[seed] = slope([logs[f] for f in these], list(these.values()))
         if slopes:
             out[f"{a}-{b}"] = by_seed(slopes)
     return out
-
-
-def results_of(results: dict, kind: str, ratio: float, seed: int, steps: int):
-    return select(results, kind, ratio, steps).get(seed)
 
 
 def full_data_check(args, results: dict) -> dict | None:
